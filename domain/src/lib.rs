@@ -1,0 +1,18 @@
+//! Dossier's domain: aggregates, commands, events and the rules they enforce.
+//!
+//! Pure: no IO, no async runtime, no clock. Commands arrive with parsed value
+//! types ([`types`]) and the time they happen at; aggregates answer events or
+//! an error with meaning. Everything here is tested without Postgres, RabbitMQ
+//! or S3.
+
+pub mod codec;
+pub mod file;
+pub mod naming;
+pub mod types;
+pub mod upcast;
+
+pub use file::{File, FileCommand, FileError, FileEvent, FilePolicy, FileRecord, UploadFile};
+pub use types::{
+    Actor, BlobKey, ContentType, ContractId, CustomerId, DisplayName, FileId, FileName,
+    MaxFileBytes, Origin, Sha256Hex, TenantId, ValidationError, Visibility,
+};

@@ -1,0 +1,51 @@
+//! A projection's checkpoint: the position of the last log event whose effect is in
+//! its tables, kept in the `checkpoints` table (migration 0001) under the
+//! projection's name.
+//!
+//! The checkpoint row doubles as the projection's write lock: every batch (and the
+//! swap of a rebuild) first locks it with `SELECT ... FOR UPDATE`, so two runners in
+//! two processes, or a runner and a rebuild, never apply the same events on top of
+//! each other. They take turns, and the one that comes second sees where the first
+//! one got to.
+
+use dossier_platform::db::Pool;
+use tokio_postgres::Transaction;
+
+use crate::error::ProjectionError;
+
+/// The checkpoint of `name`, or `None` if that projection has never run.
+pub async fn read(pool: &Pool, name: &str) -> Result<Option<i64>, ProjectionError> {
+    let client = pool.get().await?;
+    let statement = client
+        .prepare_cached("SELECT position FROM checkpoints WHERE name = $1")
+        .await?;
+    let row = client.query_opt(&statement, &[&name]).await?;
+    Ok(row.map(|row| row.try_get(0)).transpose()?)
+}
+
+/// Locks the checkpoint row of `name` until `tx` ends (creating it at 0 first if
+/// needed) and returns its position.
+pub async fn lock(tx: &Transaction<'_>, name: &str) -> Result<i64, ProjectionError> {
+    tx.execute(
+        "INSERT INTO checkpoints (name, position) VALUES ($1, 0) ON CONFLICT (name) DO NOTHING",
+        &[&name],
+    )
+    .await?;
+    let row = tx
+        .query_one(
+            "SELECT position FROM checkpoints WHERE name = $1 FOR UPDATE",
+            &[&name],
+        )
+        .await?;
+    Ok(row.try_get(0)?)
+}
+
+/// Moves the checkpoint of `name` to `position`, in `tx` (which holds its lock).
+pub async fn store(tx: &Transaction<'_>, name: &str, position: i64) -> Result<(), ProjectionError> {
+    tx.execute(
+        "UPDATE checkpoints SET position = $2, updated_at = now() WHERE name = $1",
+        &[&name, &position],
+    )
+    .await?;
+    Ok(())
+}

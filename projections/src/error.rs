@@ -1,0 +1,119 @@
+//! What can go wrong while projecting the log, sorted by what an operator (and the
+//! runner) should do about it: wait and retry, or stop and fix.
+
+use dossier_domain::codec::DecodeError;
+use dossier_platform::log::LogError;
+
+/// Why a projection could not apply events, rebuild, or read its checkpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectionError {
+    /// A stored event does not decode into the domain event its type names. The
+    /// projection stops here instead of skipping it: a skipped event would leave the
+    /// read model wrong for good. Fix it with an upcaster (domain/src/upcast.rs) and
+    /// restart.
+    #[error(
+        "projection {projection} stopped at the event at position {position}, which cannot be \
+         decoded: {source}"
+    )]
+    Undecodable {
+        /// The projection that met the event.
+        projection: &'static str,
+        /// The event's log position.
+        position: i64,
+        /// The decoder's complaint; it names the event type and version.
+        #[source]
+        source: Box<DecodeError>,
+    },
+    /// An event decodes, but breaks an assumption the read model is built on (an
+    /// aggregate id that is not a UUID, a size beyond BIGINT, ...). Also stops the
+    /// projection: retrying cannot help.
+    #[error("projection {projection}: the event at position {position} is malformed: {reason}")]
+    Malformed {
+        /// The projection that met the event.
+        projection: &'static str,
+        /// The event's log position.
+        position: i64,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Reading the event log failed.
+    #[error(transparent)]
+    Log(#[from] LogError),
+    /// No pooled Postgres connection could be had.
+    #[error("no Postgres connection for the projections: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    /// A statement failed.
+    #[error("projection statement failed: {}", pg_detail(.0))]
+    Postgres(#[from] tokio_postgres::Error),
+    /// Another rebuild of the same projection holds its lock (in this or another
+    /// process); nothing was changed.
+    #[error("a rebuild of projection {0} is already running")]
+    RebuildInProgress(&'static str),
+    /// A projection's name or table list cannot be used as SQL identifiers.
+    #[error("projection definition is invalid: {0}")]
+    InvalidDefinition(String),
+}
+
+impl ProjectionError {
+    /// Whether waiting and trying again may succeed: Postgres unreachable, a pool
+    /// timeout, a serialization failure or deadlock. Everything else (an event that
+    /// does not decode, a constraint the data breaks) fails the same way every time,
+    /// so the runner stops on it instead of looping.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Pool(_) => true,
+            Self::Postgres(error) => transient_pg(error),
+            Self::Log(LogError::Pool(_)) => true,
+            Self::Log(LogError::Query(error)) => transient_pg(error),
+            Self::Log(_)
+            | Self::Undecodable { .. }
+            | Self::Malformed { .. }
+            | Self::RebuildInProgress(_)
+            | Self::InvalidDefinition(_) => false,
+        }
+    }
+
+    /// A short, stable label for metrics (`kind`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Undecodable { .. } => "undecodable",
+            Self::Malformed { .. } => "malformed",
+            Self::Log(_) => "log",
+            Self::Pool(_) => "pool",
+            Self::Postgres(_) => "postgres",
+            Self::RebuildInProgress(_) => "rebuild_in_progress",
+            Self::InvalidDefinition(_) => "invalid_definition",
+        }
+    }
+}
+
+/// Connection trouble (class 08), resources (53), operator intervention (57P),
+/// serialization failure or deadlock (40), or a connection that closed: all pass.
+fn transient_pg(error: &tokio_postgres::Error) -> bool {
+    if error.is_closed() {
+        return true;
+    }
+    match error.code() {
+        Some(code) => {
+            let code = code.code();
+            code.starts_with("08")
+                || code.starts_with("53")
+                || code.starts_with("57P")
+                || code.starts_with("40")
+        }
+        // No SQLSTATE: an IO error or a timeout talking to the server.
+        None => error.as_db_error().is_none(),
+    }
+}
+
+/// The text of a driver error an operator can act on: `tokio_postgres::Error` alone
+/// displays as "db error" and hides the server's message in its source.
+pub(crate) fn pg_detail(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => format!("{} ({}): {}", error, db.code().code(), db.message()),
+        None => match std::error::Error::source(error) {
+            Some(cause) => format!("{error}: {cause}"),
+            None => error.to_string(),
+        },
+    }
+}

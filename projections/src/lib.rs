@@ -1,0 +1,39 @@
+//! Read models fed from the event log: their projectors, their queries, and the
+//! machinery that keeps them up to date.
+//!
+//! The event log is the source of truth; every table here is derived from it and can
+//! be dropped and rebuilt at any time ([`rebuild()`]). The pieces:
+//!
+//! - [`Projection`]: one read model's reaction to one logged event, applied inside a
+//!   transaction the framework gives it.
+//! - [`Runner`]: follows the log by position (through
+//!   [`dossier_platform::log::LogReader`], which never skips a late commit) and applies
+//!   batches of events, committing each batch's effects together with the
+//!   projection's checkpoint, so every event takes effect exactly once, crashes
+//!   included.
+//! - [`Freshness`]: read-your-writes. The command path waits until a projection's
+//!   checkpoint has reached the position of the events it just wrote, in process (a
+//!   `watch` channel of the runner) or across processes (by following the
+//!   `checkpoints` table).
+//! - [`files`]: the files read model (CONTRACT.md "File resource") and its queries.
+//! - [`rebuild()`]: builds a read model aside from position 0 and swaps it in while the
+//!   service keeps running.
+//!
+//! Why cqrs-es's own in-process queries are not used: they run after the commit of a
+//! command and a crash between the two loses them (STYLE.md, known traps). Following
+//! the log by position has no such window.
+
+pub mod checkpoint;
+pub mod error;
+pub mod files;
+pub mod freshness;
+pub mod projection;
+pub mod rebuild;
+pub mod runner;
+
+pub use error::ProjectionError;
+pub use files::FilesProjection;
+pub use freshness::{FollowerConfig, Freshness, FreshnessError};
+pub use projection::Projection;
+pub use rebuild::{RebuildReport, rebuild};
+pub use runner::{Progress, Runner, RunnerConfig, RunnerHandle};

@@ -1,0 +1,374 @@
+//! The staff file endpoints: upload, list, read, download, edit, sign, delete.
+//!
+//! Each handler parses its input into domain types, runs one command (or a
+//! query on the files read model) and answers the contract's File resource.
+
+use axum::extract::{DefaultBodyLimit, Multipart, Path, RawQuery, State};
+use axum::http::StatusCode;
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use dossier_domain::{
+    BlobKey, ContractId, CustomerId, DisplayName, FileCommand, FileError, FileId, Origin,
+    UploadFile, Visibility,
+};
+use dossier_projections::files::{self as read_model, Cursor, FileFilter, FileView, Page};
+use serde::{Deserialize, Serialize};
+
+use crate::auth::Staff;
+use crate::commands::CommandError;
+use crate::error::ApiError;
+use crate::http::download;
+use crate::http::params::{JsonBody, QueryPairs};
+use crate::http::upload;
+use crate::state::AppState;
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route(
+            "/v1/customers/{customer_id}/files",
+            // Our own streaming limit answers oversized uploads, not axum's 2 MB default.
+            post(upload_file)
+                .layer(DefaultBodyLimit::disable())
+                .get(list_files),
+        )
+        .route(
+            "/v1/files/{id}",
+            get(get_file).patch(edit_file).delete(delete_file),
+        )
+        .route("/v1/files/{id}/content", get(file_content))
+        .route("/v1/files/{id}/signature", post(sign_file))
+        .route("/v1/files/delete", post(delete_files))
+}
+
+/// An id in a path that is not a UUID names no file: 404, like any unknown id.
+pub fn file_id(raw: &str) -> Result<FileId, ApiError> {
+    FileId::parse(raw).map_err(|_| ApiError::NotFound)
+}
+
+/// The file as the read model shows it now, or 404 (also for another tenant's).
+pub async fn visible_file(
+    app: &AppState,
+    caller_tenant: &dossier_domain::TenantId,
+    id: FileId,
+) -> Result<FileView, ApiError> {
+    read_model::get(app.pool(), caller_tenant, id)
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?
+        .ok_or(ApiError::NotFound)
+}
+
+/// `POST /v1/customers/{customer_id}/files`
+#[utoipa::path(post, path = "/v1/customers/{customer_id}/files", tag = "files",
+    params(("customer_id" = String, Path, description = "The customer's id")),
+    request_body(content_type = "multipart/form-data", description = "`file` (with its file name), `name`, optional `visibility`, `origin`, `contract_id`"),
+    responses((status = 201, description = "The recorded file", body = FileView),
+              (status = 413, description = "file_too_large"), (status = 422, description = "validation_failed")))]
+pub async fn upload_file(
+    State(app): State<AppState>,
+    Staff(caller): Staff,
+    Path(customer_id): Path<String>,
+    mut multipart: Multipart,
+) -> Result<(StatusCode, Json<FileView>), ApiError> {
+    let customer = CustomerId::parse(&customer_id)?;
+    let file_id = FileId::new();
+    let key = BlobKey::for_file(&caller.tenant, &customer, file_id);
+    let limit = app.max_file_bytes().0;
+    let form = upload::receive(&mut multipart, app.blobs().as_ref(), key, limit).await?;
+
+    let command = match upload_command(&form, &caller.tenant, customer, file_id) {
+        Ok(command) => command,
+        Err(error) => {
+            form.discard(app.blobs().as_ref()).await;
+            return Err(error);
+        }
+    };
+    if let Err(error) = app
+        .commands()
+        .file(&caller.context(), file_id, command)
+        .await
+    {
+        form.discard(app.blobs().as_ref()).await;
+        return Err(error.into());
+    }
+    let view = visible_file(&app, &caller.tenant, file_id).await?;
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+fn upload_command(
+    form: &upload::ReceivedForm,
+    tenant: &dossier_domain::TenantId,
+    customer_id: CustomerId,
+    file_id: FileId,
+) -> Result<FileCommand, ApiError> {
+    let file = form
+        .file
+        .clone()
+        .ok_or_else(|| ApiError::validation("file", "is required"))?;
+    let name = DisplayName::parse(
+        form.field("name")
+            .ok_or_else(|| ApiError::validation("name", "is required"))?,
+    )?;
+    let visibility = form
+        .field("visibility")
+        .map(Visibility::parse)
+        .transpose()?
+        .unwrap_or_default();
+    let origin = form
+        .field("origin")
+        .map(Origin::parse)
+        .transpose()?
+        .unwrap_or_default();
+    let contract_id = form
+        .field("contract_id")
+        .filter(|raw| !raw.is_empty())
+        .map(ContractId::parse)
+        .transpose()?;
+    Ok(FileCommand::Upload(Box::new(UploadFile {
+        tenant: tenant.clone(),
+        file_id,
+        customer_id,
+        name,
+        file_name: file.file_name,
+        content_type: file.content_type,
+        size: file.size,
+        sha256: file.sha256,
+        blob_key: file.key,
+        visibility,
+        origin,
+        contract_id,
+        task_id: None,
+        at: Utc::now(),
+    })))
+}
+
+/// `GET /v1/customers/{customer_id}/files`
+#[utoipa::path(get, path = "/v1/customers/{customer_id}/files", tag = "files",
+    params(("customer_id" = String, Path),
+        ("viewed" = Option<bool>, Query), ("visibility" = Option<Vec<String>>, Query, description = "repeatable"),
+        ("created_from" = Option<String>, Query, description = "RFC 3339 or YYYY-MM-DD, inclusive"),
+        ("created_to" = Option<String>, Query, description = "RFC 3339 or YYYY-MM-DD, inclusive"),
+        ("contract_id" = Option<String>, Query), ("origin" = Option<String>, Query),
+        ("limit" = Option<u32>, Query, description = "1–500, default 50"), ("cursor" = Option<String>, Query)),
+    responses((status = 200, description = "Newest first", body = Page)))]
+pub async fn list_files(
+    State(app): State<AppState>,
+    Staff(caller): Staff,
+    Path(customer_id): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<Page>, ApiError> {
+    let customer = CustomerId::parse(&customer_id)?;
+    let filter = file_filter(&QueryPairs::parse(query.as_deref())?)?;
+    let page = read_model::list(app.pool(), &caller.tenant, &customer, &filter)
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    Ok(Json(page))
+}
+
+fn file_filter(query: &QueryPairs) -> Result<FileFilter, ApiError> {
+    let visibility = query
+        .all("visibility")
+        .into_iter()
+        .map(Visibility::parse)
+        .collect::<Result<Vec<_>, _>>()?;
+    let cursor = query
+        .one("cursor")
+        .map(|raw| {
+            Cursor::decode(raw)
+                .map_err(|_| ApiError::validation("cursor", "is not a cursor this API gave out"))
+        })
+        .transpose()?;
+    Ok(FileFilter {
+        viewed: query.bool("viewed")?,
+        visibility,
+        created_from: query.time_from("created_from")?,
+        created_to: query.time_to("created_to")?,
+        contract_id: query.one("contract_id").map(str::to_owned),
+        origin: query.one("origin").map(Origin::parse).transpose()?,
+        limit: query.int("limit", 1, 500)?.unwrap_or(50) as u32,
+        cursor,
+    })
+}
+
+/// `GET /v1/files/{id}`
+#[utoipa::path(get, path = "/v1/files/{id}", tag = "files", params(("id" = String, Path)),
+    responses((status = 200, body = FileView), (status = 404, description = "not_found")))]
+pub async fn get_file(
+    State(app): State<AppState>,
+    Staff(caller): Staff,
+    Path(id): Path<String>,
+) -> Result<Json<FileView>, ApiError> {
+    Ok(Json(
+        visible_file(&app, &caller.tenant, file_id(&id)?).await?,
+    ))
+}
+
+/// `GET /v1/files/{id}/content`
+#[utoipa::path(get, path = "/v1/files/{id}/content", tag = "files", params(("id" = String, Path)),
+    responses((status = 200, description = "The exact bytes uploaded, named by Content-Disposition"), (status = 404)))]
+pub async fn file_content(
+    State(app): State<AppState>,
+    Staff(caller): Staff,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let view = visible_file(&app, &caller.tenant, file_id(&id)?).await?;
+    download::respond(&app, &view).await
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EditFile {
+    name: Option<String>,
+    visibility: Option<String>,
+}
+
+/// `PATCH /v1/files/{id}`
+#[utoipa::path(patch, path = "/v1/files/{id}", tag = "files", params(("id" = String, Path)),
+    request_body = EditFile, responses((status = 200, body = FileView)))]
+pub async fn edit_file(
+    State(app): State<AppState>,
+    Staff(caller): Staff,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<EditFile>,
+) -> Result<Json<FileView>, ApiError> {
+    let id = file_id(&id)?;
+    let command = FileCommand::Edit {
+        tenant: caller.tenant.clone(),
+        name: body.name.as_deref().map(DisplayName::parse).transpose()?,
+        visibility: body
+            .visibility
+            .as_deref()
+            .map(Visibility::parse)
+            .transpose()?,
+    };
+    app.commands().file(&caller.context(), id, command).await?;
+    Ok(Json(visible_file(&app, &caller.tenant, id).await?))
+}
+
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SignFile {
+    /// When it was signed; now if absent.
+    signed_at: Option<DateTime<Utc>>,
+}
+
+/// `POST /v1/files/{id}/signature`
+#[utoipa::path(post, path = "/v1/files/{id}/signature", tag = "files", params(("id" = String, Path)),
+    request_body = SignFile, responses((status = 200, body = FileView)))]
+pub async fn sign_file(
+    State(app): State<AppState>,
+    Staff(caller): Staff,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Json<FileView>, ApiError> {
+    let id = file_id(&id)?;
+    // The body is optional: none, or `{}`, means "signed now".
+    let body: SignFile = if body.iter().all(u8::is_ascii_whitespace) {
+        SignFile::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| ApiError::validation("body", e.to_string()))?
+    };
+    let signed_at = body.signed_at.unwrap_or_else(Utc::now);
+    let command = FileCommand::MarkSigned {
+        tenant: caller.tenant.clone(),
+        signed_at,
+    };
+    app.commands().file(&caller.context(), id, command).await?;
+    Ok(Json(visible_file(&app, &caller.tenant, id).await?))
+}
+
+/// `DELETE /v1/files/{id}?confirm=true`
+#[utoipa::path(delete, path = "/v1/files/{id}", tag = "files",
+    params(("id" = String, Path), ("confirm" = bool, Query, description = "must be true")),
+    responses((status = 204, description = "Deleted"), (status = 409, description = "file_protected"),
+              (status = 422, description = "confirmation_required")))]
+pub async fn delete_file(
+    State(app): State<AppState>,
+    Staff(caller): Staff,
+    Path(id): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<StatusCode, ApiError> {
+    let id = file_id(&id)?;
+    let confirmed = QueryPairs::parse(query.as_deref())?
+        .bool("confirm")?
+        .unwrap_or(false);
+    let command = FileCommand::Delete {
+        tenant: caller.tenant.clone(),
+        confirmed,
+        at: Utc::now(),
+    };
+    app.commands().file(&caller.context(), id, command).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteFiles {
+    file_ids: Vec<String>,
+    #[serde(default)]
+    confirm: bool,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct DeleteResults {
+    results: Vec<DeleteResult>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct DeleteResult {
+    id: String,
+    /// `deleted`, `protected` or `not_found`
+    status: &'static str,
+}
+
+/// At most this many ids in one bulk delete.
+const MAX_BULK_DELETE: usize = 1000;
+
+/// `POST /v1/files/delete`
+#[utoipa::path(post, path = "/v1/files/delete", tag = "files", request_body = DeleteFiles,
+    responses((status = 200, body = DeleteResults), (status = 422, description = "confirmation_required")))]
+pub async fn delete_files(
+    State(app): State<AppState>,
+    Staff(caller): Staff,
+    JsonBody(body): JsonBody<DeleteFiles>,
+) -> Result<Json<DeleteResults>, ApiError> {
+    if body.file_ids.is_empty() || body.file_ids.len() > MAX_BULK_DELETE {
+        return Err(ApiError::validation(
+            "file_ids",
+            format!("must hold 1 to {MAX_BULK_DELETE} ids"),
+        ));
+    }
+    if !body.confirm {
+        return Err(ApiError::ConfirmationRequired);
+    }
+    let ctx = caller.context();
+    let mut results = Vec::with_capacity(body.file_ids.len());
+    let mut last_position = 0;
+    for raw in body.file_ids {
+        let outcome = match FileId::parse(&raw) {
+            Err(_) => Err(CommandError::File(FileError::NotFound)),
+            Ok(id) => {
+                let command = FileCommand::Delete {
+                    tenant: caller.tenant.clone(),
+                    confirmed: true,
+                    at: Utc::now(),
+                };
+                app.commands().file_no_wait(&ctx, id, command).await
+            }
+        };
+        let status = match outcome {
+            Ok(accepted) => {
+                last_position = last_position.max(accepted.position);
+                "deleted"
+            }
+            Err(CommandError::File(FileError::NotFound)) => "not_found",
+            Err(CommandError::File(FileError::Protected)) => "protected",
+            Err(other) => return Err(other.into()),
+        };
+        results.push(DeleteResult { id: raw, status });
+    }
+    app.commands().await_read_models(last_position).await;
+    Ok(Json(DeleteResults { results }))
+}

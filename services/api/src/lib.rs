@@ -1,0 +1,9 @@
+//! Dossier's edges and start-up: the HTTP API (axum), the command path both
+//! edges share, and the wiring that runs every role of one process.
+
+pub mod auth;
+pub mod commands;
+pub mod error;
+pub mod http;
+pub mod startup;
+pub mod state;

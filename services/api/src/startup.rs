@@ -1,0 +1,224 @@
+//! Start-up: builds every part of one process from [`Settings`] and runs the
+//! chosen roles side by side until shutdown.
+//!
+//! `dossier serve` and the end-to-end tests both come through here, so what
+//! the tests run is what production runs. Each role is a task of its own; a
+//! role that stops on its own is reported and stops the process (a silently
+//! dead projector would break read-your-writes without anyone noticing).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use dossier_domain::{FilePolicy, MaxFileBytes};
+use dossier_platform::blob::{self, BlobStore, BlobStoreSpec, S3Options};
+use dossier_platform::config::{BlobStoreLocation, Role, Settings};
+use dossier_platform::db::{self, Pool};
+use dossier_platform::eventstore::PgEventStore;
+use dossier_platform::telemetry;
+use dossier_projections::{FilesProjection, FollowerConfig, Freshness, Runner, RunnerConfig};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::commands::Commands;
+use crate::state::{AppState, Inner};
+
+/// How long a graceful shutdown waits for the roles to finish what they hold.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// Connections a process keeps to Postgres.
+const POOL_SIZE: usize = 32;
+
+/// Opens the blob store the settings name. Credentials for S3 come the
+/// standard AWS way (environment, profile, instance role).
+pub async fn open_blob_store(settings: &Settings) -> anyhow::Result<Arc<dyn BlobStore>> {
+    let spec = match &settings.blob_store {
+        BlobStoreLocation::Dir(root) => BlobStoreSpec::Dir(root.clone()),
+        BlobStoreLocation::S3 { bucket, prefix } => BlobStoreSpec::S3(S3Options {
+            bucket: bucket.clone(),
+            prefix: prefix.clone(),
+            endpoint: settings.s3_endpoint.clone(),
+            region: settings.s3_region.clone(),
+            access_key: None,
+            secret_key: None,
+            create_bucket_if_missing: false,
+        }),
+    };
+    blob::open(&spec)
+        .await
+        .with_context(|| format!("opening the blob store {}", settings.blob_store))
+}
+
+/// One process of Dossier, built and ready to run.
+pub struct Application {
+    settings: Settings,
+    pool: Pool,
+    state: AppState,
+    listener: Option<TcpListener>,
+    projector: Option<Runner<FilesProjection>>,
+    shutdown: watch::Sender<bool>,
+    follower: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Application {
+    /// Connects to everything the settings name, applies migrations and binds
+    /// the HTTP port (for the api role).
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let blobs = open_blob_store(&settings).await?;
+        Self::build_with_blobs(settings, blobs).await
+    }
+
+    /// Like [`Self::build`], with a blob store opened by the caller (tests
+    /// pass S3 credentials explicitly instead of through the environment).
+    pub async fn build_with_blobs(
+        settings: Settings,
+        blobs: Arc<dyn BlobStore>,
+    ) -> anyhow::Result<Self> {
+        let pool = db::connect(&settings.database_url, POOL_SIZE)
+            .await
+            .context("connecting to Postgres")?;
+        db::migrate(&pool).await.context("applying migrations")?;
+        let metrics = telemetry::install_metrics();
+        let (shutdown, _) = watch::channel(false);
+
+        let (projector, freshness, follower) = if settings.roles.contains(Role::Projections) {
+            let runner = Runner::new(pool.clone(), FilesProjection, RunnerConfig::default());
+            let freshness = runner.freshness();
+            (Some(runner), freshness, None)
+        } else {
+            let (freshness, task) = Freshness::follow(
+                pool.clone(),
+                FilesProjection::NAME,
+                FollowerConfig::default(),
+                shutdown.subscribe(),
+            );
+            (None, freshness, Some(task))
+        };
+
+        let store = PgEventStore::new(pool.clone());
+        let max_file_bytes = MaxFileBytes(settings.max_file_bytes);
+        let commands = Commands::new(store, FilePolicy { max_file_bytes }, freshness);
+        let state = AppState::new(Inner {
+            pool: pool.clone(),
+            blobs,
+            commands,
+            jwt_secret: settings.jwt_secret.expose_bytes().to_vec(),
+            max_file_bytes,
+            metrics,
+        });
+        let listener = if settings.roles.contains(Role::Api) {
+            let listener = TcpListener::bind(settings.http_addr)
+                .await
+                .with_context(|| format!("binding the HTTP API to {}", settings.http_addr))?;
+            Some(listener)
+        } else {
+            None
+        };
+        Ok(Self {
+            settings,
+            pool,
+            state,
+            listener,
+            projector,
+            shutdown,
+            follower,
+        })
+    }
+
+    /// Where the HTTP API listens (the real port when 0 was asked for).
+    pub fn http_address(&self) -> Option<SocketAddr> {
+        self.listener.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Runs every role until `stop` resolves (then shuts down gracefully) or a
+    /// role fails (then stops the others and answers its error).
+    pub async fn run_until_stopped(
+        self,
+        stop: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let Self {
+            settings,
+            state,
+            listener,
+            projector,
+            shutdown,
+            follower,
+            ..
+        } = self;
+        let mut roles: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
+
+        if let Some(listener) = listener {
+            let router = crate::http::router(state.clone());
+            let mut stopping = shutdown.subscribe();
+            tracing::info!(address = %listener.local_addr()?, "HTTP API listening");
+            roles.spawn(async move {
+                let served = axum::serve(listener, router)
+                    .with_graceful_shutdown(async move {
+                        let _ = stopping.wait_for(|stop| *stop).await;
+                    })
+                    .await
+                    .context("serving HTTP");
+                ("api", served)
+            });
+        }
+        if let Some(runner) = projector {
+            let stopping = shutdown.subscribe();
+            roles.spawn(async move {
+                let ran = runner
+                    .run(stopping)
+                    .await
+                    .context("running the files projection");
+                ("projections", ran)
+            });
+        }
+        tracing::info!(roles = %settings.roles, "dossier is running");
+
+        let outcome = tokio::select! {
+            () = stop => Ok(()),
+            Some(finished) = roles.join_next() => match finished {
+                Ok((role, Ok(()))) => Err(anyhow::anyhow!("the {role} role stopped on its own")),
+                Ok((role, Err(error))) => Err(error.context(format!("the {role} role failed"))),
+                Err(panic) => Err(anyhow::anyhow!("a role panicked: {panic}")),
+            },
+        };
+        if let Err(error) = &outcome {
+            tracing::error!(
+                error = format!("{error:#}"),
+                "stopping every role because one of them stopped"
+            );
+        }
+        let _ = shutdown.send(true);
+        let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+            while let Some(finished) = roles.join_next().await {
+                if let Ok((role, Err(error))) = finished {
+                    tracing::warn!(
+                        role,
+                        error = format!("{error:#}"),
+                        "a role ended with an error while shutting down"
+                    );
+                }
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("some roles did not finish within {SHUTDOWN_GRACE:?}; stopping them");
+            roles.abort_all();
+        }
+        if let Some(follower) = follower {
+            follower.abort();
+        }
+        tracing::info!("dossier stopped");
+        outcome
+    }
+}

@@ -1,0 +1,53 @@
+//! What every request handler shares: the pool, the blob store, the command
+//! path and the settings that shape answers.
+
+use std::sync::Arc;
+
+use dossier_domain::MaxFileBytes;
+use dossier_platform::blob::BlobStore;
+use dossier_platform::db::Pool;
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::commands::Commands;
+
+#[derive(Clone)]
+pub struct AppState(Arc<Inner>);
+
+pub struct Inner {
+    pub pool: Pool,
+    pub blobs: Arc<dyn BlobStore>,
+    pub commands: Commands,
+    pub jwt_secret: Vec<u8>,
+    pub max_file_bytes: MaxFileBytes,
+    pub metrics: PrometheusHandle,
+}
+
+impl AppState {
+    pub fn new(inner: Inner) -> Self {
+        Self(Arc::new(inner))
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.0.pool
+    }
+
+    pub fn blobs(&self) -> &Arc<dyn BlobStore> {
+        &self.0.blobs
+    }
+
+    pub fn commands(&self) -> &Commands {
+        &self.0.commands
+    }
+
+    pub fn jwt_secret(&self) -> &[u8] {
+        &self.0.jwt_secret
+    }
+
+    pub fn max_file_bytes(&self) -> MaxFileBytes {
+        self.0.max_file_bytes
+    }
+
+    pub fn metrics(&self) -> &PrometheusHandle {
+        &self.0.metrics
+    }
+}

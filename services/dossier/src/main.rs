@@ -1,0 +1,153 @@
+//! The `dossier` command line. Thin on purpose: every command calls a library
+//! function that the tests use too.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use dossier_platform::auth::{self, Claims, Role};
+use dossier_platform::config::{Roles, Settings};
+use dossier_platform::{db, telemetry};
+
+#[derive(Parser)]
+#[command(
+    name = "dossier",
+    version,
+    about = "Every customer's documents, event sourced."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the service: HTTP API, command intake, relay, workers and projections
+    /// (all by default; `--role` picks a subset for scaling out).
+    Serve {
+        /// Comma list of api, intake, relay, workers, projections (or all).
+        #[arg(long)]
+        role: Option<String>,
+    },
+    /// Apply the database migrations and exit.
+    Migrate,
+    /// Print a bearer token for calling the API.
+    Token {
+        #[arg(long)]
+        tenant: String,
+        /// staff, customer, auditor or system
+        #[arg(long)]
+        role: String,
+        #[arg(long)]
+        sub: String,
+        /// The customer id (required for role customer).
+        #[arg(long)]
+        customer: Option<String>,
+        /// How long the token lives, e.g. 30m, 1h, 7d.
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let mut settings = Settings::from_env().context("reading the configuration")?;
+    match cli.command {
+        Command::Serve { role } => {
+            telemetry::init_tracing();
+            if let Some(role) = role {
+                settings.roles = role
+                    .parse::<Roles>()
+                    .map_err(|e| anyhow::anyhow!("--role: {e}"))?;
+            }
+            if settings.jwt_secret_is_default {
+                tracing::warn!(
+                    "DOSSIER_JWT_SECRET is not set: using the fixed development secret. \
+                     Anyone can mint tokens for this deployment; set a secret before real use."
+                );
+            }
+            let app = dossier_api::startup::Application::build(settings).await?;
+            app.run_until_stopped(shutdown_signal()).await
+        }
+        Command::Migrate => {
+            telemetry::init_tracing();
+            let pool = db::connect(&settings.database_url, 2).await?;
+            db::migrate(&pool).await?;
+            tracing::info!("migrations applied");
+            Ok(())
+        }
+        Command::Token {
+            tenant,
+            role,
+            sub,
+            customer,
+            ttl,
+        } => {
+            let role: Role = serde_json::from_value(serde_json::Value::String(role.clone()))
+                .map_err(|_| {
+                    anyhow::anyhow!(
+                        "--role must be staff, customer, auditor or system, not {role:?}"
+                    )
+                })?;
+            if role == Role::Customer && customer.is_none() {
+                anyhow::bail!("--customer is required for role customer");
+            }
+            let ttl = parse_ttl(&ttl)?;
+            let now = chrono::Utc::now().timestamp();
+            let claims = Claims {
+                sub,
+                tenant,
+                role,
+                customer,
+                exp: now + ttl.as_secs() as i64,
+                iat: Some(now),
+            };
+            println!(
+                "{}",
+                auth::issue(settings.jwt_secret.expose_bytes(), &claims)
+            );
+            Ok(())
+        }
+    }
+}
+
+/// `90s`, `30m`, `1h`, `7d`, or plain seconds.
+fn parse_ttl(raw: &str) -> anyhow::Result<Duration> {
+    let raw = raw.trim();
+    let (number, unit) = raw.split_at(raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len()));
+    let n: u64 = number
+        .parse()
+        .map_err(|_| anyhow::anyhow!("--ttl: expected a number with s, m, h or d, got {raw:?}"))?;
+    let seconds = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => anyhow::bail!("--ttl: unknown unit {unit:?}; use s, m, h or d"),
+    };
+    Ok(Duration::from_secs(seconds))
+}
+
+/// Resolves on Ctrl-C or SIGTERM: the start of a graceful shutdown.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+    tracing::info!("shutdown requested: no new work is taken; finishing what is in flight");
+}

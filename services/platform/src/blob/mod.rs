@@ -1,0 +1,318 @@
+//! The blob store port: where a file's bytes live, outside the event log.
+//!
+//! An upload streams to the blob store first, hashing as it goes and stopping
+//! at the size limit; only then does the command record the key, size and
+//! SHA-256 in the log. So a blob store never holds half an upload under a
+//! final key, and the log never points at bytes that were not fully stored.
+//!
+//! Two adapters implement [`BlobStore`]:
+//! - [`dir::DirBlobStore`], the embedded default: a local directory, written
+//!   through a temporary file and a rename;
+//! - [`s3::S3BlobStore`]: any S3-compatible service through `aws-sdk-s3`
+//!   (AWS, MinIO, Garage, ...), with single-request or multipart uploads.
+//!
+//! [`open`] picks one from a [`BlobStoreSpec`]. The size limit and the hash
+//! are computed once, in [`HashingLimited`], shared by both adapters.
+
+pub mod dir;
+pub mod s3;
+
+use std::fmt;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use dossier_domain::BlobKey;
+use futures::{Stream, StreamExt as _};
+use sha2::{Digest as _, Sha256};
+
+pub use dir::DirBlobStore;
+pub use s3::{S3BlobStore, S3Options};
+
+/// A stream of bytes in chunks: an upload's body, or a stored blob's content.
+pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, std::io::Error>> + Send>>;
+
+/// What [`BlobStore::put`] stored: the facts the command records in the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredBlob {
+    /// Number of bytes stored.
+    pub size: u64,
+    /// SHA-256 of the bytes, 64 lower-case hex digits.
+    pub sha256: String,
+}
+
+/// A stored blob being read: its size (known before the body is read, for
+/// `Content-Length`) and its content as a stream.
+pub struct BlobObject {
+    /// Number of bytes the body will yield.
+    pub size: u64,
+    /// The content, streamed (never read whole into memory).
+    pub body: ByteStream,
+}
+
+impl fmt::Debug for BlobObject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BlobObject")
+            .field("size", &self.size)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One entry of [`BlobStore::list`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlobListing {
+    /// The key, as given to [`BlobStore::put`] (without any store prefix).
+    pub key: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// When it was last written, if the store says.
+    pub last_modified: Option<SystemTime>,
+}
+
+/// Why a blob store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BlobError {
+    /// The upload had more bytes than allowed; nothing was stored.
+    #[error("the upload is larger than the limit of {limit} bytes")]
+    TooLarge {
+        /// The limit that was exceeded, in bytes.
+        limit: u64,
+    },
+    /// No blob under the key.
+    #[error("no blob under this key")]
+    NotFound,
+    /// The upload body (the client's stream) failed, e.g. the client went
+    /// away; nothing was stored. Not a fault of the store.
+    #[error("reading the upload body failed: {0}")]
+    Body(#[source] std::io::Error),
+    /// The store itself failed (disk, network, S3 error, bad configuration).
+    /// The message names the operation and carries the underlying cause.
+    #[error("blob store: {0}")]
+    Backend(String),
+}
+
+impl BlobError {
+    /// A [`BlobError::Backend`] saying what was being done and the whole
+    /// cause chain of `err`, so an operator sees the root cause in one line.
+    pub(crate) fn backend(
+        doing: impl fmt::Display,
+        err: &(dyn std::error::Error + 'static),
+    ) -> Self {
+        let mut message = format!("{doing}: {err}");
+        let mut source = err.source();
+        while let Some(cause) = source {
+            message.push_str(": ");
+            message.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        Self::Backend(message)
+    }
+}
+
+/// The port: a key-value store of immutable byte blobs.
+///
+/// Implementations are shared by every task of a process (`Arc<dyn
+/// BlobStore>`), so they are `Send + Sync` and hold no per-request state.
+#[async_trait]
+pub trait BlobStore: Send + Sync + 'static {
+    /// Streams `body` under `key`, hashing while writing. Stops reading as
+    /// soon as more than `max_bytes` arrived and answers
+    /// [`BlobError::TooLarge`]. On any failure nothing is left under `key`
+    /// (a blob already there stays as it was); on success the whole body is
+    /// durably stored and replaces any earlier blob under `key`.
+    async fn put(
+        &self,
+        key: &BlobKey,
+        body: ByteStream,
+        max_bytes: u64,
+    ) -> Result<StoredBlob, BlobError>;
+
+    /// Opens the blob under `key` for streaming; [`BlobError::NotFound`] if absent.
+    async fn get(&self, key: &BlobKey) -> Result<BlobObject, BlobError>;
+
+    /// Removes the blob under `key`. Absent is fine (idempotent), so a retried
+    /// deletion succeeds.
+    async fn delete(&self, key: &BlobKey) -> Result<(), BlobError>;
+
+    /// Whether a blob exists under `key`.
+    async fn exists(&self, key: &BlobKey) -> Result<bool, BlobError>;
+
+    /// Every blob whose key starts with `prefix` (plain string prefix, `""`
+    /// for all), for the orphan sweep. Pages internally; order unspecified.
+    async fn list(&self, prefix: &str) -> Result<Vec<BlobListing>, BlobError>;
+
+    /// Readiness probe: the store is reachable and usable.
+    async fn check(&self) -> Result<(), BlobError>;
+
+    /// Where the blobs live, for logs, e.g. `s3://bucket/prefix at http://...`.
+    fn describe(&self) -> String;
+}
+
+/// Which blob store to open, with everything it needs. Built from the
+/// configuration by the caller.
+#[derive(Debug, Clone)]
+pub enum BlobStoreSpec {
+    /// A local directory (created if missing).
+    Dir(PathBuf),
+    /// An S3 bucket.
+    S3(S3Options),
+}
+
+/// Opens the blob store described by `spec`. The directory store is created
+/// if missing; the S3 store creates its bucket if
+/// [`S3Options::create_bucket_if_missing`] asks for it, and otherwise does not
+/// contact the service (see [`BlobStore::check`]).
+pub async fn open(spec: &BlobStoreSpec) -> Result<Arc<dyn BlobStore>, BlobError> {
+    let store: Arc<dyn BlobStore> = match spec {
+        BlobStoreSpec::Dir(root) => Arc::new(DirBlobStore::open(root.clone()).await?),
+        BlobStoreSpec::S3(options) => Arc::new(S3BlobStore::open(options.clone()).await?),
+    };
+    tracing::info!(store = %store.describe(), "blob store opened");
+    Ok(store)
+}
+
+/// Wraps an upload body: counts and hashes each chunk, and refuses the chunk
+/// that takes the total over `max_bytes`. Both adapters read uploads through
+/// this, so the limit and the hash are defined in one place.
+pub fn hashing_limited(body: ByteStream, max_bytes: u64) -> HashingLimited {
+    HashingLimited {
+        body,
+        max_bytes,
+        size: 0,
+        hasher: Sha256::new(),
+    }
+}
+
+/// An upload body being read under a size limit; see [`hashing_limited`].
+pub struct HashingLimited {
+    body: ByteStream,
+    max_bytes: u64,
+    size: u64,
+    hasher: Sha256,
+}
+
+impl fmt::Debug for HashingLimited {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HashingLimited")
+            .field("max_bytes", &self.max_bytes)
+            .field("size", &self.size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HashingLimited {
+    /// The next non-empty chunk, already counted and hashed; `None` at the
+    /// end of the body. [`BlobError::TooLarge`] as soon as the total would
+    /// exceed the limit (the offending chunk is not handed out), and
+    /// [`BlobError::Body`] when the client's stream fails. After an error the
+    /// caller must discard what it wrote.
+    pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, BlobError> {
+        loop {
+            let Some(item) = self.body.next().await else {
+                return Ok(None);
+            };
+            let chunk = item.map_err(BlobError::Body)?;
+            if chunk.is_empty() {
+                continue;
+            }
+            let size = u64::try_from(chunk.len())
+                .ok()
+                .and_then(|len| self.size.checked_add(len))
+                .filter(|&size| size <= self.max_bytes)
+                .ok_or(BlobError::TooLarge {
+                    limit: self.max_bytes,
+                })?;
+            self.size = size;
+            self.hasher.update(&chunk);
+            return Ok(Some(chunk));
+        }
+    }
+
+    /// Bytes accepted so far.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Size and hash of everything read; call after [`Self::next_chunk`]
+    /// answered `None`.
+    pub fn finish(self) -> StoredBlob {
+        StoredBlob {
+            size: self.size,
+            sha256: hex::encode(self.hasher.finalize()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(chunks: Vec<Result<&'static [u8], std::io::Error>>) -> ByteStream {
+        Box::pin(futures::stream::iter(
+            chunks.into_iter().map(|c| c.map(Bytes::from_static)),
+        ))
+    }
+
+    async fn drain(mut reader: HashingLimited) -> Result<StoredBlob, BlobError> {
+        while reader.next_chunk().await?.is_some() {}
+        Ok(reader.finish())
+    }
+
+    #[tokio::test]
+    async fn hashes_and_counts_everything_within_the_limit() {
+        let stored = drain(hashing_limited(body(vec![Ok(b"ab"), Ok(b""), Ok(b"c")]), 3))
+            .await
+            .unwrap();
+        assert_eq!(stored.size, 3);
+        assert_eq!(
+            stored.sha256,
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[tokio::test]
+    async fn refuses_the_chunk_that_crosses_the_limit() {
+        let err = drain(hashing_limited(body(vec![Ok(b"ab"), Ok(b"cd")]), 3))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, BlobError::TooLarge { limit: 3 }), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn passes_on_a_failing_body() {
+        let err = drain(hashing_limited(
+            body(vec![Ok(b"ab"), Err(std::io::Error::other("gone"))]),
+            10,
+        ))
+        .await
+        .unwrap_err();
+        assert!(matches!(err, BlobError::Body(_)), "{err:?}");
+    }
+
+    #[test]
+    fn backend_errors_carry_the_cause_chain() {
+        let inner = std::io::Error::other("disk on fire");
+        let outer = std::io::Error::other(OuterError(inner));
+        let err = BlobError::backend("writing x", &outer);
+        assert_eq!(
+            err.to_string(),
+            "blob store: writing x: outer: disk on fire"
+        );
+    }
+
+    #[derive(Debug)]
+    struct OuterError(std::io::Error);
+    impl fmt::Display for OuterError {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("outer")
+        }
+    }
+    impl std::error::Error for OuterError {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+}

@@ -1,0 +1,620 @@
+//! The S3 blob store: any S3-compatible service through `aws-sdk-s3`.
+//!
+//! Works against AWS and against MinIO, Garage, s3s and the like: with a
+//! custom endpoint it uses path-style addressing, and it only sends or checks
+//! payload checksums where the API requires them (newer SDK defaults add
+//! CRC32 trailers many of those servers reject).
+//!
+//! Uploads are atomic: a body that fits in one part (8 MiB) is a single
+//! `PutObject`; a longer one is a multipart upload that is completed only
+//! after the whole body arrived within the limit, and aborted otherwise.
+//! Either way nothing appears under the key unless the upload succeeded, and
+//! memory stays bounded by about one part per upload.
+//!
+//! TLS is rustls with the *ring* provider, chosen explicitly (the SDK's
+//! default client would pull in aws-lc).
+
+use std::fmt;
+use std::io;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use aws_sdk_s3::Client;
+use aws_sdk_s3::config::{
+    Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+};
+use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream as SdkByteStream;
+use aws_sdk_s3::types::{
+    BucketLocationConstraint, CompletedMultipartUpload, CompletedPart, CreateBucketConfiguration,
+};
+use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
+use bytes::{Bytes, BytesMut};
+use dossier_domain::BlobKey;
+
+use super::{
+    BlobError, BlobListing, BlobObject, BlobStore, ByteStream, StoredBlob, hashing_limited,
+};
+
+/// Size of one multipart part. S3 requires at least 5 MiB for every part but
+/// the last; 8 MiB keeps the per-upload buffer small and the part count low
+/// (a 25 MiB file is 4 parts, far from the 10 000-part maximum).
+pub const PART_SIZE: usize = 8 * 1024 * 1024;
+
+/// The region AWS uses when a bucket is created without a location constraint.
+const DEFAULT_AWS_REGION: &str = "us-east-1";
+
+/// How to reach the bucket.
+#[derive(Clone)]
+pub struct S3Options {
+    /// Bucket name.
+    pub bucket: String,
+    /// Key prefix inside the bucket (without leading or trailing `/`), so
+    /// several deployments can share a bucket; `None` for the bucket root.
+    pub prefix: Option<String>,
+    /// An S3-compatible endpoint URL (`http://127.0.0.1:9000`); `None` for
+    /// AWS. When set, path-style addressing is used.
+    pub endpoint: Option<String>,
+    /// Region to sign requests for.
+    pub region: String,
+    /// Access key; with [`Self::secret_key`] replaces the standard AWS
+    /// credential chain (environment, profile, web identity, instance role).
+    pub access_key: Option<String>,
+    /// Secret key; see [`Self::access_key`].
+    pub secret_key: Option<String>,
+    /// Create the bucket at open if it does not exist (development and
+    /// tests). When off, open does not contact the service at all.
+    pub create_bucket_if_missing: bool,
+}
+
+impl fmt::Debug for S3Options {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never print the secret key, not even in a debug log.
+        f.debug_struct("S3Options")
+            .field("bucket", &self.bucket)
+            .field("prefix", &self.prefix)
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("access_key", &self.access_key)
+            .field(
+                "secret_key",
+                &self.secret_key.as_ref().map(|_| "<redacted>"),
+            )
+            .field("create_bucket_if_missing", &self.create_bucket_if_missing)
+            .finish()
+    }
+}
+
+/// Blobs as objects in an S3 bucket, under an optional key prefix.
+#[derive(Debug, Clone)]
+pub struct S3BlobStore {
+    client: Client,
+    bucket: String,
+    /// `"{prefix}/"`, or empty for the bucket root.
+    key_prefix: String,
+    described: String,
+}
+
+impl S3BlobStore {
+    /// Builds the client (rustls on ring); creates the bucket if asked to.
+    pub async fn open(options: S3Options) -> Result<Self, BlobError> {
+        if options.bucket.is_empty() {
+            return Err(BlobError::Backend("the S3 bucket name is empty".into()));
+        }
+        let http_client = aws_smithy_http_client::Builder::new()
+            .tls_provider(tls::Provider::Rustls(CryptoMode::Ring))
+            .build_https();
+
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            // The credential chain (instance role, SSO, STS) makes HTTP calls
+            // of its own; give it our client, aws-config has none built in here.
+            .http_client(http_client.clone())
+            .region(Region::new(options.region.clone()));
+        match (&options.access_key, &options.secret_key) {
+            (Some(access_key), Some(secret_key)) => {
+                loader = loader.credentials_provider(Credentials::new(
+                    access_key,
+                    secret_key,
+                    None,
+                    None,
+                    "dossier-settings",
+                ));
+            }
+            (None, None) => {}
+            _ => {
+                return Err(BlobError::Backend(
+                    "S3 credentials: give both the access key and the secret key, or neither"
+                        .into(),
+                ));
+            }
+        }
+        let shared = loader.load().await;
+
+        let mut config = aws_sdk_s3::config::Builder::from(&shared)
+            .http_client(http_client)
+            // Since early 2025 the SDK adds CRC32 checksums (as aws-chunked
+            // trailers) to every upload and validates them on download; many
+            // S3-compatible servers reject or lack them. Only where required.
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
+        if let Some(endpoint) = &options.endpoint {
+            // Virtual-hosted style would need DNS for `<bucket>.<host>`,
+            // which self-hosted servers rarely have.
+            config = config.endpoint_url(endpoint).force_path_style(true);
+        }
+        let client = Client::from_conf(config.build());
+
+        let prefix = options
+            .prefix
+            .as_deref()
+            .map(|p| p.trim_matches('/'))
+            .filter(|p| !p.is_empty());
+        let key_prefix = prefix.map(|p| format!("{p}/")).unwrap_or_default();
+        let described = format!(
+            "s3://{}{}{} at {} (region {})",
+            options.bucket,
+            if prefix.is_some() { "/" } else { "" },
+            prefix.unwrap_or_default(),
+            options.endpoint.as_deref().unwrap_or("AWS"),
+            options.region,
+        );
+        let store = Self {
+            client,
+            bucket: options.bucket,
+            key_prefix,
+            described,
+        };
+        if options.create_bucket_if_missing {
+            store.create_bucket_if_missing(&options.region).await?;
+        }
+        Ok(store)
+    }
+
+    /// The SDK client, for callers that need more than the port (tests, tools).
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// The bucket name.
+    pub fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
+    fn object_key(&self, key: &str) -> String {
+        format!("{}{key}", self.key_prefix)
+    }
+
+    fn location(&self, key: &str) -> String {
+        format!("s3://{}/{}", self.bucket, self.object_key(key))
+    }
+
+    async fn create_bucket_if_missing(&self, region: &str) -> Result<(), BlobError> {
+        match self.client.head_bucket().bucket(&self.bucket).send().await {
+            Ok(_) => return Ok(()),
+            Err(err) if is_not_found(&err) => {}
+            Err(err) => return Err(sdk_error(format!("checking bucket {}", self.bucket), &err)),
+        }
+        let mut request = self.client.create_bucket().bucket(&self.bucket);
+        if region != DEFAULT_AWS_REGION {
+            // AWS rejects a CreateBucket whose location differs from the
+            // signing region, and an explicit us-east-1 constraint too.
+            request = request.create_bucket_configuration(
+                CreateBucketConfiguration::builder()
+                    .location_constraint(BucketLocationConstraint::from(region))
+                    .build(),
+            );
+        }
+        match request.send().await {
+            Ok(_) => {
+                tracing::info!(bucket = %self.bucket, "created the S3 bucket, it did not exist");
+                Ok(())
+            }
+            Err(create_err) => {
+                // Another process may have created it in the meantime
+                // (BucketAlreadyExists / BucketAlreadyOwnedByYou, depending on
+                // the server): fine if we can reach it now.
+                match self.client.head_bucket().bucket(&self.bucket).send().await {
+                    Ok(_) => Ok(()),
+                    Err(_) => Err(sdk_error(
+                        format!("creating bucket {}", self.bucket),
+                        &create_err,
+                    )),
+                }
+            }
+        }
+    }
+
+    /// The single-request upload, for bodies of at most one part. S3 makes a
+    /// `PutObject` atomic: the object appears whole or not at all.
+    async fn put_single(&self, key: &BlobKey, bytes: Bytes) -> Result<(), BlobError> {
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(self.object_key(key.as_str()))
+            .body(SdkByteStream::from(bytes))
+            .send()
+            .await
+            .map_err(|err| sdk_error(format!("uploading {}", self.location(key.as_str())), &err))?;
+        Ok(())
+    }
+
+    async fn start_multipart(&self, key: &BlobKey) -> Result<MultipartUpload, BlobError> {
+        let object_key = self.object_key(key.as_str());
+        let output = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(&object_key)
+            .send()
+            .await
+            .map_err(|err| {
+                sdk_error(
+                    format!(
+                        "starting a multipart upload to {}",
+                        self.location(key.as_str())
+                    ),
+                    &err,
+                )
+            })?;
+        let upload_id = output.upload_id.ok_or_else(|| {
+            BlobError::Backend(format!(
+                "starting a multipart upload to {}: the server returned no upload id",
+                self.location(key.as_str())
+            ))
+        })?;
+        Ok(MultipartUpload {
+            client: self.client.clone(),
+            bucket: self.bucket.clone(),
+            key: object_key,
+            upload_id,
+            parts: Vec::new(),
+            finished: false,
+        })
+    }
+}
+
+/// A multipart upload in progress.
+///
+/// Until `CompleteMultipartUpload` succeeds, the parts are invisible: no
+/// object exists under the key, and a blob already there stays as it was.
+/// Every way out other than completion aborts the upload, because S3 keeps
+/// (and bills) the parts of an upload that is neither completed nor aborted,
+/// indefinitely unless the bucket has a lifecycle rule for it. Dropping an
+/// unfinished upload (a cancelled request) also aborts it, in the background.
+struct MultipartUpload {
+    client: Client,
+    bucket: String,
+    key: String,
+    upload_id: String,
+    parts: Vec<CompletedPart>,
+    finished: bool,
+}
+
+impl MultipartUpload {
+    fn location(&self) -> String {
+        format!("s3://{}/{}", self.bucket, self.key)
+    }
+
+    async fn upload_part(&mut self, bytes: Bytes) -> Result<(), BlobError> {
+        let part_number = i32::try_from(self.parts.len() + 1)
+            .map_err(|_| BlobError::Backend("too many multipart parts".into()))?;
+        let output = self
+            .client
+            .upload_part()
+            .bucket(&self.bucket)
+            .key(&self.key)
+            .upload_id(&self.upload_id)
+            .part_number(part_number)
+            .body(SdkByteStream::from(bytes))
+            .send()
+            .await
+            .map_err(|err| {
+                sdk_error(
+                    format!("uploading part {part_number} of {}", self.location()),
+                    &err,
+                )
+            })?;
+        self.parts.push(
+            CompletedPart::builder()
+                .part_number(part_number)
+                .set_e_tag(output.e_tag)
+                .build(),
+        );
+        Ok(())
+    }
+
+    async fn complete(mut self) -> Result<(), BlobError> {
+        let parts = std::mem::take(&mut self.parts);
+        let result = self
+            .client
+            .complete_multipart_upload()
+            .bucket(&self.bucket)
+            .key(&self.key)
+            .upload_id(&self.upload_id)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(parts))
+                    .build(),
+            )
+            .send()
+            .await;
+        match result {
+            Ok(_) => {
+                self.finished = true;
+                Ok(())
+            }
+            // Not finished: dropping `self` aborts. Should the completion have
+            // gone through and only the answer been lost, the abort fails
+            // harmlessly and the object is an orphan the sweep removes.
+            Err(err) => Err(sdk_error(
+                format!("completing the multipart upload to {}", self.location()),
+                &err,
+            )),
+        }
+    }
+
+    /// Aborts now and waits for it; failures are logged, since the caller
+    /// is already returning the error that made it abort.
+    async fn abort(mut self) {
+        self.finished = true;
+        if let Err(err) = self.abort_request().send().await {
+            warn_abort_failed(&self.location(), &self.upload_id, &err);
+        }
+    }
+
+    fn abort_request(
+        &self,
+    ) -> aws_sdk_s3::operation::abort_multipart_upload::builders::AbortMultipartUploadFluentBuilder
+    {
+        self.client
+            .abort_multipart_upload()
+            .bucket(&self.bucket)
+            .key(&self.key)
+            .upload_id(&self.upload_id)
+    }
+}
+
+impl Drop for MultipartUpload {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        let request = self.abort_request();
+        let location = self.location();
+        let upload_id = self.upload_id.clone();
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    if let Err(err) = request.send().await {
+                        warn_abort_failed(&location, &upload_id, &err);
+                    }
+                });
+            }
+            Err(_) => tracing::warn!(
+                location = %location,
+                upload_id = %upload_id,
+                "an unfinished multipart upload could not be aborted (no runtime); \
+                 its parts stay in the bucket until a lifecycle rule removes them"
+            ),
+        }
+    }
+}
+
+fn warn_abort_failed(location: &str, upload_id: &str, err: &(dyn std::error::Error + 'static)) {
+    tracing::warn!(
+        location = %location,
+        upload_id = %upload_id,
+        error = %DisplayErrorContext(err),
+        "aborting a failed multipart upload failed; nothing is visible under the key, \
+         but its parts stay in the bucket until a lifecycle rule removes them"
+    );
+}
+
+/// A [`BlobError::Backend`] with the SDK error's whole context (service error
+/// code and message, or the connection failure).
+fn sdk_error<E, R>(doing: impl fmt::Display, err: &SdkError<E, R>) -> BlobError
+where
+    E: std::error::Error + 'static,
+    R: fmt::Debug,
+{
+    BlobError::Backend(format!("{doing}: {}", DisplayErrorContext(err)))
+}
+
+/// Whether the service said the object (or bucket, for bucket calls) does
+/// not exist. A missing bucket on an object call is not "not found": that is
+/// a misconfiguration the operator must see.
+fn is_not_found<E>(err: &SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> bool
+where
+    E: ProvideErrorMetadata,
+{
+    match err {
+        SdkError::ServiceError(service) => match service.err().code() {
+            Some("NoSuchBucket") => false,
+            Some("NoSuchKey" | "NotFound") => true,
+            // HEAD responses have no body, hence no code: the status says it.
+            _ => service.raw().status().as_u16() == 404,
+        },
+        _ => false,
+    }
+}
+
+#[async_trait]
+impl BlobStore for S3BlobStore {
+    async fn put(
+        &self,
+        key: &BlobKey,
+        body: ByteStream,
+        max_bytes: u64,
+    ) -> Result<StoredBlob, BlobError> {
+        let mut body = hashing_limited(body, max_bytes);
+        let mut pending = BytesMut::new();
+        let mut multipart: Option<MultipartUpload> = None;
+
+        let read = async {
+            while let Some(chunk) = body.next_chunk().await? {
+                pending.extend_from_slice(&chunk);
+                // Strictly more than a part: a body of exactly one part still
+                // goes as a single PutObject, and the last part is never empty.
+                while pending.len() > PART_SIZE {
+                    let part = pending.split_to(PART_SIZE).freeze();
+                    let upload = match multipart.as_mut() {
+                        Some(upload) => upload,
+                        None => multipart.insert(self.start_multipart(key).await?),
+                    };
+                    upload.upload_part(part).await?;
+                }
+            }
+            Ok::<_, BlobError>(())
+        }
+        .await;
+
+        match (read, multipart) {
+            (Ok(()), None) => self.put_single(key, pending.freeze()).await?,
+            (Ok(()), Some(mut upload)) => {
+                if !pending.is_empty()
+                    && let Err(err) = upload.upload_part(pending.freeze()).await
+                {
+                    upload.abort().await;
+                    return Err(err);
+                }
+                upload.complete().await?;
+            }
+            (Err(err), None) => return Err(err),
+            // Over the limit, a failed client stream or a failed part: abort,
+            // so the parts sent so far vanish and nothing appears under the key.
+            (Err(err), Some(upload)) => {
+                upload.abort().await;
+                return Err(err);
+            }
+        }
+        Ok(body.finish())
+    }
+
+    async fn get(&self, key: &BlobKey) -> Result<BlobObject, BlobError> {
+        let output = match self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(self.object_key(key.as_str()))
+            .send()
+            .await
+        {
+            Ok(output) => output,
+            Err(err) if is_not_found(&err) => return Err(BlobError::NotFound),
+            Err(err) => {
+                return Err(sdk_error(
+                    format!("downloading {}", self.location(key.as_str())),
+                    &err,
+                ));
+            }
+        };
+        let size = output
+            .content_length
+            .and_then(|len| u64::try_from(len).ok())
+            .ok_or_else(|| {
+                BlobError::Backend(format!(
+                    "downloading {}: the server sent no valid Content-Length",
+                    self.location(key.as_str())
+                ))
+            })?;
+        // Pass the SDK's body through chunk by chunk; it is never collected.
+        let body = futures::stream::try_unfold(output.body, |mut body| async move {
+            let next = body.try_next().await.map_err(io::Error::from)?;
+            Ok(next.map(|chunk| (chunk, body)))
+        });
+        Ok(BlobObject {
+            size,
+            body: Box::pin(body),
+        })
+    }
+
+    async fn delete(&self, key: &BlobKey) -> Result<(), BlobError> {
+        // S3 answers 204 for an absent key too; some compatible servers say
+        // NoSuchKey instead, which is just as fine here.
+        match self
+            .client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(self.object_key(key.as_str()))
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(err) if is_not_found(&err) => Ok(()),
+            Err(err) => Err(sdk_error(
+                format!("deleting {}", self.location(key.as_str())),
+                &err,
+            )),
+        }
+    }
+
+    async fn exists(&self, key: &BlobKey) -> Result<bool, BlobError> {
+        match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(self.object_key(key.as_str()))
+            .send()
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(err) if is_not_found(&err) => Ok(false),
+            Err(err) => Err(sdk_error(
+                format!("looking up {}", self.location(key.as_str())),
+                &err,
+            )),
+        }
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<BlobListing>, BlobError> {
+        let full_prefix = self.object_key(prefix);
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(&full_prefix)
+            .into_paginator()
+            .send();
+        let mut found = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|err| {
+                sdk_error(format!("listing s3://{}/{full_prefix}", self.bucket), &err)
+            })?;
+            for object in page.contents() {
+                // The server filtered by prefix already; stripping ours gives
+                // back the caller's key.
+                let Some(key) = object
+                    .key()
+                    .and_then(|k| k.strip_prefix(self.key_prefix.as_str()))
+                else {
+                    continue;
+                };
+                found.push(BlobListing {
+                    key: key.to_owned(),
+                    size: object
+                        .size()
+                        .and_then(|s| u64::try_from(s).ok())
+                        .unwrap_or(0),
+                    last_modified: object
+                        .last_modified()
+                        .and_then(|t| SystemTime::try_from(*t).ok()),
+                });
+            }
+        }
+        Ok(found)
+    }
+
+    async fn check(&self) -> Result<(), BlobError> {
+        self.client
+            .head_bucket()
+            .bucket(&self.bucket)
+            .send()
+            .await
+            .map_err(|err| sdk_error(format!("reaching {}", self.described), &err))?;
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        self.described.clone()
+    }
+}

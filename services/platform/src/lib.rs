@@ -1,0 +1,11 @@
+//! Adapters every Dossier process needs. The domain never sees any of this:
+//! configuration, the Postgres event store and log reader, the blob store,
+//! RabbitMQ, authentication and telemetry.
+
+pub mod auth;
+pub mod blob;
+pub mod config;
+pub mod db;
+pub mod eventstore;
+pub mod log;
+pub mod telemetry;

@@ -1,0 +1,305 @@
+//! The end-to-end test harness: a whole Dossier on real services.
+//!
+//! Every test gets its own Postgres database (uuid name, migrated) and its own
+//! S3 bucket on a real S3 server over HTTP (s3s-fs, one per test process, on a
+//! runtime of its own so it outlives any single test), and the real
+//! [`Application`] listening on a free port. Requests go through reqwest,
+//! like any client's.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use dossier_api::startup::Application;
+use dossier_platform::auth::{self, Claims, Role};
+use dossier_platform::blob::{self, BlobStore, BlobStoreSpec, S3Options};
+use dossier_platform::config::Settings;
+use dossier_platform::db::{self, Pool};
+use reqwest::multipart::{Form, Part};
+use serde_json::Value;
+use uuid::Uuid;
+
+pub const SECRET: &str = "test-secret-for-dossier-end-to-end-tests";
+
+/// The S3 server every test of this process shares (each with its own bucket).
+pub struct SharedS3 {
+    pub endpoint: String,
+    pub access_key: String,
+    pub secret_key: String,
+    pub root: PathBuf,
+}
+
+/// Starts the process-wide S3 server on its own thread and runtime, once.
+pub fn s3_server() -> &'static SharedS3 {
+    static S3: OnceLock<SharedS3> = OnceLock::new();
+    S3.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("s3-dev".into())
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .expect("a runtime for the test S3 server");
+                runtime.block_on(async move {
+                    let root = std::env::temp_dir()
+                        .join(format!("dossier-s3-{}", Uuid::new_v4().simple()));
+                    let server = dossier_s3_dev::spawn(root, SocketAddr::from(([127, 0, 0, 1], 0)))
+                        .await
+                        .expect("the test S3 server starts");
+                    tx.send(SharedS3 {
+                        endpoint: server.endpoint.clone(),
+                        access_key: server.access_key.clone(),
+                        secret_key: server.secret_key.clone(),
+                        root: server.root.clone(),
+                    })
+                    .expect("the harness waits for the S3 server");
+                    // Serve for the rest of the process.
+                    std::future::pending::<()>().await;
+                    drop(server);
+                });
+            })
+            .expect("a thread for the test S3 server");
+        rx.recv().expect("the test S3 server reports its address")
+    })
+}
+
+/// A fresh bucket on the shared S3 server, opened through aws-sdk-s3.
+pub async fn s3_store(bucket: &str) -> Arc<dyn BlobStore> {
+    let s3 = s3_server();
+    blob::open(&BlobStoreSpec::S3(S3Options {
+        bucket: bucket.to_owned(),
+        prefix: None,
+        endpoint: Some(s3.endpoint.clone()),
+        region: "us-east-1".to_owned(),
+        access_key: Some(s3.access_key.clone()),
+        secret_key: Some(s3.secret_key.clone()),
+        create_bucket_if_missing: true,
+    }))
+    .await
+    .expect("the test bucket opens")
+}
+
+/// Settings for a test: defaults, a database of its own, a free port.
+pub fn settings(database_url: &str, overrides: &[(&str, &str)]) -> Settings {
+    let mut vars: HashMap<String, String> = HashMap::from([
+        ("DOSSIER_DATABASE_URL".into(), database_url.to_owned()),
+        ("DOSSIER_HTTP_ADDR".into(), "127.0.0.1:0".into()),
+        ("DOSSIER_JWT_SECRET".into(), SECRET.into()),
+    ]);
+    for (k, v) in overrides {
+        vars.insert((*k).to_owned(), (*v).to_owned());
+    }
+    Settings::from_lookup(|var| vars.get(var).cloned()).expect("test settings are valid")
+}
+
+pub struct TestApp {
+    pub address: String,
+    pub client: reqwest::Client,
+    pub pool: Pool,
+    pub database_url: String,
+    pub blobs: Arc<dyn BlobStore>,
+    pub bucket: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestApp {
+    /// A whole Dossier with the default limits.
+    pub async fn spawn() -> Self {
+        Self::spawn_with(&[]).await
+    }
+
+    /// A whole Dossier with some settings overridden (`DOSSIER_MAX_FILE_BYTES`, …).
+    pub async fn spawn_with(overrides: &[(&str, &str)]) -> Self {
+        dossier_platform::telemetry::init_tracing();
+        let (pool, database_url) = db::testing::fresh_database()
+            .await
+            .expect("a fresh test database");
+        let bucket = format!("t-{}", Uuid::new_v4().simple());
+        let blobs = s3_store(&bucket).await;
+        let settings = settings(&database_url, overrides);
+        let app = Application::build_with_blobs(settings, blobs.clone())
+            .await
+            .expect("the application starts");
+        let address = format!(
+            "http://{}",
+            app.http_address().expect("the api role listens")
+        );
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(app.run_until_stopped(async move {
+            let _ = stopped.await;
+        }));
+        Self {
+            address,
+            client: reqwest::Client::new(),
+            pool,
+            database_url,
+            blobs,
+            bucket,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// Stops the application gracefully and reports how it ended.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match self.task.take() {
+            Some(task) => task.await?,
+            None => Ok(()),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.address)
+    }
+
+    pub fn token(&self, tenant: &str, role: Role, sub: &str, customer: Option<&str>) -> String {
+        let now = chrono::Utc::now().timestamp();
+        auth::issue(
+            SECRET.as_bytes(),
+            &Claims {
+                sub: sub.to_owned(),
+                tenant: tenant.to_owned(),
+                role,
+                customer: customer.map(str::to_owned),
+                exp: now + 3600,
+                iat: Some(now),
+            },
+        )
+    }
+
+    pub fn staff(&self, tenant: &str) -> String {
+        self.token(tenant, Role::Staff, "staff-1", None)
+    }
+
+    pub fn customer(&self, tenant: &str, customer: &str) -> String {
+        self.token(
+            tenant,
+            Role::Customer,
+            &format!("user-{customer}"),
+            Some(customer),
+        )
+    }
+
+    pub fn auditor(&self, tenant: &str) -> String {
+        self.token(tenant, Role::Auditor, "auditor-1", None)
+    }
+
+    /// `POST /v1/customers/{customer}/files` with a file part and text fields.
+    pub async fn upload(
+        &self,
+        token: &str,
+        customer: &str,
+        file_name: &str,
+        bytes: Vec<u8>,
+        fields: &[(&str, &str)],
+    ) -> reqwest::Response {
+        let mut form = Form::new().part(
+            "file",
+            Part::bytes(bytes)
+                .file_name(file_name.to_owned())
+                .mime_str("application/pdf")
+                .expect("a valid mime type"),
+        );
+        for (k, v) in fields {
+            form = form.text((*k).to_owned(), (*v).to_owned());
+        }
+        self.client
+            .post(self.url(&format!("/v1/customers/{customer}/files")))
+            .bearer_auth(token)
+            .multipart(form)
+            .send()
+            .await
+            .expect("the upload request is answered")
+    }
+
+    /// Uploads and returns the created File, asserting 201.
+    pub async fn upload_ok(
+        &self,
+        token: &str,
+        customer: &str,
+        name: &str,
+        bytes: Vec<u8>,
+    ) -> Value {
+        let response = self
+            .upload(token, customer, "document.pdf", bytes, &[("name", name)])
+            .await;
+        assert_eq!(
+            response.status(),
+            201,
+            "upload answered {}",
+            response.status()
+        );
+        response.json().await.expect("a File body")
+    }
+
+    pub async fn get(&self, token: &str, path: &str) -> reqwest::Response {
+        self.client
+            .get(self.url(path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("the request is answered")
+    }
+
+    pub async fn send_json(
+        &self,
+        method: reqwest::Method,
+        token: &str,
+        path: &str,
+        body: Value,
+    ) -> reqwest::Response {
+        self.client
+            .request(method, self.url(path))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await
+            .expect("the request is answered")
+    }
+
+    pub async fn delete(&self, token: &str, path: &str) -> reqwest::Response {
+        self.client
+            .delete(self.url(path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("the request is answered")
+    }
+
+    /// The ids of every blob in this test's bucket.
+    pub async fn blob_keys(&self) -> Vec<String> {
+        let mut keys: Vec<String> = self
+            .blobs
+            .list("")
+            .await
+            .expect("the bucket lists")
+            .into_iter()
+            .map(|b| b.key)
+            .collect();
+        keys.sort();
+        keys
+    }
+}
+
+/// Asserts the contract's error body and returns its code.
+pub async fn error_code(response: reqwest::Response) -> String {
+    let body: Value = response.json().await.expect("an error body");
+    let code = body["error"]["code"]
+        .as_str()
+        .expect("error.code")
+        .to_owned();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "error.message is present: {body}"
+    );
+    code
+}
