@@ -6,12 +6,15 @@
 //! [`Application`] listening on a free port. Requests go through reqwest,
 //! like any client's.
 
+pub mod upstream;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use dossier_api::startup::Application;
+use dossier_platform::amqp::testing::TestVhost;
 use dossier_platform::auth::{self, Claims, Role};
 use dossier_platform::blob::{self, BlobStore, BlobStoreSpec, S3Options};
 use dossier_platform::config::Settings;
@@ -97,6 +100,8 @@ pub fn settings(database_url: &str, overrides: &[(&str, &str)]) -> Settings {
 
 pub struct TestApp {
     pub address: String,
+    /// This test's own RabbitMQ virtual host (deleted when the app is dropped).
+    pub vhost: TestVhost,
     pub client: reqwest::Client,
     pub pool: Pool,
     pub database_url: String,
@@ -114,13 +119,18 @@ impl TestApp {
 
     /// A whole Dossier with some settings overridden (`DOSSIER_MAX_FILE_BYTES`, …).
     pub async fn spawn_with(overrides: &[(&str, &str)]) -> Self {
-        dossier_platform::telemetry::init_tracing();
+        dossier_platform::telemetry::init_test_tracing();
         let (pool, database_url) = db::testing::fresh_database()
             .await
             .expect("a fresh test database");
         let bucket = format!("t-{}", Uuid::new_v4().simple());
         let blobs = s3_store(&bucket).await;
-        let settings = settings(&database_url, overrides);
+        let vhost = TestVhost::create()
+            .await
+            .expect("a RabbitMQ vhost for the test");
+        let mut all: Vec<(&str, &str)> = vec![("DOSSIER_AMQP_URL", vhost.url())];
+        all.extend_from_slice(overrides);
+        let settings = settings(&database_url, &all);
         let app = Application::build_with_blobs(settings, blobs.clone())
             .await
             .expect("the application starts");
@@ -132,8 +142,9 @@ impl TestApp {
         let task = tokio::spawn(app.run_until_stopped(async move {
             let _ = stopped.await;
         }));
-        Self {
+        let app = Self {
             address,
+            vhost,
             client: reqwest::Client::new(),
             pool,
             database_url,
@@ -141,6 +152,30 @@ impl TestApp {
             bucket,
             stop: Some(stop),
             task: Some(task),
+        };
+        app.wait_until_ready().await;
+        app
+    }
+
+    /// Waits for `/readyz`: every backing service reachable and the RabbitMQ
+    /// topology declared, so a test's own clients find the exchanges.
+    pub async fn wait_until_ready(&self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let ready = self
+                .client
+                .get(self.url("/readyz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            if ready {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the application did not become ready"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
     }
 

@@ -1,1 +1,67 @@
-//! placeholder
+//! What runs behind the event log, driven by RabbitMQ:
+//!
+//! - [`relay`]: the outbox relay. The event log is the outbox; the relay follows it
+//!   by position and publishes every event to `dossier.events` with publisher
+//!   confirms, moving its checkpoint only past what the broker confirmed.
+//! - [`blob`]: the blob worker. Removes the bytes of deleted files and records that
+//!   it did, sweeps blobs no event refers to, and verifies stored blobs against
+//!   their recorded SHA-256.
+//!
+//! Everything here is at least once (DESIGN.md): a message may arrive twice, an
+//! event may be published twice, and every effect is idempotent. Nothing is acked
+//! before its effect is durable, and a message that can never be handled goes to
+//! its queue's dead-letter queue instead of looping.
+//!
+//! Each role is an `async fn` that runs until its shutdown signal turns `true` and
+//! is spawned by the start-up code: [`relay::run`] and [`run_blob_worker`].
+
+pub mod blob;
+pub mod relay;
+
+use std::sync::Arc;
+
+use dossier_platform::amqp::Broker;
+use dossier_platform::blob::BlobStore;
+use dossier_platform::db::Pool;
+use tokio::sync::watch;
+
+pub use blob::{
+    BlobWorkerConfig, BlobWorkerError, SweepReport, VerifyReport, sweep_orphans, verify_blobs,
+};
+pub use relay::{RelayConfig, RelayError};
+
+/// Runs the blob worker with its default configuration until `shutdown` turns
+/// `true`: purges the blobs of deleted files from `dossier.workers.blob` and sweeps
+/// orphans every hour. See [`blob::run`].
+pub async fn run_blob_worker(
+    pool: Pool,
+    broker: Broker,
+    blobs: Arc<dyn BlobStore>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), BlobWorkerError> {
+    blob::run(pool, broker, blobs, BlobWorkerConfig::default(), shutdown).await
+}
+
+/// A Postgres failure of a worker: transient (the database is down or busy)
+/// unless the schema is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum PgError {
+    /// No pooled connection could be had.
+    #[error("no Postgres connection: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    /// A statement failed.
+    #[error("Postgres statement failed: {}", pg_detail(.0))]
+    Query(#[from] tokio_postgres::Error),
+}
+
+/// The text of a driver error an operator can act on: `tokio_postgres::Error`
+/// displays as just "db error" and keeps the server's message in its source.
+pub(crate) fn pg_detail(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => format!("{} ({}): {}", error, db.code().code(), db.message()),
+        None => match std::error::Error::source(error) {
+            Some(cause) => format!("{error}: {cause}"),
+            None => error.to_string(),
+        },
+    }
+}

@@ -12,11 +12,13 @@ use std::time::Duration;
 
 use cqrs_es::persist::PersistedEventStore;
 use cqrs_es::{Aggregate, AggregateError, CqrsFramework};
-use dossier_domain::{Actor, File, FileCommand, FileError, FileId, FilePolicy, TenantId};
-use dossier_platform::eventstore::{self, PgEventStore};
+use dossier_domain::{Actor, File, FileCommand, FileId, FilePolicy, TenantId};
+use dossier_platform::eventstore::{self, EventStoreError, PgEventStore};
 use dossier_projections::Freshness;
 use rand::Rng;
 use uuid::Uuid;
+
+use crate::error::ApiError;
 
 /// How often a command that lost a race is tried again. Twelve staff renaming
 /// one file at once is the busiest case we know of; each retry reloads the
@@ -28,10 +30,14 @@ const FRESHNESS_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError {
-    #[error(transparent)]
-    File(#[from] FileError),
+    /// The aggregate refused the command; already mapped to the contract's code.
+    #[error("{0}")]
+    Rejected(ApiError),
     #[error("a concurrent change kept winning the race")]
     Conflict,
+    /// The command's idempotency key was used before: it had its effect then.
+    #[error("this command was already handled")]
+    Duplicate,
     #[error("the event log is unavailable: {0}")]
     Unavailable(String),
     #[error("{0}")]
@@ -44,6 +50,9 @@ pub struct CommandContext {
     pub tenant: TenantId,
     pub actor: Actor,
     pub correlation_id: Option<String>,
+    /// An upstream message id: the command's events and its receipt are
+    /// written together, so the same key never acts twice.
+    pub idempotency_key: Option<String>,
 }
 
 impl CommandContext {
@@ -52,6 +61,7 @@ impl CommandContext {
             tenant,
             actor,
             correlation_id: None,
+            idempotency_key: None,
         }
     }
 
@@ -64,6 +74,9 @@ impl CommandContext {
                 Uuid::now_v7().to_string(),
             ),
         ]);
+        if let Some(key) = &self.idempotency_key {
+            metadata.insert(eventstore::META_IDEMPOTENCY_KEY.to_owned(), key.clone());
+        }
         if let Some(correlation_id) = &self.correlation_id {
             metadata.insert(
                 eventstore::META_CORRELATION_ID.to_owned(),
@@ -81,24 +94,20 @@ pub struct Accepted {
     pub position: i64,
 }
 
-type Framework<A> = CqrsFramework<A, PersistedEventStore<PgEventStore, A>>;
-
+/// The command path of every aggregate: one event store, and the read models
+/// that answers wait for.
 pub struct Commands {
-    files: Framework<File>,
     store: PgEventStore,
-    freshness: Freshness,
+    file_policy: FilePolicy,
+    freshness: Vec<Freshness>,
 }
 
 impl Commands {
-    pub fn new(store: PgEventStore, policy: FilePolicy, freshness: Freshness) -> Self {
-        let files = CqrsFramework::new(
-            PersistedEventStore::new_event_store(store.clone()),
-            vec![],
-            policy,
-        );
+    /// `freshness`: every read model a command's answer must already show.
+    pub fn new(store: PgEventStore, file_policy: FilePolicy, freshness: Vec<Freshness>) -> Self {
         Self {
-            files,
             store,
+            file_policy,
             freshness,
         }
     }
@@ -124,23 +133,71 @@ impl Commands {
         file_id: FileId,
         command: FileCommand,
     ) -> Result<Accepted, CommandError> {
-        execute(&self.files, &self.store, ctx, &file_id.to_string(), command).await
+        self.execute::<File>(ctx, &file_id.to_string(), command, self.file_policy)
+            .await
+    }
+
+    /// Runs a command on any aggregate and waits until the read models show it.
+    pub async fn run<A>(
+        &self,
+        ctx: &CommandContext,
+        aggregate_id: &str,
+        command: A::Command,
+        services: A::Services,
+    ) -> Result<Accepted, CommandError>
+    where
+        A: Aggregate + Send + Sync,
+        A::Command: Clone,
+        A::Services: Clone,
+        A::Error: Into<ApiError>,
+    {
+        let accepted = self
+            .execute::<A>(ctx, aggregate_id, command, services)
+            .await?;
+        self.await_read_models(accepted.position).await;
+        Ok(accepted)
     }
 
     /// Blocks until every read model has applied `position`, or the timeout passed.
     pub async fn await_read_models(&self, position: i64) {
-        if !self.freshness.wait_for(position, FRESHNESS_TIMEOUT).await {
-            tracing::warn!(
-                position,
-                "a command was recorded but the read models did not show it within {FRESHNESS_TIMEOUT:?}; \
-                 is the projections role running?"
-            );
+        for freshness in &self.freshness {
+            if !freshness.wait_for(position, FRESHNESS_TIMEOUT).await {
+                tracing::warn!(
+                    position,
+                    projection = freshness.projection(),
+                    "a command was recorded but a read model did not show it within {FRESHNESS_TIMEOUT:?}; \
+                     is the projections role running?"
+                );
+            }
         }
+    }
+
+    /// Runs `command` through cqrs-es (event-store mode on our log), retrying a
+    /// lost optimistic-concurrency race a bounded number of times.
+    async fn execute<A>(
+        &self,
+        ctx: &CommandContext,
+        aggregate_id: &str,
+        command: A::Command,
+        services: A::Services,
+    ) -> Result<Accepted, CommandError>
+    where
+        A: Aggregate + Send + Sync,
+        A::Command: Clone,
+        A::Error: Into<ApiError>,
+    {
+        // Cheap: the framework is a store handle (a pool clone) and the services.
+        let framework = CqrsFramework::new(
+            PersistedEventStore::<PgEventStore, A>::new_event_store(self.store.clone()),
+            vec![],
+            services,
+        );
+        execute(&framework, &self.store, ctx, aggregate_id, command).await
     }
 }
 
 async fn execute<A>(
-    framework: &Framework<A>,
+    framework: &CqrsFramework<A, PersistedEventStore<PgEventStore, A>>,
     store: &PgEventStore,
     ctx: &CommandContext,
     aggregate_id: &str,
@@ -149,7 +206,7 @@ async fn execute<A>(
 where
     A: Aggregate + Send + Sync,
     A::Command: Clone,
-    CommandError: From<A::Error>,
+    A::Error: Into<ApiError>,
 {
     for attempt in 1..=MAX_ATTEMPTS {
         match framework
@@ -177,7 +234,7 @@ where
             Err(AggregateError::UserError(error)) => {
                 metrics::counter!("dossier_commands_total", "aggregate" => A::TYPE, "outcome" => "rejected")
                     .increment(1);
-                return Err(error.into());
+                return Err(CommandError::Rejected(error.into()));
             }
             Err(AggregateError::DatabaseConnectionError(error)) => {
                 return Err(CommandError::Unavailable(error.to_string()));
@@ -188,7 +245,10 @@ where
                 )));
             }
             Err(AggregateError::UnexpectedError(error)) => {
-                return Err(CommandError::Unavailable(error.to_string()));
+                return Err(match error.downcast_ref::<EventStoreError>() {
+                    Some(EventStoreError::DuplicateCommand { .. }) => CommandError::Duplicate,
+                    _ => CommandError::Unavailable(error.to_string()),
+                });
             }
         }
     }

@@ -139,8 +139,8 @@ impl From<FileError> for ApiError {
 impl From<CommandError> for ApiError {
     fn from(error: CommandError) -> Self {
         match error {
-            CommandError::File(error) => error.into(),
-            CommandError::Conflict => Self::Conflict,
+            CommandError::Rejected(error) => error,
+            CommandError::Conflict | CommandError::Duplicate => Self::Conflict,
             CommandError::Unavailable(detail) => Self::Unavailable(detail),
             CommandError::Internal(detail) => Self::Internal(detail),
         }

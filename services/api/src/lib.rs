@@ -5,5 +5,6 @@ pub mod auth;
 pub mod commands;
 pub mod error;
 pub mod http;
+pub mod intake;
 pub mod startup;
 pub mod state;

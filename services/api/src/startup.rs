@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use dossier_domain::{FilePolicy, MaxFileBytes};
+use dossier_platform::amqp::{Broker, BrokerOptions};
 use dossier_platform::blob::{self, BlobStore, BlobStoreSpec, S3Options};
 use dossier_platform::config::{BlobStoreLocation, Role, Settings};
 use dossier_platform::db::{self, Pool};
@@ -24,6 +25,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::commands::Commands;
+use crate::intake::Intake;
 use crate::state::{AppState, Inner};
 
 /// How long a graceful shutdown waits for the roles to finish what they hold.
@@ -57,6 +59,7 @@ pub struct Application {
     settings: Settings,
     pool: Pool,
     state: AppState,
+    broker: Option<Broker>,
     listener: Option<TcpListener>,
     projector: Option<Runner<FilesProjection>>,
     shutdown: watch::Sender<bool>,
@@ -100,7 +103,25 @@ impl Application {
 
         let store = PgEventStore::new(pool.clone());
         let max_file_bytes = MaxFileBytes(settings.max_file_bytes);
-        let commands = Commands::new(store, FilePolicy { max_file_bytes }, freshness);
+        let commands = Arc::new(Commands::new(
+            store,
+            FilePolicy { max_file_bytes },
+            vec![freshness],
+        ));
+        // Only roles that talk to RabbitMQ connect to it: an API-only node keeps
+        // taking commands (they wait in the log) while the broker is down.
+        let needs_broker = [Role::Intake, Role::Relay, Role::Workers]
+            .into_iter()
+            .any(|role| settings.roles.contains(role));
+        let broker = if needs_broker {
+            let options = BrokerOptions {
+                connection_name: format!("dossier {}", settings.roles),
+                ..BrokerOptions::default()
+            };
+            Some(Broker::with_options(&settings.amqp_url, options).context("DOSSIER_AMQP_URL")?)
+        } else {
+            None
+        };
         let state = AppState::new(Inner {
             pool: pool.clone(),
             blobs,
@@ -108,6 +129,7 @@ impl Application {
             jwt_secret: settings.jwt_secret.expose_bytes().to_vec(),
             max_file_bytes,
             metrics,
+            broker: broker.clone(),
         });
         let listener = if settings.roles.contains(Role::Api) {
             let listener = TcpListener::bind(settings.http_addr)
@@ -121,6 +143,7 @@ impl Application {
             settings,
             pool,
             state,
+            broker,
             listener,
             projector,
             shutdown,
@@ -149,7 +172,9 @@ impl Application {
     ) -> anyhow::Result<()> {
         let Self {
             settings,
+            pool,
             state,
+            broker,
             listener,
             projector,
             shutdown,
@@ -181,6 +206,43 @@ impl Application {
                     .context("running the files projection");
                 ("projections", ran)
             });
+        }
+        if let Some(broker) = &broker {
+            if settings.roles.contains(Role::Intake) {
+                let intake = Intake::new(
+                    pool.clone(),
+                    state.blobs().clone(),
+                    state.commands_arc(),
+                    broker.clone(),
+                    settings.max_file_bytes,
+                    shutdown.subscribe(),
+                );
+                roles.spawn(async move {
+                    (
+                        "intake",
+                        intake.run().await.context("running the command intake"),
+                    )
+                });
+            }
+            if settings.roles.contains(Role::Relay) {
+                let (pool, broker, stopping) = (pool.clone(), broker.clone(), shutdown.subscribe());
+                roles.spawn(async move {
+                    let ran = dossier_workers::relay::run(pool, broker, stopping).await;
+                    ("relay", ran.context("relaying events to RabbitMQ"))
+                });
+            }
+            if settings.roles.contains(Role::Workers) {
+                let (pool, broker, blobs, stopping) = (
+                    pool.clone(),
+                    broker.clone(),
+                    state.blobs().clone(),
+                    shutdown.subscribe(),
+                );
+                roles.spawn(async move {
+                    let ran = dossier_workers::run_blob_worker(pool, broker, blobs, stopping).await;
+                    ("workers", ran.context("running the blob worker"))
+                });
+            }
         }
         tracing::info!(roles = %settings.roles, "dossier is running");
 
@@ -217,6 +279,9 @@ impl Application {
         }
         if let Some(follower) = follower {
             follower.abort();
+        }
+        if let Some(broker) = &broker {
+            broker.close().await;
         }
         tracing::info!("dossier stopped");
         outcome

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use dossier_domain::MaxFileBytes;
+use dossier_platform::amqp::Broker;
 use dossier_platform::blob::BlobStore;
 use dossier_platform::db::Pool;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -16,10 +17,12 @@ pub struct AppState(Arc<Inner>);
 pub struct Inner {
     pub pool: Pool,
     pub blobs: Arc<dyn BlobStore>,
-    pub commands: Commands,
+    pub commands: Arc<Commands>,
     pub jwt_secret: Vec<u8>,
     pub max_file_bytes: MaxFileBytes,
     pub metrics: PrometheusHandle,
+    /// The broker, when this process runs a role that talks to RabbitMQ (for /readyz).
+    pub broker: Option<Broker>,
 }
 
 impl AppState {
@@ -39,6 +42,11 @@ impl AppState {
         &self.0.commands
     }
 
+    /// The command path, shared with the AMQP intake.
+    pub fn commands_arc(&self) -> Arc<Commands> {
+        self.0.commands.clone()
+    }
+
     pub fn jwt_secret(&self) -> &[u8] {
         &self.0.jwt_secret
     }
@@ -49,5 +57,9 @@ impl AppState {
 
     pub fn metrics(&self) -> &PrometheusHandle {
         &self.0.metrics
+    }
+
+    pub fn broker(&self) -> Option<&Broker> {
+        self.0.broker.as_ref()
     }
 }

@@ -31,6 +31,11 @@ enum Command {
     },
     /// Apply the database migrations and exit.
     Migrate,
+    /// Blob store maintenance.
+    Blobs {
+        #[command(subcommand)]
+        command: BlobsCommand,
+    },
     /// Print a bearer token for calling the API.
     Token {
         #[arg(long)]
@@ -47,6 +52,13 @@ enum Command {
         #[arg(long, default_value = "1h")]
         ttl: String,
     },
+}
+
+#[derive(Subcommand)]
+enum BlobsCommand {
+    /// Re-hash every live file's blob against its recorded SHA-256 and report
+    /// mismatches and missing blobs (exit code 1 if any).
+    Verify,
 }
 
 #[tokio::main]
@@ -75,6 +87,20 @@ async fn main() -> anyhow::Result<()> {
             let pool = db::connect(&settings.database_url, 2).await?;
             db::migrate(&pool).await?;
             tracing::info!("migrations applied");
+            Ok(())
+        }
+        Command::Blobs {
+            command: BlobsCommand::Verify,
+        } => {
+            telemetry::init_tracing();
+            let pool = db::connect(&settings.database_url, 4).await?;
+            db::migrate(&pool).await?;
+            let blobs = dossier_api::startup::open_blob_store(&settings).await?;
+            let report = dossier_workers::verify_blobs(&pool, blobs.as_ref()).await?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            if !report.is_clean() {
+                std::process::exit(1);
+            }
             Ok(())
         }
         Command::Token {

@@ -54,6 +54,11 @@ pub const MIGRATIONS: &[Migration] = &[
         "files_read_model",
         include_str!("../migrations/0002_files_read_model.sql"),
     ),
+    Migration::new(
+        4,
+        "command_receipts",
+        include_str!("../migrations/0004_command_receipts.sql"),
+    ),
 ];
 
 /// Key of the advisory lock that serialises concurrent [`migrate`] runs on one

@@ -33,6 +33,7 @@ use uuid::Uuid;
 
 use crate::db::{Pool, pg_detail};
 use crate::log::{EVENT_COLUMNS, LogError, LoggedEvent};
+use crate::receipts;
 
 /// Metadata key of the tenant an event belongs to. Required.
 pub const META_TENANT: &str = "tenant";
@@ -44,6 +45,10 @@ pub const META_COMMAND_ID: &str = "command_id";
 pub const META_CORRELATION_ID: &str = "correlation_id";
 /// The actor recorded when the metadata names none.
 pub const DEFAULT_ACTOR: &str = "system";
+/// Metadata key of a command's idempotency key (an AMQP `message_id`): when
+/// present, the append also writes the command's receipt in the same
+/// transaction (see [`crate::receipts`]).
+pub const META_IDEMPOTENCY_KEY: &str = "idempotency_key";
 
 /// Buffer of the channels behind [`ReplayStream`]s.
 const STREAM_CHANNEL_SIZE: usize = 256;
@@ -90,6 +95,15 @@ pub enum EventStoreError {
         aggregate_type: String,
         /// The event type the payload should be tagged with.
         event_type: String,
+    },
+    /// The command's idempotency key was used before; nothing was written.
+    /// The caller answers with the receipt that stands ([`crate::receipts::find`]).
+    #[error("the command {key:?} of tenant {tenant} was already handled")]
+    DuplicateCommand {
+        /// The tenant.
+        tenant: String,
+        /// The idempotency key.
+        key: String,
     },
     /// A sequence number does not fit the table's BIGINT.
     #[error("sequence number {0} is out of range")]
@@ -312,6 +326,35 @@ impl PgEventStore {
                 row.try_get::<_, i64>(0)
                     .map_err(|e| database_error("reading the new position", e))?,
             );
+        }
+
+        // A command with an idempotency key leaves its receipt in the same
+        // transaction: the key then has its effect at most once, crashes included.
+        let first = &prepared[0];
+        let key = first
+            .event
+            .metadata
+            .get(META_IDEMPOTENCY_KEY)
+            .and_then(Value::as_str);
+        if let (Some(key), Some(position)) = (key, positions.last()) {
+            let receipt: [&(dyn ToSql + Sync); 5] = [
+                &first.tenant,
+                &key,
+                &first.event.aggregate_type,
+                &first.event.aggregate_id,
+                position,
+            ];
+            tx.execute(receipts::INSERT_ACCEPTED, &receipt)
+                .await
+                .map_err(|e| match e.as_db_error().and_then(|db| db.constraint()) {
+                    Some(receipts::PRIMARY_KEY) => PersistenceError::UnknownError(Box::new(
+                        EventStoreError::DuplicateCommand {
+                            tenant: first.tenant.clone(),
+                            key: key.to_owned(),
+                        },
+                    )),
+                    _ => database_error("recording the command receipt", e),
+                })?;
         }
 
         if let Some(delay) = commit_delay {

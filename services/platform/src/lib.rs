@@ -2,10 +2,12 @@
 //! configuration, the Postgres event store and log reader, the blob store,
 //! RabbitMQ, authentication and telemetry.
 
+pub mod amqp;
 pub mod auth;
 pub mod blob;
 pub mod config;
 pub mod db;
 pub mod eventstore;
 pub mod log;
+pub mod receipts;
 pub mod telemetry;

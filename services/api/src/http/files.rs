@@ -11,8 +11,8 @@ use axum::{Json, Router};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use dossier_domain::{
-    BlobKey, ContractId, CustomerId, DisplayName, FileCommand, FileError, FileId, Origin,
-    UploadFile, Visibility,
+    BlobKey, ContractId, CustomerId, DisplayName, FileCommand, FileId, Origin, UploadFile,
+    Visibility,
 };
 use dossier_projections::files::{self as read_model, Cursor, FileFilter, FileView, Page};
 use serde::{Deserialize, Serialize};
@@ -348,7 +348,7 @@ pub async fn delete_files(
     let mut last_position = 0;
     for raw in body.file_ids {
         let outcome = match FileId::parse(&raw) {
-            Err(_) => Err(CommandError::File(FileError::NotFound)),
+            Err(_) => Err(CommandError::Rejected(ApiError::NotFound)),
             Ok(id) => {
                 let command = FileCommand::Delete {
                     tenant: caller.tenant.clone(),
@@ -363,8 +363,8 @@ pub async fn delete_files(
                 last_position = last_position.max(accepted.position);
                 "deleted"
             }
-            Err(CommandError::File(FileError::NotFound)) => "not_found",
-            Err(CommandError::File(FileError::Protected)) => "protected",
+            Err(CommandError::Rejected(ApiError::NotFound)) => "not_found",
+            Err(CommandError::Rejected(ApiError::FileProtected)) => "protected",
             Err(other) => return Err(other.into()),
         };
         results.push(DeleteResult { id: raw, status });

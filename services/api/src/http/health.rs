@@ -48,11 +48,20 @@ pub async fn readyz(State(app): State<AppState>) -> impl IntoResponse {
             .map_err(|e| e.to_string())
     };
     let blobs = async { app.blobs().check().await.map_err(|e| e.to_string()) };
-    let (postgres, blobs) = tokio::join!(postgres, blobs);
-    let checks = vec![
+    let broker = async {
+        match app.broker() {
+            Some(broker) => Some(broker.check().await.map_err(|e| e.to_string())),
+            None => None,
+        }
+    };
+    let (postgres, blobs, broker) = tokio::join!(postgres, blobs, broker);
+    let mut checks = vec![
         Check::from_result("postgres", postgres),
         Check::from_result("blob_store", blobs),
     ];
+    if let Some(broker) = broker {
+        checks.push(Check::from_result("rabbitmq", broker));
+    }
     let ready = checks.iter().all(|c| c.ok);
     let status = if ready {
         StatusCode::OK

@@ -1,0 +1,773 @@
+//! The blob worker: a deleted file's bytes leave the blob store (CONTRACT.md rule
+//! 7), blobs that no event refers to are swept away, and stored blobs can be
+//! checked against their recorded SHA-256.
+//!
+//! # Purging deleted files
+//!
+//! The worker consumes `dossier.workers.blob` (`file.deleted` events). For each:
+//!
+//! 1. it parses the message as the contract's Event; a message that is not one is
+//!    rejected and so dead-lettered (`dossier.workers.blob.dead`), never retried;
+//! 2. it looks the event up **in the log** by its id and takes the tenant, file and
+//!    blob key from there, not from the message: whoever can publish to
+//!    `dossier.events` still cannot make it delete a blob the log does not name;
+//! 3. it removes the blob, retrying with capped backoff until the store says done
+//!    (an absent blob is done: removal is idempotent);
+//! 4. it records `FileCommand::RecordBlobPurged` on the file, retrying lost
+//!    optimistic-concurrency races. The aggregate records `BlobPurged` once; a
+//!    redelivered message records nothing;
+//! 5. only then does it ack. A crash anywhere before is a redelivery that repeats
+//!    the idempotent steps.
+//!
+//! # Orphans
+//!
+//! An upload streams to the store before its command is recorded; if recording
+//! fails, the blob stays with nothing pointing at it. [`sweep_orphans`] removes
+//! blobs older than a grace period whose file has neither a row in the `files`
+//! read model nor any event in the log (the log decides: a read model that lags or
+//! is being rebuilt cannot make a live blob look orphaned). Bundles
+//! (`<tenant>/_bundles/`) belong to the bundle expiry, and keys of any other shape
+//! are not the sweep's to judge; both are left alone. [`run`] sweeps periodically.
+//!
+//! # Verifying
+//!
+//! [`verify_blobs`] re-hashes every live file's blob, streaming, and reports
+//! mismatches, missing blobs and unreadable ones (`dossier blobs verify`).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use cqrs_es::persist::PersistedEventStore;
+use cqrs_es::{AggregateError, CqrsFramework};
+use dossier_domain::codec;
+use dossier_domain::{BlobKey, File, FileCommand, FileEvent, FilePolicy, TenantId};
+use dossier_platform::amqp::{
+    self, AmqpError, BLOB_QUEUE, Backoff, Broker, ConsumerOptions, Incoming, Outcome,
+    sleep_or_stop, stopped,
+};
+use dossier_platform::blob::{BlobError, BlobStore};
+use dossier_platform::db::Pool;
+use dossier_platform::eventstore::{self, PgEventStore};
+use dossier_platform::log::LoggedEvent;
+use futures::StreamExt as _;
+use serde::Serialize;
+use sha2::{Digest as _, Sha256};
+use tokio::sync::watch;
+use tracing::Instrument as _;
+use uuid::Uuid;
+
+use crate::PgError;
+
+/// The actor recorded on `BlobPurged` events.
+pub const ACTOR: &str = "blob-worker";
+
+/// The aggregate type of files in the log (`<File as Aggregate>::TYPE`).
+const FILE_AGGREGATE: &str = "file";
+
+/// Default age below which the sweep leaves a blob alone: an upload in progress has
+/// its blob stored before its event, and a slow one must not lose it.
+pub const DEFAULT_SWEEP_GRACE: Duration = Duration::from_secs(60 * 60);
+
+/// How many keys one sweep query checks at once.
+const SWEEP_CHUNK: usize = 1000;
+/// Files per page of [`verify_blobs`], and blobs hashed at once.
+const VERIFY_PAGE: i64 = 500;
+const VERIFY_CONCURRENCY: usize = 4;
+
+/// How the blob worker runs.
+#[derive(Debug, Clone)]
+pub struct BlobWorkerConfig {
+    /// Deliveries handled at once.
+    pub prefetch: u16,
+    /// Between retries of a blob removal or a Postgres failure.
+    pub retry: Backoff,
+    /// How long handlers may finish at shutdown before their messages are requeued.
+    pub drain_timeout: Duration,
+    /// Pause before the first orphan sweep after start-up.
+    pub first_sweep_after: Duration,
+    /// Pause between orphan sweeps.
+    pub sweep_interval: Duration,
+    /// Blobs younger than this are never swept.
+    pub sweep_grace: Duration,
+}
+
+impl Default for BlobWorkerConfig {
+    fn default() -> Self {
+        Self {
+            prefetch: 8,
+            retry: Backoff {
+                initial: Duration::from_millis(500),
+                max: Duration::from_secs(60),
+            },
+            drain_timeout: Duration::from_secs(30),
+            first_sweep_after: Duration::from_secs(60),
+            sweep_interval: Duration::from_secs(60 * 60),
+            sweep_grace: DEFAULT_SWEEP_GRACE,
+        }
+    }
+}
+
+/// Why the blob worker, a sweep or a verification stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum BlobWorkerError {
+    /// The broker configuration is unusable (an invalid URL). Transient broker
+    /// trouble is retried inside and never ends up here.
+    #[error("the blob worker cannot use RabbitMQ: {0}")]
+    Broker(#[source] AmqpError),
+    /// The blob store could not be listed or read.
+    #[error(transparent)]
+    Blob(#[from] BlobError),
+    /// Postgres failed.
+    #[error(transparent)]
+    Postgres(#[from] PgError),
+}
+
+/// Runs the blob worker until `shutdown` turns `true`: purges deleted files'
+/// blobs from [`BLOB_QUEUE`] and sweeps orphans every `sweep_interval`.
+#[tracing::instrument(name = "blob_worker", skip_all)]
+pub async fn run(
+    pool: Pool,
+    broker: Broker,
+    blobs: Arc<dyn BlobStore>,
+    config: BlobWorkerConfig,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), BlobWorkerError> {
+    let purger = Arc::new(Purger::new(
+        pool.clone(),
+        Arc::clone(&blobs),
+        config.retry,
+        shutdown.clone(),
+    ));
+    let options = ConsumerOptions {
+        prefetch: config.prefetch,
+        drain_timeout: config.drain_timeout,
+    };
+    let consuming = amqp::consume_with(
+        &broker,
+        BLOB_QUEUE,
+        options,
+        move |incoming| {
+            let purger = Arc::clone(&purger);
+            async move { purger.handle(incoming).await }
+        },
+        shutdown.clone(),
+    );
+    let sweeping = sweep_periodically(pool, blobs, config, shutdown);
+    tokio::pin!(consuming);
+    // The sweep only ends at shutdown; the consumer may end earlier with a
+    // permanent error, and then the worker stops (a sweep in progress is dropped:
+    // each removal is idempotent and the next sweep picks up the rest).
+    tokio::select! {
+        consumed = &mut consuming => consumed.map_err(BlobWorkerError::Broker),
+        () = sweeping => consuming.await.map_err(BlobWorkerError::Broker),
+    }
+}
+
+type FileFramework = CqrsFramework<File, PersistedEventStore<PgEventStore, File>>;
+
+/// Handles `file.deleted` deliveries.
+struct Purger {
+    pool: Pool,
+    blobs: Arc<dyn BlobStore>,
+    files: FileFramework,
+    retry: Backoff,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// What the log says about a deleted file.
+#[derive(Debug)]
+struct DeletedFile {
+    event_id: Uuid,
+    tenant: TenantId,
+    file_id: String,
+    blob_key: BlobKey,
+}
+
+impl Purger {
+    fn new(
+        pool: Pool,
+        blobs: Arc<dyn BlobStore>,
+        retry: Backoff,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        let files = CqrsFramework::new(
+            PersistedEventStore::new_event_store(PgEventStore::new(pool.clone())),
+            vec![],
+            FilePolicy::default(),
+        );
+        Self {
+            pool,
+            blobs,
+            files,
+            retry,
+            shutdown,
+        }
+    }
+
+    /// One delivery: see the module docs.
+    async fn handle(&self, incoming: Incoming) -> Outcome {
+        let event: LoggedEvent = match serde_json::from_slice(&incoming.body) {
+            Ok(event) => event,
+            Err(error) => {
+                metrics::counter!("dossier_worker_failures_total", "worker" => "blob", "reason" => "unparseable")
+                    .increment(1);
+                tracing::warn!(
+                    error = %error,
+                    "a message on the blob queue is not an Event; dead-lettering it"
+                );
+                return Outcome::Reject;
+            }
+        };
+        if event.aggregate_type != FILE_AGGREGATE || event.event_type != FileEvent::DELETED {
+            // Not ours (someone bound more keys to the queue): nothing to do.
+            tracing::debug!(event_type = %event.event_type, "ignoring an event that is not a FileDeleted");
+            return Outcome::Ack;
+        }
+        let span = tracing::info_span!(
+            "purge",
+            event_id = %event.id,
+            tenant = %event.tenant,
+            file_id = %event.aggregate_id,
+        );
+        self.purge(event.id).instrument(span).await
+    }
+
+    async fn purge(&self, event_id: Uuid) -> Outcome {
+        let Some(found) = self
+            .until_done("log", "reading the FileDeleted event from the log", || {
+                lookup_deleted(&self.pool, event_id)
+            })
+            .await
+        else {
+            return Outcome::Retry;
+        };
+        let deleted = match found {
+            Ok(deleted) => deleted,
+            Err(reason) => {
+                metrics::counter!("dossier_worker_failures_total", "worker" => "blob", "reason" => "not_in_log")
+                    .increment(1);
+                tracing::warn!(
+                    reason,
+                    "the message does not match the log; dead-lettering it"
+                );
+                return Outcome::Reject;
+            }
+        };
+
+        let removed = self
+            .until_done("blob_delete", "removing the blob of a deleted file", || {
+                self.blobs.delete(&deleted.blob_key)
+            })
+            .await;
+        if removed.is_none() {
+            return Outcome::Retry;
+        }
+        self.record_purged(&deleted).await
+    }
+
+    /// Records `RecordBlobPurged`; the aggregate makes it a no-op the second time.
+    async fn record_purged(&self, deleted: &DeletedFile) -> Outcome {
+        let metadata = std::collections::HashMap::from([
+            (
+                eventstore::META_TENANT.to_owned(),
+                deleted.tenant.to_string(),
+            ),
+            (eventstore::META_ACTOR.to_owned(), ACTOR.to_owned()),
+            (
+                eventstore::META_COMMAND_ID.to_owned(),
+                format!("blob-purge:{}", deleted.event_id),
+            ),
+            (
+                eventstore::META_CORRELATION_ID.to_owned(),
+                deleted.event_id.to_string(),
+            ),
+        ]);
+        let mut stopping = self.shutdown.clone();
+        let mut failures = 0u32;
+        let mut conflicts = 0u32;
+        loop {
+            let command = FileCommand::RecordBlobPurged {
+                tenant: deleted.tenant.clone(),
+            };
+            let error = match self
+                .files
+                .execute_with_metadata(&deleted.file_id, command, metadata.clone())
+                .await
+            {
+                Ok(()) => {
+                    metrics::counter!("dossier_blob_purges_total").increment(1);
+                    tracing::info!(blob_key = %deleted.blob_key, "blob of a deleted file removed and recorded");
+                    return Outcome::Ack;
+                }
+                Err(AggregateError::AggregateConflict) => {
+                    // Someone appended to this file meanwhile (a second delivery of
+                    // the same message, usually): load it again and decide again.
+                    conflicts = conflicts.saturating_add(1);
+                    let pause = Backoff {
+                        initial: Duration::from_millis(5),
+                        max: Duration::from_millis(200),
+                    }
+                    .delay(conflicts.min(6));
+                    if sleep_or_stop(pause, &mut stopping).await {
+                        return Outcome::Retry;
+                    }
+                    continue;
+                }
+                Err(AggregateError::UserError(error)) => {
+                    metrics::counter!("dossier_worker_failures_total", "worker" => "blob", "reason" => "refused")
+                        .increment(1);
+                    tracing::error!(
+                        error = %error,
+                        "the file refuses the purge record although the log says it was deleted; \
+                         the blob is gone, dead-lettering the message for an operator"
+                    );
+                    return Outcome::Reject;
+                }
+                Err(AggregateError::DeserializationError(error)) => {
+                    metrics::counter!("dossier_worker_failures_total", "worker" => "blob", "reason" => "undecodable")
+                        .increment(1);
+                    tracing::error!(
+                        error = %error,
+                        "the file's stored events cannot be read; dead-lettering the message for an operator"
+                    );
+                    return Outcome::Reject;
+                }
+                Err(AggregateError::DatabaseConnectionError(error))
+                | Err(AggregateError::UnexpectedError(error)) => error.to_string(),
+            };
+            let delay = self.retry.delay(failures);
+            failures = failures.saturating_add(1);
+            metrics::counter!("dossier_worker_failures_total", "worker" => "blob", "reason" => "record")
+                .increment(1);
+            tracing::warn!(
+                error,
+                retry_in_ms = delay.as_millis() as u64,
+                "could not record the purge; retrying (the blob is already gone)"
+            );
+            if sleep_or_stop(delay, &mut stopping).await {
+                return Outcome::Retry;
+            }
+        }
+    }
+
+    /// Runs `attempt` until it succeeds, waiting the backoff between failures;
+    /// `None` when shutdown comes first (the message then goes back to the queue).
+    async fn until_done<T, E, F, Fut>(
+        &self,
+        reason: &'static str,
+        doing: &'static str,
+        mut attempt: F,
+    ) -> Option<T>
+    where
+        E: std::fmt::Display,
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let mut stopping = self.shutdown.clone();
+        let mut failures = 0u32;
+        loop {
+            match attempt().await {
+                Ok(value) => return Some(value),
+                Err(error) => {
+                    let delay = self.retry.delay(failures);
+                    failures = failures.saturating_add(1);
+                    metrics::counter!("dossier_worker_failures_total", "worker" => "blob", "reason" => reason)
+                        .increment(1);
+                    tracing::warn!(
+                        error = %error,
+                        attempt = failures,
+                        retry_in_ms = delay.as_millis() as u64,
+                        "{doing} failed; retrying until it works"
+                    );
+                    if sleep_or_stop(delay, &mut stopping).await {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The FileDeleted event `event_id` as the log has it. The outer error is
+/// transient (Postgres); the inner one says why the log does not back the message.
+async fn lookup_deleted(
+    pool: &Pool,
+    event_id: Uuid,
+) -> Result<Result<DeletedFile, String>, PgError> {
+    let client = pool.get().await?;
+    let row = client
+        .query_opt(
+            "SELECT tenant, aggregate_type, aggregate_id, event_type, event_version, payload \
+             FROM events WHERE id = $1",
+            &[&event_id],
+        )
+        .await?;
+    let Some(row) = row else {
+        return Ok(Err(format!("no event {event_id} in the log")));
+    };
+    let tenant: String = row.try_get("tenant")?;
+    let aggregate_type: String = row.try_get("aggregate_type")?;
+    let aggregate_id: String = row.try_get("aggregate_id")?;
+    let event_type: String = row.try_get("event_type")?;
+    let event_version: String = row.try_get("event_version")?;
+    let payload: serde_json::Value = row.try_get("payload")?;
+    if aggregate_type != FILE_AGGREGATE || event_type != FileEvent::DELETED {
+        return Ok(Err(format!(
+            "event {event_id} is a {aggregate_type} {event_type} in the log, not a file FileDeleted"
+        )));
+    }
+    let blob_key = match codec::decode::<FileEvent>(&event_type, &event_version, &payload) {
+        Ok(FileEvent::FileDeleted { blob_key, .. }) => blob_key,
+        Ok(_) => return Ok(Err(format!("event {event_id} decodes to another event"))),
+        Err(error) => return Ok(Err(error.to_string())),
+    };
+    let tenant = match TenantId::parse(&tenant) {
+        Ok(tenant) => tenant,
+        Err(error) => return Ok(Err(format!("the tenant of event {event_id}: {error}"))),
+    };
+    Ok(Ok(DeletedFile {
+        event_id,
+        tenant,
+        file_id: aggregate_id,
+        blob_key,
+    }))
+}
+
+async fn sweep_periodically(
+    pool: Pool,
+    blobs: Arc<dyn BlobStore>,
+    config: BlobWorkerConfig,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut pause = config.first_sweep_after;
+    loop {
+        if sleep_or_stop(pause, &mut shutdown).await {
+            return;
+        }
+        pause = config.sweep_interval;
+        let sweep = tokio::select! {
+            sweep = sweep_orphans(&pool, blobs.as_ref(), config.sweep_grace) => sweep,
+            () = stopped(&mut shutdown) => return,
+        };
+        match sweep {
+            Ok(report) if !report.removed.is_empty() || !report.failed.is_empty() => {
+                tracing::info!(
+                    removed = report.removed.len(),
+                    failed = report.failed.len(),
+                    listed = report.listed,
+                    "orphan sweep removed blobs no event refers to"
+                );
+            }
+            Ok(report) => tracing::debug!(
+                listed = report.listed,
+                "orphan sweep found nothing to remove"
+            ),
+            Err(error) => {
+                metrics::counter!("dossier_worker_failures_total", "worker" => "blob", "reason" => "sweep")
+                    .increment(1);
+                tracing::warn!(error = %error, "orphan sweep failed; the next one tries again");
+            }
+        }
+    }
+}
+
+/// What one orphan sweep saw and did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct SweepReport {
+    /// Blobs in the store.
+    pub listed: usize,
+    /// Keys removed.
+    pub removed: Vec<String>,
+    /// Keys whose removal failed (the reason is in the log); the next sweep retries.
+    pub failed: Vec<String>,
+    /// Blobs kept because a file row or an event refers to them.
+    pub referenced: usize,
+    /// Blobs kept because they are younger than the grace period (or the store
+    /// does not say how old they are).
+    pub fresh: usize,
+    /// Bundle archives, left to the bundle expiry.
+    pub bundles: usize,
+    /// Keys that are not `{tenant}/{customer}/{file_id}`: not the sweep's to judge.
+    pub unknown: usize,
+}
+
+/// What a key in the blob store is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KeyKind {
+    /// `{tenant}/{customer}/{file_id}`.
+    File(Uuid),
+    /// `{tenant}/_bundles/...`.
+    Bundle,
+    Unknown,
+}
+
+fn classify(key: &str) -> KeyKind {
+    let segments: Vec<&str> = key.split('/').collect();
+    match segments.as_slice() {
+        [tenant, "_bundles", ..] if !tenant.is_empty() => KeyKind::Bundle,
+        [tenant, customer, id] if !tenant.is_empty() && !customer.is_empty() => {
+            // Only the exact form BlobKey::for_file writes; anything else is not ours.
+            match Uuid::parse_str(id) {
+                Ok(file_id) if file_id.to_string() == *id => KeyKind::File(file_id),
+                _ => KeyKind::Unknown,
+            }
+        }
+        _ => KeyKind::Unknown,
+    }
+}
+
+/// Removes blobs older than `grace` that no file refers to (see the module docs).
+#[tracing::instrument(skip_all, fields(store = %blobs.describe()))]
+pub async fn sweep_orphans(
+    pool: &Pool,
+    blobs: &dyn BlobStore,
+    grace: Duration,
+) -> Result<SweepReport, BlobWorkerError> {
+    let listing = blobs.list("").await?;
+    let now = SystemTime::now();
+    let mut report = SweepReport {
+        listed: listing.len(),
+        ..SweepReport::default()
+    };
+    let mut candidates: Vec<(String, Uuid)> = Vec::new();
+    for blob in listing {
+        let file_id = match classify(&blob.key) {
+            KeyKind::Bundle => {
+                report.bundles += 1;
+                continue;
+            }
+            KeyKind::Unknown => {
+                report.unknown += 1;
+                continue;
+            }
+            KeyKind::File(file_id) => file_id,
+        };
+        let old_enough = blob
+            .last_modified
+            .and_then(|modified| now.duration_since(modified).ok())
+            .is_some_and(|age| age >= grace);
+        if !old_enough {
+            report.fresh += 1;
+            continue;
+        }
+        candidates.push((blob.key, file_id));
+    }
+
+    let client = pool.get().await.map_err(PgError::from)?;
+    let statement = client
+        .prepare(
+            "SELECT k.id FROM unnest($1::text[]) AS k(id) \
+             WHERE EXISTS (SELECT 1 FROM files f WHERE f.id = k.id::uuid) \
+                OR EXISTS (SELECT 1 FROM events e \
+                           WHERE e.aggregate_type = 'file' AND e.aggregate_id = k.id)",
+        )
+        .await
+        .map_err(PgError::from)?;
+    let mut orphans = Vec::new();
+    for chunk in candidates.chunks(SWEEP_CHUNK) {
+        let ids: Vec<String> = chunk.iter().map(|(_, id)| id.to_string()).collect();
+        let referenced: HashSet<String> = client
+            .query(&statement, &[&ids])
+            .await
+            .map_err(PgError::from)?
+            .iter()
+            .map(|row| row.try_get::<_, String>(0))
+            .collect::<Result<_, _>>()
+            .map_err(PgError::from)?;
+        for (key, id) in chunk {
+            if referenced.contains(&id.to_string()) {
+                report.referenced += 1;
+            } else {
+                orphans.push(key.clone());
+            }
+        }
+    }
+    drop(client);
+
+    for key in orphans {
+        match blobs.delete(&BlobKey::from_recorded(key.clone())).await {
+            Ok(()) => {
+                tracing::info!(blob_key = %key, "removed an orphaned blob no event refers to");
+                report.removed.push(key);
+            }
+            Err(error) => {
+                tracing::warn!(blob_key = %key, error = %error, "could not remove an orphaned blob");
+                report.failed.push(key);
+            }
+        }
+    }
+    metrics::counter!("dossier_blob_orphans_removed_total").increment(report.removed.len() as u64);
+    Ok(report)
+}
+
+/// A live file whose blob does not match what the log recorded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BlobProblem {
+    /// The file.
+    pub file_id: Uuid,
+    /// Its tenant.
+    pub tenant: String,
+    /// Where its bytes should be.
+    pub blob_key: String,
+    /// The SHA-256 recorded at upload.
+    pub expected_sha256: String,
+    /// The size recorded at upload.
+    pub expected_size: u64,
+    /// The SHA-256 of what is stored, when it could be read.
+    pub actual_sha256: Option<String>,
+    /// The size of what is stored, when it could be read.
+    pub actual_size: Option<u64>,
+    /// Why it could not be read, for unreadable blobs.
+    pub detail: Option<String>,
+}
+
+/// What [`verify_blobs`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct VerifyReport {
+    /// Live files checked.
+    pub checked: u64,
+    /// Files whose blob has the recorded hash and size.
+    pub ok: u64,
+    /// Blobs whose hash or size differs from the record.
+    pub mismatched: Vec<BlobProblem>,
+    /// Files without a blob.
+    pub missing: Vec<BlobProblem>,
+    /// Blobs that could not be read (the store failed): unknown, check again.
+    pub unreadable: Vec<BlobProblem>,
+}
+
+impl VerifyReport {
+    /// Whether every blob matched.
+    pub fn is_clean(&self) -> bool {
+        self.mismatched.is_empty() && self.missing.is_empty() && self.unreadable.is_empty()
+    }
+}
+
+/// One row of the `files` read model, as far as verification needs it.
+struct LiveFile {
+    id: Uuid,
+    tenant: String,
+    blob_key: String,
+    sha256: String,
+    size: i64,
+}
+
+/// Re-hashes every live file's blob (streaming, a few at a time) and compares it
+/// with the recorded SHA-256 and size.
+#[tracing::instrument(skip_all, fields(store = %blobs.describe()))]
+pub async fn verify_blobs(
+    pool: &Pool,
+    blobs: &dyn BlobStore,
+) -> Result<VerifyReport, BlobWorkerError> {
+    let mut report = VerifyReport::default();
+    let mut after = Uuid::nil();
+    loop {
+        let page = files_page(pool, after).await?;
+        let Some(last) = page.last() else {
+            break;
+        };
+        after = last.id;
+        let checks = futures::stream::iter(page)
+            .map(|file| async move {
+                let rehashed = rehash(blobs, &BlobKey::from_recorded(file.blob_key.clone())).await;
+                (file, rehashed)
+            })
+            .buffer_unordered(VERIFY_CONCURRENCY)
+            .collect::<Vec<_>>()
+            .await;
+        for (file, rehashed) in checks {
+            report.checked += 1;
+            let mut problem = BlobProblem {
+                file_id: file.id,
+                tenant: file.tenant,
+                blob_key: file.blob_key,
+                expected_sha256: file.sha256,
+                expected_size: u64::try_from(file.size).unwrap_or_default(),
+                actual_sha256: None,
+                actual_size: None,
+                detail: None,
+            };
+            match rehashed {
+                Ok((sha256, size)) => {
+                    if sha256 == problem.expected_sha256 && size == problem.expected_size {
+                        report.ok += 1;
+                        continue;
+                    }
+                    problem.actual_sha256 = Some(sha256);
+                    problem.actual_size = Some(size);
+                    tracing::warn!(file_id = %problem.file_id, blob_key = %problem.blob_key, "blob does not match its recorded SHA-256 or size");
+                    report.mismatched.push(problem);
+                }
+                Err(BlobError::NotFound) => {
+                    tracing::warn!(file_id = %problem.file_id, blob_key = %problem.blob_key, "a live file's blob is missing");
+                    report.missing.push(problem);
+                }
+                Err(error) => {
+                    problem.detail = Some(error.to_string());
+                    report.unreadable.push(problem);
+                }
+            }
+        }
+    }
+    Ok(report)
+}
+
+async fn files_page(pool: &Pool, after: Uuid) -> Result<Vec<LiveFile>, PgError> {
+    let client = pool.get().await?;
+    let rows = client
+        .query(
+            "SELECT id, tenant, blob_key, sha256, size FROM files WHERE id > $1 ORDER BY id LIMIT $2",
+            &[&after, &VERIFY_PAGE],
+        )
+        .await?;
+    rows.iter()
+        .map(|row| {
+            Ok(LiveFile {
+                id: row.try_get("id")?,
+                tenant: row.try_get("tenant")?,
+                blob_key: row.try_get("blob_key")?,
+                sha256: row.try_get("sha256")?,
+                size: row.try_get("size")?,
+            })
+        })
+        .collect::<Result<_, tokio_postgres::Error>>()
+        .map_err(PgError::from)
+}
+
+/// SHA-256 (lower-case hex) and size of a stored blob, read as a stream.
+async fn rehash(blobs: &dyn BlobStore, key: &BlobKey) -> Result<(String, u64), BlobError> {
+    let object = blobs.get(key).await?;
+    let mut body = object.body;
+    let mut hasher = Sha256::new();
+    let mut size = 0u64;
+    while let Some(chunk) = body.next().await {
+        let chunk =
+            chunk.map_err(|error| BlobError::Backend(format!("reading blob {key}: {error}")))?;
+        hasher.update(&chunk);
+        size = size.saturating_add(chunk.len() as u64);
+    }
+    Ok((hex::encode(hasher.finalize()), size))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_classified_by_shape() {
+        let id = Uuid::now_v7();
+        assert_eq!(classify(&format!("acme/cust-1/{id}")), KeyKind::File(id));
+        assert_eq!(
+            classify(&format!("acme/_bundles/{id}.zip")),
+            KeyKind::Bundle
+        );
+        assert_eq!(classify("acme/cust-1/not-a-uuid"), KeyKind::Unknown);
+        assert_eq!(
+            classify(&format!("acme/cust-1/{}", id.simple())),
+            KeyKind::Unknown
+        );
+        assert_eq!(classify(&format!("acme/{id}")), KeyKind::Unknown);
+        assert_eq!(classify(&format!("a/b/c/{id}")), KeyKind::Unknown);
+    }
+}
