@@ -6,11 +6,15 @@
 //! or S3.
 
 pub mod codec;
+pub mod download;
 pub mod file;
 pub mod naming;
 pub mod types;
 pub mod upcast;
 
+pub use download::{
+    Download, DownloadChannel, DownloadError, DownloadEvent, DownloadedFile, RecordDownload,
+};
 pub use file::{File, FileCommand, FileError, FileEvent, FilePolicy, FileRecord, UploadFile};
 pub use types::{
     Actor, BlobKey, ContentType, ContractId, CustomerId, DisplayName, FileId, FileName,

@@ -173,8 +173,10 @@ impl Commands {
     }
 
     /// Runs `command` through cqrs-es (event-store mode on our log), retrying a
-    /// lost optimistic-concurrency race a bounded number of times.
-    async fn execute<A>(
+    /// lost optimistic-concurrency race a bounded number of times. Does not
+    /// wait for the read models: for facts no read model answer depends on
+    /// (downloads), and for callers that wait once for many commands.
+    pub async fn execute<A>(
         &self,
         ctx: &CommandContext,
         aggregate_id: &str,

@@ -136,6 +136,12 @@ impl From<FileError> for ApiError {
     }
 }
 
+impl From<dossier_domain::DownloadError> for ApiError {
+    fn from(error: dossier_domain::DownloadError) -> Self {
+        Self::Internal(error.to_string())
+    }
+}
+
 impl From<CommandError> for ApiError {
     fn from(error: CommandError) -> Self {
         match error {

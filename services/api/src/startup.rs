@@ -8,6 +8,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +20,9 @@ use dossier_platform::config::{BlobStoreLocation, Role, Settings};
 use dossier_platform::db::{self, Pool};
 use dossier_platform::eventstore::PgEventStore;
 use dossier_platform::telemetry;
-use dossier_projections::{FilesProjection, FollowerConfig, Freshness, Runner, RunnerConfig};
+use dossier_projections::{
+    FilesProjection, FollowerConfig, Freshness, Projection, Runner, RunnerConfig,
+};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -54,6 +57,60 @@ pub async fn open_blob_store(settings: &Settings) -> anyhow::Result<Arc<dyn Blob
         .with_context(|| format!("opening the blob store {}", settings.blob_store))
 }
 
+type RoleFuture = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
+
+/// Every read model of this process: the runners to spawn (projections role)
+/// or the followers of their checkpoints (other roles), and what
+/// read-your-writes waits on.
+struct ReadModels {
+    freshness: Vec<Freshness>,
+    runners: Vec<Box<dyn FnOnce(watch::Receiver<bool>) -> RoleFuture + Send>>,
+    followers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl ReadModels {
+    fn new() -> Self {
+        Self {
+            freshness: Vec::new(),
+            runners: Vec::new(),
+            followers: Vec::new(),
+        }
+    }
+
+    /// Adds one projection: a runner when this process runs projections,
+    /// otherwise a follower of its checkpoint for read-your-writes.
+    fn add<P: Projection>(
+        &mut self,
+        pool: &Pool,
+        projection: P,
+        run_here: bool,
+        shutdown: &watch::Sender<bool>,
+    ) {
+        if run_here {
+            let runner = Runner::new(pool.clone(), projection, RunnerConfig::default());
+            self.freshness.push(runner.freshness());
+            self.runners.push(Box::new(move |stopping| {
+                Box::pin(async move {
+                    let name = runner.name();
+                    runner
+                        .run(stopping)
+                        .await
+                        .with_context(|| format!("running the {name} projection"))
+                })
+            }));
+        } else {
+            let (freshness, task) = Freshness::follow(
+                pool.clone(),
+                projection.name(),
+                FollowerConfig::default(),
+                shutdown.subscribe(),
+            );
+            self.freshness.push(freshness);
+            self.followers.push(task);
+        }
+    }
+}
+
 /// One process of Dossier, built and ready to run.
 pub struct Application {
     settings: Settings,
@@ -61,9 +118,9 @@ pub struct Application {
     state: AppState,
     broker: Option<Broker>,
     listener: Option<TcpListener>,
-    projector: Option<Runner<FilesProjection>>,
+    projectors: Vec<Box<dyn FnOnce(watch::Receiver<bool>) -> RoleFuture + Send>>,
     shutdown: watch::Sender<bool>,
-    follower: Option<tokio::task::JoinHandle<()>>,
+    followers: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Application {
@@ -87,26 +144,17 @@ impl Application {
         let metrics = telemetry::install_metrics();
         let (shutdown, _) = watch::channel(false);
 
-        let (projector, freshness, follower) = if settings.roles.contains(Role::Projections) {
-            let runner = Runner::new(pool.clone(), FilesProjection, RunnerConfig::default());
-            let freshness = runner.freshness();
-            (Some(runner), freshness, None)
-        } else {
-            let (freshness, task) = Freshness::follow(
-                pool.clone(),
-                FilesProjection::NAME,
-                FollowerConfig::default(),
-                shutdown.subscribe(),
-            );
-            (None, freshness, Some(task))
-        };
+        // Every read model; a new one is one line here.
+        let run_here = settings.roles.contains(Role::Projections);
+        let mut read_models = ReadModels::new();
+        read_models.add(&pool, FilesProjection, run_here, &shutdown);
 
         let store = PgEventStore::new(pool.clone());
         let max_file_bytes = MaxFileBytes(settings.max_file_bytes);
         let commands = Arc::new(Commands::new(
             store,
             FilePolicy { max_file_bytes },
-            vec![freshness],
+            read_models.freshness,
         ));
         // Only roles that talk to RabbitMQ connect to it: an API-only node keeps
         // taking commands (they wait in the log) while the broker is down.
@@ -145,9 +193,9 @@ impl Application {
             state,
             broker,
             listener,
-            projector,
+            projectors: read_models.runners,
             shutdown,
-            follower,
+            followers: read_models.followers,
         })
     }
 
@@ -176,9 +224,9 @@ impl Application {
             state,
             broker,
             listener,
-            projector,
+            projectors,
             shutdown,
-            follower,
+            followers,
             ..
         } = self;
         let mut roles: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
@@ -197,15 +245,9 @@ impl Application {
                 ("api", served)
             });
         }
-        if let Some(runner) = projector {
-            let stopping = shutdown.subscribe();
-            roles.spawn(async move {
-                let ran = runner
-                    .run(stopping)
-                    .await
-                    .context("running the files projection");
-                ("projections", ran)
-            });
+        for projector in projectors {
+            let run = projector(shutdown.subscribe());
+            roles.spawn(async move { ("projections", run.await) });
         }
         if let Some(broker) = &broker {
             if settings.roles.contains(Role::Intake) {
@@ -277,7 +319,7 @@ impl Application {
             tracing::warn!("some roles did not finish within {SHUTDOWN_GRACE:?}; stopping them");
             roles.abort_all();
         }
-        if let Some(follower) = follower {
+        for follower in followers {
             follower.abort();
         }
         if let Some(broker) = &broker {

@@ -11,8 +11,8 @@ use axum::{Json, Router};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use dossier_domain::{
-    BlobKey, ContractId, CustomerId, DisplayName, FileCommand, FileId, Origin, UploadFile,
-    Visibility,
+    BlobKey, ContractId, CustomerId, DisplayName, DownloadChannel, FileCommand, FileId, Origin,
+    UploadFile, Visibility,
 };
 use dossier_projections::files::{self as read_model, Cursor, FileFilter, FileView, Page};
 use serde::{Deserialize, Serialize};
@@ -214,7 +214,7 @@ pub async fn file_content(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let view = visible_file(&app, &caller.tenant, file_id(&id)?).await?;
-    download::respond(&app, &view).await
+    download::respond(&app, &caller.context(), DownloadChannel::Staff, &view).await
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]

@@ -6,7 +6,7 @@ use axum::response::Response;
 use axum::routing::get;
 use axum::{Json, Router};
 use chrono::Utc;
-use dossier_domain::{FileCommand, Visibility};
+use dossier_domain::{DownloadChannel, FileCommand, Visibility};
 use dossier_projections::files::{self as read_model, FileFilter, FileView};
 use serde::Serialize;
 
@@ -90,5 +90,11 @@ pub async fn portal_file_content(
             .file(&customer.caller.context(), id, command)
             .await?;
     }
-    download::respond(&app, &file).await
+    download::respond(
+        &app,
+        &customer.caller.context(),
+        DownloadChannel::Portal,
+        &file,
+    )
+    .await
 }
