@@ -169,8 +169,14 @@ impl DomainEvent for FileEvent {
         .to_owned()
     }
 
+    /// `FileUploaded` is at version 2 (it always states `contract_id` and
+    /// `task_id`); older versions are lifted by `crate::upcast`. Everything else is 1.
     fn event_version(&self) -> String {
-        "1".to_owned()
+        match self {
+            Self::FileUploaded { .. } => crate::upcast::FILE_UPLOADED_VERSION,
+            _ => "1",
+        }
+        .to_owned()
     }
 }
 

@@ -28,7 +28,7 @@ use tokio_postgres::types::{ToSql, Type};
 use uuid::Uuid;
 
 pub use cursor::{Cursor, CursorError};
-pub use query::{FileFilter, FileView, Page, QueryError, get, get_many, list};
+pub use query::{FileFilter, FileView, Page, QueryError, by_tasks, get, get_many, list};
 
 use crate::error::ProjectionError;
 use crate::projection::Projection;

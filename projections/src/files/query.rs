@@ -213,6 +213,29 @@ pub async fn get_many(
     Ok(wanted.iter().filter_map(|id| found.remove(id)).collect())
 }
 
+/// The live files attached to any of `task_ids` (of `tenant`), oldest first:
+/// a task's attachments in the portal.
+pub async fn by_tasks(
+    pool: &Pool,
+    tenant: &TenantId,
+    task_ids: &[Uuid],
+) -> Result<Vec<FileView>, QueryError> {
+    if task_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let client = pool.get().await?;
+    let statement = client
+        .prepare_cached(&format!(
+            "SELECT {COLUMNS} FROM files WHERE tenant = $1 AND task_id = ANY($2::uuid[]) \
+             ORDER BY created_at, id"
+        ))
+        .await?;
+    let rows = client
+        .query(&statement, &[&tenant.as_str(), &task_ids])
+        .await?;
+    rows.iter().map(from_row).collect()
+}
+
 /// The list query. The WHERE clause is written so that one plan serves every
 /// combination of filters and uses `files_customer_newest_first` for all of
 /// `(tenant, customer_id)`, the created range and the cursor as index bounds:

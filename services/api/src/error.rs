@@ -142,6 +142,23 @@ impl From<dossier_domain::DownloadError> for ApiError {
     }
 }
 
+impl From<dossier_domain::TaskError> for ApiError {
+    fn from(error: dossier_domain::TaskError) -> Self {
+        use dossier_domain::TaskError;
+        match error {
+            TaskError::NotFound => Self::NotFound,
+            TaskError::AlreadyExists => Self::Conflict,
+            TaskError::EmptyMessage => Self::validation("text", "a message needs text or a file"),
+        }
+    }
+}
+
+impl From<dossier_domain::SettingsError> for ApiError {
+    fn from(error: dossier_domain::SettingsError) -> Self {
+        Self::Internal(error.to_string())
+    }
+}
+
 impl From<CommandError> for ApiError {
     fn from(error: CommandError) -> Self {
         match error {

@@ -14,9 +14,10 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
+use cqrs_es::Aggregate;
 use dossier_domain::{
-    Actor, BlobKey, ContentType, ContractId, CustomerId, DisplayName, FileCommand, FileId,
-    FileName, Origin, TenantId, UploadFile, Visibility,
+    Actor, BlobKey, ContentType, ContractId, CustomerId, DisplayName, File, FileCommand, FileId,
+    FileName, Origin, Task, TaskCommand, TaskTitle, TenantId, UploadFile, Visibility,
 };
 use dossier_platform::amqp::{
     self, Broker, COMMANDS_DEAD_QUEUE, ConfirmedPublisher, DEAD_LETTER_EXCHANGE, INTAKE_QUEUE,
@@ -30,6 +31,7 @@ use lapin::types::{AMQPValue, LongString, ShortString};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{Mutex, watch};
+use uuid::Uuid;
 
 use crate::commands::{CommandContext, CommandError, Commands};
 use crate::error::ApiError;
@@ -199,6 +201,18 @@ impl Intake {
                 };
                 self.file_command(&ctx, &body.file_id, command).await
             }
+            "task.create" => {
+                let body: CreateTask = parse!(json_body(&message.body)?);
+                let command = TaskCommand::Create {
+                    tenant: ctx.tenant.clone(),
+                    customer_id: parse!(CustomerId::parse(&body.customer_id)),
+                    title: parse!(TaskTitle::parse(&body.title)),
+                    at: Utc::now(),
+                };
+                let task_id = Uuid::now_v7().to_string();
+                let outcome = self.commands.run::<Task>(&ctx, &task_id, command, ()).await;
+                Ran::from_command(Task::TYPE, task_id, outcome)
+            }
             other => return Err(Failure::Poison(Poison::UnknownCommand(other.to_owned()))),
         };
         self.settle(envelope, ran).await
@@ -250,7 +264,7 @@ impl Intake {
                 tracing::warn!(%key, %error, "could not remove the blob of a refused upload; the orphan sweep will");
             }
         }
-        Ok(Ran::from_command(file_id, outcome))
+        Ok(Ran::from_command(File::TYPE, file_id.to_string(), outcome))
     }
 
     async fn file_command(&self, ctx: &CommandContext, raw_id: &str, command: FileCommand) -> Ran {
@@ -258,7 +272,8 @@ impl Intake {
         let Ok(file_id) = FileId::parse(raw_id) else {
             return Ran::Refused(ApiError::NotFound);
         };
-        Ran::from_command(file_id, self.commands.file(ctx, file_id, command).await)
+        let outcome = self.commands.file(ctx, file_id, command).await;
+        Ran::from_command(File::TYPE, file_id.to_string(), outcome)
     }
 
     /// Turns what a command did into the receipt that stands.
@@ -266,9 +281,13 @@ impl Intake {
         let receipt = match ran {
             // With events, the receipt is already there (written in the same
             // transaction); a command that changed nothing gets one now.
-            Ran::Accepted { file_id, position } => Receipt::Accepted {
-                aggregate_type: "file".to_owned(),
-                aggregate_id: file_id.to_string(),
+            Ran::Accepted {
+                aggregate_type,
+                aggregate_id,
+                position,
+            } => Receipt::Accepted {
+                aggregate_type: aggregate_type.to_owned(),
+                aggregate_id,
                 position,
             },
             // A concurrent delivery of the same message won: its receipt stands.
@@ -402,19 +421,25 @@ fn receipt_status(receipt: &Receipt) -> &'static str {
 
 /// What running a command came to, before its receipt.
 enum Ran {
-    Accepted { file_id: FileId, position: i64 },
+    Accepted {
+        aggregate_type: &'static str,
+        aggregate_id: String,
+        position: i64,
+    },
     Refused(ApiError),
     Duplicate,
 }
 
 impl Ran {
     fn from_command(
-        file_id: FileId,
+        aggregate_type: &'static str,
+        aggregate_id: String,
         outcome: Result<crate::commands::Accepted, CommandError>,
     ) -> Self {
         match outcome {
             Ok(accepted) => Self::Accepted {
-                file_id,
+                aggregate_type,
+                aggregate_id,
                 position: accepted.position,
             },
             Err(CommandError::Duplicate) => Self::Duplicate,
@@ -485,6 +510,12 @@ fn json_body<T: DeserializeOwned>(body: &[u8]) -> Result<Result<T, ApiError>, Fa
         }
         Err(error) => Err(Failure::Poison(Poison::NotJson(error.to_string()))),
     }
+}
+
+#[derive(Deserialize)]
+struct CreateTask {
+    customer_id: String,
+    title: String,
 }
 
 #[derive(Deserialize)]

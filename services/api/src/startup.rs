@@ -21,7 +21,7 @@ use dossier_platform::db::{self, Pool};
 use dossier_platform::eventstore::PgEventStore;
 use dossier_platform::telemetry;
 use dossier_projections::{
-    FilesProjection, FollowerConfig, Freshness, Projection, Runner, RunnerConfig,
+    FilesProjection, FollowerConfig, Freshness, PortalProjection, Projection, Runner, RunnerConfig,
 };
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -148,6 +148,7 @@ impl Application {
         let run_here = settings.roles.contains(Role::Projections);
         let mut read_models = ReadModels::new();
         read_models.add(&pool, FilesProjection, run_here, &shutdown);
+        read_models.add(&pool, PortalProjection, run_here, &shutdown);
 
         let store = PgEventStore::new(pool.clone());
         let max_file_bytes = MaxFileBytes(settings.max_file_bytes);

@@ -59,6 +59,21 @@ pub const MIGRATIONS: &[Migration] = &[
         "command_receipts",
         include_str!("../migrations/0004_command_receipts.sql"),
     ),
+    Migration::new(
+        6,
+        "audit_trail",
+        include_str!("../migrations/0006_audit_trail.sql"),
+    ),
+    Migration::new(
+        7,
+        "event_chain",
+        include_str!("../migrations/0007_event_chain.sql"),
+    ),
+    Migration::new(
+        8,
+        "portal_read_model",
+        include_str!("../migrations/0008_portal_read_model.sql"),
+    ),
 ];
 
 /// Key of the advisory lock that serialises concurrent [`migrate`] runs on one

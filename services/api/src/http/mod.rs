@@ -9,6 +9,7 @@ pub mod health;
 pub mod openapi;
 pub mod params;
 pub mod portal;
+pub mod tasks;
 pub mod upload;
 
 use std::time::Instant;
@@ -27,6 +28,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(files::routes())
         .merge(portal::routes())
+        .merge(tasks::routes())
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))

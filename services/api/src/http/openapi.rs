@@ -5,7 +5,7 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::http::{files, portal};
+use crate::http::{files, portal, tasks};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -21,11 +21,18 @@ use crate::http::{files, portal};
         files::delete_files,
         portal::list_portal_files,
         portal::portal_file_content,
+        tasks::create_task,
+        tasks::list_tasks,
+        tasks::list_portal_tasks,
+        tasks::put_settings,
+        tasks::upload_attachment,
+        tasks::post_message,
     ),
     components(schemas(files::EditFile, files::SignFile, files::DeleteFiles, files::DeleteResults, files::DeleteResult)),
     modifiers(&BearerAuth),
     security(("bearer" = [])),
-    tags((name = "files", description = "Staff file endpoints"), (name = "portal", description = "The customer portal"))
+    tags((name = "files", description = "Staff file endpoints"), (name = "portal", description = "The customer portal"),
+        (name = "tasks", description = "Tasks of a customer"), (name = "settings", description = "Tenant settings"))
 )]
 pub struct ApiDoc;
 

@@ -60,11 +60,23 @@ pub async fn receive(
     key: BlobKey,
     max_bytes: u64,
 ) -> Result<ReceivedForm, ApiError> {
+    receive_unless(multipart, blobs, key, max_bytes, None).await
+}
+
+/// Like [`receive`], but a form that has a `file` part is refused with
+/// `refuse_file` (when given) before a byte of it is stored.
+pub async fn receive_unless(
+    multipart: &mut Multipart,
+    blobs: &dyn BlobStore,
+    key: BlobKey,
+    max_bytes: u64,
+    refuse_file: Option<ApiError>,
+) -> Result<ReceivedForm, ApiError> {
     let mut form = ReceivedForm {
         file: None,
         fields: HashMap::new(),
     };
-    let outcome = read_parts(multipart, blobs, &key, max_bytes, &mut form).await;
+    let outcome = read_parts(multipart, blobs, &key, max_bytes, refuse_file, &mut form).await;
     if let Err(error) = outcome {
         form.discard(blobs).await;
         return Err(error);
@@ -77,11 +89,15 @@ async fn read_parts(
     blobs: &dyn BlobStore,
     key: &BlobKey,
     max_bytes: u64,
+    mut refuse_file: Option<ApiError>,
     form: &mut ReceivedForm,
 ) -> Result<(), ApiError> {
     while let Some(field) = multipart.next_field().await.map_err(malformed)? {
         let name = field.name().unwrap_or_default().to_owned();
         if name == "file" {
+            if let Some(refusal) = refuse_file.take() {
+                return Err(refusal);
+            }
             if form.file.is_some() {
                 return Err(ApiError::validation("file", "send exactly one file part"));
             }

@@ -1,0 +1,317 @@
+//! Tasks and the portal's uploads: staff create and list a customer's tasks;
+//! customers list their own, upload files to them and write in their thread;
+//! each tenant switches portal uploads on or off.
+
+use axum::extract::{DefaultBodyLimit, Multipart, Path, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use chrono::Utc;
+use dossier_domain::{
+    BlobKey, CustomerId, DisplayName, FileCommand, FileId, MessageText, Origin, Settings,
+    SettingsCommand, Task, TaskCommand, TaskTitle, UploadFile, Visibility,
+};
+use dossier_projections::files::FileView;
+use dossier_projections::portal::{self, MessageView, TaskView};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::auth::{PortalCustomer, Staff};
+use crate::error::ApiError;
+use crate::http::files::visible_file;
+use crate::http::params::JsonBody;
+use crate::http::upload::{self, ReceivedForm};
+use crate::state::AppState;
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route(
+            "/v1/customers/{customer_id}/tasks",
+            post(create_task).get(list_tasks),
+        )
+        .route("/v1/settings", put(put_settings))
+        .route("/v1/portal/tasks", get(list_portal_tasks))
+        .route(
+            "/v1/portal/tasks/{task_id}/attachments",
+            post(upload_attachment).layer(DefaultBodyLimit::disable()),
+        )
+        .route(
+            "/v1/portal/tasks/{task_id}/messages",
+            post(post_message).layer(DefaultBodyLimit::disable()),
+        )
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Tasks {
+    items: Vec<TaskView>,
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewTask {
+    title: String,
+}
+
+fn read_model_error(error: impl std::fmt::Display) -> ApiError {
+    ApiError::Unavailable(error.to_string())
+}
+
+/// `POST /v1/customers/{customer_id}/tasks`
+#[utoipa::path(post, path = "/v1/customers/{customer_id}/tasks", tag = "tasks",
+    params(("customer_id" = String, Path)), request_body = NewTask,
+    responses((status = 201, body = TaskView), (status = 422, description = "validation_failed")))]
+pub async fn create_task(
+    State(app): State<AppState>,
+    Staff(caller): Staff,
+    Path(customer_id): Path<String>,
+    JsonBody(body): JsonBody<NewTask>,
+) -> Result<(StatusCode, Json<TaskView>), ApiError> {
+    let customer = CustomerId::parse(&customer_id)?;
+    let title = TaskTitle::parse(&body.title)?;
+    let task_id = Uuid::now_v7();
+    let command = TaskCommand::Create {
+        tenant: caller.tenant.clone(),
+        customer_id: customer.clone(),
+        title,
+        at: Utc::now(),
+    };
+    app.commands()
+        .run::<Task>(&caller.context(), &task_id.to_string(), command, ())
+        .await?;
+    let task = portal::tasks_of(app.pool(), &caller.tenant, &customer)
+        .await
+        .map_err(read_model_error)?
+        .into_iter()
+        .find(|task| task.id == task_id)
+        .ok_or_else(|| {
+            ApiError::Internal("a created task is missing from the read model".into())
+        })?;
+    Ok((StatusCode::CREATED, Json(task)))
+}
+
+/// `GET /v1/customers/{customer_id}/tasks`
+#[utoipa::path(get, path = "/v1/customers/{customer_id}/tasks", tag = "tasks",
+    params(("customer_id" = String, Path)), responses((status = 200, body = Tasks)))]
+pub async fn list_tasks(
+    State(app): State<AppState>,
+    Staff(caller): Staff,
+    Path(customer_id): Path<String>,
+) -> Result<Json<Tasks>, ApiError> {
+    let customer = CustomerId::parse(&customer_id)?;
+    let items = portal::tasks_of(app.pool(), &caller.tenant, &customer)
+        .await
+        .map_err(read_model_error)?;
+    Ok(Json(Tasks { items }))
+}
+
+/// `GET /v1/portal/tasks`
+#[utoipa::path(get, path = "/v1/portal/tasks", tag = "portal",
+    responses((status = 200, description = "The customer's own tasks with attachments and messages", body = Tasks)))]
+pub async fn list_portal_tasks(
+    State(app): State<AppState>,
+    customer: PortalCustomer,
+) -> Result<Json<Tasks>, ApiError> {
+    let items = portal::tasks_of(app.pool(), &customer.caller.tenant, &customer.customer)
+        .await
+        .map_err(read_model_error)?;
+    Ok(Json(Tasks { items }))
+}
+
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PortalSettings {
+    portal_uploads_enabled: bool,
+}
+
+/// `PUT /v1/settings`
+#[utoipa::path(put, path = "/v1/settings", tag = "settings", request_body = PortalSettings,
+    responses((status = 200, body = PortalSettings)))]
+pub async fn put_settings(
+    State(app): State<AppState>,
+    Staff(caller): Staff,
+    JsonBody(body): JsonBody<PortalSettings>,
+) -> Result<Json<PortalSettings>, ApiError> {
+    let command = SettingsCommand::SetPortalUploads {
+        tenant: caller.tenant.clone(),
+        enabled: body.portal_uploads_enabled,
+    };
+    // One Settings aggregate per tenant: its id is the tenant.
+    app.commands()
+        .run::<Settings>(&caller.context(), caller.tenant.as_str(), command, ())
+        .await?;
+    let portal_uploads_enabled = portal::portal_uploads_enabled(app.pool(), &caller.tenant)
+        .await
+        .map_err(read_model_error)?;
+    Ok(Json(PortalSettings {
+        portal_uploads_enabled,
+    }))
+}
+
+/// The customer's own task, or 404 (unknown, another customer's or tenant's).
+async fn own_task(app: &AppState, customer: &PortalCustomer, raw: &str) -> Result<Uuid, ApiError> {
+    let task_id = Uuid::parse_str(raw).map_err(|_| ApiError::NotFound)?;
+    let owner = portal::task_customer(app.pool(), &customer.caller.tenant, task_id)
+        .await
+        .map_err(read_model_error)?;
+    match owner {
+        Some(owner) if owner == customer.customer => Ok(task_id),
+        _ => Err(ApiError::NotFound),
+    }
+}
+
+async fn uploads_enabled(app: &AppState, customer: &PortalCustomer) -> Result<bool, ApiError> {
+    portal::portal_uploads_enabled(app.pool(), &customer.caller.tenant)
+        .await
+        .map_err(read_model_error)
+}
+
+/// Records the stored `file` part of a portal form as a customer upload on the task.
+async fn record_customer_upload(
+    app: &AppState,
+    customer: &PortalCustomer,
+    task_id: Uuid,
+    file_id: FileId,
+    form: &ReceivedForm,
+) -> Result<FileView, ApiError> {
+    let Some(file) = form.file.clone() else {
+        return Err(ApiError::validation("file", "is required"));
+    };
+    // The seeds: the attachment is named after the file, without its extension.
+    let name = DisplayName::parse(file.file_name.stem())
+        .or_else(|_| DisplayName::parse(file.file_name.as_str()))?;
+    let command = FileCommand::Upload(Box::new(UploadFile {
+        tenant: customer.caller.tenant.clone(),
+        file_id,
+        customer_id: customer.customer.clone(),
+        name,
+        file_name: file.file_name,
+        content_type: file.content_type,
+        size: file.size,
+        sha256: file.sha256,
+        blob_key: file.key,
+        visibility: Visibility::Portal,
+        origin: Origin::CustomerUpload,
+        contract_id: None,
+        task_id: Some(task_id),
+        at: Utc::now(),
+    }));
+    app.commands()
+        .file(&customer.caller.context(), file_id, command)
+        .await?;
+    visible_file(app, &customer.caller.tenant, file_id).await
+}
+
+/// `POST /v1/portal/tasks/{task_id}/attachments`
+#[utoipa::path(post, path = "/v1/portal/tasks/{task_id}/attachments", tag = "portal",
+    params(("task_id" = String, Path)),
+    request_body(content_type = "multipart/form-data", description = "`file`"),
+    responses((status = 201, body = FileView), (status = 403, description = "portal_upload_disabled"),
+              (status = 404), (status = 413, description = "file_too_large")))]
+pub async fn upload_attachment(
+    State(app): State<AppState>,
+    customer: PortalCustomer,
+    Path(task_id): Path<String>,
+    mut multipart: Multipart,
+) -> Result<(StatusCode, Json<FileView>), ApiError> {
+    let task_id = own_task(&app, &customer, &task_id).await?;
+    if !uploads_enabled(&app, &customer).await? {
+        return Err(ApiError::PortalUploadDisabled);
+    }
+    let file_id = FileId::new();
+    let key = BlobKey::for_file(&customer.caller.tenant, &customer.customer, file_id);
+    let form = upload::receive(
+        &mut multipart,
+        app.blobs().as_ref(),
+        key,
+        app.max_file_bytes().0,
+    )
+    .await?;
+    match record_customer_upload(&app, &customer, task_id, file_id, &form).await {
+        Ok(view) => Ok((StatusCode::CREATED, Json(view))),
+        Err(error) => {
+            form.discard(app.blobs().as_ref()).await;
+            Err(error)
+        }
+    }
+}
+
+/// `POST /v1/portal/tasks/{task_id}/messages`
+#[utoipa::path(post, path = "/v1/portal/tasks/{task_id}/messages", tag = "portal",
+    params(("task_id" = String, Path)),
+    request_body(content_type = "multipart/form-data", description = "`text`, optional `file`"),
+    responses((status = 201, body = MessageView), (status = 403, description = "portal_upload_disabled (with a file)"),
+              (status = 404), (status = 413, description = "file_too_large")))]
+pub async fn post_message(
+    State(app): State<AppState>,
+    customer: PortalCustomer,
+    Path(task_id): Path<String>,
+    mut multipart: Multipart,
+) -> Result<(StatusCode, Json<MessageView>), ApiError> {
+    let task_id = own_task(&app, &customer, &task_id).await?;
+    // Text alone is always welcome; a file only when the tenant allows uploads.
+    let refuse_file =
+        (!uploads_enabled(&app, &customer).await?).then_some(ApiError::PortalUploadDisabled);
+    let file_id = FileId::new();
+    let key = BlobKey::for_file(&customer.caller.tenant, &customer.customer, file_id);
+    let form = upload::receive_unless(
+        &mut multipart,
+        app.blobs().as_ref(),
+        key,
+        app.max_file_bytes().0,
+        refuse_file,
+    )
+    .await?;
+    let text = match MessageText::parse(form.field("text").unwrap_or_default()) {
+        Ok(text) => text,
+        Err(error) => {
+            form.discard(app.blobs().as_ref()).await;
+            return Err(error.into());
+        }
+    };
+    if text.is_empty() && form.file.is_none() {
+        return Err(ApiError::validation(
+            "text",
+            "is required (or attach a file)",
+        ));
+    }
+    // The file is recorded first: it is a task attachment in its own right.
+    let file_id = match &form.file {
+        None => None,
+        Some(_) => match record_customer_upload(&app, &customer, task_id, file_id, &form).await {
+            Ok(view) => Some(view.id),
+            Err(error) => {
+                form.discard(app.blobs().as_ref()).await;
+                return Err(error);
+            }
+        },
+    };
+    let message_id = Uuid::now_v7();
+    let at = Utc::now();
+    let command = TaskCommand::PostMessage {
+        tenant: customer.caller.tenant.clone(),
+        as_customer: Some(customer.customer.clone()),
+        message_id,
+        author: customer.caller.actor(),
+        text: text.clone(),
+        file_id,
+        at,
+    };
+    app.commands()
+        .run::<Task>(
+            &customer.caller.context(),
+            &task_id.to_string(),
+            command,
+            (),
+        )
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(MessageView {
+            id: message_id,
+            author: customer.caller.sub.clone(),
+            text: text.as_str().to_owned(),
+            at,
+            file_id: file_id.map(|id| id.0),
+        }),
+    ))
+}

@@ -1,0 +1,559 @@
+//! The customer portal end to end: published files, viewed tracking, tasks,
+//! messages and the upload switch, with real tokens over real HTTP.
+
+use dossier_tests::upstream::{Command, Upstream};
+use dossier_tests::{TestApp, error_code};
+use reqwest::Method;
+use reqwest::multipart::{Form, Part};
+use serde_json::{Value, json};
+
+async fn publish(app: &TestApp, staff: &str, id: &str, visibility: &str) {
+    let response = app
+        .send_json(
+            Method::PATCH,
+            staff,
+            &format!("/v1/files/{id}"),
+            json!({"visibility": visibility}),
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+}
+
+async fn create_task(app: &TestApp, staff: &str, customer: &str, title: &str) -> Value {
+    let response = app
+        .send_json(
+            Method::POST,
+            staff,
+            &format!("/v1/customers/{customer}/tasks"),
+            json!({"title": title}),
+        )
+        .await;
+    assert_eq!(response.status(), 201);
+    response.json().await.unwrap()
+}
+
+async fn portal_post(app: &TestApp, token: &str, path: &str, form: Form) -> reqwest::Response {
+    app.client
+        .post(app.url(path))
+        .bearer_auth(token)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap()
+}
+
+fn file_form(name: &str, bytes: Vec<u8>) -> Form {
+    Form::new().part(
+        "file",
+        Part::bytes(bytes)
+            .file_name(name.to_owned())
+            .mime_str("image/png")
+            .unwrap(),
+    )
+}
+
+async fn portal_ids(app: &TestApp, token: &str) -> Vec<String> {
+    let list: Value = app
+        .get(token, "/v1/portal/files")
+        .await
+        .json()
+        .await
+        .unwrap();
+    list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn customers_see_only_their_own_published_files_and_unpublishing_hides_at_once() {
+    let app = TestApp::spawn().await;
+    let staff = app.staff("acme");
+    let internal = app
+        .upload_ok(&staff, "cust-1", "Internal note", b"i".to_vec())
+        .await;
+    let portal = app
+        .upload_ok(&staff, "cust-1", "Your contract", b"p".to_vec())
+        .await;
+    let moving = app
+        .upload_ok(&staff, "cust-1", "Moving checklist", b"m".to_vec())
+        .await;
+    let other = app
+        .upload_ok(&staff, "cust-2", "Someone else's", b"o".to_vec())
+        .await;
+    publish(&app, &staff, portal["id"].as_str().unwrap(), "portal").await;
+    publish(
+        &app,
+        &staff,
+        moving["id"].as_str().unwrap(),
+        "portal_and_moving",
+    )
+    .await;
+    publish(&app, &staff, other["id"].as_str().unwrap(), "portal").await;
+
+    let customer = app.customer("acme", "cust-1");
+    let mut seen = portal_ids(&app, &customer).await;
+    seen.sort();
+    let mut expected = vec![
+        portal["id"].as_str().unwrap().to_owned(),
+        moving["id"].as_str().unwrap().to_owned(),
+    ];
+    expected.sort();
+    assert_eq!(seen, expected);
+
+    // Internal and other customers' files cannot be downloaded either.
+    for id in [
+        internal["id"].as_str().unwrap(),
+        other["id"].as_str().unwrap(),
+    ] {
+        let response = app
+            .get(&customer, &format!("/v1/portal/files/{id}/content"))
+            .await;
+        assert_eq!(response.status(), 404);
+    }
+    // Another tenant's customer with the same id sees nothing.
+    assert!(
+        portal_ids(&app, &app.customer("globex", "cust-1"))
+            .await
+            .is_empty()
+    );
+
+    publish(&app, &staff, portal["id"].as_str().unwrap(), "internal").await;
+    assert_eq!(
+        portal_ids(&app, &customer).await,
+        [moving["id"].as_str().unwrap()]
+    );
+    let response = app
+        .get(
+            &customer,
+            &format!(
+                "/v1/portal/files/{}/content",
+                portal["id"].as_str().unwrap()
+            ),
+        )
+        .await;
+    assert_eq!(
+        response.status(),
+        404,
+        "an unpublished file is gone from the portal at once"
+    );
+}
+
+#[tokio::test]
+async fn the_first_portal_download_sets_viewed_at_and_staff_downloads_never_do() {
+    let app = TestApp::spawn().await;
+    let staff = app.staff("acme");
+    let file = app
+        .upload_ok(&staff, "cust-1", "Invoice", b"invoice".to_vec())
+        .await;
+    let id = file["id"].as_str().unwrap();
+    publish(&app, &staff, id, "portal").await;
+
+    // Staff downloads leave viewed_at alone.
+    assert_eq!(
+        app.get(&staff, &format!("/v1/files/{id}/content"))
+            .await
+            .status(),
+        200
+    );
+    let after_staff: Value = app
+        .get(&staff, &format!("/v1/files/{id}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(after_staff["viewed_at"], Value::Null);
+
+    let customer = app.customer("acme", "cust-1");
+    let first = app
+        .get(&customer, &format!("/v1/portal/files/{id}/content"))
+        .await;
+    assert_eq!(first.status(), 200);
+    assert_eq!(first.bytes().await.unwrap().as_ref(), b"invoice");
+    let viewed: Value = app
+        .get(&staff, &format!("/v1/files/{id}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let viewed_at = viewed["viewed_at"]
+        .as_str()
+        .expect("viewed_at is set")
+        .to_owned();
+
+    // A second download keeps the first time.
+    assert_eq!(
+        app.get(&customer, &format!("/v1/portal/files/{id}/content"))
+            .await
+            .status(),
+        200
+    );
+    let again: Value = app
+        .get(&staff, &format!("/v1/files/{id}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(again["viewed_at"], viewed_at);
+
+    let client = app.pool.get().await.unwrap();
+    let rows = client
+        .query("SELECT payload->>'viewer' FROM events WHERE aggregate_id = $1 AND event_type = 'FileViewed'", &[&id])
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1, "viewed once");
+    assert_eq!(rows[0].get::<_, String>(0), "cust-1");
+
+    let viewed_list: Value = app
+        .get(&staff, "/v1/customers/cust-1/files?viewed=true")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(viewed_list["items"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn task_and_message_uploads_are_attachments_and_show_in_the_staff_list() {
+    let app = TestApp::spawn().await;
+    let staff = app.staff("acme");
+    let task = create_task(&app, &staff, "cust-1", "Send your bank statements").await;
+    let task_id = task["id"].as_str().unwrap();
+    assert_eq!(task["title"], "Send your bank statements");
+    assert_eq!(task["attachments"], json!([]));
+
+    let customer = app.customer("acme", "cust-1");
+    let response = portal_post(
+        &app,
+        &customer,
+        &format!("/v1/portal/tasks/{task_id}/attachments"),
+        file_form("statement_march.png", b"png bytes".to_vec()),
+    )
+    .await;
+    assert_eq!(response.status(), 201);
+    let attachment: Value = response.json().await.unwrap();
+    assert_eq!(attachment["name"], "statement_march");
+    assert_eq!(attachment["file_name"], "statement_march.png");
+    assert_eq!(attachment["origin"], "customer_upload");
+    assert_eq!(attachment["visibility"], "portal");
+    assert_eq!(attachment["task_id"], task_id);
+
+    let form =
+        file_form("signed_form.pdf", b"pdf bytes".to_vec()).text("text", "Here is the signed form");
+    let response = portal_post(
+        &app,
+        &customer,
+        &format!("/v1/portal/tasks/{task_id}/messages"),
+        form,
+    )
+    .await;
+    assert_eq!(response.status(), 201);
+    let message: Value = response.json().await.unwrap();
+    assert_eq!(message["text"], "Here is the signed form");
+    assert_eq!(message["author"], "user-cust-1");
+    let message_file = message["file_id"]
+        .as_str()
+        .expect("the message carries its file")
+        .to_owned();
+
+    let text_only = Form::new().text("text", "Anything else?");
+    let response = portal_post(
+        &app,
+        &customer,
+        &format!("/v1/portal/tasks/{task_id}/messages"),
+        text_only,
+    )
+    .await;
+    assert_eq!(response.status(), 201);
+
+    // The customer's task shows both files as attachments and the thread in order.
+    let tasks: Value = app
+        .get(&customer, "/v1/portal/tasks")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let mine = &tasks["items"][0];
+    let attached: Vec<&str> = mine["attachments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        attached,
+        [attachment["id"].as_str().unwrap(), message_file.as_str()]
+    );
+    let texts: Vec<&str> = mine["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts, ["Here is the signed form", "Anything else?"]);
+
+    // Staff see them at once, in the customer's list and on the task.
+    let list: Value = app
+        .get(&staff, "/v1/customers/cust-1/files?origin=customer_upload")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["items"].as_array().unwrap().len(), 2);
+    let staff_tasks: Value = app
+        .get(&staff, "/v1/customers/cust-1/tasks")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        staff_tasks["items"][0]["attachments"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+}
+
+#[tokio::test]
+async fn customers_can_never_delete_and_never_touch_another_customers_task() {
+    let app = TestApp::spawn().await;
+    let staff = app.staff("acme");
+    let theirs = create_task(&app, &staff, "cust-2", "Not yours").await;
+    let task_id = theirs["id"].as_str().unwrap();
+    let customer = app.customer("acme", "cust-1");
+
+    let response = portal_post(
+        &app,
+        &customer,
+        &format!("/v1/portal/tasks/{task_id}/attachments"),
+        file_form("a.png", b"a".to_vec()),
+    )
+    .await;
+    assert_eq!(response.status(), 404);
+    assert_eq!(error_code(response).await, "not_found");
+    let response = portal_post(
+        &app,
+        &customer,
+        &format!("/v1/portal/tasks/{task_id}/messages"),
+        Form::new().text("text", "hi"),
+    )
+    .await;
+    assert_eq!(response.status(), 404);
+    assert!(app.blob_keys().await.is_empty(), "nothing was stored");
+    let tasks: Value = app
+        .get(&customer, "/v1/portal/tasks")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(tasks["items"], json!([]));
+
+    let file = app.upload_ok(&staff, "cust-1", "Mine", b"m".to_vec()).await;
+    let id = file["id"].as_str().unwrap();
+    let response = app
+        .delete(&customer, &format!("/v1/files/{id}?confirm=true"))
+        .await;
+    assert_eq!(response.status(), 403);
+    assert_eq!(error_code(response).await, "forbidden");
+    let response = app
+        .send_json(
+            Method::POST,
+            &customer,
+            "/v1/files/delete",
+            json!({"file_ids": [id], "confirm": true}),
+        )
+        .await;
+    assert_eq!(response.status(), 403);
+    assert_eq!(
+        app.get(&staff, &format!("/v1/files/{id}")).await.status(),
+        200
+    );
+    // Nor create tasks or change settings.
+    let response = app
+        .send_json(
+            Method::POST,
+            &customer,
+            "/v1/customers/cust-1/tasks",
+            json!({"title": "x"}),
+        )
+        .await;
+    assert_eq!(response.status(), 403);
+    let response = app
+        .send_json(
+            Method::PUT,
+            &customer,
+            "/v1/settings",
+            json!({"portal_uploads_enabled": true}),
+        )
+        .await;
+    assert_eq!(response.status(), 403);
+}
+
+#[tokio::test]
+async fn the_upload_switch_is_per_tenant_and_refuses_with_nothing_stored() {
+    let app = TestApp::spawn().await;
+    let acme_staff = app.staff("acme");
+    let globex_staff = app.staff("globex");
+    let acme_task = create_task(&app, &acme_staff, "cust-1", "Upload please").await;
+    let globex_task = create_task(&app, &globex_staff, "cust-1", "Upload please").await;
+
+    let response = app
+        .send_json(
+            Method::PUT,
+            &acme_staff,
+            "/v1/settings",
+            json!({"portal_uploads_enabled": false}),
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.json::<Value>().await.unwrap(),
+        json!({"portal_uploads_enabled": false})
+    );
+
+    let acme_customer = app.customer("acme", "cust-1");
+    let acme_path = format!("/v1/portal/tasks/{}", acme_task["id"].as_str().unwrap());
+    let response = portal_post(
+        &app,
+        &acme_customer,
+        &format!("{acme_path}/attachments"),
+        file_form("a.png", b"a".to_vec()),
+    )
+    .await;
+    assert_eq!(response.status(), 403);
+    assert_eq!(error_code(response).await, "portal_upload_disabled");
+    let with_file = file_form("b.png", b"b".to_vec()).text("text", "see attached");
+    let response = portal_post(
+        &app,
+        &acme_customer,
+        &format!("{acme_path}/messages"),
+        with_file,
+    )
+    .await;
+    assert_eq!(response.status(), 403);
+    assert_eq!(error_code(response).await, "portal_upload_disabled");
+    assert!(app.blob_keys().await.is_empty(), "nothing was stored");
+    // Writing without a file still works.
+    let response = portal_post(
+        &app,
+        &acme_customer,
+        &format!("{acme_path}/messages"),
+        Form::new().text("text", "I cannot upload"),
+    )
+    .await;
+    assert_eq!(response.status(), 201);
+
+    // Globex's switch is untouched.
+    let globex_customer = app.customer("globex", "cust-1");
+    let globex_path = format!(
+        "/v1/portal/tasks/{}/attachments",
+        globex_task["id"].as_str().unwrap()
+    );
+    let response = portal_post(
+        &app,
+        &globex_customer,
+        &globex_path,
+        file_form("c.png", b"c".to_vec()),
+    )
+    .await;
+    assert_eq!(response.status(), 201);
+
+    // Switched on again, acme's customers upload again.
+    app.send_json(
+        Method::PUT,
+        &acme_staff,
+        "/v1/settings",
+        json!({"portal_uploads_enabled": true}),
+    )
+    .await;
+    let response = portal_post(
+        &app,
+        &acme_customer,
+        &format!("{acme_path}/attachments"),
+        file_form("d.png", b"d".to_vec()),
+    )
+    .await;
+    assert_eq!(response.status(), 201);
+}
+
+#[tokio::test]
+async fn an_oversized_portal_upload_answers_413_with_nothing_stored() {
+    let app = TestApp::spawn_with(&[("DOSSIER_MAX_FILE_BYTES", "1024")]).await;
+    let staff = app.staff("acme");
+    let task = create_task(&app, &staff, "cust-1", "Upload please").await;
+    let customer = app.customer("acme", "cust-1");
+    let path = format!("/v1/portal/tasks/{}", task["id"].as_str().unwrap());
+    let response = portal_post(
+        &app,
+        &customer,
+        &format!("{path}/attachments"),
+        file_form("big.png", vec![1; 1025]),
+    )
+    .await;
+    assert_eq!(response.status(), 413);
+    assert_eq!(error_code(response).await, "file_too_large");
+    let form = file_form("big.png", vec![1; 1025]).text("text", "too big");
+    let response = portal_post(&app, &customer, &format!("{path}/messages"), form).await;
+    assert_eq!(response.status(), 413);
+    assert!(app.blob_keys().await.is_empty());
+    let tasks: Value = app
+        .get(&customer, "/v1/portal/tasks")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(tasks["items"][0]["attachments"], json!([]));
+    assert_eq!(tasks["items"][0]["messages"], json!([]));
+    let response = portal_post(
+        &app,
+        &customer,
+        &format!("{path}/attachments"),
+        file_form("ok.png", vec![1; 1024]),
+    )
+    .await;
+    assert_eq!(response.status(), 201);
+}
+
+#[tokio::test]
+async fn upstream_task_create_is_idempotent_and_answered() {
+    let app = TestApp::spawn().await;
+    let upstream = Upstream::connect(app.vhost.url()).await;
+    let command = Command::json(
+        "task.create",
+        "acme",
+        json!({"customer_id": "cust-1", "title": "Sign the lease"}),
+    );
+    upstream.send(&command).await;
+    upstream.send(&command).await;
+    let replies = upstream.replies(2).await;
+    let answers = &replies[command.correlation_id.as_ref().unwrap()];
+    assert_eq!(answers[0], answers[1]);
+    assert_eq!(answers[0]["status"], "accepted");
+    let task_id = answers[0]["task_id"]
+        .as_str()
+        .expect("the reply names the task");
+    let tasks: Value = app
+        .get(&app.staff("acme"), "/v1/customers/cust-1/tasks")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let items = tasks["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "one task");
+    assert_eq!(items[0]["id"], task_id);
+    assert_eq!(items[0]["title"], "Sign the lease");
+
+    let invalid = Command::json(
+        "task.create",
+        "acme",
+        json!({"customer_id": "cust-1", "title": "   "}),
+    );
+    upstream.send(&invalid).await;
+    let replies = upstream.replies(1).await;
+    let answer = &replies[invalid.correlation_id.as_ref().unwrap()][0];
+    assert_eq!(answer["status"], "rejected");
+    assert_eq!(answer["error"]["code"], "validation_failed");
+}
