@@ -32,7 +32,9 @@ use cqrs_es::event_sink::EventSink;
 use cqrs_es::{Aggregate, DomainEvent};
 use serde::{Deserialize, Serialize};
 
-use crate::types::{Actor, BlobKey, ContentType, CustomerId, FileId, FileName, Sha256Hex, TenantId};
+use crate::types::{
+    Actor, BlobKey, ContentType, CustomerId, FileId, FileName, Sha256Hex, TenantId,
+};
 
 /// What the deployment allows per bundle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,7 +94,10 @@ pub struct BundleArchive {
 pub enum BundleCommand {
     Request(RequestBundle),
     /// The worker finished `files_done` entries of the archive.
-    RecordProgress { tenant: TenantId, files_done: u32 },
+    RecordProgress {
+        tenant: TenantId,
+        files_done: u32,
+    },
     /// The worker stored the whole archive.
     MarkReady {
         tenant: TenantId,
@@ -108,7 +113,10 @@ pub enum BundleCommand {
         expires_at: DateTime<Utc>,
     },
     /// The bundle's time is up: its archive was (or is about to be) removed.
-    Expire { tenant: TenantId, at: DateTime<Utc> },
+    Expire {
+        tenant: TenantId,
+        at: DateTime<Utc>,
+    },
 }
 
 impl BundleCommand {

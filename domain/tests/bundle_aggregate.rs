@@ -3,11 +3,10 @@
 use chrono::{DateTime, TimeZone, Utc};
 use cqrs_es::test::TestFramework;
 use dossier_domain::types::*;
-use dossier_domain::{
-    BundleArchive, BundleCommand, BundleError, BundleEvent, BundleFile, BundlePolicy,
-    RequestBundle,
-};
 use dossier_domain::{Bundle, bundle::BundleStatus};
+use dossier_domain::{
+    BundleArchive, BundleCommand, BundleError, BundleEvent, BundleFile, BundlePolicy, RequestBundle,
+};
 use uuid::Uuid;
 
 type BundleTest = TestFramework<Bundle>;
@@ -108,7 +107,12 @@ fn a_request_records_who_which_files_and_when() {
 fn the_limits_are_inclusive_and_named_when_exceeded() {
     BundleTest::with(policy())
         .given_no_previous_events()
-        .when(request(vec![file(1, 1), file(2, 1), file(3, 1), file(4, 1)]))
+        .when(request(vec![
+            file(1, 1),
+            file(2, 1),
+            file(3, 1),
+            file(4, 1),
+        ]))
         .then_expect_error(BundleError::TooManyFiles { limit: 3 });
     BundleTest::with(policy())
         .given_no_previous_events()

@@ -106,14 +106,5 @@ fn transient_pg(error: &tokio_postgres::Error) -> bool {
     }
 }
 
-/// The text of a driver error an operator can act on: `tokio_postgres::Error` alone
-/// displays as "db error" and hides the server's message in its source.
-pub(crate) fn pg_detail(error: &tokio_postgres::Error) -> String {
-    match error.as_db_error() {
-        Some(db) => format!("{} ({}): {}", error, db.code().code(), db.message()),
-        None => match std::error::Error::source(error) {
-            Some(cause) => format!("{error}: {cause}"),
-            None => error.to_string(),
-        },
-    }
-}
+/// One helper for every crate: see [`dossier_platform::db::pg_detail`].
+pub(crate) use dossier_platform::db::pg_detail;

@@ -16,13 +16,18 @@
 //!   `watch` channel of the runner) or across processes (by following the
 //!   `checkpoints` table).
 //! - [`files`]: the files read model (CONTRACT.md "File resource") and its queries.
+//! - [`bundles`]: the bundles read model (`/v1/bundles`) and its queries.
 //! - [`rebuild()`]: builds a read model aside from position 0 and swaps it in while the
-//!   service keeps running.
+//!   service keeps running; [`registry`] lists every read model for
+//!   `dossier projections rebuild`.
+//! - [`replay`]: `dossier replay`, the log as JSON lines and a customer's file list
+//!   as it stood at a moment, streamed from the log.
 //!
 //! Why cqrs-es's own in-process queries are not used: they run after the commit of a
 //! command and a crash between the two loses them (STYLE.md, known traps). Following
 //! the log by position has no such window.
 
+pub mod bundles;
 pub mod checkpoint;
 pub mod error;
 pub mod files;
@@ -30,12 +35,15 @@ pub mod freshness;
 pub mod portal;
 pub mod projection;
 pub mod rebuild;
+pub mod registry;
+pub mod replay;
 pub mod runner;
 
+pub use bundles::BundlesProjection;
 pub use error::ProjectionError;
 pub use files::FilesProjection;
 pub use freshness::{FollowerConfig, Freshness, FreshnessError};
 pub use portal::PortalProjection;
 pub use projection::Projection;
-pub use rebuild::{RebuildReport, rebuild};
+pub use rebuild::{RebuildProgress, RebuildReport, rebuild, rebuild_with_progress};
 pub use runner::{Progress, Runner, RunnerConfig, RunnerHandle};

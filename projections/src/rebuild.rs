@@ -45,12 +45,34 @@ pub struct RebuildReport {
     pub position: i64,
 }
 
+/// How far a rebuild has got, for a progress bar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RebuildProgress {
+    /// Events read from the log so far.
+    pub events: u64,
+    /// The log position the copies have reached.
+    pub position: i64,
+    /// The end of the log when the rebuild started (a few events more may come
+    /// in before the swap).
+    pub head: i64,
+}
+
 /// Rebuilds `projection`'s tables from the whole log and swaps them in (see the
 /// module docs). Safe while runners and queries are running.
-#[tracing::instrument(skip_all, fields(projection = projection.name()))]
 pub async fn rebuild<P: Projection>(
     pool: &Pool,
     projection: &P,
+) -> Result<RebuildReport, ProjectionError> {
+    rebuild_with_progress(pool, projection, &|_| {}).await
+}
+
+/// [`rebuild()`], telling `progress` after every batch built aside (for
+/// `dossier projections rebuild`'s progress bar).
+#[tracing::instrument(skip_all, fields(projection = projection.name()))]
+pub async fn rebuild_with_progress<P: Projection>(
+    pool: &Pool,
+    projection: &P,
+    progress: &(dyn Fn(RebuildProgress) + Send + Sync),
 ) -> Result<RebuildReport, ProjectionError> {
     validate(projection)?;
     let name = projection.name();
@@ -69,7 +91,7 @@ pub async fn rebuild<P: Projection>(
         return Err(ProjectionError::RebuildInProgress(name));
     }
 
-    let result = build_and_swap(pool, projection).await;
+    let result = build_and_swap(pool, projection, progress).await;
 
     let unlocked = lock_client
         .query_one(
@@ -105,6 +127,7 @@ pub async fn rebuild<P: Projection>(
 async fn build_and_swap<P: Projection>(
     pool: &Pool,
     projection: &P,
+    progress: &(dyn Fn(RebuildProgress) + Send + Sync),
 ) -> Result<RebuildReport, ProjectionError> {
     let name = projection.name();
     let tables = projection.tables();
@@ -131,8 +154,14 @@ async fn build_and_swap<P: Projection>(
     let result = async {
         // 1. Build aside, from the start of the log.
         let mut reader = LogReader::new(pool.clone());
+        let head = reader.safe_position().await?;
         let mut position = 0;
         let mut events = 0u64;
+        progress(RebuildProgress {
+            events,
+            position,
+            head,
+        });
         loop {
             let batch = reader.read(position, BATCH, &LogFilter::default()).await?;
             let Some(last) = batch.last().map(|event| event.position) else {
@@ -146,6 +175,11 @@ async fn build_and_swap<P: Projection>(
             tx.commit().await?;
             position = last;
             events += batch.len() as u64;
+            progress(RebuildProgress {
+                events,
+                position,
+                head,
+            });
             if (batch.len() as i64) < BATCH {
                 break;
             }

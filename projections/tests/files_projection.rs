@@ -847,6 +847,7 @@ async fn a_rebuild_from_the_log_gives_the_same_rows() {
         [
             "files_customer_newest_first",
             "files_pkey",
+            "files_task",
             "files_tombstones_pkey"
         ]
     );

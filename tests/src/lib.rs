@@ -119,6 +119,14 @@ impl TestApp {
 
     /// A whole Dossier with some settings overridden (`DOSSIER_MAX_FILE_BYTES`, …).
     pub async fn spawn_with(overrides: &[(&str, &str)]) -> Self {
+        let app = Self::spawn_unready(overrides).await;
+        app.wait_until_ready().await;
+        app
+    }
+
+    /// Like [`Self::spawn_with`], without waiting for `/readyz` (for tests of a
+    /// backing service that is down).
+    pub async fn spawn_unready(overrides: &[(&str, &str)]) -> Self {
         dossier_platform::telemetry::init_test_tracing();
         let (pool, database_url) = db::testing::fresh_database()
             .await
@@ -142,7 +150,7 @@ impl TestApp {
         let task = tokio::spawn(app.run_until_stopped(async move {
             let _ = stopped.await;
         }));
-        let app = Self {
+        Self {
             address,
             vhost,
             client: reqwest::Client::new(),
@@ -152,9 +160,7 @@ impl TestApp {
             bucket,
             stop: Some(stop),
             task: Some(task),
-        };
-        app.wait_until_ready().await;
-        app
+        }
     }
 
     /// Waits for `/readyz`: every backing service reachable and the RabbitMQ

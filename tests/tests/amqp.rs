@@ -391,3 +391,57 @@ async fn nothing_is_lost_or_doubled_when_the_broker_drops_every_connection_mid_w
         "only the log's events are published"
     );
 }
+
+#[tokio::test]
+async fn http_commands_keep_working_while_the_broker_is_down_and_readyz_says_so() {
+    // Nothing listens on port 1: the broker is "down" for this whole test.
+    let app =
+        TestApp::spawn_unready(&[("DOSSIER_AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f")]).await;
+    let staff = app.staff("acme");
+    let file = app
+        .upload_ok(
+            &staff,
+            "cust-1",
+            "Uploaded while the broker is down",
+            b"x".to_vec(),
+        )
+        .await;
+    let id = file["id"].as_str().unwrap();
+    let renamed = app
+        .send_json(
+            Method::PATCH,
+            &staff,
+            &format!("/v1/files/{id}"),
+            json!({"name": "Still works"}),
+        )
+        .await;
+    assert_eq!(renamed.status(), 200);
+    assert_eq!(
+        event_count(&app).await,
+        2,
+        "the events wait in the log for the relay"
+    );
+
+    let ready = app.client.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 503);
+    let body: Value = ready.json().await.unwrap();
+    let rabbit = body["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "rabbitmq")
+        .unwrap();
+    assert_eq!(rabbit["ok"], false);
+    assert!(
+        app.client
+            .get(app.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .is_success()
+    );
+    app.stop()
+        .await
+        .expect("a graceful stop while the broker is down");
+}

@@ -6,6 +6,10 @@
 //! - [`blob`]: the blob worker. Removes the bytes of deleted files and records that
 //!   it did, sweeps blobs no event refers to, and verifies stored blobs against
 //!   their recorded SHA-256.
+//! - [`audit`]: the audit worker. Writes the audit trail from every event, seals
+//!   the log into per-tenant hash chains and signs their heads.
+//! - [`zip`]: the zip worker. Streams a requested bundle's files into one ZIP in the
+//!   blob store (bounded memory, ZIP64 when needed) and expires old bundles.
 //!
 //! Everything here is at least once (DESIGN.md): a message may arrive twice, an
 //! event may be published twice, and every effect is idempotent. Nothing is acked
@@ -15,8 +19,10 @@
 //! Each role is an `async fn` that runs until its shutdown signal turns `true` and
 //! is spawned by the start-up code: [`relay::run`] and [`run_blob_worker`].
 
+pub mod audit;
 pub mod blob;
 pub mod relay;
+pub mod zip;
 
 use std::sync::Arc;
 
@@ -42,6 +48,20 @@ pub async fn run_blob_worker(
     blob::run(pool, broker, blobs, BlobWorkerConfig::default(), shutdown).await
 }
 
+/// Runs the zip worker until `shutdown` turns `true`: builds bundles from
+/// `dossier.workers.zip` and expires them `bundle_ttl` after they finished. See
+/// [`zip::run`].
+pub async fn run_zip_worker(
+    pool: Pool,
+    broker: Broker,
+    blobs: Arc<dyn BlobStore>,
+    bundle_ttl: std::time::Duration,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), zip::ZipWorkerError> {
+    let config = zip::ZipWorkerConfig::with_ttl(bundle_ttl);
+    zip::run(pool, broker, blobs, config, shutdown).await
+}
+
 /// A Postgres failure of a worker: transient (the database is down or busy)
 /// unless the schema is wrong.
 #[derive(Debug, thiserror::Error)]
@@ -54,14 +74,5 @@ pub enum PgError {
     Query(#[from] tokio_postgres::Error),
 }
 
-/// The text of a driver error an operator can act on: `tokio_postgres::Error`
-/// displays as just "db error" and keeps the server's message in its source.
-pub(crate) fn pg_detail(error: &tokio_postgres::Error) -> String {
-    match error.as_db_error() {
-        Some(db) => format!("{} ({}): {}", error, db.code().code(), db.message()),
-        None => match std::error::Error::source(error) {
-            Some(cause) => format!("{error}: {cause}"),
-            None => error.to_string(),
-        },
-    }
-}
+/// One helper for every crate: see [`dossier_platform::db::pg_detail`].
+pub(crate) use dossier_platform::db::pg_detail;

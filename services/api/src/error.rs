@@ -30,7 +30,7 @@ pub enum ApiError {
     ConfirmationRequired,
     #[error("files of origin system or product can never be deleted")]
     FileProtected,
-    #[error("the bundle is not ready yet")]
+    #[error("the bundle is not ready: it is still being built, or it failed (see its status)")]
     BundleNotReady,
     #[error("a concurrent change won the race and this one could not be retried; try again")]
     Conflict,
@@ -149,6 +149,21 @@ impl From<dossier_domain::TaskError> for ApiError {
             TaskError::NotFound => Self::NotFound,
             TaskError::AlreadyExists => Self::Conflict,
             TaskError::EmptyMessage => Self::validation("text", "a message needs text or a file"),
+        }
+    }
+}
+
+impl From<dossier_domain::BundleError> for ApiError {
+    fn from(error: dossier_domain::BundleError) -> Self {
+        use dossier_domain::BundleError;
+        match error {
+            BundleError::NotFound | BundleError::Expired => Self::NotFound,
+            BundleError::AlreadyExists | BundleError::Finished => Self::Conflict,
+            // The message names the limit (CONTRACT.md: validation_failed).
+            BundleError::NoFiles
+            | BundleError::DuplicateFile(_)
+            | BundleError::TooManyFiles { .. }
+            | BundleError::TooLarge { .. } => Self::validation("file_ids", error.to_string()),
         }
     }
 }

@@ -20,6 +20,7 @@ use dossier_platform::config::{BlobStoreLocation, Role, Settings};
 use dossier_platform::db::{self, Pool};
 use dossier_platform::eventstore::PgEventStore;
 use dossier_platform::telemetry;
+use dossier_projections::BundlesProjection;
 use dossier_projections::{
     FilesProjection, FollowerConfig, Freshness, PortalProjection, Projection, Runner, RunnerConfig,
 };
@@ -149,6 +150,7 @@ impl Application {
         let mut read_models = ReadModels::new();
         read_models.add(&pool, FilesProjection, run_here, &shutdown);
         read_models.add(&pool, PortalProjection, run_here, &shutdown);
+        read_models.add(&pool, BundlesProjection, run_here, &shutdown);
 
         let store = PgEventStore::new(pool.clone());
         let max_file_bytes = MaxFileBytes(settings.max_file_bytes);
@@ -177,6 +179,10 @@ impl Application {
             commands,
             jwt_secret: settings.jwt_secret.expose_bytes().to_vec(),
             max_file_bytes,
+            bundle_policy: dossier_domain::BundlePolicy {
+                max_files: dossier_domain::BundlePolicy::MAX_FILES,
+                max_bytes: settings.bundle_max_bytes,
+            },
             metrics,
             broker: broker.clone(),
         });
@@ -275,6 +281,38 @@ impl Application {
                 });
             }
             if settings.roles.contains(Role::Workers) {
+                // Not a role of its own: a gauge that never stops on its own.
+                tokio::spawn(dossier_platform::amqp::watch_queue_depths(
+                    broker.clone(),
+                    shutdown.subscribe(),
+                ));
+                {
+                    // The audit trail, the sealing of the log and its signed checkpoints.
+                    let config =
+                        dossier_workers::audit::AuditConfig::new(settings.checkpoint_key.clone());
+                    let (pool, broker, stopping) =
+                        (pool.clone(), broker.clone(), shutdown.subscribe());
+                    roles.spawn(async move {
+                        let ran = dossier_workers::audit::run(pool, broker, config, stopping).await;
+                        ("audit", ran.context("running the audit worker"))
+                    });
+                }
+                {
+                    // ZIP bundles: built streaming, expired after DOSSIER_BUNDLE_TTL_SECS.
+                    let (pool, broker, blobs, ttl, stopping) = (
+                        pool.clone(),
+                        broker.clone(),
+                        state.blobs().clone(),
+                        settings.bundle_ttl,
+                        shutdown.subscribe(),
+                    );
+                    roles.spawn(async move {
+                        let ran =
+                            dossier_workers::run_zip_worker(pool, broker, blobs, ttl, stopping)
+                                .await;
+                        ("zip", ran.context("running the zip worker"))
+                    });
+                }
                 let (pool, broker, blobs, stopping) = (
                     pool.clone(),
                     broker.clone(),

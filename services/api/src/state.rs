@@ -20,6 +20,8 @@ pub struct Inner {
     pub commands: Arc<Commands>,
     pub jwt_secret: Vec<u8>,
     pub max_file_bytes: MaxFileBytes,
+    /// The limits of one bundle (`DOSSIER_BUNDLE_MAX_BYTES`, at most 1000 files).
+    pub bundle_policy: dossier_domain::BundlePolicy,
     pub metrics: PrometheusHandle,
     /// The broker, when this process runs a role that talks to RabbitMQ (for /readyz).
     pub broker: Option<Broker>,
@@ -53,6 +55,10 @@ impl AppState {
 
     pub fn max_file_bytes(&self) -> MaxFileBytes {
         self.0.max_file_bytes
+    }
+
+    pub fn bundle_policy(&self) -> dossier_domain::BundlePolicy {
+        self.0.bundle_policy
     }
 
     pub fn metrics(&self) -> &PrometheusHandle {

@@ -1,6 +1,9 @@
 //! The `dossier` command line. Thin on purpose: every command calls a library
 //! function that the tests use too.
 
+mod audit;
+mod bench;
+
 use std::time::Duration;
 
 use anyhow::Context;
@@ -36,6 +39,21 @@ enum Command {
         #[command(subcommand)]
         command: BlobsCommand,
     },
+    /// The event log as JSON lines (the contract's Event), filtered by tenant,
+    /// customer, file and time; or, with --as-of, a customer's file list as it
+    /// stood then.
+    Replay(audit::ReplayArgs),
+    /// Recompute a tenant's hash chain and compare it with its seals and its
+    /// signed checkpoints; names the first event that does not match (exit 1).
+    Verify(audit::VerifyArgs),
+    /// Read-model maintenance: rebuild from the log while the service runs.
+    Projections {
+        #[command(subcommand)]
+        command: audit::ProjectionsCommand,
+    },
+    /// Measure speed and memory next to baselines of this machine (a table, or
+    /// JSON with --json); --quick runs every scenario small.
+    Bench(bench::BenchArgs),
     /// Print a bearer token for calling the API.
     Token {
         #[arg(long)]
@@ -103,6 +121,19 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Replay(args) => {
+            telemetry::init_tracing();
+            audit::replay(&settings, args).await
+        }
+        Command::Verify(args) => {
+            telemetry::init_tracing();
+            audit::verify(&settings, args).await
+        }
+        Command::Projections { command } => {
+            telemetry::init_tracing();
+            audit::projections(&settings, command).await
+        }
+        Command::Bench(args) => bench::main(&settings, args).await,
         Command::Token {
             tenant,
             role,

@@ -345,6 +345,46 @@ fn is_stopping(shutdown: &watch::Receiver<bool>) -> bool {
     *shutdown.borrow() || shutdown.has_changed().is_err()
 }
 
+/// How often [`watch_queue_depths`] looks.
+pub const QUEUE_DEPTH_INTERVAL: Duration = Duration::from_secs(15);
+
+/// Publishes the depth of every consumer queue and dead-letter queue as the
+/// gauge `dossier_amqp_queue_depth{queue}` until shutdown, so an operator sees
+/// a backlog or dead letters piling up. A look that fails is skipped: the
+/// consumers' own reconnect logic reports broker trouble.
+pub async fn watch_queue_depths(broker: Broker, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        if let Some(connection) = broker.live_connection()
+            && let Ok(channel) = connection.create_channel().await
+        {
+            for spec in CONSUMER_QUEUES {
+                for queue in [spec.name, spec.dead_letter_queue] {
+                    let passive = QueueDeclareOptions {
+                        passive: true,
+                        durable: true,
+                        ..QueueDeclareOptions::default()
+                    };
+                    match channel
+                        .queue_declare(queue.into(), passive, FieldTable::default())
+                        .await
+                    {
+                        Ok(declared) => {
+                            metrics::gauge!("dossier_amqp_queue_depth", "queue" => queue)
+                                .set(f64::from(declared.message_count()))
+                        }
+                        // A failed passive declare closes the channel: stop this round.
+                        Err(_) => break,
+                    }
+                }
+            }
+            let _ = channel.close(200, "queue depths read".into()).await;
+        }
+        if sleep_or_stop(QUEUE_DEPTH_INTERVAL, &mut shutdown).await {
+            return;
+        }
+    }
+}
+
 /// Declares every exchange, queue and binding of the topology (see the module
 /// docs). Idempotent: declaring what exists with the same arguments is a no-op.
 pub async fn declare_topology(channel: &Channel) -> Result<(), AmqpError> {

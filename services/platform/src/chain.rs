@@ -499,7 +499,10 @@ pub async fn write_checkpoints(pool: &Pool, key: &[u8]) -> Result<Vec<Checkpoint
 }
 
 /// The newest stored checkpoint of `tenant`.
-pub async fn latest_checkpoint(pool: &Pool, tenant: &str) -> Result<Option<Checkpoint>, ChainError> {
+pub async fn latest_checkpoint(
+    pool: &Pool,
+    tenant: &str,
+) -> Result<Option<Checkpoint>, ChainError> {
     let client = pool.get().await?;
     let row = client
         .query_opt(
@@ -798,16 +801,17 @@ pub async fn verify(
         return Ok(report);
     }
     if let Some(check) = checks.next() {
-        report.problem = Some(missing_checkpointed(&check));
         let end = report.head.as_ref().map_or(0, |head| head.position);
-        if let Some(problem) = &mut report.problem {
-            problem.kind = ProblemKind::TailCut;
-            problem.message = format!(
+        report.problem = Some(Problem {
+            kind: ProblemKind::TailCut,
+            position: Some(check.position),
+            event_id: None,
+            message: format!(
                 "the signed checkpoint of {} says the chain had {} events up to position {}, \
                  but the log ends with {} events at position {}: its tail was cut off",
                 check.at, check.seq, check.position, report.events, end
-            );
-        }
+            ),
+        });
     }
     tx.commit().await?;
     Ok(report)
@@ -850,7 +854,9 @@ mod tests {
 
     #[test]
     fn canonical_bytes_sort_keys_everywhere_and_leave_out_metadata() {
-        let bytes = canonical_bytes(&event(json!({"name": "b", "from": "a", "x": {"z": 1, "a": [true, null]}})));
+        let bytes = canonical_bytes(&event(
+            json!({"name": "b", "from": "a", "x": {"z": 1, "a": [true, null]}}),
+        ));
         let text = String::from_utf8(bytes).unwrap();
         assert_eq!(
             text,
@@ -865,9 +871,13 @@ mod tests {
     #[test]
     fn canonical_json_escapes_strings_and_ignores_key_order() {
         let a = json!({"b": "line\nbreak \"quoted\" é", "a": 1.5});
-        let b: Value = serde_json::from_str(r#"{"a": 1.5, "b": "line\nbreak \"quoted\" é"}"#).unwrap();
+        let b: Value =
+            serde_json::from_str(r#"{"a": 1.5, "b": "line\nbreak \"quoted\" é"}"#).unwrap();
         assert_eq!(canonical_json(&a), canonical_json(&b));
-        assert_eq!(canonical_json(&a), r#"{"a":1.5,"b":"line\nbreak \"quoted\" é"}"#);
+        assert_eq!(
+            canonical_json(&a),
+            r#"{"a":1.5,"b":"line\nbreak \"quoted\" é"}"#
+        );
     }
 
     #[test]

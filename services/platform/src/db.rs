@@ -60,6 +60,11 @@ pub const MIGRATIONS: &[Migration] = &[
         include_str!("../migrations/0004_command_receipts.sql"),
     ),
     Migration::new(
+        5,
+        "bundles_read_model",
+        include_str!("../migrations/0005_bundles_read_model.sql"),
+    ),
+    Migration::new(
         6,
         "audit_trail",
         include_str!("../migrations/0006_audit_trail.sql"),

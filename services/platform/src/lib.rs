@@ -5,6 +5,7 @@
 pub mod amqp;
 pub mod auth;
 pub mod blob;
+pub mod chain;
 pub mod config;
 pub mod db;
 pub mod eventstore;

@@ -3,7 +3,10 @@
 //! One module per resource; each handler parses, runs one command or query,
 //! and answers. Errors leave through [`crate::error::ApiError`] only.
 
+pub mod audit;
+pub mod bundles;
 pub mod download;
+pub mod events;
 pub mod files;
 pub mod health;
 pub mod openapi;
@@ -27,6 +30,9 @@ use crate::state::AppState;
 pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(files::routes())
+        .merge(bundles::routes())
+        .merge(audit::routes())
+        .merge(events::routes())
         .merge(portal::routes())
         .merge(tasks::routes())
         .route("/healthz", get(health::healthz))

@@ -5,7 +5,8 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::http::{files, portal, tasks};
+use crate::http::bundles;
+use crate::http::{audit, events, files, portal, tasks};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -19,6 +20,11 @@ use crate::http::{files, portal, tasks};
         files::sign_file,
         files::delete_file,
         files::delete_files,
+        bundles::request_bundle,
+        bundles::bundle_status,
+        bundles::bundle_content,
+        audit::list_audit,
+        events::list_events,
         portal::list_portal_files,
         portal::portal_file_content,
         tasks::create_task,
@@ -32,6 +38,8 @@ use crate::http::{files, portal, tasks};
     modifiers(&BearerAuth),
     security(("bearer" = [])),
     tags((name = "files", description = "Staff file endpoints"), (name = "portal", description = "The customer portal"),
+        (name = "audit", description = "Audit trail and the raw event log"),
+        (name = "bundles", description = "Many files as one ZIP download"),
         (name = "tasks", description = "Tasks of a customer"), (name = "settings", description = "Tenant settings"))
 )]
 pub struct ApiDoc;

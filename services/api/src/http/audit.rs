@@ -1,0 +1,106 @@
+//! `GET /v1/audit`: the audit trail of the caller's tenant, for staff and
+//! auditors (customers get 403). Written by the audit worker
+//! (`dossier_workers::audit`) from every event of the log.
+
+use std::time::Duration;
+
+use axum::extract::{RawQuery, State};
+use axum::routing::get;
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use dossier_workers::audit::{self, AuditEntry, AuditFilter};
+use serde::Serialize;
+
+use crate::auth::StaffOrAuditor;
+use crate::error::ApiError;
+use crate::http::params::QueryPairs;
+use crate::state::AppState;
+
+/// How long an answer waits for the audit worker to catch up with the log
+/// (read-your-writes, CONTRACT.md rule 10). After that it answers what there is.
+const FRESHNESS_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub fn routes() -> Router<AppState> {
+    Router::new().route("/v1/audit", get(list_audit))
+}
+
+/// One entry of the trail.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct AuditItem {
+    /// The event's log position (see `GET /v1/events`).
+    position: i64,
+    at: DateTime<Utc>,
+    /// Who: a user id, `upstream`, a worker.
+    actor: String,
+    /// What, e.g. `file.uploaded`, `file.downloaded`, `file.renamed`, `task.created`.
+    action: String,
+    file_id: Option<String>,
+    customer_id: Option<String>,
+    /// Everything else the event says (`channel` of a download, `from` and `name`
+    /// of a rename, ...).
+    #[schema(value_type = Object)]
+    details: serde_json::Value,
+}
+
+impl From<AuditEntry> for AuditItem {
+    fn from(entry: AuditEntry) -> Self {
+        Self {
+            position: entry.position,
+            at: entry.at,
+            actor: entry.actor,
+            action: entry.action,
+            file_id: entry.file_id,
+            customer_id: entry.customer_id,
+            details: entry.details,
+        }
+    }
+}
+
+/// One page of the trail.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct AuditPage {
+    items: Vec<AuditItem>,
+    next_cursor: Option<String>,
+}
+
+/// `GET /v1/audit`
+#[utoipa::path(get, path = "/v1/audit", tag = "audit",
+    params(("customer_id" = Option<String>, Query), ("file_id" = Option<String>, Query),
+        ("from" = Option<String>, Query, description = "RFC 3339 or YYYY-MM-DD, inclusive"),
+        ("to" = Option<String>, Query, description = "RFC 3339 or YYYY-MM-DD, inclusive"),
+        ("limit" = Option<u32>, Query, description = "1–500, default 50"), ("cursor" = Option<String>, Query)),
+    responses((status = 200, description = "The caller's tenant's audit trail, newest first", body = AuditPage),
+              (status = 403, description = "forbidden: customers may not read the trail")))]
+pub async fn list_audit(
+    State(app): State<AppState>,
+    StaffOrAuditor(caller): StaffOrAuditor,
+    RawQuery(query): RawQuery,
+) -> Result<Json<AuditPage>, ApiError> {
+    let query = QueryPairs::parse(query.as_deref())?;
+    let before = query
+        .one("cursor")
+        .map(|raw| {
+            audit::decode_cursor(raw)
+                .ok_or_else(|| ApiError::validation("cursor", "is not a cursor this API gave out"))
+        })
+        .transpose()?;
+    let filter = AuditFilter {
+        customer_id: query.one("customer_id").map(str::to_owned),
+        file_id: query.one("file_id").map(str::to_owned),
+        from: query.time_from("from")?,
+        to: query.time_to("to")?,
+        limit: query.int("limit", 1, 500)?.unwrap_or(50),
+        before,
+    };
+    let tenant = caller.tenant.as_str();
+    audit::wait_until_complete(app.pool(), tenant, FRESHNESS_TIMEOUT)
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    let page = audit::query(app.pool(), tenant, &filter)
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    Ok(Json(AuditPage {
+        items: page.items.into_iter().map(AuditItem::from).collect(),
+        next_cursor: page.next_cursor,
+    }))
+}

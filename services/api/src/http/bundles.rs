@@ -1,0 +1,298 @@
+//! The bundle endpoints: ask for one ZIP of many files, watch it being built,
+//! download it (CONTRACT.md rule 4 and `/v1/bundles`).
+//!
+//! A request checks the tenant and existence of every file and the bundle limits
+//! now, records `BundleRequested` and answers 202 at once; the zip worker builds
+//! the archive from the log's event (`workers/src/zip.rs`). The status and the
+//! content answer 404 for another tenant's bundle and for one whose time is up.
+//! The content is streamed from the blob store, after a download of every file in
+//! it was recorded (rule 9); it is refused when a file of the bundle was deleted
+//! since (rule 7: a deleted file's bytes never leave again).
+
+use std::collections::HashSet;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use dossier_domain::naming::content_disposition;
+use dossier_domain::{
+    Bundle, BundleCommand, BundleFile, BundleStatus, DownloadChannel, DownloadedFile, FileId,
+    RequestBundle,
+};
+use dossier_projections::bundles::{self as read_model, BundleView};
+use dossier_projections::files;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::auth::Staff;
+use crate::error::ApiError;
+use crate::http::download;
+use crate::http::params::JsonBody;
+use crate::state::AppState;
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/bundles", post(request_bundle))
+        .route("/v1/bundles/{id}", get(bundle_status))
+        .route("/v1/bundles/{id}/content", get(bundle_content))
+}
+
+/// `POST /v1/bundles` body.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BundleRequest {
+    /// 1 to 1000 file ids; the archive's entries follow this order. An id given
+    /// twice is one entry.
+    file_ids: Vec<String>,
+}
+
+/// `POST /v1/bundles` answer.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct BundleAccepted {
+    #[schema(value_type = String, format = Uuid)]
+    id: Uuid,
+    /// Always `pending`.
+    status: &'static str,
+}
+
+/// `GET /v1/bundles/{id}` answer.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = Bundle)]
+pub struct BundleResource {
+    #[schema(value_type = String, format = Uuid)]
+    id: Uuid,
+    /// `pending`, `ready` or `failed`.
+    #[schema(example = "pending")]
+    status: &'static str,
+    file_count: u32,
+    /// Entries written so far (all of them once ready).
+    files_done: u32,
+    /// Size of the ZIP in bytes, once ready.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    size: Option<u64>,
+    /// Why there is no archive, when failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    /// When a finished bundle goes away (404 from then on).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires_at: Option<DateTime<Utc>>,
+}
+
+impl From<&BundleView> for BundleResource {
+    fn from(bundle: &BundleView) -> Self {
+        Self {
+            id: bundle.id,
+            status: bundle.status.as_str(),
+            file_count: bundle.file_count,
+            files_done: bundle.files_done,
+            size: bundle.size,
+            error: bundle.error.clone(),
+            expires_at: bundle.expires_at,
+        }
+    }
+}
+
+/// The ids of a request, parsed and without repeats, in their first order.
+fn file_ids(raw: &[String], max_files: usize) -> Result<Vec<FileId>, ApiError> {
+    if raw.is_empty() {
+        return Err(ApiError::validation(
+            "file_ids",
+            "must name at least one file",
+        ));
+    }
+    if raw.len() > max_files {
+        return Err(ApiError::validation(
+            "file_ids",
+            format!(
+                "a bundle holds at most {max_files} files, and {} were given",
+                raw.len()
+            ),
+        ));
+    }
+    let mut seen = HashSet::with_capacity(raw.len());
+    let mut ids: Vec<FileId> = Vec::with_capacity(raw.len());
+    for id in raw {
+        let id = FileId::parse(id)
+            .map_err(|_| ApiError::validation("file_ids", format!("{id:?} is not a UUID")))?;
+        if seen.insert(id) {
+            ids.push(id);
+        }
+    }
+    Ok(ids)
+}
+
+/// `POST /v1/bundles`
+#[utoipa::path(post, path = "/v1/bundles", tag = "bundles", request_body = BundleRequest,
+    responses((status = 202, description = "Recorded; the archive is being built", body = BundleAccepted),
+              (status = 404, description = "not_found: a file is unknown, deleted or another tenant's"),
+              (status = 422, description = "validation_failed: no files, a malformed id, or over a bundle limit (the message names it)")))]
+pub async fn request_bundle(
+    State(app): State<AppState>,
+    Staff(caller): Staff,
+    JsonBody(body): JsonBody<BundleRequest>,
+) -> Result<(StatusCode, Json<BundleAccepted>), ApiError> {
+    let policy = app.bundle_policy();
+    let ids = file_ids(&body.file_ids, policy.max_files)?;
+    let found = files::get_many(app.pool(), &caller.tenant, &ids)
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    if found.len() != ids.len() {
+        // Unknown, deleted and other tenants' files look the same (rule 6).
+        tracing::debug!(
+            asked = ids.len(),
+            found = found.len(),
+            "a bundle request names files that do not exist"
+        );
+        return Err(ApiError::NotFound);
+    }
+    let bundle_id = Uuid::now_v7();
+    let command = BundleCommand::Request(RequestBundle {
+        tenant: caller.tenant.clone(),
+        requested_by: caller.actor(),
+        files: found
+            .iter()
+            .map(|file| BundleFile {
+                file_id: file.id,
+                customer_id: file.customer_id.clone(),
+                size: file.size,
+            })
+            .collect(),
+        at: Utc::now(),
+    });
+    app.commands()
+        .run::<Bundle>(&caller.context(), &bundle_id.to_string(), command, policy)
+        .await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(BundleAccepted {
+            id: bundle_id,
+            status: BundleStatus::Pending.as_str(),
+        }),
+    ))
+}
+
+/// The bundle as the read model shows it now, or 404: unknown, another tenant's,
+/// expired (also when the expiry sweep has not run yet), or not a UUID.
+async fn visible_bundle(
+    app: &AppState,
+    tenant: &dossier_domain::TenantId,
+    raw_id: &str,
+) -> Result<BundleView, ApiError> {
+    let id = Uuid::parse_str(raw_id).map_err(|_| ApiError::NotFound)?;
+    read_model::get(app.pool(), tenant, id)
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?
+        .filter(|bundle| !bundle.has_expired(Utc::now()))
+        .ok_or(ApiError::NotFound)
+}
+
+/// `GET /v1/bundles/{id}`
+#[utoipa::path(get, path = "/v1/bundles/{id}", tag = "bundles", params(("id" = String, Path)),
+    responses((status = 200, body = BundleResource), (status = 404, description = "not_found (also once expired)")))]
+pub async fn bundle_status(
+    State(app): State<AppState>,
+    Staff(caller): Staff,
+    Path(id): Path<String>,
+) -> Result<Json<BundleResource>, ApiError> {
+    let bundle = visible_bundle(&app, &caller.tenant, &id).await?;
+    Ok(Json(BundleResource::from(&bundle)))
+}
+
+/// `GET /v1/bundles/{id}/content`
+#[utoipa::path(get, path = "/v1/bundles/{id}/content", tag = "bundles", params(("id" = String, Path)),
+    responses((status = 200, description = "The ZIP (application/zip)"),
+              (status = 404, description = "not_found: unknown, another tenant's, expired, or a file of it was deleted since"),
+              (status = 409, description = "bundle_not_ready: pending or failed")))]
+pub async fn bundle_content(
+    State(app): State<AppState>,
+    Staff(caller): Staff,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let bundle = visible_bundle(&app, &caller.tenant, &id).await?;
+    if bundle.status != BundleStatus::Ready {
+        return Err(ApiError::BundleNotReady);
+    }
+    let key = bundle
+        .blob_key
+        .clone()
+        .ok_or_else(|| ApiError::Internal(format!("ready bundle {} has no archive", bundle.id)))?;
+
+    // Rule 7: a file deleted after the archive was built must not leave through it.
+    let ids: Vec<FileId> = bundle.files.iter().map(|file| file.file_id).collect();
+    let live = files::get_many(app.pool(), &caller.tenant, &ids)
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    if live.len() != ids.len() {
+        tracing::info!(bundle_id = %bundle.id, "refusing a bundle download: a file of it was deleted since it was built");
+        return Err(ApiError::NotFound);
+    }
+
+    let blob = match app.blobs().get(&key).await {
+        Ok(blob) => blob,
+        // Expired and removed between the two reads.
+        Err(dossier_platform::blob::BlobError::NotFound) => return Err(ApiError::NotFound),
+        Err(error) => return Err(error.into()),
+    };
+    let downloaded = bundle
+        .files
+        .iter()
+        .map(|file| DownloadedFile {
+            file_id: file.file_id,
+            customer_id: file.customer_id.clone(),
+        })
+        .collect();
+    download::record(
+        &app,
+        &caller.context(),
+        DownloadChannel::Bundle,
+        Some(bundle.id),
+        downloaded,
+    )
+    .await?;
+
+    let name = format!(
+        "bundle-{}.zip",
+        bundle.requested_at.format("%Y-%m-%d-%H%M%S")
+    );
+    let disposition = HeaderValue::from_str(&content_disposition(&name))
+        .map_err(|_| ApiError::Internal("a bundle name could not be encoded".into()))?;
+    let etag = bundle
+        .sha256
+        .as_ref()
+        .and_then(|sha256| HeaderValue::from_str(&format!("\"{sha256}\"")).ok());
+    let mut response = Response::builder()
+        .header(header::CONTENT_TYPE, "application/zip")
+        .header(header::CONTENT_LENGTH, blob.size)
+        .header(header::CONTENT_DISPOSITION, disposition)
+        .header(header::X_CONTENT_TYPE_OPTIONS, "nosniff")
+        .header(header::CACHE_CONTROL, "private, no-store");
+    if let Some(etag) = etag {
+        response = response.header(header::ETAG, etag);
+    }
+    response
+        .body(Body::from_stream(blob.body))
+        .map_err(|e| ApiError::Internal(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_parsed_deduplicated_and_limited() {
+        let a = Uuid::now_v7().to_string();
+        let b = Uuid::now_v7().to_string();
+        let ids = file_ids(&[a.clone(), b.clone(), a.clone()], 1000).unwrap();
+        assert_eq!(ids.len(), 2);
+        assert_eq!(ids[0].to_string(), a);
+        assert!(file_ids(&[], 1000).is_err());
+        assert!(file_ids(&["nope".into()], 1000).is_err());
+        let error = file_ids(&[a.clone(), b], 1).unwrap_err();
+        assert_eq!(error.code(), "validation_failed");
+        assert!(error.to_string().contains("at most 1 files"), "{error}");
+    }
+}

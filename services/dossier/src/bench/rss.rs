@@ -1,0 +1,179 @@
+//! `upload_rss`: the peak resident memory (`VmHWM`) of a `dossier serve`
+//! process while 32 uploads of 25 MiB arrive at once.
+//!
+//! The server is this very binary, started as a child with the environment
+//! production would give it: its database, its vhost, an `s3://` blob store on
+//! the benchmark's S3 server, and the S3 credentials in `AWS_ACCESS_KEY_ID` /
+//! `AWS_SECRET_ACCESS_KEY` for the child only. The goal is 64 MiB plus 8 MiB
+//! per upload in flight (one S3 part each).
+
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use dossier_platform::amqp::testing::TestVhost;
+use dossier_platform::auth::Role;
+
+use super::Ctx;
+use super::env::{self, BenchDb, S3};
+use super::report::{Figure, Goal};
+use super::stats;
+
+const SCENARIO: &str = "upload_rss";
+const TENANT: &str = "bench-rss";
+const BUCKET: &str = "bench-rss";
+
+pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Figure>> {
+    let s3 = S3::start().await?;
+    let db = BenchDb::create(ctx, 2).await?;
+    let vhost = TestVhost::create().await?;
+    let dir = env::temp_dir("rss")?;
+    let result = measure(ctx, &s3, &db, &vhost, &dir).await;
+    db.drop().await;
+    let _ = vhost.cleanup().await;
+    s3.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+async fn measure(
+    ctx: &Ctx,
+    s3: &S3,
+    db: &BenchDb,
+    vhost: &TestVhost,
+    dir: &std::path::Path,
+) -> anyhow::Result<Vec<Figure>> {
+    let uploads = ctx.size(32, 4);
+    let size = ctx.size(25 * 1024 * 1024, 2 * 1024 * 1024);
+    // The bucket must exist; the server does not create it.
+    s3.store(BUCKET).await?;
+
+    let port = env::free_port()?;
+    let exe = std::env::current_exe().context("finding the dossier binary")?;
+    let log = std::fs::File::create(dir.join("server.log"))?;
+    let mut child = tokio::process::Command::new(exe)
+        .arg("serve")
+        .current_dir(dir)
+        .env("DOSSIER_HTTP_ADDR", format!("127.0.0.1:{port}"))
+        .env("DOSSIER_DATABASE_URL", &db.url)
+        .env("DOSSIER_AMQP_URL", vhost.url())
+        .env("DOSSIER_BLOB_STORE", format!("s3://{BUCKET}"))
+        .env("DOSSIER_S3_ENDPOINT", s3.endpoint())
+        .env("DOSSIER_S3_REGION", "us-east-1")
+        .env("DOSSIER_JWT_SECRET", env::SECRET)
+        .env("DOSSIER_ROLES", "all")
+        .env("AWS_ACCESS_KEY_ID", s3.access_key())
+        .env("AWS_SECRET_ACCESS_KEY", s3.secret_key())
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log))
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting dossier serve")?;
+    let pid = child.id().context("the server's pid")?;
+
+    let result = async {
+        let base = format!("http://127.0.0.1:{port}");
+        let client = env::http_client();
+        env::wait_ready(&client, &base, Duration::from_secs(60))
+            .await
+            .with_context(|| format!("see {}", dir.join("server.log").display()))?;
+        let idle = memory(pid)?;
+
+        let token = Arc::new(env::token(TENANT, Role::Staff, None));
+        let body = Bytes::from(env::random_bytes(size, 32));
+        let base = Arc::new(base);
+        stats::batch(uploads, uploads, move |i| {
+            let (client, base, token, body) =
+                (client.clone(), base.clone(), token.clone(), body.clone());
+            async move {
+                let length = body.len() as u64;
+                let part =
+                    reqwest::multipart::Part::stream_with_length(reqwest::Body::from(body), length)
+                        .file_name(format!("upload-{i}.bin"))
+                        .mime_str("application/octet-stream")?;
+                let form = reqwest::multipart::Form::new()
+                    .text("name", format!("RSS upload {i}"))
+                    .part("file", part);
+                let response = client
+                    .post(format!("{base}/v1/customers/cust-{i}/files"))
+                    .bearer_auth(token.as_str())
+                    .multipart(form)
+                    .send()
+                    .await?;
+                anyhow::ensure!(
+                    response.status() == reqwest::StatusCode::CREATED,
+                    "upload answered {}",
+                    response.status()
+                );
+                Ok(())
+            }
+        })
+        .await?;
+        let after = memory(pid)?;
+        anyhow::Ok((idle, after))
+    }
+    .await;
+    stop(&mut child, pid).await;
+    let (idle, after) = result?;
+
+    let limit = 64.0 + 8.0 * uploads as f64;
+    Ok(vec![
+        Figure::new(
+            SCENARIO,
+            format!("peak RSS, {uploads} x {} MiB at once", size / (1024 * 1024)),
+            "MiB",
+        )
+        .ours(after.peak_mib)
+        .note(format!(
+            "idle after start: RSS {:.0} MiB; goal 64 MiB + 8 MiB x {uploads}",
+            idle.rss_mib
+        ))
+        .goal(Goal::AtMost(limit)),
+    ])
+}
+
+/// `VmRSS` and `VmHWM` of a process, in MiB.
+struct Memory {
+    rss_mib: f64,
+    peak_mib: f64,
+}
+
+fn memory(pid: u32) -> anyhow::Result<Memory> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .context("reading /proc/<pid>/status (Linux only)")?;
+    let field = |name: &str| -> anyhow::Result<f64> {
+        let line = status
+            .lines()
+            .find(|line| line.starts_with(name))
+            .with_context(|| format!("{name} in /proc/{pid}/status"))?;
+        let kib: f64 = line
+            .split_whitespace()
+            .nth(1)
+            .context("a number")?
+            .parse()?;
+        Ok(kib / 1024.0)
+    };
+    Ok(Memory {
+        rss_mib: field("VmRSS:")?,
+        peak_mib: field("VmHWM:")?,
+    })
+}
+
+/// SIGTERM (a graceful stop), then SIGKILL if it takes too long.
+async fn stop(child: &mut tokio::process::Child, pid: u32) {
+    let _ = tokio::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .await;
+    if tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .is_err()
+    {
+        let _ = child.kill().await;
+    }
+}

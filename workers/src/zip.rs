@@ -1,0 +1,858 @@
+//! The zip worker: builds the ZIP archive of a requested bundle, and removes
+//! bundles whose time is up.
+//!
+//! # Building
+//!
+//! The worker consumes `dossier.workers.zip` (`bundle.requested` events). For each:
+//!
+//! 1. it parses the message as the contract's Event; a message that is not one is
+//!    rejected and so dead-lettered (`dossier.workers.zip.dead`);
+//! 2. it looks the event up **in the log** by its id and takes the tenant, bundle
+//!    and files from there, not from the message;
+//! 3. it loads the bundle from the log: one that is no longer pending (ready,
+//!    failed or expired: a redelivery) is acked without doing anything;
+//! 4. it reads the files as they are now from the files read model (tenant
+//!    checked again). A file deleted since the request fails the bundle, naming the
+//!    file: a bundle is complete or it is nothing;
+//! 5. it streams the archive ([`archive::build_archive`]: bounded memory, ZIP64
+//!    when needed, every entry's size and SHA-256 checked on the way) under
+//!    `{tenant}/_bundles/{bundle}.zip`, recording `BundleProgress` at most every
+//!    [`ZipWorkerConfig::progress_interval`];
+//! 6. it records `BundleReady` (or `BundleFailed` with the reason, when the files
+//!    cannot make the archive), and only then acks.
+//!
+//! A worker killed anywhere before the ack leaves the message unacknowledged: the
+//! broker gives it to another worker, which starts over (the `put` of the killed
+//! one never completed, so nothing half-written is under the key). A blob store
+//! failure is retried: the message goes back to the queue after a backoff, and on
+//! its last delivery before the dead-letter queue the bundle is recorded failed
+//! instead, so no bundle stays pending for ever. On shutdown a build in progress
+//! is abandoned and its message requeued.
+//!
+//! Entries are named like single downloads (`dossier_domain::naming`: display name
+//! plus the original extension, nothing that could leave the archive), numbered
+//! ` (2)`, ` (3)`… on collisions, dated with the upload time, and stored or
+//! deflated by their content ([`EntryCompression`]).
+//!
+//! # Expiry
+//!
+//! Every [`ZipWorkerConfig::expiry_interval`], [`expire_due`] deletes the archives
+//! of bundles past their `expires_at` (set to ready or failed time plus
+//! `DOSSIER_BUNDLE_TTL_SECS` when they finish) and records `BundleExpired`; bundles
+//! still pending long after that (a job that never finished) expire too. Deleting
+//! is idempotent, so several workers may sweep at once.
+
+pub mod archive;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use cqrs_es::persist::PersistedEventStore;
+use cqrs_es::{AggregateError, CqrsFramework, EventStore as _};
+use dossier_domain::codec;
+use dossier_domain::naming::{ZipEntryNames, download_name};
+use dossier_domain::{
+    BlobKey, Bundle, BundleArchive, BundleCommand, BundleError, BundleEvent, BundleFile,
+    BundlePolicy, BundleStatus, EntryCompression, FileId, TenantId,
+};
+use dossier_platform::amqp::{
+    self, AmqpError, Backoff, Broker, ConsumerOptions, DELIVERY_LIMIT, Incoming, Outcome,
+    ZIP_QUEUE, sleep_or_stop, stopped,
+};
+use dossier_platform::blob::BlobStore;
+use dossier_platform::db::Pool;
+use dossier_platform::eventstore::{self, PgEventStore};
+use dossier_platform::log::LoggedEvent;
+use dossier_projections::bundles;
+use dossier_projections::files::{self, FileView};
+use lapin::types::AMQPValue;
+use tokio::sync::watch;
+use tracing::Instrument as _;
+use uuid::Uuid;
+
+use crate::PgError;
+pub use archive::{ArchiveEntry, ArchiveError, BuiltArchive, build_archive};
+
+/// The actor recorded on the events the zip worker writes.
+pub const ACTOR: &str = "zip-worker";
+
+/// The aggregate type of bundles in the log (`<Bundle as Aggregate>::TYPE`).
+const BUNDLE_AGGREGATE: &str = "bundle";
+
+/// Bundles expired per sweep query.
+const EXPIRY_BATCH: i64 = 200;
+
+/// A pending bundle (a job that never finished) expires this long after its
+/// request at the earliest, even with a shorter TTL: a slow queue must not lose it.
+const PENDING_GRACE: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// How the zip worker runs.
+#[derive(Debug, Clone)]
+pub struct ZipWorkerConfig {
+    /// Bundles built at once by this process. Each needs one blocking thread and a
+    /// few MiB of memory, whatever its size.
+    pub prefetch: u16,
+    /// Between retries of a blob store or Postgres failure.
+    pub retry: Backoff,
+    /// How long a build may finish at shutdown before its message is requeued.
+    pub drain_timeout: Duration,
+    /// How long a ready or failed bundle is kept (`DOSSIER_BUNDLE_TTL_SECS`).
+    pub bundle_ttl: Duration,
+    /// Least time between two `BundleProgress` events of one bundle.
+    pub progress_interval: Duration,
+    /// Pause before the first expiry sweep, and between sweeps.
+    pub expiry_interval: Duration,
+}
+
+impl ZipWorkerConfig {
+    /// The defaults, with bundles kept for `bundle_ttl`; the expiry sweep runs
+    /// every quarter of it, between once a second and once a minute.
+    pub fn with_ttl(bundle_ttl: Duration) -> Self {
+        Self {
+            prefetch: 2,
+            retry: Backoff {
+                initial: Duration::from_millis(500),
+                max: Duration::from_secs(60),
+            },
+            drain_timeout: Duration::from_secs(30),
+            bundle_ttl,
+            progress_interval: Duration::from_secs(1),
+            expiry_interval: (bundle_ttl / 4)
+                .clamp(Duration::from_secs(1), Duration::from_secs(60)),
+        }
+    }
+}
+
+impl Default for ZipWorkerConfig {
+    fn default() -> Self {
+        Self::with_ttl(Duration::from_secs(
+            dossier_platform::config::DEFAULT_BUNDLE_TTL_SECS,
+        ))
+    }
+}
+
+/// Why the zip worker, or an expiry sweep, stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ZipWorkerError {
+    /// The broker configuration is unusable (an invalid URL). Transient broker
+    /// trouble is retried inside and never ends up here.
+    #[error("the zip worker cannot use RabbitMQ: {0}")]
+    Broker(#[source] AmqpError),
+    /// The bundles read model could not be read.
+    #[error(transparent)]
+    ReadModel(#[from] bundles::QueryError),
+}
+
+/// Runs the zip worker until `shutdown` turns `true`: builds bundles from
+/// [`ZIP_QUEUE`] and expires old ones every `expiry_interval`.
+#[tracing::instrument(name = "zip_worker", skip_all)]
+pub async fn run(
+    pool: Pool,
+    broker: Broker,
+    blobs: Arc<dyn BlobStore>,
+    config: ZipWorkerConfig,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), ZipWorkerError> {
+    let zipper = Arc::new(Zipper::new(
+        pool.clone(),
+        Arc::clone(&blobs),
+        config.clone(),
+        shutdown.clone(),
+    ));
+    let options = ConsumerOptions {
+        prefetch: config.prefetch,
+        drain_timeout: config.drain_timeout,
+    };
+    let building = Arc::clone(&zipper);
+    let consuming = amqp::consume_with(
+        &broker,
+        ZIP_QUEUE,
+        options,
+        move |incoming| {
+            let zipper = Arc::clone(&building);
+            async move { zipper.handle(incoming).await }
+        },
+        shutdown.clone(),
+    );
+    let expiring = expire_periodically(zipper, config, shutdown);
+    tokio::pin!(consuming);
+    tokio::select! {
+        consumed = &mut consuming => consumed.map_err(ZipWorkerError::Broker),
+        () = expiring => consuming.await.map_err(ZipWorkerError::Broker),
+    }
+}
+
+type BundleFramework = CqrsFramework<Bundle, PersistedEventStore<PgEventStore, Bundle>>;
+
+/// Handles `bundle.requested` deliveries and expires bundles.
+struct Zipper {
+    pool: Pool,
+    blobs: Arc<dyn BlobStore>,
+    bundles: BundleFramework,
+    store: PersistedEventStore<PgEventStore, Bundle>,
+    config: ZipWorkerConfig,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// What the log says about a bundle request.
+#[derive(Debug, Clone)]
+struct Requested {
+    event_id: Uuid,
+    tenant: TenantId,
+    bundle_id: Uuid,
+    files: Vec<BundleFile>,
+}
+
+/// How recording a command ended.
+enum Recorded {
+    Done,
+    Refused(BundleError),
+    /// Shutdown came first; nothing may have been recorded.
+    Stopped,
+}
+
+/// Why a build did not produce an archive.
+enum BuildEnd {
+    /// The bundle cannot be built; record it failed with this reason.
+    Failed(String),
+    /// Try again later (blob store or Postgres trouble).
+    Transient(String),
+    /// Shutdown: hand the message back.
+    Stopped,
+}
+
+impl Zipper {
+    fn new(
+        pool: Pool,
+        blobs: Arc<dyn BlobStore>,
+        config: ZipWorkerConfig,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        let store = || PersistedEventStore::new_event_store(PgEventStore::new(pool.clone()));
+        // Policy limits only matter for requests, which the worker never makes.
+        let bundles = CqrsFramework::new(store(), vec![], BundlePolicy::default());
+        Self {
+            store: store(),
+            pool,
+            blobs,
+            bundles,
+            config,
+            shutdown,
+        }
+    }
+
+    /// One delivery: see the module docs.
+    async fn handle(&self, incoming: Incoming) -> Outcome {
+        let event: LoggedEvent = match serde_json::from_slice(&incoming.body) {
+            Ok(event) => event,
+            Err(error) => {
+                failure("unparseable");
+                tracing::warn!(
+                    error = %error,
+                    "a message on the zip queue is not an Event; dead-lettering it"
+                );
+                return Outcome::Reject;
+            }
+        };
+        if event.aggregate_type != BUNDLE_AGGREGATE || event.event_type != BundleEvent::REQUESTED {
+            tracing::debug!(event_type = %event.event_type, "ignoring an event that is not a BundleRequested");
+            return Outcome::Ack;
+        }
+        let span = tracing::info_span!(
+            "bundle",
+            event_id = %event.id,
+            tenant = %event.tenant,
+            bundle_id = %event.aggregate_id,
+        );
+        self.build(event.id, delivery_count(&incoming))
+            .instrument(span)
+            .await
+    }
+
+    async fn build(&self, event_id: Uuid, deliveries: u32) -> Outcome {
+        let Some(found) = self
+            .until_done(
+                "log",
+                "reading the BundleRequested event from the log",
+                || lookup_request(&self.pool, event_id),
+            )
+            .await
+        else {
+            return Outcome::Retry;
+        };
+        let request = match found {
+            Ok(request) => request,
+            Err(reason) => {
+                failure("not_in_log");
+                tracing::warn!(
+                    reason,
+                    "the message does not match the log; dead-lettering it"
+                );
+                return Outcome::Reject;
+            }
+        };
+        let bundle_id = request.bundle_id.to_string();
+        let Some(context) = self
+            .until_done("log", "loading the bundle from the log", || {
+                self.store.load_aggregate(&bundle_id)
+            })
+            .await
+        else {
+            return Outcome::Retry;
+        };
+        let status = context.aggregate.record().map(|record| record.status);
+        if status != Some(BundleStatus::Pending) {
+            tracing::info!(
+                status = status.map(BundleStatus::as_str),
+                "the bundle is no longer pending (a redelivery); nothing to do"
+            );
+            return Outcome::Ack;
+        }
+
+        let started = Instant::now();
+        let mut stopping = self.shutdown.clone();
+        let built = tokio::select! {
+            built = self.make_archive(&request) => built,
+            () = stopped(&mut stopping) => Err(BuildEnd::Stopped),
+        };
+        match built {
+            Ok(archive) => self.finish_ready(&request, archive, started).await,
+            Err(BuildEnd::Failed(reason)) => self.finish_failed(&request, reason).await,
+            Err(BuildEnd::Stopped) => {
+                tracing::info!(
+                    "shutting down in the middle of a bundle; it goes back to the queue"
+                );
+                Outcome::Retry
+            }
+            Err(BuildEnd::Transient(reason)) => {
+                failure("transient");
+                if deliveries.saturating_add(1) >= DELIVERY_LIMIT.unsigned_abs() {
+                    let reason = format!(
+                        "the archive could not be built after {} attempts: {reason}",
+                        deliveries.saturating_add(1)
+                    );
+                    return self.finish_failed(&request, reason).await;
+                }
+                let delay = self.config.retry.delay(deliveries);
+                tracing::warn!(
+                    error = %reason,
+                    attempt = deliveries + 1,
+                    retry_in_ms = delay.as_millis() as u64,
+                    "building a bundle failed; it goes back to the queue"
+                );
+                let _ = sleep_or_stop(delay, &mut self.shutdown.clone()).await;
+                Outcome::Retry
+            }
+        }
+    }
+
+    /// Reads the files as they are now, then streams the archive while
+    /// recording progress.
+    async fn make_archive(&self, request: &Requested) -> Result<BuiltArchive, BuildEnd> {
+        let ids: Vec<FileId> = request.files.iter().map(|f| f.file_id).collect();
+        let live = files::get_many(&self.pool, &request.tenant, &ids)
+            .await
+            .map_err(|e| BuildEnd::Transient(e.to_string()))?;
+        if live.len() != ids.len() {
+            let gone: Vec<String> = ids
+                .iter()
+                .filter(|id| !live.iter().any(|file| file.id == **id))
+                .map(ToString::to_string)
+                .collect();
+            return Err(BuildEnd::Failed(format!(
+                "{} deleted after the bundle was requested: {}",
+                if gone.len() == 1 {
+                    "a file was"
+                } else {
+                    "files were"
+                },
+                gone.join(", ")
+            )));
+        }
+        let entries = plan_entries(&live);
+        let key = BlobKey::for_bundle(&request.tenant, request.bundle_id);
+        let (progress, mut watching) = watch::channel(0u32);
+        let building = build_archive(Arc::clone(&self.blobs), &key, entries, progress);
+        let reporting = async {
+            let mut last = Instant::now();
+            let mut recorded = 0;
+            while watching.changed().await.is_ok() {
+                let done = *watching.borrow_and_update();
+                if done > recorded && last.elapsed() >= self.config.progress_interval {
+                    self.record_progress(request, done).await;
+                    recorded = done;
+                    last = Instant::now();
+                }
+            }
+        };
+        let (built, ()) = tokio::join!(building, reporting);
+        built.map_err(|error| match error {
+            ArchiveError::Content(reason) => BuildEnd::Failed(reason),
+            ArchiveError::Store(reason) => BuildEnd::Transient(reason),
+            ArchiveError::Internal(reason) => BuildEnd::Failed(format!(
+                "the archive could not be built (an internal error: {reason})"
+            )),
+        })
+    }
+
+    /// Progress is for people watching: a failure to record it is only logged.
+    async fn record_progress(&self, request: &Requested, files_done: u32) {
+        let command = BundleCommand::RecordProgress {
+            tenant: request.tenant.clone(),
+            files_done,
+        };
+        let metadata = metadata(&request.tenant, Some(request.event_id), "progress");
+        let id = request.bundle_id.to_string();
+        for _ in 0..5 {
+            match self
+                .bundles
+                .execute_with_metadata(&id, command.clone(), metadata.clone())
+                .await
+            {
+                Ok(()) => return,
+                Err(AggregateError::AggregateConflict) => continue,
+                Err(error) => {
+                    tracing::debug!(error = %error, files_done, "could not record progress; going on");
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn finish_ready(
+        &self,
+        request: &Requested,
+        archive: BuiltArchive,
+        started: Instant,
+    ) -> Outcome {
+        let key = BlobKey::for_bundle(&request.tenant, request.bundle_id);
+        let now = Utc::now();
+        let command = BundleCommand::MarkReady {
+            tenant: request.tenant.clone(),
+            archive: BundleArchive {
+                blob_key: key.clone(),
+                size: archive.size,
+                sha256: archive.sha256,
+            },
+            at: now,
+            expires_at: now + self.ttl(),
+        };
+        match self
+            .record(
+                request,
+                command,
+                metadata(&request.tenant, Some(request.event_id), "ready"),
+            )
+            .await
+        {
+            Recorded::Done => {
+                metrics::counter!("dossier_bundles_built_total").increment(1);
+                metrics::histogram!("dossier_bundle_build_seconds")
+                    .record(started.elapsed().as_secs_f64());
+                tracing::info!(
+                    files = request.files.len(),
+                    size = archive.size,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "bundle ready"
+                );
+                Outcome::Ack
+            }
+            Recorded::Refused(error) => {
+                // Expired (or failed by someone else) while we built: the archive
+                // must not outlive that.
+                tracing::info!(error = %error, "the bundle finished otherwise while it was built; removing the archive");
+                match self.blobs.delete(&key).await {
+                    Ok(()) => Outcome::Ack,
+                    Err(error) => {
+                        tracing::warn!(error = %error, "could not remove the archive; the expiry sweep will");
+                        Outcome::Ack
+                    }
+                }
+            }
+            Recorded::Stopped => Outcome::Retry,
+        }
+    }
+
+    async fn finish_failed(&self, request: &Requested, reason: String) -> Outcome {
+        let now = Utc::now();
+        tracing::warn!(reason = %reason, "bundle failed");
+        let command = BundleCommand::MarkFailed {
+            tenant: request.tenant.clone(),
+            reason,
+            at: now,
+            expires_at: now + self.ttl(),
+        };
+        match self
+            .record(
+                request,
+                command,
+                metadata(&request.tenant, Some(request.event_id), "failed"),
+            )
+            .await
+        {
+            Recorded::Done => {
+                metrics::counter!("dossier_bundles_failed_total").increment(1);
+                Outcome::Ack
+            }
+            Recorded::Refused(error) => {
+                tracing::info!(error = %error, "the bundle finished otherwise; nothing to record");
+                Outcome::Ack
+            }
+            Recorded::Stopped => Outcome::Retry,
+        }
+    }
+
+    fn ttl(&self) -> chrono::Duration {
+        chrono::Duration::from_std(self.config.bundle_ttl).unwrap_or(chrono::Duration::MAX)
+    }
+
+    /// Records `command`, retrying lost races and Postgres failures until done or
+    /// shutdown; a refusal by the aggregate is an answer, not a failure.
+    async fn record(
+        &self,
+        request: &Requested,
+        command: BundleCommand,
+        metadata: HashMap<String, String>,
+    ) -> Recorded {
+        let id = request.bundle_id.to_string();
+        let mut stopping = self.shutdown.clone();
+        let mut failures = 0u32;
+        loop {
+            let error = match self
+                .bundles
+                .execute_with_metadata(&id, command.clone(), metadata.clone())
+                .await
+            {
+                Ok(()) => return Recorded::Done,
+                Err(AggregateError::UserError(error)) => return Recorded::Refused(error),
+                Err(AggregateError::AggregateConflict) => continue,
+                Err(error) => error,
+            };
+            let delay = self.config.retry.delay(failures);
+            failures = failures.saturating_add(1);
+            failure("record");
+            tracing::warn!(
+                error = %error,
+                retry_in_ms = delay.as_millis() as u64,
+                "recording the bundle's outcome failed; retrying until it works"
+            );
+            if sleep_or_stop(delay, &mut stopping).await {
+                return Recorded::Stopped;
+            }
+        }
+    }
+
+    /// Runs `attempt` until it succeeds, with backoff; `None` if shutdown came
+    /// first (the message then goes back to the queue).
+    async fn until_done<T, E, F, Fut>(
+        &self,
+        reason: &'static str,
+        doing: &'static str,
+        mut attempt: F,
+    ) -> Option<T>
+    where
+        E: std::fmt::Display,
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let mut stopping = self.shutdown.clone();
+        let mut failures = 0u32;
+        loop {
+            match attempt().await {
+                Ok(value) => return Some(value),
+                Err(error) => {
+                    let delay = self.config.retry.delay(failures);
+                    failures = failures.saturating_add(1);
+                    failure(reason);
+                    tracing::warn!(
+                        error = %error,
+                        attempt = failures,
+                        retry_in_ms = delay.as_millis() as u64,
+                        "{doing} failed; retrying until it works"
+                    );
+                    if sleep_or_stop(delay, &mut stopping).await {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn failure(reason: &'static str) {
+    metrics::counter!("dossier_worker_failures_total", "worker" => "zip", "reason" => reason)
+        .increment(1);
+}
+
+/// The metadata of the worker's commands; `request` (the BundleRequested event's
+/// id) ties them to the request they answer.
+fn metadata(tenant: &TenantId, request: Option<Uuid>, step: &str) -> HashMap<String, String> {
+    let mut metadata = HashMap::from([
+        (eventstore::META_TENANT.to_owned(), tenant.to_string()),
+        (eventstore::META_ACTOR.to_owned(), ACTOR.to_owned()),
+        (
+            eventstore::META_COMMAND_ID.to_owned(),
+            format!("zip-{step}:{}", Uuid::now_v7()),
+        ),
+    ]);
+    if let Some(request) = request {
+        metadata.insert(
+            eventstore::META_CORRELATION_ID.to_owned(),
+            request.to_string(),
+        );
+    }
+    metadata
+}
+
+/// How often the broker delivered this message before (quorum queues count it in
+/// `x-delivery-count`; 0 on the first delivery).
+fn delivery_count(incoming: &Incoming) -> u32 {
+    let Some(headers) = incoming.properties.headers().as_ref() else {
+        return 0;
+    };
+    let count = match headers.inner().get("x-delivery-count") {
+        Some(AMQPValue::LongLongInt(n)) => *n,
+        Some(AMQPValue::LongInt(n)) => i64::from(*n),
+        Some(AMQPValue::LongUInt(n)) => i64::from(*n),
+        Some(AMQPValue::ShortInt(n)) => i64::from(*n),
+        Some(AMQPValue::ShortUInt(n)) => i64::from(*n),
+        Some(AMQPValue::ShortShortInt(n)) => i64::from(*n),
+        Some(AMQPValue::ShortShortUInt(n)) => i64::from(*n),
+        _ => 0,
+    };
+    u32::try_from(count.max(0)).unwrap_or(u32::MAX)
+}
+
+/// The archive's entries for `files` (live, in bundle order): named like single
+/// downloads, collisions numbered, dated with the upload time, stored or deflated
+/// by content, checked against the recorded size and SHA-256.
+pub fn plan_entries(files: &[FileView]) -> Vec<ArchiveEntry> {
+    let mut names = ZipEntryNames::new();
+    files
+        .iter()
+        .map(|file| {
+            let name = names.claim(&download_name(&file.name, &file.file_name));
+            ArchiveEntry {
+                label: format!("file {} ({name})", file.id),
+                name,
+                blob_key: file.blob_key.clone(),
+                size: file.size,
+                sha256: Some(file.sha256.clone()),
+                modified: file.created_at,
+                compression: EntryCompression::for_file(&file.content_type, &file.file_name),
+            }
+        })
+        .collect()
+}
+
+/// The BundleRequested event `event_id` as the log has it. The outer error is
+/// transient (Postgres); the inner one says why the log does not back the message.
+async fn lookup_request(pool: &Pool, event_id: Uuid) -> Result<Result<Requested, String>, PgError> {
+    let client = pool.get().await?;
+    let row = client
+        .query_opt(
+            "SELECT tenant, aggregate_type, aggregate_id, event_type, event_version, payload \
+             FROM events WHERE id = $1",
+            &[&event_id],
+        )
+        .await?;
+    let Some(row) = row else {
+        return Ok(Err(format!("no event {event_id} in the log")));
+    };
+    let tenant: String = row.try_get("tenant")?;
+    let aggregate_type: String = row.try_get("aggregate_type")?;
+    let aggregate_id: String = row.try_get("aggregate_id")?;
+    let event_type: String = row.try_get("event_type")?;
+    let event_version: String = row.try_get("event_version")?;
+    let payload: serde_json::Value = row.try_get("payload")?;
+    if aggregate_type != BUNDLE_AGGREGATE || event_type != BundleEvent::REQUESTED {
+        return Ok(Err(format!(
+            "event {event_id} is a {aggregate_type} {event_type} in the log, not a bundle BundleRequested"
+        )));
+    }
+    let files = match codec::decode::<BundleEvent>(&event_type, &event_version, &payload) {
+        Ok(BundleEvent::BundleRequested { files, .. }) => files,
+        Ok(_) => return Ok(Err(format!("event {event_id} decodes to another event"))),
+        Err(error) => return Ok(Err(error.to_string())),
+    };
+    let Ok(tenant) = TenantId::parse(&tenant) else {
+        return Ok(Err(format!("the tenant of event {event_id} is malformed")));
+    };
+    let Ok(bundle_id) = Uuid::parse_str(&aggregate_id) else {
+        return Ok(Err(format!("bundle id {aggregate_id:?} is not a UUID")));
+    };
+    Ok(Ok(Requested {
+        event_id,
+        tenant,
+        bundle_id,
+        files,
+    }))
+}
+
+async fn expire_periodically(
+    zipper: Arc<Zipper>,
+    config: ZipWorkerConfig,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        if sleep_or_stop(config.expiry_interval, &mut shutdown).await {
+            return;
+        }
+        let swept = tokio::select! {
+            swept = zipper.expire_due(Utc::now()) => swept,
+            () = stopped(&mut shutdown) => return,
+        };
+        match swept {
+            Ok(report) if report.expired > 0 || report.failed > 0 => tracing::info!(
+                expired = report.expired,
+                failed = report.failed,
+                "expired bundles whose time was up"
+            ),
+            Ok(_) => {}
+            Err(error) => {
+                failure("expiry");
+                tracing::warn!(error = %error, "the bundle expiry sweep failed; the next one tries again");
+            }
+        }
+    }
+}
+
+/// What one expiry sweep did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExpiryReport {
+    /// Bundles whose archive is gone and whose expiry is recorded.
+    pub expired: usize,
+    /// Bundles that could not be expired this time (the reason is in the log).
+    pub failed: usize,
+}
+
+/// Expires every bundle whose time is up at `now` (see the module docs): deletes
+/// its archive, then records `BundleExpired`. For the periodic sweep and for tests.
+pub async fn expire_due(
+    pool: &Pool,
+    blobs: Arc<dyn BlobStore>,
+    bundle_ttl: Duration,
+    now: DateTime<Utc>,
+) -> Result<ExpiryReport, ZipWorkerError> {
+    let (_, shutdown) = watch::channel(false);
+    let config = ZipWorkerConfig::with_ttl(bundle_ttl);
+    Zipper::new(pool.clone(), blobs, config, shutdown)
+        .expire_due(now)
+        .await
+}
+
+impl Zipper {
+    async fn expire_due(&self, now: DateTime<Utc>) -> Result<ExpiryReport, ZipWorkerError> {
+        let pending_grace = self.config.bundle_ttl.max(PENDING_GRACE);
+        let pending_before =
+            now - chrono::Duration::from_std(pending_grace).unwrap_or(chrono::Duration::MAX);
+        let mut report = ExpiryReport::default();
+        loop {
+            let due =
+                bundles::due_for_expiry(&self.pool, now, pending_before, EXPIRY_BATCH).await?;
+            let batch = due.len();
+            let mut progressed = false;
+            for bundle in due {
+                if self.expire_one(&bundle, now).await {
+                    report.expired += 1;
+                    progressed = true;
+                } else {
+                    report.failed += 1;
+                }
+            }
+            // A short batch was the last; a batch with no success would only
+            // come back the same (the next sweep tries again).
+            if batch < EXPIRY_BATCH as usize || !progressed {
+                return Ok(report);
+            }
+            // The read model shows the expiries once projected; wait for that
+            // rather than reading the same rows again.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn expire_one(&self, bundle: &bundles::BundleView, now: DateTime<Utc>) -> bool {
+        let key = bundle
+            .blob_key
+            .clone()
+            .unwrap_or_else(|| BlobKey::for_bundle(&bundle.tenant, bundle.id));
+        // The archive first: a recorded expiry with the archive still there would
+        // never be looked at again.
+        if let Err(error) = self.blobs.delete(&key).await {
+            tracing::warn!(bundle_id = %bundle.id, error = %error, "could not remove an expired bundle's archive");
+            return false;
+        }
+        let command = BundleCommand::Expire {
+            tenant: bundle.tenant.clone(),
+            at: now,
+        };
+        let metadata = metadata(&bundle.tenant, None, "expire");
+        let id = bundle.id.to_string();
+        for _ in 0..5 {
+            match self
+                .bundles
+                .execute_with_metadata(&id, command.clone(), metadata.clone())
+                .await
+            {
+                Ok(()) => {
+                    tracing::info!(bundle_id = %bundle.id, tenant = %bundle.tenant, "bundle expired; its archive is removed");
+                    return true;
+                }
+                Err(AggregateError::AggregateConflict) => continue,
+                Err(error) => {
+                    tracing::warn!(bundle_id = %bundle.id, error = %error, "could not record a bundle's expiry");
+                    return false;
+                }
+            }
+        }
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dossier_domain::{
+        ContentType, CustomerId, DisplayName, FileName, Origin, Sha256Hex, Visibility,
+    };
+
+    fn view(name: &str, file_name: &str, content_type: &str) -> FileView {
+        FileView {
+            id: FileId::new(),
+            customer_id: CustomerId::parse("cust-1").unwrap(),
+            name: DisplayName::parse(name).unwrap(),
+            file_name: FileName::parse(file_name).unwrap(),
+            content_type: ContentType::parse(Some(content_type)).unwrap(),
+            size: 3,
+            sha256: Sha256Hex::parse(&"0".repeat(64)).unwrap(),
+            created_at: Utc::now(),
+            visibility: Visibility::Internal,
+            origin: Origin::StaffUpload,
+            viewed_at: None,
+            signed_at: None,
+            contract_id: None,
+            task_id: None,
+            protected: false,
+            blob_key: BlobKey::from_recorded("acme/cust-1/x"),
+            last_position: 1,
+        }
+    }
+
+    #[test]
+    fn entries_are_named_like_downloads_numbered_on_collision_and_compressed_by_content() {
+        let entries = plan_entries(&[
+            view("Invoice", "a.pdf", "application/pdf"),
+            view("invoice", "b.PDF", "application/pdf"),
+            view("../../etc/passwd", "notes.txt", "text/plain"),
+        ]);
+        let names: Vec<&str> = entries.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["Invoice.pdf", "invoice (2).PDF", "_.._etc_passwd.txt"]
+        );
+        assert_eq!(entries[0].compression, EntryCompression::Stored);
+        assert_eq!(entries[2].compression, EntryCompression::Deflated);
+    }
+}
