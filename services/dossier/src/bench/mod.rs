@@ -56,8 +56,10 @@ pub struct BenchArgs {
 }
 
 /// The `dossier bench` command: runs on the Postgres server of
-/// `DOSSIER_DATABASE_URL` (a database of its own per scenario), the RabbitMQ of
-/// the test settings, and S3 servers of its own. Fails if a scenario failed.
+/// `DOSSIER_DATABASE_URL` (a database of its own per scenario), the RabbitMQ on
+/// 127.0.0.1:5672 with its management API on 15672 (a vhost of its own;
+/// `DOSSIER_TEST_AMQP_ADDR` and `DOSSIER_TEST_RABBITMQ_MANAGEMENT` move them,
+/// as for the tests), and S3 servers of its own. Fails if a scenario failed.
 pub async fn main(settings: &Settings, args: BenchArgs) -> anyhow::Result<()> {
     let outcome = run(Options {
         quick: args.quick,
@@ -131,6 +133,7 @@ pub async fn run(options: Options) -> anyhow::Result<Outcome> {
         database_url: options.database_url.clone(),
     };
     let started = Instant::now();
+    let load_at_start = report::load_average();
     let mut figures = Vec::new();
     let mut failed = Vec::new();
     for name in SCENARIOS {
@@ -165,7 +168,7 @@ pub async fn run(options: Options) -> anyhow::Result<Outcome> {
             }
         }
     }
-    let report = report::Report::new(options.quick, figures, started.elapsed());
+    let report = report::Report::new(options.quick, figures, started.elapsed(), load_at_start);
     if options.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

@@ -107,11 +107,29 @@ pub struct Report {
     pub quick: bool,
     pub cores: usize,
     pub seconds: f64,
+    /// The 1-minute load average at the start and the end of the run: other
+    /// work on the machine shows in every figure.
+    pub load_average: [Option<f64>; 2],
     pub figures: Vec<Figure>,
 }
 
+/// The 1-minute load average (Linux), if it can be read.
+pub fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 impl Report {
-    pub fn new(quick: bool, mut figures: Vec<Figure>, took: Duration) -> Self {
+    pub fn new(
+        quick: bool,
+        mut figures: Vec<Figure>,
+        took: Duration,
+        load_at_start: Option<f64>,
+    ) -> Self {
         for figure in &mut figures {
             // A ratio is computed when a goal is set; figures without one still
             // get theirs.
@@ -126,6 +144,7 @@ impl Report {
             quick,
             cores: std::thread::available_parallelism().map_or(1, usize::from),
             seconds: took.as_secs_f64(),
+            load_average: [load_at_start, load_average()],
             figures,
         }
     }
@@ -214,12 +233,15 @@ impl Report {
                 let _ = writeln!(out, "  [{}] {note}", i + 1);
             }
         }
+        let load = |value: Option<f64>| value.map_or_else(|| "?".to_owned(), |v| format!("{v:.1}"));
         let _ = writeln!(
             out,
-            "\n{} run on {} cores in {:.0} s",
+            "\n{} run on {} cores in {:.0} s; load average {} at the start, {} at the end",
             if self.quick { "quick" } else { "full" },
             self.cores,
-            self.seconds
+            self.seconds,
+            load(self.load_average[0]),
+            load(self.load_average[1]),
         );
         out
     }
@@ -272,6 +294,7 @@ mod tests {
                 Figure::new("list", "p99", "ms").ours(3.0).note("a note"),
             ],
             Duration::from_secs(3),
+            None,
         );
         let table = report.table();
         let lines: Vec<&str> = table.lines().collect();

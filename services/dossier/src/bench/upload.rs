@@ -135,7 +135,10 @@ async fn measure_levels(
         figures.push(
             Figure::new(
                 SCENARIO,
-                format!("{} MiB files, {parallel} at once, vs multipart", size / (1024 * 1024)),
+                format!(
+                    "{} MiB files, {parallel} at once, vs multipart",
+                    size / (1024 * 1024)
+                ),
                 "MB/s",
             )
             .ours(mb_per_s(bytes, ours))
