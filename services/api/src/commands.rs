@@ -158,9 +158,11 @@ impl Commands {
         Ok(accepted)
     }
 
-    /// Blocks until every read model has applied `position`, or the timeout passed.
+    /// Blocks until every read model has applied `position`, or the timeout
+    /// passed. The read models are waited on together: each runner is poked at
+    /// once, so the answer waits for the slowest, not for their sum.
     pub async fn await_read_models(&self, position: i64) {
-        for freshness in &self.freshness {
+        let waits = self.freshness.iter().map(|freshness| async move {
             if !freshness.wait_for(position, FRESHNESS_TIMEOUT).await {
                 tracing::warn!(
                     position,
@@ -169,7 +171,8 @@ impl Commands {
                      is the projections role running?"
                 );
             }
-        }
+        });
+        futures::future::join_all(waits).await;
     }
 
     /// Runs `command` through cqrs-es (event-store mode on our log), retrying a
