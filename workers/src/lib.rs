@@ -76,3 +76,45 @@ pub enum PgError {
 
 /// One helper for every crate: see [`dossier_platform::db::pg_detail`].
 pub(crate) use dossier_platform::db::pg_detail;
+
+/// Runs `attempt` until it succeeds, waiting `backoff` between failures and
+/// counting each in `dossier_worker_failures_total{worker, reason}`; `None`
+/// when shutdown comes first (the worker then hands its message back to the
+/// queue). For effects that must happen eventually: a purge, a recorded outcome.
+pub(crate) async fn retry_until_done<T, E, F, Fut>(
+    worker: &'static str,
+    reason: &'static str,
+    doing: &'static str,
+    backoff: &dossier_platform::amqp::Backoff,
+    shutdown: &watch::Receiver<bool>,
+    mut attempt: F,
+) -> Option<T>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let mut stopping = shutdown.clone();
+    let mut failures = 0u32;
+    loop {
+        match attempt().await {
+            Ok(value) => return Some(value),
+            Err(error) => {
+                let delay = backoff.delay(failures);
+                failures = failures.saturating_add(1);
+                metrics::counter!("dossier_worker_failures_total", "worker" => worker, "reason" => reason)
+                    .increment(1);
+                tracing::warn!(
+                    worker,
+                    error = %error,
+                    attempt = failures,
+                    retry_in_ms = delay.as_millis() as u64,
+                    "{doing} failed; retrying until it works"
+                );
+                if dossier_platform::amqp::sleep_or_stop(delay, &mut stopping).await {
+                    return None;
+                }
+            }
+        }
+    }
+}

@@ -544,40 +544,27 @@ impl Zipper {
         }
     }
 
-    /// Runs `attempt` until it succeeds, with backoff; `None` if shutdown came
-    /// first (the message then goes back to the queue).
+    /// Runs `attempt` until it succeeds (see [`crate::retry_until_done`]).
     async fn until_done<T, E, F, Fut>(
         &self,
         reason: &'static str,
         doing: &'static str,
-        mut attempt: F,
+        attempt: F,
     ) -> Option<T>
     where
         E: std::fmt::Display,
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        let mut stopping = self.shutdown.clone();
-        let mut failures = 0u32;
-        loop {
-            match attempt().await {
-                Ok(value) => return Some(value),
-                Err(error) => {
-                    let delay = self.config.retry.delay(failures);
-                    failures = failures.saturating_add(1);
-                    failure(reason);
-                    tracing::warn!(
-                        error = %error,
-                        attempt = failures,
-                        retry_in_ms = delay.as_millis() as u64,
-                        "{doing} failed; retrying until it works"
-                    );
-                    if sleep_or_stop(delay, &mut stopping).await {
-                        return None;
-                    }
-                }
-            }
-        }
+        crate::retry_until_done(
+            "zip",
+            reason,
+            doing,
+            &self.config.retry,
+            &self.shutdown,
+            attempt,
+        )
+        .await
     }
 }
 

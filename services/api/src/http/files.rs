@@ -12,7 +12,7 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use dossier_domain::{
     BlobKey, ContractId, CustomerId, DisplayName, DownloadChannel, FileCommand, FileId, Origin,
-    UploadFile, Visibility,
+    Visibility,
 };
 use dossier_projections::files::{self as read_model, Cursor, FileFilter, FileView, Page};
 use serde::{Deserialize, Serialize};
@@ -126,22 +126,16 @@ fn upload_command(
         .filter(|raw| !raw.is_empty())
         .map(ContractId::parse)
         .transpose()?;
-    Ok(FileCommand::Upload(Box::new(UploadFile {
+    Ok(file.into_command(upload::Recording {
         tenant: tenant.clone(),
         file_id,
         customer_id,
         name,
-        file_name: file.file_name,
-        content_type: file.content_type,
-        size: file.size,
-        sha256: file.sha256,
-        blob_key: file.key,
         visibility,
         origin,
         contract_id,
         task_id: None,
-        at: Utc::now(),
-    })))
+    }))
 }
 
 /// `GET /v1/customers/{customer_id}/files`

@@ -8,8 +8,8 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use chrono::Utc;
 use dossier_domain::{
-    BlobKey, CustomerId, DisplayName, FileCommand, FileId, MessageText, Origin, Settings,
-    SettingsCommand, Task, TaskCommand, TaskTitle, UploadFile, Visibility,
+    BlobKey, CustomerId, DisplayName, FileId, MessageText, Origin, Settings, SettingsCommand, Task,
+    TaskCommand, TaskTitle, Visibility,
 };
 use dossier_projections::files::FileView;
 use dossier_projections::portal::{self, MessageView, TaskView};
@@ -179,22 +179,16 @@ async fn record_customer_upload(
     // The seeds: the attachment is named after the file, without its extension.
     let name = DisplayName::parse(file.file_name.stem())
         .or_else(|_| DisplayName::parse(file.file_name.as_str()))?;
-    let command = FileCommand::Upload(Box::new(UploadFile {
+    let command = file.into_command(upload::Recording {
         tenant: customer.caller.tenant.clone(),
         file_id,
         customer_id: customer.customer.clone(),
         name,
-        file_name: file.file_name,
-        content_type: file.content_type,
-        size: file.size,
-        sha256: file.sha256,
-        blob_key: file.key,
         visibility: Visibility::Portal,
         origin: Origin::CustomerUpload,
         contract_id: None,
         task_id: Some(task_id),
-        at: Utc::now(),
-    }));
+    });
     app.commands()
         .file(&customer.caller.context(), file_id, command)
         .await?;

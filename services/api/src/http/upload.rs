@@ -31,6 +31,41 @@ pub struct StoredUpload {
     pub sha256: Sha256Hex,
 }
 
+/// How a stored upload is to be recorded: everything the form or the route
+/// decides besides the bytes.
+pub struct Recording {
+    pub tenant: dossier_domain::TenantId,
+    pub file_id: dossier_domain::FileId,
+    pub customer_id: dossier_domain::CustomerId,
+    pub name: dossier_domain::DisplayName,
+    pub visibility: dossier_domain::Visibility,
+    pub origin: dossier_domain::Origin,
+    pub contract_id: Option<dossier_domain::ContractId>,
+    pub task_id: Option<uuid::Uuid>,
+}
+
+impl StoredUpload {
+    /// The command that records these bytes as a file, now.
+    pub fn into_command(self, recording: Recording) -> dossier_domain::FileCommand {
+        dossier_domain::FileCommand::Upload(Box::new(dossier_domain::UploadFile {
+            tenant: recording.tenant,
+            file_id: recording.file_id,
+            customer_id: recording.customer_id,
+            name: recording.name,
+            file_name: self.file_name,
+            content_type: self.content_type,
+            size: self.size,
+            sha256: self.sha256,
+            blob_key: self.key,
+            visibility: recording.visibility,
+            origin: recording.origin,
+            contract_id: recording.contract_id,
+            task_id: recording.task_id,
+            at: chrono::Utc::now(),
+        }))
+    }
+}
+
 /// A received form: the stored file (if the form had one) and the text fields.
 pub struct ReceivedForm {
     pub file: Option<StoredUpload>,
