@@ -33,10 +33,36 @@ pub struct SharedS3 {
     pub root: PathBuf,
 }
 
+/// Removes the S3 roots of earlier test runs (older than an hour), so that
+/// repeated runs on one machine do not fill its disk.
+fn remove_old_s3_roots() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    let hour = std::time::Duration::from_secs(3600);
+    for entry in entries.flatten() {
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|modified| modified.elapsed().ok())
+            .is_some_and(|age| age > hour);
+        if old
+            && entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with("dossier-s3-")
+        {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 /// Starts the process-wide S3 server on its own thread and runtime, once.
 pub fn s3_server() -> &'static SharedS3 {
     static S3: OnceLock<SharedS3> = OnceLock::new();
     S3.get_or_init(|| {
+        remove_old_s3_roots();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::Builder::new()
             .name("s3-dev".into())

@@ -382,25 +382,81 @@ pub mod testing {
     /// Pool size of [`fresh_database`]: enough for tests with a dozen concurrent writers.
     pub const TEST_POOL_SIZE: usize = 20;
 
-    /// A URL for a database that does not exist yet, named
-    /// `dossier_test_<uuid>`, on the test server. [`super::connect`] creates it.
-    pub fn unique_database_url() -> String {
-        let server = std::env::var(TEST_DATABASE_URL_VAR)
+    /// Test databases older than this are dropped by the next test run.
+    pub const KEEP_FOR_SECS: u64 = 3600;
+
+    fn test_server() -> String {
+        std::env::var(TEST_DATABASE_URL_VAR)
             .ok()
             .filter(|url| !url.is_empty())
-            .unwrap_or_else(|| DEFAULT_TEST_DATABASE_URL.to_owned());
-        let name = format!("dossier_test_{}", uuid::Uuid::new_v4().simple());
-        with_database_name(&server, &name)
+            .unwrap_or_else(|| DEFAULT_TEST_DATABASE_URL.to_owned())
+    }
+
+    fn now_secs() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or_default()
+    }
+
+    /// A URL for a database that does not exist yet, named
+    /// `dossier_test_<unix seconds>_<uuid>`, on the test server.
+    /// [`super::connect`] creates it.
+    pub fn unique_database_url() -> String {
+        let name = format!(
+            "dossier_test_{}_{}",
+            now_secs(),
+            uuid::Uuid::new_v4().simple()
+        );
+        with_database_name(&test_server(), &name)
     }
 
     /// Creates a new, uniquely named database on the test server, migrates it, and
     /// returns its pool and its URL (for a second pool or a spawned binary).
-    /// Databases are left behind on purpose, for looking at after a failure.
+    /// Databases are left behind for looking at after a failure, for an hour:
+    /// the first call of a test process drops older ones, so that repeated runs
+    /// (CI on one machine) do not fill the disk.
     pub async fn fresh_database() -> Result<(Pool, String), DbError> {
+        static SWEPT: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+        SWEPT.get_or_init(drop_old_test_databases).await;
         let url = unique_database_url();
         let pool = connect(&url, TEST_POOL_SIZE).await?;
         migrate(&pool).await?;
         Ok((pool, url))
+    }
+
+    /// Drops `dossier_test_<secs>_…` databases older than [`KEEP_FOR_SECS`];
+    /// best effort (a database still in use by another run is kept).
+    async fn drop_old_test_databases() {
+        let Ok((client, connection)) =
+            tokio_postgres::connect(&test_server(), tokio_postgres::NoTls).await
+        else {
+            return;
+        };
+        tokio::spawn(connection);
+        let Ok(rows) = client
+            .query(
+                "SELECT datname::text FROM pg_database WHERE datname LIKE 'dossier\\_test\\_%'",
+                &[],
+            )
+            .await
+        else {
+            return;
+        };
+        let cutoff = now_secs().saturating_sub(KEEP_FOR_SECS);
+        for row in rows {
+            let name: String = row.get(0);
+            let created = name
+                .strip_prefix("dossier_test_")
+                .and_then(|rest| rest.split('_').next())
+                .and_then(|secs| secs.parse::<u64>().ok());
+            // Names without a time are from before this rule: old by definition.
+            if created.is_none_or(|secs| secs < cutoff) {
+                let _ = client
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\""))
+                    .await;
+            }
+        }
     }
 
     /// Replaces the database name (the path) of a `postgres://` URL, keeping any
