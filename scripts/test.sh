@@ -9,4 +9,21 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 scripts/services.sh
-exec cargo test --workspace "$@"
+
+# cargo test ends with the doc tests of the last crate ("0 passed"); the line
+# printed last here sums every test binary, so a reader of the closing line
+# sees what really ran.
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --workspace "$@" 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+awk '/^test result:/ {
+        for (i = 2; i <= NF; i++) {
+            if ($i == "passed;") passed += $(i - 1)
+            if ($i == "failed;") failed += $(i - 1)
+        }
+     }
+     END { printf "tests: %d passed, %d failed\n", passed, failed }' "$log"
+exit "$status"
