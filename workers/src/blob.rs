@@ -373,23 +373,18 @@ async fn lookup_deleted(
     pool: &Pool,
     event_id: Uuid,
 ) -> Result<Result<DeletedFile, String>, PgError> {
-    let client = pool.get().await?;
-    let row = client
-        .query_opt(
-            "SELECT tenant, aggregate_type, aggregate_id, event_type, event_version, payload \
-             FROM events WHERE id = $1",
-            &[&event_id],
-        )
-        .await?;
-    let Some(row) = row else {
+    let Some(event) = dossier_platform::log::find_event(pool, event_id).await? else {
         return Ok(Err(format!("no event {event_id} in the log")));
     };
-    let tenant: String = row.try_get("tenant")?;
-    let aggregate_type: String = row.try_get("aggregate_type")?;
-    let aggregate_id: String = row.try_get("aggregate_id")?;
-    let event_type: String = row.try_get("event_type")?;
-    let event_version: String = row.try_get("event_version")?;
-    let payload: serde_json::Value = row.try_get("payload")?;
+    let LoggedEvent {
+        tenant,
+        aggregate_type,
+        aggregate_id,
+        event_type,
+        event_version,
+        payload,
+        ..
+    } = event;
     if aggregate_type != FILE_AGGREGATE || event_type != FileEvent::DELETED {
         return Ok(Err(format!(
             "event {event_id} is a {aggregate_type} {event_type} in the log, not a file FileDeleted"

@@ -72,6 +72,9 @@ pub enum PgError {
     /// A statement failed.
     #[error("Postgres statement failed: {}", pg_detail(.0))]
     Query(#[from] tokio_postgres::Error),
+    /// The log could not be read.
+    #[error(transparent)]
+    Log(#[from] dossier_platform::log::LogError),
 }
 
 /// One helper for every crate: see [`dossier_platform::db::pg_detail`].

@@ -637,23 +637,18 @@ pub fn plan_entries(files: &[FileView]) -> Vec<ArchiveEntry> {
 /// The BundleRequested event `event_id` as the log has it. The outer error is
 /// transient (Postgres); the inner one says why the log does not back the message.
 async fn lookup_request(pool: &Pool, event_id: Uuid) -> Result<Result<Requested, String>, PgError> {
-    let client = pool.get().await?;
-    let row = client
-        .query_opt(
-            "SELECT tenant, aggregate_type, aggregate_id, event_type, event_version, payload \
-             FROM events WHERE id = $1",
-            &[&event_id],
-        )
-        .await?;
-    let Some(row) = row else {
+    let Some(event) = dossier_platform::log::find_event(pool, event_id).await? else {
         return Ok(Err(format!("no event {event_id} in the log")));
     };
-    let tenant: String = row.try_get("tenant")?;
-    let aggregate_type: String = row.try_get("aggregate_type")?;
-    let aggregate_id: String = row.try_get("aggregate_id")?;
-    let event_type: String = row.try_get("event_type")?;
-    let event_version: String = row.try_get("event_version")?;
-    let payload: serde_json::Value = row.try_get("payload")?;
+    let LoggedEvent {
+        tenant,
+        aggregate_type,
+        aggregate_id,
+        event_type,
+        event_version,
+        payload,
+        ..
+    } = event;
     if aggregate_type != BUNDLE_AGGREGATE || event_type != BundleEvent::REQUESTED {
         return Ok(Err(format!(
             "event {event_id} is a {aggregate_type} {event_type} in the log, not a bundle BundleRequested"

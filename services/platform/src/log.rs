@@ -404,6 +404,20 @@ fn parse_xid(text: &str) -> Result<u64, LogError> {
         .map_err(|_| LogError::Watermark(format!("{text:?} is not a transaction id")))
 }
 
+/// The event with id `id`, as the log keeps it; `None` if the log has no such
+/// event. Consumers of `dossier.events` use it to act on what the log says
+/// rather than on what a message claims.
+pub async fn find_event(pool: &Pool, id: uuid::Uuid) -> Result<Option<LoggedEvent>, LogError> {
+    let client = pool.get().await?;
+    let row = client
+        .query_opt(
+            &format!("SELECT {EVENT_COLUMNS} FROM events WHERE id = $1"),
+            &[&id],
+        )
+        .await?;
+    row.as_ref().map(LoggedEvent::from_row).transpose()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
