@@ -14,7 +14,6 @@
 //! sets `last_position`, so an event applied twice changes nothing.
 
 use chrono::{DateTime, Utc};
-use dossier_domain::codec;
 use dossier_domain::{BlobKey, BundleEvent, BundleFile, BundleStatus, Sha256Hex, TenantId};
 use dossier_platform::db::Pool;
 use dossier_platform::log::LoggedEvent;
@@ -23,7 +22,7 @@ use tokio_postgres::{Row, Transaction};
 use uuid::Uuid;
 
 use crate::error::{ProjectionError, pg_detail};
-use crate::projection::Projection;
+use crate::projection::{Projection, decode_event};
 
 /// The aggregate type of bundles in the log: `<dossier_domain::Bundle as
 /// cqrs_es::Aggregate>::TYPE`, spelled out because this crate does not depend on
@@ -88,19 +87,7 @@ impl Projection for BundlesProjection {
             position: event.position,
             reason,
         };
-        let id = Uuid::parse_str(&event.aggregate_id).map_err(|_| {
-            malformed(format!(
-                "bundle aggregate id {:?} is not a UUID",
-                event.aggregate_id
-            ))
-        })?;
-        let payload = codec::unwrap_payload(&event.event_type, event.payload.clone());
-        let decoded: BundleEvent = codec::decode(&event.event_type, &event.event_version, &payload)
-            .map_err(|source| ProjectionError::Undecodable {
-                projection: Self::NAME,
-                position: event.position,
-                source: Box::new(source),
-            })?;
+        let (id, decoded): (Uuid, BundleEvent) = decode_event(Self::NAME, event)?;
         let tenant = event.tenant.as_str();
         let position = event.position;
         let bigint = |what: &str, value: u64| {

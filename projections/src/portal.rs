@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use crate::error::ProjectionError;
 use crate::files::{self, FileView, QueryError};
-use crate::projection::Projection;
+use crate::projection::{Projection, decode_event};
 
 /// Keeps `tasks`, `task_messages` and `tenant_settings` in step with the log.
 #[derive(Debug, Clone, Copy, Default)]
@@ -61,16 +61,7 @@ impl Projection for PortalProjection {
         let tenant = event.tenant.as_str();
         match event.aggregate_type.as_str() {
             "task" => {
-                let task_id = Uuid::parse_str(&event.aggregate_id).map_err(|_| {
-                    ProjectionError::Malformed {
-                        projection: Self::NAME,
-                        position,
-                        reason: format!("task id {:?} is not a UUID", event.aggregate_id),
-                    }
-                })?;
-                let decoded: TaskEvent =
-                    codec::decode(&event.event_type, &event.event_version, &event.payload)
-                        .map_err(undecodable)?;
+                let (task_id, decoded): (Uuid, TaskEvent) = decode_event(Self::NAME, event)?;
                 match decoded {
                     TaskEvent::TaskCreated {
                         customer_id,

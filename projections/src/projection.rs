@@ -46,6 +46,33 @@ pub trait Projection: Send + Sync + 'static {
 
 /// Checks that a projection's name and tables can be spliced into SQL as identifiers
 /// (they are code constants, never user input, but a rebuild builds DDL from them).
+/// The aggregate id (a UUID) and the decoded domain event of `event`, for a
+/// projection's `apply`: one place that reads the log's payload back
+/// (`dossier_domain::codec`; the tagged shape cqrs-es alone would write reads
+/// the same) and says which projection could not.
+pub(crate) fn decode_event<E: serde::de::DeserializeOwned>(
+    projection: &'static str,
+    event: &LoggedEvent,
+) -> Result<(uuid::Uuid, E), ProjectionError> {
+    let id =
+        uuid::Uuid::parse_str(&event.aggregate_id).map_err(|_| ProjectionError::Malformed {
+            projection,
+            position: event.position,
+            reason: format!(
+                "{} aggregate id {:?} is not a UUID",
+                event.aggregate_type, event.aggregate_id
+            ),
+        })?;
+    let payload = dossier_domain::codec::unwrap_payload(&event.event_type, event.payload.clone());
+    let decoded = dossier_domain::codec::decode(&event.event_type, &event.event_version, &payload)
+        .map_err(|source| ProjectionError::Undecodable {
+            projection,
+            position: event.position,
+            source: Box::new(source),
+        })?;
+    Ok((id, decoded))
+}
+
 pub(crate) fn validate<P: Projection>(projection: &P) -> Result<(), ProjectionError> {
     let plain = |s: &str| {
         !s.is_empty()

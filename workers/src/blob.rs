@@ -40,7 +40,6 @@ use std::time::{Duration, SystemTime};
 
 use cqrs_es::persist::PersistedEventStore;
 use cqrs_es::{AggregateError, CqrsFramework};
-use dossier_domain::codec;
 use dossier_domain::{BlobKey, File, FileCommand, FileEvent, FilePolicy, TenantId};
 use dossier_platform::amqp::{
     self, AmqpError, BLOB_QUEUE, Backoff, Broker, ConsumerOptions, Incoming, Outcome,
@@ -373,32 +372,17 @@ async fn lookup_deleted(
     pool: &Pool,
     event_id: Uuid,
 ) -> Result<Result<DeletedFile, String>, PgError> {
-    let Some(event) = dossier_platform::log::find_event(pool, event_id).await? else {
-        return Ok(Err(format!("no event {event_id} in the log")));
+    let backed =
+        match crate::backed_event::<FileEvent>(pool, event_id, FILE_AGGREGATE, FileEvent::DELETED)
+            .await?
+        {
+            Ok(backed) => backed,
+            Err(reason) => return Ok(Err(reason)),
+        };
+    let FileEvent::FileDeleted { blob_key, .. } = backed.event else {
+        return Ok(Err(format!("event {event_id} decodes to another event")));
     };
-    let LoggedEvent {
-        tenant,
-        aggregate_type,
-        aggregate_id,
-        event_type,
-        event_version,
-        payload,
-        ..
-    } = event;
-    if aggregate_type != FILE_AGGREGATE || event_type != FileEvent::DELETED {
-        return Ok(Err(format!(
-            "event {event_id} is a {aggregate_type} {event_type} in the log, not a file FileDeleted"
-        )));
-    }
-    let blob_key = match codec::decode::<FileEvent>(&event_type, &event_version, &payload) {
-        Ok(FileEvent::FileDeleted { blob_key, .. }) => blob_key,
-        Ok(_) => return Ok(Err(format!("event {event_id} decodes to another event"))),
-        Err(error) => return Ok(Err(error.to_string())),
-    };
-    let tenant = match TenantId::parse(&tenant) {
-        Ok(tenant) => tenant,
-        Err(error) => return Ok(Err(format!("the tenant of event {event_id}: {error}"))),
-    };
+    let (tenant, aggregate_id) = (backed.tenant, backed.aggregate_id);
     Ok(Ok(DeletedFile {
         event_id,
         tenant,

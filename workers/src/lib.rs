@@ -77,6 +77,50 @@ pub enum PgError {
     Log(#[from] dossier_platform::log::LogError),
 }
 
+/// An event that a message on `dossier.events` names, as the log has it.
+pub(crate) struct Backed<E> {
+    pub tenant: dossier_domain::TenantId,
+    pub aggregate_id: String,
+    pub event: E,
+}
+
+/// Reads the event `event_id` from the log and decodes it, checking that it is
+/// a `event_type` of `aggregate_type`: workers act on what the log says, not on
+/// what a message claims. The outer error is transient (Postgres); the inner
+/// one says why the log does not back the message (dead-letter it).
+pub(crate) async fn backed_event<E: serde::de::DeserializeOwned>(
+    pool: &Pool,
+    event_id: uuid::Uuid,
+    aggregate_type: &str,
+    event_type: &str,
+) -> Result<Result<Backed<E>, String>, PgError> {
+    let Some(logged) = dossier_platform::log::find_event(pool, event_id).await? else {
+        return Ok(Err(format!("no event {event_id} in the log")));
+    };
+    if logged.aggregate_type != aggregate_type || logged.event_type != event_type {
+        return Ok(Err(format!(
+            "event {event_id} is a {} {} in the log, not a {aggregate_type} {event_type}",
+            logged.aggregate_type, logged.event_type
+        )));
+    }
+    let event = match dossier_domain::codec::decode::<E>(
+        &logged.event_type,
+        &logged.event_version,
+        &logged.payload,
+    ) {
+        Ok(event) => event,
+        Err(error) => return Ok(Err(error.to_string())),
+    };
+    let Ok(tenant) = dossier_domain::TenantId::parse(&logged.tenant) else {
+        return Ok(Err(format!("the tenant of event {event_id} is malformed")));
+    };
+    Ok(Ok(Backed {
+        tenant,
+        aggregate_id: logged.aggregate_id,
+        event,
+    }))
+}
+
 /// One helper for every crate: see [`dossier_platform::db::pg_detail`].
 pub(crate) use dossier_platform::db::pg_detail;
 

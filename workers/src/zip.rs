@@ -51,7 +51,6 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use cqrs_es::persist::PersistedEventStore;
 use cqrs_es::{AggregateError, CqrsFramework, EventStore as _};
-use dossier_domain::codec;
 use dossier_domain::naming::{ZipEntryNames, download_name};
 use dossier_domain::{
     BlobKey, Bundle, BundleArchive, BundleCommand, BundleError, BundleEvent, BundleFile,
@@ -637,31 +636,21 @@ pub fn plan_entries(files: &[FileView]) -> Vec<ArchiveEntry> {
 /// The BundleRequested event `event_id` as the log has it. The outer error is
 /// transient (Postgres); the inner one says why the log does not back the message.
 async fn lookup_request(pool: &Pool, event_id: Uuid) -> Result<Result<Requested, String>, PgError> {
-    let Some(event) = dossier_platform::log::find_event(pool, event_id).await? else {
-        return Ok(Err(format!("no event {event_id} in the log")));
+    let backed = match crate::backed_event::<BundleEvent>(
+        pool,
+        event_id,
+        BUNDLE_AGGREGATE,
+        BundleEvent::REQUESTED,
+    )
+    .await?
+    {
+        Ok(backed) => backed,
+        Err(reason) => return Ok(Err(reason)),
     };
-    let LoggedEvent {
-        tenant,
-        aggregate_type,
-        aggregate_id,
-        event_type,
-        event_version,
-        payload,
-        ..
-    } = event;
-    if aggregate_type != BUNDLE_AGGREGATE || event_type != BundleEvent::REQUESTED {
-        return Ok(Err(format!(
-            "event {event_id} is a {aggregate_type} {event_type} in the log, not a bundle BundleRequested"
-        )));
-    }
-    let files = match codec::decode::<BundleEvent>(&event_type, &event_version, &payload) {
-        Ok(BundleEvent::BundleRequested { files, .. }) => files,
-        Ok(_) => return Ok(Err(format!("event {event_id} decodes to another event"))),
-        Err(error) => return Ok(Err(error.to_string())),
+    let BundleEvent::BundleRequested { files, .. } = backed.event else {
+        return Ok(Err(format!("event {event_id} decodes to another event")));
     };
-    let Ok(tenant) = TenantId::parse(&tenant) else {
-        return Ok(Err(format!("the tenant of event {event_id} is malformed")));
-    };
+    let (tenant, aggregate_id) = (backed.tenant, backed.aggregate_id);
     let Ok(bundle_id) = Uuid::parse_str(&aggregate_id) else {
         return Ok(Err(format!("bundle id {aggregate_id:?} is not a UUID")));
     };

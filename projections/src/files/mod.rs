@@ -21,7 +21,6 @@ pub mod query;
 
 use chrono::{DateTime, Utc};
 use dossier_domain::FileEvent;
-use dossier_domain::codec;
 use dossier_platform::log::LoggedEvent;
 use tokio_postgres::Transaction;
 use tokio_postgres::types::{ToSql, Type};
@@ -31,7 +30,7 @@ pub use cursor::{Cursor, CursorError};
 pub use query::{FileFilter, FileView, Page, QueryError, by_tasks, get, get_many, list};
 
 use crate::error::ProjectionError;
-use crate::projection::Projection;
+use crate::projection::{Projection, decode_event};
 
 /// The aggregate type of files in the log: `<dossier_domain::File as
 /// cqrs_es::Aggregate>::TYPE`, spelled out because this crate does not depend on
@@ -104,22 +103,7 @@ impl Projection for FilesProjection {
             position: event.position,
             reason,
         };
-        let id = Uuid::parse_str(&event.aggregate_id).map_err(|_| {
-            malformed(format!(
-                "file aggregate id {:?} is not a UUID",
-                event.aggregate_id
-            ))
-        })?;
-        // The log's documented payload is the inner object (dossier_domain::codec);
-        // cqrs-es on its own would store it tagged ({"FileRenamed": {...}}). Both read
-        // the same here, so the read model does not depend on which shape a writer used.
-        let payload = codec::unwrap_payload(&event.event_type, event.payload.clone());
-        let decoded: FileEvent = codec::decode(&event.event_type, &event.event_version, &payload)
-            .map_err(|source| ProjectionError::Undecodable {
-            projection: Self::NAME,
-            position: event.position,
-            source: Box::new(source),
-        })?;
+        let (id, decoded): (Uuid, FileEvent) = decode_event(Self::NAME, event)?;
         let tenant = event.tenant.as_str();
         let position = event.position;
 
