@@ -10,6 +10,7 @@
 
 use dossier_platform::db::Pool;
 use tokio_postgres::Transaction;
+use tokio_postgres::types::Type;
 
 use crate::error::ProjectionError;
 
@@ -45,6 +46,60 @@ pub async fn store(tx: &Transaction<'_>, name: &str, position: i64) -> Result<()
     tx.execute(
         "UPDATE checkpoints SET position = $2, updated_at = now() WHERE name = $1",
         &[&name, &position],
+    )
+    .await?;
+    Ok(())
+}
+
+// The batch forms below serve a runner of several projections: one round trip
+// each (`*_typed`: parse, bind and execute travel together), whatever the count.
+
+/// Creates the checkpoint rows of `names` that do not exist yet, at 0.
+pub async fn create_missing(tx: &Transaction<'_>, names: &[&str]) -> Result<(), ProjectionError> {
+    tx.execute_typed(
+        "INSERT INTO checkpoints (name, position) SELECT unnest($1::text[]), 0 \
+         ON CONFLICT (name) DO NOTHING",
+        &[(&names, Type::TEXT_ARRAY)],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Locks the checkpoint rows of `names` until `tx` ends, in one statement (in name
+/// order, the same order for every locker), and returns their positions in the
+/// order of `names`; `None` for a row that does not exist.
+pub async fn lock_all(
+    tx: &Transaction<'_>,
+    names: &[&str],
+) -> Result<Vec<Option<i64>>, ProjectionError> {
+    let rows = tx
+        .query_typed(
+            "SELECT name, position FROM checkpoints WHERE name = ANY($1) \
+             ORDER BY name FOR UPDATE",
+            &[(&names, Type::TEXT_ARRAY)],
+        )
+        .await?;
+    let mut positions = vec![None; names.len()];
+    for row in rows {
+        let name: &str = row.try_get(0)?;
+        if let Some(i) = names.iter().position(|n| *n == name) {
+            positions[i] = Some(row.try_get(1)?);
+        }
+    }
+    Ok(positions)
+}
+
+/// Moves the checkpoint of `names[i]` to `positions[i]` for every `i`, in `tx`
+/// (which holds their locks), in one statement.
+pub async fn store_all(
+    tx: &Transaction<'_>,
+    names: &[&str],
+    positions: &[i64],
+) -> Result<(), ProjectionError> {
+    tx.execute_typed(
+        "UPDATE checkpoints AS c SET position = v.position, updated_at = now() \
+         FROM unnest($1::text[], $2::bigint[]) AS v(name, position) WHERE c.name = v.name",
+        &[(&names, Type::TEXT_ARRAY), (&positions, Type::INT8_ARRAY)],
     )
     .await?;
     Ok(())

@@ -73,6 +73,17 @@ impl ProjectionError {
         }
     }
 
+    /// The projection the error is about, when it is about one.
+    pub fn projection(&self) -> Option<&'static str> {
+        match self {
+            Self::Undecodable { projection, .. } | Self::Malformed { projection, .. } => {
+                Some(projection)
+            }
+            Self::RebuildInProgress(projection) => Some(projection),
+            _ => None,
+        }
+    }
+
     /// A short, stable label for metrics (`kind`).
     pub fn kind(&self) -> &'static str {
         match self {

@@ -20,8 +20,8 @@ use dossier_domain::{
 use dossier_platform::db::{Pool, testing::fresh_database};
 use dossier_projections::files::{self, Cursor, FileFilter, FileView};
 use dossier_projections::{
-    FilesProjection, FollowerConfig, Freshness, FreshnessError, Projection, ProjectionError,
-    Runner, RunnerConfig, checkpoint, rebuild,
+    BundlesProjection, FilesProjection, FollowerConfig, Freshness, FreshnessError, Projection,
+    ProjectionError, Runner, RunnerConfig, checkpoint, rebuild,
 };
 use serde_json::{Value, json};
 use tokio::sync::watch;
@@ -203,14 +203,14 @@ async fn fixture() -> Fixture {
     }
 }
 
-fn runner(pool: &Pool) -> Runner<FilesProjection> {
+fn runner(pool: &Pool) -> Runner {
     Runner::new(pool.clone(), FilesProjection, RunnerConfig::default())
 }
 
 /// Steps until the checkpoint is at or past `position`. (`catch_up` alone stops at
 /// what is safe to read at that moment; other tests' transactions on the same server
 /// can hold the log's watermark back for a moment.)
-async fn catch_up_to(runner: &mut Runner<FilesProjection>, position: i64) {
+async fn catch_up_to(runner: &mut Runner, position: i64) {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let reached = runner.catch_up().await.expect("the projection applies");
@@ -1239,4 +1239,120 @@ async fn payloads_stored_in_the_tagged_shape_of_cqrs_es_read_the_same() {
         .unwrap()
         .unwrap();
     assert_eq!(view.name.as_str(), "still tagged");
+}
+
+// ------------------------------------------ one runner for every read model
+
+/// A runner of two read models, as a process with the projections role runs all of
+/// them in one. (The portal projection is left out: the made-up task events of
+/// `write_history` are not real task events, and it would refuse them.)
+fn runner_of_all(pool: &Pool, batch_size: i64) -> Runner {
+    Runner::new(
+        pool.clone(),
+        FilesProjection,
+        RunnerConfig {
+            batch_size,
+            ..RunnerConfig::default()
+        },
+    )
+    .with(BundlesProjection)
+}
+
+async fn checkpoints(pool: &Pool) -> Vec<Option<i64>> {
+    let mut positions = Vec::new();
+    for name in ["files", "bundles"] {
+        positions.push(checkpoint::read(pool, name).await.unwrap());
+    }
+    positions
+}
+
+#[tokio::test]
+async fn one_runner_feeds_every_read_model_and_moves_each_checkpoint() {
+    let fx = fixture().await;
+    let last = write_history(&fx.log, 24).await;
+    let mut all = runner_of_all(&fx.pool, 5);
+    catch_up_to(&mut all, last).await;
+    assert_eq!(checkpoints(&fx.pool).await, vec![Some(last); 2]);
+    for handle in all.handles() {
+        assert_eq!(handle.checkpoint(), last, "{}", handle.name());
+    }
+    let together = snapshot(&fx.pool).await;
+
+    // The same log through a runner of the files projection alone gives the same rows.
+    rebuild(&fx.pool, &FilesProjection).await.unwrap();
+    assert_eq!(snapshot(&fx.pool).await, together);
+}
+
+#[tokio::test]
+async fn a_checkpoint_moved_under_a_shared_runner_restarts_only_that_read_model() {
+    let fx = fixture().await;
+    let first = write_history(&fx.log, 10).await;
+    let mut all = runner_of_all(&fx.pool, 500);
+    catch_up_to(&mut all, first).await;
+    let before = snapshot(&fx.pool).await;
+
+    // What a rebuild's swap or an operator does to one read model: move its
+    // checkpoint. The others stay where they are.
+    fx.pool
+        .get()
+        .await
+        .unwrap()
+        .execute("UPDATE checkpoints SET position = 0 WHERE name = 'files'", &[])
+        .await
+        .unwrap();
+    let (id, later) = fx.log.upload(&Upload::new("later", at(500))).await;
+    catch_up_to(&mut all, later).await;
+
+    assert_eq!(checkpoints(&fx.pool).await, vec![Some(later); 2]);
+    let (rows, tombstones) = snapshot(&fx.pool).await;
+    assert_eq!(tombstones, before.1, "applying the log again changed nothing");
+    assert_eq!(rows.len(), before.0.len() + 1);
+    assert!(
+        files::get(&fx.pool, &tenant(TENANT), id)
+            .await
+            .unwrap()
+            .is_some()
+    );
+}
+
+#[tokio::test]
+async fn an_event_one_read_model_refuses_stops_the_shared_runner_right_in_front_of_it() {
+    let fx = fixture().await;
+    let (good, before) = fx.log.upload(&Upload::new("good", at(0))).await;
+    let poison = fx
+        .log
+        .append_raw(
+            TENANT,
+            "file",
+            &Uuid::now_v7().to_string(),
+            &[(FileEvent::RENAMED.to_owned(), json!({"nonsense": true}))],
+        )
+        .await;
+    fx.log.upload(&Upload::new("after", at(1))).await;
+
+    let mut all = runner_of_all(&fx.pool, 500);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let error = loop {
+        match all.step().await {
+            Ok(progress) => assert!(
+                tokio::time::Instant::now() < deadline,
+                "never reached the poison; at {progress:?}"
+            ),
+            Err(error) => break error,
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    assert!(
+        matches!(error, ProjectionError::Undecodable { position, .. } if position == poison),
+        "{error:?}"
+    );
+    // Files (the first, and the one that refused) and the read models after it all
+    // stop right before the poison; what came before is applied.
+    assert_eq!(checkpoints(&fx.pool).await, vec![Some(before); 2]);
+    assert!(
+        files::get(&fx.pool, &tenant(TENANT), good)
+            .await
+            .unwrap()
+            .is_some()
+    );
 }

@@ -191,39 +191,46 @@ impl Commands {
         A::Command: Clone,
         A::Error: Into<ApiError>,
     {
-        // Cheap: the framework is a store handle (a pool clone) and the services.
-        let framework = CqrsFramework::new(
-            PersistedEventStore::<PgEventStore, A>::new_event_store(self.store.clone()),
-            vec![],
-            services,
-        );
-        execute(&framework, &self.store, ctx, aggregate_id, command).await
+        execute::<A>(&self.store, ctx, aggregate_id, command, services).await
     }
 }
 
 async fn execute<A>(
-    framework: &CqrsFramework<A, PersistedEventStore<PgEventStore, A>>,
     store: &PgEventStore,
     ctx: &CommandContext,
     aggregate_id: &str,
     command: A::Command,
+    services: A::Services,
 ) -> Result<Accepted, CommandError>
 where
     A: Aggregate + Send + Sync,
     A::Command: Clone,
     A::Error: Into<ApiError>,
 {
+    // Cheap: the framework is a store handle (a pool clone) and the services.
+    // The handle notes where the append put the events, for read-your-writes.
+    let (noting, appended) = store.noting_positions();
+    let framework = CqrsFramework::new(
+        PersistedEventStore::<PgEventStore, A>::new_event_store(noting),
+        vec![],
+        services,
+    );
     for attempt in 1..=MAX_ATTEMPTS {
         match framework
             .execute_with_metadata(aggregate_id, command.clone(), ctx.metadata())
             .await
         {
             Ok(()) => {
-                let position = store
-                    .last_position(A::TYPE, aggregate_id)
-                    .await
-                    .map_err(|e| CommandError::Unavailable(e.to_string()))?
-                    .unwrap_or(0);
+                let position = match appended.get() {
+                    Some(position) => position,
+                    // A command that changed nothing: the read models must still
+                    // show the aggregate as it stands, that is its last event.
+                    None => store
+                        .last_position(A::TYPE, aggregate_id)
+                        .await
+                        .map_err(|e| CommandError::Unavailable(e.to_string()))?
+                        .unwrap_or(0),
+                };
                 metrics::counter!("dossier_commands_total", "aggregate" => A::TYPE, "outcome" => "accepted")
                     .increment(1);
                 return Ok(Accepted { position });

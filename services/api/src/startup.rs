@@ -8,7 +8,6 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -58,47 +57,35 @@ pub async fn open_blob_store(settings: &Settings) -> anyhow::Result<Arc<dyn Blob
         .with_context(|| format!("opening the blob store {}", settings.blob_store))
 }
 
-type RoleFuture = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
-
-/// Every read model of this process: the runners to spawn (projections role)
-/// or the followers of their checkpoints (other roles), and what
+/// Every read model of this process: one runner for all of them (projections
+/// role), or a follower of each one's checkpoint (other roles), and what
 /// read-your-writes waits on.
 struct ReadModels {
+    run_here: bool,
+    runner: Option<Runner>,
     freshness: Vec<Freshness>,
-    runners: Vec<Box<dyn FnOnce(watch::Receiver<bool>) -> RoleFuture + Send>>,
     followers: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl ReadModels {
-    fn new() -> Self {
+    fn new(run_here: bool) -> Self {
         Self {
+            run_here,
+            runner: None,
             freshness: Vec::new(),
-            runners: Vec::new(),
             followers: Vec::new(),
         }
     }
 
-    /// Adds one projection: a runner when this process runs projections,
-    /// otherwise a follower of its checkpoint for read-your-writes.
-    fn add<P: Projection>(
-        &mut self,
-        pool: &Pool,
-        projection: P,
-        run_here: bool,
-        shutdown: &watch::Sender<bool>,
-    ) {
-        if run_here {
-            let runner = Runner::new(pool.clone(), projection, RunnerConfig::default());
-            self.freshness.push(runner.freshness());
-            self.runners.push(Box::new(move |stopping| {
-                Box::pin(async move {
-                    let name = runner.name();
-                    runner
-                        .run(stopping)
-                        .await
-                        .with_context(|| format!("running the {name} projection"))
-                })
-            }));
+    /// Adds one projection: to the process's runner when this process runs
+    /// projections (one watermark, one read and one transaction per batch for
+    /// all of them), otherwise a follower of its checkpoint for read-your-writes.
+    fn add<P: Projection>(&mut self, pool: &Pool, projection: P, shutdown: &watch::Sender<bool>) {
+        if self.run_here {
+            self.runner = Some(match self.runner.take() {
+                None => Runner::new(pool.clone(), projection, RunnerConfig::default()),
+                Some(runner) => runner.with(projection),
+            });
         } else {
             let (freshness, task) = Freshness::follow(
                 pool.clone(),
@@ -110,6 +97,21 @@ impl ReadModels {
             self.followers.push(task);
         }
     }
+
+    /// What read-your-writes waits on, and the runner to spawn, if any.
+    fn finish(
+        mut self,
+    ) -> (
+        Vec<Freshness>,
+        Option<Runner>,
+        Vec<tokio::task::JoinHandle<()>>,
+    ) {
+        if let Some(runner) = &self.runner {
+            self.freshness
+                .extend(runner.handles().iter().map(|handle| handle.freshness()));
+        }
+        (self.freshness, self.runner, self.followers)
+    }
 }
 
 /// One process of Dossier, built and ready to run.
@@ -119,7 +121,8 @@ pub struct Application {
     state: AppState,
     broker: Option<Broker>,
     listener: Option<TcpListener>,
-    projectors: Vec<Box<dyn FnOnce(watch::Receiver<bool>) -> RoleFuture + Send>>,
+    /// Every read model of the process, when it runs the projections role.
+    runner: Option<Runner>,
     shutdown: watch::Sender<bool>,
     followers: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -146,18 +149,18 @@ impl Application {
         let (shutdown, _) = watch::channel(false);
 
         // Every read model; a new one is one line here.
-        let run_here = settings.roles.contains(Role::Projections);
-        let mut read_models = ReadModels::new();
-        read_models.add(&pool, FilesProjection, run_here, &shutdown);
-        read_models.add(&pool, PortalProjection, run_here, &shutdown);
-        read_models.add(&pool, BundlesProjection, run_here, &shutdown);
+        let mut read_models = ReadModels::new(settings.roles.contains(Role::Projections));
+        read_models.add(&pool, FilesProjection, &shutdown);
+        read_models.add(&pool, PortalProjection, &shutdown);
+        read_models.add(&pool, BundlesProjection, &shutdown);
+        let (freshness, runner, followers) = read_models.finish();
 
         let store = PgEventStore::new(pool.clone());
         let max_file_bytes = MaxFileBytes(settings.max_file_bytes);
         let commands = Arc::new(Commands::new(
             store,
             FilePolicy { max_file_bytes },
-            read_models.freshness,
+            freshness,
         ));
         // Only roles that talk to RabbitMQ connect to it: an API-only node keeps
         // taking commands (they wait in the log) while the broker is down.
@@ -200,9 +203,9 @@ impl Application {
             state,
             broker,
             listener,
-            projectors: read_models.runners,
+            runner,
             shutdown,
-            followers: read_models.followers,
+            followers,
         })
     }
 
@@ -231,7 +234,7 @@ impl Application {
             state,
             broker,
             listener,
-            projectors,
+            runner,
             shutdown,
             followers,
             ..
@@ -252,9 +255,12 @@ impl Application {
                 ("api", served)
             });
         }
-        for projector in projectors {
-            let run = projector(shutdown.subscribe());
-            roles.spawn(async move { ("projections", run.await) });
+        if let Some(runner) = runner {
+            let stopping = shutdown.subscribe();
+            roles.spawn(async move {
+                let ran = runner.run(stopping).await;
+                ("projections", ran.context("running the projections"))
+            });
         }
         if let Some(broker) = &broker {
             if settings.roles.contains(Role::Intake) {

@@ -18,6 +18,8 @@
 //! `(aggregate_type, aggregate_id, sequence)`, without the tenant): use ids that
 //! cannot collide across tenants, such as UUIDs.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use cqrs_es::Aggregate;
@@ -57,11 +59,37 @@ const STREAM_CHANNEL_SIZE: usize = 256;
 /// this aggregate's next event first" (see migration 0001).
 const SEQUENCE_CONSTRAINT: &str = "events_aggregate_sequence_key";
 
-const INSERT_EVENT: &str = "INSERT INTO events \
-     (id, tenant, aggregate_type, aggregate_id, sequence, event_type, event_version, \
-      payload, metadata, actor) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
-     RETURNING position";
+/// The whole append as one statement, so that it is one round trip and, outside
+/// an explicit transaction, one implicit transaction: the events (one array element
+/// per event, inserted in array order), then the command's receipt when `$10` (the
+/// idempotency key) is not null, naming the last position. The table's insert
+/// trigger takes the transaction's xid before it draws each position, which is
+/// what the log readers' safe watermark relies on (`crate::log`).
+///
+/// Positions follow array order because `INSERT ... SELECT ... ORDER BY` hands the
+/// rows to the insert, and so to the position trigger, in that order (a test checks
+/// it). The events may belong to several aggregates (the benchmark seeds in
+/// batches); the receipt names the first event's aggregate.
+const APPEND: &str = "\
+    WITH appended AS ( \
+        INSERT INTO events (id, tenant, aggregate_type, aggregate_id, sequence, event_type, \
+                            event_version, payload, metadata, actor) \
+        SELECT e.id, e.tenant, e.aggregate_type, e.aggregate_id, e.sequence, e.event_type, \
+               e.event_version, e.payload, e.metadata, e.actor \
+        FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bigint[], \
+                    $6::text[], $7::text[], $8::jsonb[], $9::jsonb[], $10::text[]) \
+             WITH ORDINALITY AS e(id, tenant, aggregate_type, aggregate_id, sequence, \
+                                  event_type, event_version, payload, metadata, actor, n) \
+        ORDER BY e.n \
+        RETURNING position \
+    ), receipt AS ( \
+        INSERT INTO command_receipts \
+            (tenant, idempotency_key, status, aggregate_type, aggregate_id, position) \
+        SELECT $2[1], $11, 'accepted', $3[1], $4[1], last.position \
+        FROM (SELECT max(position) AS position FROM appended) AS last \
+        WHERE $11::text IS NOT NULL \
+    ) \
+    SELECT position FROM appended ORDER BY position";
 
 /// Why the event store refused or failed an operation. cqrs-es only knows
 /// [`PersistenceError`]; these travel boxed inside it, so callers can downcast.
@@ -128,6 +156,25 @@ pub enum EventStoreError {
 #[derive(Clone)]
 pub struct PgEventStore {
     pool: Pool,
+    /// Where [`Self::noting_positions`] wants the last appended position.
+    noted: Option<LastAppended>,
+}
+
+/// The log position of the last event a [`PgEventStore::noting_positions`] handle
+/// appended. cqrs-es's `execute` answers `()`, so this is how the command path
+/// learns where its events went without asking the database again.
+#[derive(Debug, Clone, Default)]
+pub struct LastAppended(Arc<AtomicI64>);
+
+impl LastAppended {
+    /// The position, `None` while nothing was appended through the handle.
+    pub fn get(&self) -> Option<i64> {
+        Some(self.0.load(Ordering::Acquire)).filter(|position| *position > 0)
+    }
+
+    fn note(&self, position: i64) {
+        self.0.fetch_max(position, Ordering::AcqRel);
+    }
 }
 
 impl std::fmt::Debug for PgEventStore {
@@ -138,17 +185,16 @@ impl std::fmt::Debug for PgEventStore {
 
 /// One event ready for the INSERT: validated and converted before any connection is
 /// taken, so a refused event never opens a transaction.
-struct NewEvent<'a> {
+struct NewEvent {
     tenant: String,
     actor: String,
     sequence: i64,
     /// The payload as the log keeps it: without cqrs-es's type tag.
     payload: Value,
-    event: &'a SerializedEvent,
 }
 
-impl<'a> NewEvent<'a> {
-    fn prepare(event: &'a SerializedEvent) -> Result<Self, EventStoreError> {
+impl NewEvent {
+    fn prepare(event: &SerializedEvent) -> Result<Self, EventStoreError> {
         let bad = |reason: String| EventStoreError::BadMetadata {
             aggregate_type: event.aggregate_type.clone(),
             aggregate_id: event.aggregate_id.clone(),
@@ -197,7 +243,6 @@ impl<'a> NewEvent<'a> {
             actor,
             sequence,
             payload,
-            event,
         })
     }
 }
@@ -205,7 +250,19 @@ impl<'a> NewEvent<'a> {
 impl PgEventStore {
     /// An event store on `pool` (a database migrated with [`crate::db::migrate`]).
     pub fn new(pool: Pool) -> Self {
-        Self { pool }
+        Self { pool, noted: None }
+    }
+
+    /// A handle on the same store that notes the position of every event it
+    /// appends in the returned [`LastAppended`]. One per command: the framework
+    /// cqrs-es builds per command gets this handle.
+    pub fn noting_positions(&self) -> (Self, LastAppended) {
+        let noted = LastAppended::default();
+        let store = Self {
+            pool: self.pool.clone(),
+            noted: Some(noted.clone()),
+        };
+        (store, noted)
     }
 
     /// The pool, for callers that need their own queries next to the store.
@@ -274,95 +331,77 @@ impl PgEventStore {
         events: &[SerializedEvent],
         commit_delay: Option<Duration>,
     ) -> Result<Vec<i64>, PersistenceError> {
-        if events.is_empty() {
+        let Some(first) = events.first() else {
             return Ok(Vec::new());
-        }
+        };
         let prepared = events
             .iter()
             .map(NewEvent::prepare)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| PersistenceError::UnknownError(Box::new(e)))?;
-
-        let mut client = self.client().await?;
-        let tx = client
-            .transaction()
-            .await
-            .map_err(|e| database_error("starting the append transaction", e))?;
-        // Take this transaction's xid BEFORE drawing any position. The log readers'
-        // safe watermark (crate::log) relies on "every transaction that holds a
-        // position <= L got its xid before L was read". Without this statement the xid
-        // would be assigned lazily when the first row is written, which is after
-        // nextval() has run. (The table's insert trigger enforces the same order for
-        // every writer; doing it here too keeps the rule visible where appends happen.)
-        tx.execute("SELECT pg_current_xact_id()", &[])
-            .await
-            .map_err(|e| database_error("taking a transaction id", e))?;
-        let insert = tx
-            .prepare_cached(INSERT_EVENT)
-            .await
-            .map_err(|e| database_error("preparing the insert", e))?;
-
-        let mut positions = Vec::with_capacity(prepared.len());
-        for new in &prepared {
-            let event = new.event;
-            let id = Uuid::now_v7();
-            let params: [&(dyn ToSql + Sync); 10] = [
-                &id,
-                &new.tenant,
-                &event.aggregate_type,
-                &event.aggregate_id,
-                &new.sequence,
-                &event.event_type,
-                &event.event_version,
-                &new.payload,
-                &event.metadata,
-                &new.actor,
-            ];
-            let row = tx
-                .query_one(&insert, &params)
-                .await
-                .map_err(|e| insert_error(event, e))?;
-            positions.push(
-                row.try_get::<_, i64>(0)
-                    .map_err(|e| database_error("reading the new position", e))?,
-            );
-        }
-
+        // One array per column, element i being event i.
+        let ids: Vec<Uuid> = prepared.iter().map(|_| Uuid::now_v7()).collect();
+        let tenants: Vec<&str> = prepared.iter().map(|n| n.tenant.as_str()).collect();
+        let aggregate_types: Vec<&str> = events.iter().map(|e| e.aggregate_type.as_str()).collect();
+        let aggregate_ids: Vec<&str> = events.iter().map(|e| e.aggregate_id.as_str()).collect();
+        let sequences: Vec<i64> = prepared.iter().map(|n| n.sequence).collect();
+        let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
+        let versions: Vec<&str> = events.iter().map(|e| e.event_version.as_str()).collect();
+        let payloads: Vec<&Value> = prepared.iter().map(|n| &n.payload).collect();
+        let metadata: Vec<&Value> = events.iter().map(|e| &e.metadata).collect();
+        let actors: Vec<&str> = prepared.iter().map(|n| n.actor.as_str()).collect();
         // A command with an idempotency key leaves its receipt in the same
-        // transaction: the key then has its effect at most once, crashes included.
-        let first = &prepared[0];
+        // statement: the key then has its effect at most once, crashes included.
         let key = first
-            .event
             .metadata
             .get(META_IDEMPOTENCY_KEY)
             .and_then(Value::as_str);
-        if let (Some(key), Some(position)) = (key, positions.last()) {
-            let receipt: [&(dyn ToSql + Sync); 5] = [
-                &first.tenant,
-                &key,
-                &first.event.aggregate_type,
-                &first.event.aggregate_id,
-                position,
-            ];
-            tx.execute(receipts::INSERT_ACCEPTED, &receipt)
-                .await
-                .map_err(|e| match e.as_db_error().and_then(|db| db.constraint()) {
-                    Some(receipts::PRIMARY_KEY) => PersistenceError::UnknownError(Box::new(
-                        EventStoreError::DuplicateCommand {
-                            tenant: first.tenant.clone(),
-                            key: key.to_owned(),
-                        },
-                    )),
-                    _ => database_error("recording the command receipt", e),
-                })?;
-        }
+        let params: [&(dyn ToSql + Sync); 11] = [
+            &ids,
+            &tenants,
+            &aggregate_types,
+            &aggregate_ids,
+            &sequences,
+            &types,
+            &versions,
+            &payloads,
+            &metadata,
+            &actors,
+            &key,
+        ];
 
-        if let Some(delay) = commit_delay {
-            tokio::time::sleep(delay).await;
-        }
-        tx.commit()
+        let mut client = self.client().await?;
+        let statement = client
+            .prepare_cached(APPEND)
             .await
-            .map_err(|e| database_error("committing the append", e))?;
+            .map_err(|e| database_error("preparing the append", e))?;
+        let rows = match commit_delay {
+            None => client.query(&statement, &params).await,
+            Some(delay) => {
+                let tx = client
+                    .transaction()
+                    .await
+                    .map_err(|e| database_error("starting the append transaction", e))?;
+                let rows = tx.query(&statement, &params).await;
+                if rows.is_ok() {
+                    tokio::time::sleep(delay).await;
+                    tx.commit()
+                        .await
+                        .map_err(|e| database_error("committing the append", e))?;
+                }
+                rows
+            }
+        }
+        .map_err(|e| append_error(first, &prepared[0].tenant, key, e))?;
+
+        let positions = rows
+            .iter()
+            .map(|row| row.try_get::<_, i64>("position"))
+            .collect::<Result<Vec<i64>, _>>()
+            .map_err(|e| database_error("reading the new positions", e))?;
+        if let (Some(noted), Some(last)) = (&self.noted, positions.last()) {
+            noted.note(*last);
+        }
         tracing::debug!(?positions, "appended events");
         Ok(positions)
     }
@@ -387,8 +426,15 @@ impl PgEventStore {
              WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence > $3 \
              ORDER BY sequence"
         );
+        let statement = client
+            .prepare_cached(&sql)
+            .await
+            .map_err(|e| database_error("preparing the aggregate's load", e))?;
         let rows = client
-            .query(&sql, &[&aggregate_type, &aggregate_id, &after_sequence])
+            .query(
+                &statement,
+                &[&aggregate_type, &aggregate_id, &after_sequence],
+            )
             .await
             .map_err(|e| database_error("loading an aggregate's events", e))?;
         rows.iter().map(serialized_event_from_row).collect()
@@ -461,24 +507,36 @@ fn serialized_event_from_row(
     })
 }
 
-/// Maps an INSERT failure: losing the race for a sequence number is the optimistic
-/// lock error cqrs-es expects; anything else keeps its meaning.
-fn insert_error(event: &SerializedEvent, error: tokio_postgres::Error) -> PersistenceError {
-    let lost_race = error.code() == Some(&SqlState::UNIQUE_VIOLATION)
-        && error
-            .as_db_error()
-            .and_then(|db| db.constraint())
-            .is_some_and(|constraint| constraint == SEQUENCE_CONSTRAINT);
-    if lost_race {
-        tracing::debug!(
-            aggregate_type = %event.aggregate_type,
-            aggregate_id = %event.aggregate_id,
-            sequence = event.sequence,
-            "another writer appended this sequence number first"
-        );
-        return PersistenceError::OptimisticLockError;
+/// Maps an append failure: losing the race for a sequence number is the optimistic
+/// lock error cqrs-es expects, a used idempotency key is
+/// [`EventStoreError::DuplicateCommand`]; anything else keeps its meaning.
+fn append_error(
+    first: &SerializedEvent,
+    tenant: &str,
+    key: Option<&str>,
+    error: tokio_postgres::Error,
+) -> PersistenceError {
+    let constraint = (error.code() == Some(&SqlState::UNIQUE_VIOLATION))
+        .then(|| error.as_db_error().and_then(|db| db.constraint()))
+        .flatten();
+    match (constraint, key) {
+        (Some(SEQUENCE_CONSTRAINT), _) => {
+            tracing::debug!(
+                aggregate_type = %first.aggregate_type,
+                aggregate_id = %first.aggregate_id,
+                sequence = first.sequence,
+                "another writer appended this sequence number first"
+            );
+            PersistenceError::OptimisticLockError
+        }
+        (Some(receipts::PRIMARY_KEY), Some(key)) => {
+            PersistenceError::UnknownError(Box::new(EventStoreError::DuplicateCommand {
+                tenant: tenant.to_owned(),
+                key: key.to_owned(),
+            }))
+        }
+        _ => database_error("appending events", error),
     }
-    database_error("inserting an event", error)
 }
 
 /// Wraps a driver error: a lost or unreachable server is a `ConnectionError` (the

@@ -20,9 +20,10 @@
 //!
 //! # The safe watermark
 //!
-//! Every appender takes its transaction id *before* it draws a position (the event
-//! store's first statement is `SELECT pg_current_xact_id()`, and the table's insert
-//! trigger enforces the same order for any other writer). The reader then:
+//! Every appender takes its transaction id *before* it draws a position: the
+//! table's insert trigger calls `pg_current_xact_id()` and only then `nextval()`,
+//! for the event store's one-statement append and for any other writer alike. The
+//! reader then:
 //!
 //! 1. reads `L`, the last position the sequence has handed out;
 //! 2. in a later statement, takes a fresh transaction id `X` of its own

@@ -846,3 +846,71 @@ async fn cqrs_framework_executes_commands_and_reloads_through_the_store() {
     assert_eq!(logged[2].tenant, "t2");
     assert_eq!(logged[1].metadata_str(META_CORRELATION_ID), Some("corr-7"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commands_events_get_increasing_positions_and_one_receipt_in_one_statement() {
+    let (pool, store) = fresh().await;
+    let keyed = |sequence: usize| {
+        let mut event = event("agg", sequence, "t1");
+        event.metadata["idempotency_key"] = json!("msg-1");
+        event
+    };
+    let (noting, appended) = store.noting_positions();
+    assert_eq!(appended.get(), None);
+    let positions = noting
+        .persist_returning_positions(&[keyed(1), keyed(2), keyed(3)])
+        .await
+        .expect("append");
+    assert_eq!(positions.len(), 3);
+    assert!(positions.windows(2).all(|w| w[0] < w[1]), "{positions:?}");
+    assert_eq!(appended.get(), Some(positions[2]));
+    let sequences: Vec<i64> = pool
+        .get()
+        .await
+        .unwrap()
+        .query("SELECT sequence FROM events ORDER BY position", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(sequences, vec![1, 2, 3], "position order is sequence order");
+    let receipt: i64 = pool
+        .get()
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT position FROM command_receipts WHERE tenant = 't1' AND idempotency_key = 'msg-1'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(receipt, positions[2], "the receipt names the last event");
+
+    // The same key again is refused whole: no event, no second receipt.
+    let again = store.persist_returning_positions(&[keyed(4)]).await;
+    let Err(PersistenceError::UnknownError(error)) = again else {
+        panic!("expected a duplicate command, got {again:?}");
+    };
+    assert!(matches!(
+        error.downcast_ref::<EventStoreError>(),
+        Some(EventStoreError::DuplicateCommand { key, .. }) if key == "msg-1"
+    ));
+    assert_eq!(count_events(&pool).await, 3);
+
+    // Without a key there is no receipt at all.
+    store
+        .persist_returning_positions(&[event("other", 1, "t1")])
+        .await
+        .expect("append");
+    let receipts: i64 = pool
+        .get()
+        .await
+        .unwrap()
+        .query_one("SELECT count(*) FROM command_receipts", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(receipts, 1);
+}
