@@ -236,6 +236,14 @@ impl Runner {
         self
     }
 
+    /// Reads the log through `reader`, a clone of the process's one reader, so
+    /// that the runner shares the safe watermark with the other followers (see
+    /// [`LogReader`]) instead of working it out again.
+    pub fn reading_from(mut self, reader: LogReader) -> Self {
+        self.reader = reader;
+        self
+    }
+
     /// The names of the runner's projections, in the order they apply each event.
     pub fn names(&self) -> Vec<&'static str> {
         self.members.iter().map(Member::name).collect()

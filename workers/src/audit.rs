@@ -48,6 +48,7 @@ use dossier_platform::amqp::{
 use dossier_platform::chain::{self, Sealer};
 use dossier_platform::config::Secret;
 use dossier_platform::db::Pool;
+use dossier_platform::log::LogReader;
 use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::watch;
@@ -78,6 +79,28 @@ const NOT_DETAILS: &[&str] = &["tenant", "customer_id", "file_id", "blob_key"];
 
 /// The aggregate type of files in the log.
 const FILE_AGGREGATE: &str = "file";
+
+/// The event of an audit entry, by id, and the customer named by the upload of
+/// the file it concerns (a rename does not name it; the upload is the file's
+/// first event). The file is the aggregate of a file event, else the payload's
+/// `file_id` (a download).
+const READ_EVENT: &str = "\
+    SELECT e.position, e.tenant, e.aggregate_type, e.aggregate_id, e.event_type, \
+           e.event_version, e.recorded_at, e.actor, e.payload, \
+           (SELECT upload.payload->>'customer_id' FROM events AS upload \
+            WHERE upload.aggregate_type = 'file' \
+              AND upload.aggregate_id = CASE WHEN e.aggregate_type = 'file' \
+                                             THEN e.aggregate_id \
+                                             ELSE e.payload->>'file_id' END \
+              AND upload.sequence = 1 AND upload.tenant = e.tenant) AS upload_customer \
+    FROM events AS e WHERE e.id = $1";
+
+/// One entry; a redelivered event finds its entry there and writes nothing.
+const INSERT_ENTRY: &str = "\
+    INSERT INTO audit_trail (event_id, position, tenant, at, actor, action, aggregate_type, \
+                             aggregate_id, event_type, file_id, customer_id, details) \
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
+    ON CONFLICT (event_id) DO NOTHING";
 
 /// How many of a tenant's newest events [`wait_until_complete`] checks.
 const COMPLETENESS_WINDOW: i64 = 200;
@@ -147,10 +170,12 @@ impl AuditConfig {
 }
 
 /// Runs the audit worker until `shutdown` turns `true`: the trail consumer, the
-/// sealer and the periodic checkpoints (see the module docs).
+/// sealer (reading the log through `log`, a clone of the process's one reader)
+/// and the periodic checkpoints (see the module docs).
 #[tracing::instrument(name = "audit_worker", skip_all)]
 pub async fn run(
     pool: Pool,
+    log: LogReader,
     broker: Broker,
     config: AuditConfig,
     shutdown: watch::Receiver<bool>,
@@ -173,7 +198,11 @@ pub async fn run(
         },
         shutdown.clone(),
     );
-    let sealing = seal_continuously(pool.clone(), config.clone(), shutdown.clone());
+    let sealing = seal_continuously(
+        Sealer::reading_from(pool.clone(), log),
+        config.clone(),
+        shutdown.clone(),
+    );
     let signing = sign_periodically(pool, config, shutdown);
     let background = async {
         tokio::join!(sealing, signing);
@@ -257,14 +286,9 @@ pub enum Recorded {
 /// Idempotent: a second call finds the entry and writes nothing.
 pub async fn record(pool: &Pool, event_id: Uuid) -> Result<Recorded, PgError> {
     let client = pool.get().await?;
-    let row = client
-        .query_opt(
-            "SELECT position, tenant, aggregate_type, aggregate_id, event_type, event_version, \
-                    recorded_at, actor, payload \
-             FROM events WHERE id = $1",
-            &[&event_id],
-        )
-        .await?;
+    // The event, and the customer its file's upload named: one round trip.
+    let statement = client.prepare_cached(READ_EVENT).await?;
+    let row = client.query_opt(&statement, &[&event_id]).await?;
     let Some(row) = row else {
         return Ok(Recorded::NotInLog);
     };
@@ -277,6 +301,7 @@ pub async fn record(pool: &Pool, event_id: Uuid) -> Result<Recorded, PgError> {
     let at: DateTime<Utc> = row.try_get("recorded_at")?;
     let actor: String = row.try_get("actor")?;
     let payload: Value = row.try_get("payload")?;
+    let upload_customer: Option<String> = row.try_get("upload_customer")?;
 
     let payload = upcast::upcast(&event_type, &event_version, payload);
     let text = |key: &str| payload.get(key).and_then(Value::as_str).map(str::to_owned);
@@ -285,20 +310,7 @@ pub async fn record(pool: &Pool, event_id: Uuid) -> Result<Recorded, PgError> {
     } else {
         text("file_id")
     };
-    let mut customer_id = text("customer_id");
-    if customer_id.is_none()
-        && let Some(file_id) = &file_id
-    {
-        // The upload is the file's first event and names its customer.
-        customer_id = client
-            .query_opt(
-                "SELECT payload->>'customer_id' FROM events \
-                 WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence = 1 AND tenant = $3",
-                &[&FILE_AGGREGATE, file_id, &tenant],
-            )
-            .await?
-            .and_then(|row| row.try_get::<_, Option<String>>(0).ok().flatten());
-    }
+    let customer_id = text("customer_id").or(upload_customer);
     let details = match payload {
         Value::Object(mut map) => {
             for key in NOT_DETAILS {
@@ -310,13 +322,10 @@ pub async fn record(pool: &Pool, event_id: Uuid) -> Result<Recorded, PgError> {
         other => other,
     };
     let action = action_for(&aggregate_type, &event_type);
+    let statement = client.prepare_cached(INSERT_ENTRY).await?;
     let written = client
         .execute(
-            "INSERT INTO audit_trail (event_id, position, tenant, at, actor, action, \
-                                      aggregate_type, aggregate_id, event_type, file_id, \
-                                      customer_id, details) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
-             ON CONFLICT (event_id) DO NOTHING",
+            &statement,
             &[
                 &event_id,
                 &position,
@@ -344,8 +353,11 @@ pub async fn record(pool: &Pool, event_id: Uuid) -> Result<Recorded, PgError> {
 
 /// Seals the log as it grows, until shutdown. Failures are logged and retried
 /// with backoff: an unsealed tail is only a delay, never a loss.
-async fn seal_continuously(pool: Pool, config: AuditConfig, mut shutdown: watch::Receiver<bool>) {
-    let mut sealer = Sealer::new(pool);
+async fn seal_continuously(
+    mut sealer: Sealer,
+    config: AuditConfig,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut failures = 0u32;
     loop {
         if *shutdown.borrow() {

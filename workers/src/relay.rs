@@ -117,19 +117,23 @@ impl PublishError {
     }
 }
 
-/// Runs the relay with [`RelayConfig::default`] until `shutdown` turns `true`.
+/// Runs the relay with [`RelayConfig::default`] until `shutdown` turns `true`,
+/// reading the log through `log` (a clone of the process's one reader, so that
+/// the relay shares the safe watermark with the other followers).
 pub async fn run(
     pool: Pool,
+    log: LogReader,
     broker: Broker,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), RelayError> {
-    run_with(pool, broker, RelayConfig::default(), shutdown).await
+    run_with(pool, log, broker, RelayConfig::default(), shutdown).await
 }
 
 /// Runs the relay until `shutdown` turns `true` (see the module docs).
 #[tracing::instrument(name = "relay", skip_all)]
 pub async fn run_with(
     pool: Pool,
+    log: LogReader,
     broker: Broker,
     config: RelayConfig,
     shutdown: watch::Receiver<bool>,
@@ -137,7 +141,7 @@ pub async fn run_with(
     let mut stopping = shutdown.clone();
     let mut relay = Relay {
         pool: pool.clone(),
-        reader: LogReader::new(pool.clone()),
+        reader: log,
         config,
         checkpoint: 0,
         publisher: None,

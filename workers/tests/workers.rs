@@ -100,6 +100,7 @@ impl Harness {
         };
         let running = relay::run_with(
             self.pool.clone(),
+            dossier_platform::log::LogReader::new(self.pool.clone()),
             self.broker.clone(),
             config,
             self.shutdown.subscribe(),

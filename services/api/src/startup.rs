@@ -18,6 +18,7 @@ use dossier_platform::blob::{self, BlobStore, BlobStoreSpec, S3Options};
 use dossier_platform::config::{BlobStoreLocation, Role, Settings};
 use dossier_platform::db::{self, Pool};
 use dossier_platform::eventstore::PgEventStore;
+use dossier_platform::log::LogReader;
 use dossier_platform::telemetry;
 use dossier_projections::BundlesProjection;
 use dossier_projections::{
@@ -62,15 +63,17 @@ pub async fn open_blob_store(settings: &Settings) -> anyhow::Result<Arc<dyn Blob
 /// read-your-writes waits on.
 struct ReadModels {
     run_here: bool,
+    log: LogReader,
     runner: Option<Runner>,
     freshness: Vec<Freshness>,
     followers: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl ReadModels {
-    fn new(run_here: bool) -> Self {
+    fn new(run_here: bool, log: LogReader) -> Self {
         Self {
             run_here,
+            log,
             runner: None,
             freshness: Vec::new(),
             followers: Vec::new(),
@@ -83,7 +86,8 @@ impl ReadModels {
     fn add<P: Projection>(&mut self, pool: &Pool, projection: P, shutdown: &watch::Sender<bool>) {
         if self.run_here {
             self.runner = Some(match self.runner.take() {
-                None => Runner::new(pool.clone(), projection, RunnerConfig::default()),
+                None => Runner::new(pool.clone(), projection, RunnerConfig::default())
+                    .reading_from(self.log.clone()),
                 Some(runner) => runner.with(projection),
             });
         } else {
@@ -123,6 +127,9 @@ pub struct Application {
     listener: Option<TcpListener>,
     /// Every read model of the process, when it runs the projections role.
     runner: Option<Runner>,
+    /// The process's one reader of the log (see [`LogReader`]: clones share the
+    /// safe watermark).
+    log: LogReader,
     shutdown: watch::Sender<bool>,
     followers: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -149,7 +156,11 @@ impl Application {
         let (shutdown, _) = watch::channel(false);
 
         // Every read model; a new one is one line here.
-        let mut read_models = ReadModels::new(settings.roles.contains(Role::Projections));
+        // One reader of the log for every follower in this process (the read
+        // models, the relay, the sealer): they share its safe watermark.
+        let log = LogReader::new(pool.clone());
+        let mut read_models =
+            ReadModels::new(settings.roles.contains(Role::Projections), log.clone());
         read_models.add(&pool, FilesProjection, &shutdown);
         read_models.add(&pool, PortalProjection, &shutdown);
         read_models.add(&pool, BundlesProjection, &shutdown);
@@ -204,6 +215,7 @@ impl Application {
             broker,
             listener,
             runner,
+            log,
             shutdown,
             followers,
         })
@@ -235,6 +247,7 @@ impl Application {
             broker,
             listener,
             runner,
+            log,
             shutdown,
             followers,
             ..
@@ -280,9 +293,14 @@ impl Application {
                 });
             }
             if settings.roles.contains(Role::Relay) {
-                let (pool, broker, stopping) = (pool.clone(), broker.clone(), shutdown.subscribe());
+                let (pool, log, broker, stopping) = (
+                    pool.clone(),
+                    log.clone(),
+                    broker.clone(),
+                    shutdown.subscribe(),
+                );
                 roles.spawn(async move {
-                    let ran = dossier_workers::relay::run(pool, broker, stopping).await;
+                    let ran = dossier_workers::relay::run(pool, log, broker, stopping).await;
                     ("relay", ran.context("relaying events to RabbitMQ"))
                 });
             }
@@ -296,10 +314,15 @@ impl Application {
                     // The audit trail, the sealing of the log and its signed checkpoints.
                     let config =
                         dossier_workers::audit::AuditConfig::new(settings.checkpoint_key.clone());
-                    let (pool, broker, stopping) =
-                        (pool.clone(), broker.clone(), shutdown.subscribe());
+                    let (pool, log, broker, stopping) = (
+                        pool.clone(),
+                        log.clone(),
+                        broker.clone(),
+                        shutdown.subscribe(),
+                    );
                     roles.spawn(async move {
-                        let ran = dossier_workers::audit::run(pool, broker, config, stopping).await;
+                        let ran =
+                            dossier_workers::audit::run(pool, log, broker, config, stopping).await;
                         ("audit", ran.context("running the audit worker"))
                     });
                 }

@@ -204,6 +204,12 @@ impl Sealer {
     /// A sealer on the database of `pool`.
     pub fn new(pool: Pool) -> Self {
         let reader = LogReader::new(pool.clone());
+        Self::reading_from(pool, reader)
+    }
+
+    /// A sealer that reads the log through `reader`, a clone of the process's
+    /// one reader (it shares the safe watermark, see [`LogReader`]).
+    pub fn reading_from(pool: Pool, reader: LogReader) -> Self {
         Self {
             pool,
             reader,

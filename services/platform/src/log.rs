@@ -57,10 +57,12 @@
 //! already safe: it lags, it never skips. Details and alternatives:
 //! `docs/adr/0002-log-order-and-the-safe-watermark.md`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
@@ -199,19 +201,31 @@ struct Candidate {
 /// Keep one per follower and call it repeatedly: it remembers the watermark and the
 /// candidate it is waiting for, so a call costs one to three small queries plus the
 /// read itself. The follower keeps its own checkpoint and passes it as `after`.
+///
+/// **Clones share the watermark.** The safe watermark is a fact about the log, not
+/// about a follower, so every follower of a process reads through clones of one
+/// reader (the start-up code does that for the projections, the relay and the
+/// sealer): the first one that needs a newer watermark works it out while the
+/// others wait for it, then all of them use it. Followers with a reader of their
+/// own work out the same watermark again, with queries of their own.
 #[derive(Clone)]
 pub struct LogReader {
     pool: Pool,
+    watermark: Arc<Mutex<Watermark>>,
+    max_wait: Duration,
+}
+
+/// What a reader (and its clones) knows about the log's safe watermark.
+#[derive(Debug, Default)]
+struct Watermark {
     safe: i64,
     pending: Option<Candidate>,
-    max_wait: Duration,
 }
 
 impl std::fmt::Debug for LogReader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LogReader")
-            .field("safe", &self.safe)
-            .field("pending", &self.pending)
+            .field("watermark", &self.watermark)
             .field("max_wait", &self.max_wait)
             .finish_non_exhaustive()
     }
@@ -222,14 +236,14 @@ impl LogReader {
     pub fn new(pool: Pool) -> Self {
         Self {
             pool,
-            safe: 0,
-            pending: None,
+            watermark: Arc::default(),
             max_wait: DEFAULT_MAX_WAIT,
         }
     }
 
     /// How long one call may wait for a pending watermark to settle before it returns
-    /// what is already safe (default [`DEFAULT_MAX_WAIT`]; zero never waits).
+    /// what is already safe (default [`DEFAULT_MAX_WAIT`]; zero never waits). Clones
+    /// made afterwards inherit it; the watermark itself stays shared.
     pub fn with_max_wait(mut self, max_wait: Duration) -> Self {
         self.max_wait = max_wait;
         self
@@ -279,7 +293,7 @@ impl LogReader {
     /// visible, and no event can ever appear at or below it later. Advances it if
     /// possible, waiting at most the reader's max wait.
     pub async fn safe_position(&mut self) -> Result<i64, LogError> {
-        let current = self.safe;
+        let current = self.watermark.lock().await.safe;
         self.advance(current).await
     }
 
@@ -287,41 +301,51 @@ impl LogReader {
     /// watermark is above `want_above`, when there is nothing pending, or when the
     /// max wait is over.
     async fn advance(&mut self, want_above: i64) -> Result<i64, LogError> {
+        // Held for the whole call: a clone that comes meanwhile waits, then finds
+        // the watermark this call worked out.
+        //
+        // Every call looks at the log once more, even when the watermark is
+        // already above `want_above`: the positions up to it may all be gaps (an
+        // aborted append draws a position too), and a follower that found nothing
+        // there asks again from the same place; only a newer candidate gets it on.
+        let mut state = self.watermark.lock().await;
         let client = self.pool.get().await?;
         let deadline = tokio::time::Instant::now() + self.max_wait;
         let mut interval = Duration::from_millis(1);
         loop {
-            if let Some(candidate) = self.pending
+            if let Some(candidate) = state.pending
                 && xid_horizon_passed(&client, candidate.xid_horizon).await?
             {
-                self.settle(candidate);
+                state.settle(candidate);
             }
-            if self.pending.is_none() {
+            if state.pending.is_none() {
                 // Step 1, then step 2 in a later statement: the order is the proof.
                 let last_position = last_handed_out_position(&client).await?;
-                if last_position > self.safe {
+                if last_position > state.safe {
                     let candidate = Candidate {
                         last_position,
                         xid_horizon: fresh_xid(&client).await?,
                     };
-                    self.pending = Some(candidate);
+                    state.pending = Some(candidate);
                     // Step 3. On a quiet server this settles at once.
                     if xid_horizon_passed(&client, candidate.xid_horizon).await? {
-                        self.settle(candidate);
+                        state.settle(candidate);
                     }
                 }
             }
-            if self.safe > want_above
-                || self.pending.is_none()
+            if state.safe > want_above
+                || state.pending.is_none()
                 || tokio::time::Instant::now() >= deadline
             {
-                return Ok(self.safe);
+                return Ok(state.safe);
             }
             tokio::time::sleep(interval).await;
             interval = (interval * 2).min(MAX_POLL_INTERVAL);
         }
     }
+}
 
+impl Watermark {
     fn settle(&mut self, candidate: Candidate) {
         self.safe = self.safe.max(candidate.last_position);
         self.pending = None;

@@ -914,3 +914,53 @@ async fn a_commands_events_get_increasing_positions_and_one_receipt_in_one_state
         .get(0);
     assert_eq!(receipts, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_sharing_a_reader_get_past_a_gap_left_by_an_aborted_append() {
+    let (pool, store) = fresh().await;
+    let first = store
+        .persist_returning_positions(&[event("agg", 1, "t1")])
+        .await
+        .expect("append")[0];
+    // An append that draws a position and rolls back: a gap at the log's end.
+    {
+        let mut client = pool.get().await.unwrap();
+        let tx = client.transaction().await.unwrap();
+        raw_insert(&tx.client(), "doomed").await;
+        tx.rollback().await.unwrap();
+    }
+    let mut one = patient_reader(&pool);
+    let mut other = one.clone();
+    let read = one.read(0, 10, &LogFilter::default()).await.unwrap();
+    assert_eq!(
+        read.iter().map(|e| e.position).collect::<Vec<_>>(),
+        vec![first]
+    );
+    // Both followers are now at `first`, below a watermark that only covers the gap.
+    assert!(
+        other
+            .read(first, 10, &LogFilter::default())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    let later = store
+        .persist_returning_positions(&[event("agg", 2, "t1")])
+        .await
+        .expect("append")[0];
+    for reader in [&mut one, &mut other] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let read = reader.read(first, 10, &LogFilter::default()).await.unwrap();
+            if let Some(event) = read.first() {
+                assert_eq!(event.position, later);
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "a follower stayed stuck behind the gap"
+            );
+        }
+    }
+}
