@@ -109,7 +109,7 @@ impl Intake {
     }
 
     #[tracing::instrument(skip_all, fields(routing_key = %message.routing_key, message_id = message.message_id().unwrap_or("-")))]
-    async fn handle(&self, message: Incoming) -> Outcome {
+    async fn handle(&self, mut message: Incoming) -> Outcome {
         let envelope = match Envelope::read(&message) {
             Ok(envelope) => envelope,
             Err(poison) => return self.dead_letter(&message, &poison).await,
@@ -121,7 +121,7 @@ impl Intake {
                 metrics::counter!("dossier_intake_duplicates_total").increment(1);
                 receipt
             }
-            Ok(None) => match self.execute(&envelope, &message).await {
+            Ok(None) => match self.execute(&envelope, &mut message).await {
                 Ok(receipt) => receipt,
                 Err(Failure::Poison(poison)) => return self.dead_letter(&message, &poison).await,
                 Err(Failure::Transient(detail)) => return self.retry_later(&detail).await,
@@ -141,8 +141,13 @@ impl Intake {
     }
 
     /// Runs the command and answers its receipt (the one that stands, if a
-    /// concurrent delivery of the same message won).
-    async fn execute(&self, envelope: &Envelope, message: &Incoming) -> Result<Receipt, Failure> {
+    /// concurrent delivery of the same message won). An upload takes the
+    /// message's body (the broker still has it for a redelivery).
+    async fn execute(
+        &self,
+        envelope: &Envelope,
+        message: &mut Incoming,
+    ) -> Result<Receipt, Failure> {
         let ctx = envelope.context();
         // A body or field that is malformed is answered as `validation_failed`.
         macro_rules! parse {
@@ -219,7 +224,7 @@ impl Intake {
     }
 
     /// `file.upload`: the body is the file; the headers are the form.
-    async fn upload(&self, ctx: &CommandContext, message: &Incoming) -> Result<Ran, Failure> {
+    async fn upload(&self, ctx: &CommandContext, message: &mut Incoming) -> Result<Ran, Failure> {
         let form = match UploadHeaders::read(message) {
             Ok(form) => form,
             Err(error) => return Ok(Ran::Refused(error)),
@@ -232,7 +237,9 @@ impl Intake {
         }
         let file_id = FileId::new();
         let key = BlobKey::for_file(&ctx.tenant, &form.customer_id, file_id);
-        let chunk = Bytes::copy_from_slice(&message.body);
+        // The body moves into one chunk without a copy; the S3 store slices
+        // its parts out of it.
+        let chunk = Bytes::from(std::mem::take(&mut message.body));
         let body: ByteStream = Box::pin(futures::stream::once(async move { Ok(chunk) }));
         let stored = match self.blobs.put(&key, body, self.max_file_bytes).await {
             Ok(stored) => stored,

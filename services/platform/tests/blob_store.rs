@@ -395,6 +395,31 @@ mod behaviours {
         );
     }
 
+    pub async fn bodies_in_chunks_larger_than_a_part_round_trip(s: &Subject) {
+        // An AMQP upload is one chunk: alone, and followed by more bytes.
+        for (seed, len, chunk) in [
+            (15, 2 * PART_SIZE + 1, 2 * PART_SIZE + 1),
+            (16, 3 * PART_SIZE + 7, 2 * PART_SIZE + 3),
+        ] {
+            let key = new_key();
+            let data = pseudo_random(len, seed);
+            let stored = s
+                .store
+                .put(&key, body(&data, chunk), 25 * 1024 * 1024)
+                .await
+                .unwrap();
+            assert_eq!(stored.size, len as u64);
+            assert_eq!(stored.sha256, sha256_hex(&data));
+            let (size, read) = read_all(&*s.store, &key).await.unwrap();
+            assert_eq!(size, len as u64);
+            assert!(
+                read == data,
+                "the bytes read back differ from the bytes stored"
+            );
+        }
+        assert_no_leftovers(s);
+    }
+
     pub async fn get_of_an_absent_key_is_not_found(s: &Subject) {
         let err = s.store.get(&new_key()).await.unwrap_err();
         assert!(matches!(err, BlobError::NotFound), "{err:?}");
@@ -506,6 +531,7 @@ suite!(
     put_replaces_an_existing_blob,
     multi_part_upload_round_trips,
     body_of_exactly_one_part_round_trips,
+    bodies_in_chunks_larger_than_a_part_round_trip,
     get_of_an_absent_key_is_not_found,
     delete_is_idempotent,
     list_by_prefix_finds_what_was_put,

@@ -5,7 +5,8 @@
 //! production would give it: its database, its vhost, an `s3://` blob store on
 //! the benchmark's S3 server, and the S3 credentials in `AWS_ACCESS_KEY_ID` /
 //! `AWS_SECRET_ACCESS_KEY` for the child only. The goal is 64 MiB plus 8 MiB
-//! per upload in flight (one S3 part each).
+//! per upload in flight: one S3 part buffer each (5 MiB), the HTTP side's
+//! buffers, and the S3 store's few spare part buffers for pipelining.
 
 use std::process::Stdio;
 use std::sync::Arc;
