@@ -77,8 +77,13 @@ pub(crate) const EVENT_COLUMNS: &str = "id, position, tenant, aggregate_type, ag
 /// How long one call waits, by default, for a pending watermark to settle.
 pub const DEFAULT_MAX_WAIT: Duration = Duration::from_millis(100);
 
-/// Longest sleep between two checks while waiting for a watermark to settle.
-const MAX_POLL_INTERVAL: Duration = Duration::from_millis(20);
+/// Longest sleep between two checks while waiting for a watermark to settle. A
+/// candidate usually settles within an append's duration, and every command's
+/// read-your-writes wait sits behind this sleep: at 20 ms a rename took 6.4 ms at
+/// one client (p50), at 2 ms 1.9 ms, and projection lag at 64 clients fell from
+/// 0.11 to 0.09 s (`dossier bench --scenario commands`). A check is one small
+/// query, and clones of a reader share one waiter (see [`LogReader`]).
+const MAX_POLL_INTERVAL: Duration = Duration::from_millis(2);
 
 /// One event as it stands in the log.
 ///
