@@ -926,7 +926,7 @@ async fn followers_sharing_a_reader_get_past_a_gap_left_by_an_aborted_append() {
     {
         let mut client = pool.get().await.unwrap();
         let tx = client.transaction().await.unwrap();
-        raw_insert(&tx.client(), "doomed").await;
+        raw_insert(tx.client(), "doomed").await;
         tx.rollback().await.unwrap();
     }
     let mut one = patient_reader(&pool);
