@@ -25,9 +25,20 @@ pub const FILE_UPLOADED_VERSION: &str = "2";
 /// Anything without an upcaster (a current version, another event type, an
 /// unknown version) passes through unchanged: decoding then decides.
 pub fn upcast(event_type: &str, event_version: &str, payload: Value) -> Value {
+    match upcaster(event_type, event_version) {
+        Some(lift) => lift(payload),
+        None => payload,
+    }
+}
+
+/// The upcaster [`upcast`] applies to `event_type` at `event_version`, if any: the
+/// one table of upcasters. `None` means the stored payload already is the current
+/// shape, so a reader may decode it straight from its JSON text (a projection
+/// rebuild does) instead of going through a [`Value`].
+pub fn upcaster(event_type: &str, event_version: &str) -> Option<fn(Value) -> Value> {
     match (event_type, event_version) {
-        (FILE_UPLOADED, "1") => file_uploaded_v1_to_v2(payload),
-        _ => payload,
+        (FILE_UPLOADED, "1") => Some(file_uploaded_v1_to_v2),
+        _ => None,
     }
 }
 
@@ -99,6 +110,13 @@ mod tests {
         let renamed = json!({"from": "a", "name": "b"});
         assert_eq!(upcast("FileRenamed", "1", renamed.clone()), renamed);
         assert_eq!(upcast("FileUploaded", "1", json!("odd")), json!("odd"));
+    }
+
+    #[test]
+    fn only_versions_with_an_upcaster_are_changed() {
+        assert!(upcaster("FileUploaded", "1").is_some());
+        assert!(upcaster("FileUploaded", FILE_UPLOADED_VERSION).is_none());
+        assert!(upcaster("FileRenamed", "1").is_none());
     }
 
     #[test]

@@ -15,7 +15,11 @@
 //! Every row update carries `last_position < event position` in its WHERE clause and
 //! sets `last_position`, so an event applied twice changes nothing; the tombstone
 //! does the same for a file whose row is gone.
+//!
+//! A rebuild fills the tables aside with [`bulk::FilesBulkBuild`] instead, which
+//! folds the events in memory by the same rules and writes the rows with `COPY`.
 
+pub mod bulk;
 pub mod cursor;
 pub mod query;
 
@@ -30,7 +34,7 @@ pub use cursor::{Cursor, CursorError};
 pub use query::{FileFilter, FileView, Page, QueryError, by_tasks, get, get_many, list};
 
 use crate::error::ProjectionError;
-use crate::projection::{Projection, decode_event};
+use crate::projection::{BulkBuild, Projection, decode_event};
 
 /// The aggregate type of files in the log: `<dossier_domain::File as
 /// cqrs_es::Aggregate>::TYPE`, spelled out because this crate does not depend on
@@ -88,6 +92,10 @@ impl Projection for FilesProjection {
 
     fn tables(&self) -> &'static [&'static str] {
         &["files", "files_tombstones"]
+    }
+
+    fn bulk_build(&self) -> Option<impl BulkBuild> {
+        Some(bulk::FilesBulkBuild::default())
     }
 
     async fn apply(

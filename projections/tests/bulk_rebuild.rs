@@ -1,0 +1,550 @@
+//! The bulk build of the files projection (`files::bulk`) against the reference it
+//! must equal: the same log rebuilt by applying every event one by one
+//! (`RebuildOptions { bulk: false, .. }`, the runner's `apply`). Each test gets its
+//! own migrated database and writes rows into the real `events` table the way the
+//! event store does (xid first, positions from the table's trigger).
+
+use chrono::{DateTime, TimeZone, Utc};
+use dossier_domain::codec;
+use dossier_domain::{
+    BlobKey, ContentType, ContractId, CustomerId, DisplayName, FileEvent, FileId, FileName, Origin,
+    Sha256Hex, TenantId, Visibility,
+};
+use dossier_platform::db::{Pool, testing::fresh_database};
+use dossier_projections::rebuild::{RebuildOptions, rebuild_with_options};
+use dossier_projections::{FilesProjection, ProjectionError, RebuildReport, checkpoint};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+const SHA: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+
+// ---------------------------------------------------------------- helpers
+
+/// 2026-01-01T00:00:00Z plus `minutes`.
+fn at(minutes: i64) -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap() + chrono::Duration::minutes(minutes)
+}
+
+fn event_type(event: &FileEvent) -> &'static str {
+    match event {
+        FileEvent::FileUploaded { .. } => FileEvent::UPLOADED,
+        FileEvent::FileRenamed { .. } => FileEvent::RENAMED,
+        FileEvent::FileVisibilityChanged { .. } => FileEvent::VISIBILITY_CHANGED,
+        FileEvent::FileViewed { .. } => FileEvent::VIEWED,
+        FileEvent::FileSigned { .. } => FileEvent::SIGNED,
+        FileEvent::FileDeleted { .. } => FileEvent::DELETED,
+        FileEvent::BlobPurged { .. } => FileEvent::BLOB_PURGED,
+    }
+}
+
+fn upload(tenant: &str, customer: &str, id: Uuid, name: &str, created: i64) -> FileEvent {
+    let tenant = TenantId::parse(tenant).unwrap();
+    let customer_id = CustomerId::parse(customer).unwrap();
+    FileEvent::FileUploaded {
+        blob_key: BlobKey::for_file(&tenant, &customer_id, FileId(id)),
+        tenant,
+        customer_id,
+        name: DisplayName::parse(name).unwrap(),
+        file_name: FileName::parse("scan.pdf").unwrap(),
+        content_type: ContentType::parse(Some("application/pdf")).unwrap(),
+        size: 1000 + created as u64,
+        sha256: Sha256Hex::parse(SHA).unwrap(),
+        visibility: Visibility::ALL[created as usize % 3],
+        origin: if created % 5 == 0 {
+            Origin::System
+        } else {
+            Origin::StaffUpload
+        },
+        contract_id: (created % 4 == 0).then(|| ContractId::parse("k-1").unwrap()),
+        task_id: (created % 6 == 0).then(Uuid::now_v7),
+        uploaded_at: at(created),
+    }
+}
+
+fn renamed(name: &str) -> FileEvent {
+    FileEvent::FileRenamed {
+        from: DisplayName::parse("before").unwrap(),
+        name: DisplayName::parse(name).unwrap(),
+    }
+}
+
+fn deleted(id: Uuid) -> FileEvent {
+    let tenant = TenantId::parse("acme").unwrap();
+    let customer = CustomerId::parse("cust-1").unwrap();
+    FileEvent::FileDeleted {
+        blob_key: BlobKey::for_file(&tenant, &customer, FileId(id)),
+        customer_id: customer,
+        deleted_at: at(9000),
+    }
+}
+
+fn viewed(minutes: i64) -> FileEvent {
+    FileEvent::FileViewed {
+        viewer: CustomerId::parse("cust-1").unwrap(),
+        viewed_at: at(minutes),
+    }
+}
+
+/// One row for the log: tenant, aggregate type and id, event type, version, payload.
+struct Row {
+    tenant: String,
+    aggregate_type: String,
+    aggregate_id: String,
+    event_type: String,
+    version: String,
+    payload: Value,
+}
+
+impl Row {
+    /// A file event as the event store writes it: the payload without its tag,
+    /// `FileUploaded` at version 2, the rest at 1.
+    fn file(tenant: &str, id: Uuid, event: &FileEvent) -> Self {
+        let kind = event_type(event);
+        Self {
+            tenant: tenant.to_owned(),
+            aggregate_type: "file".to_owned(),
+            aggregate_id: id.to_string(),
+            event_type: kind.to_owned(),
+            version: if kind == FileEvent::UPLOADED {
+                "2"
+            } else {
+                "1"
+            }
+            .to_owned(),
+            payload: codec::unwrap_payload(kind, serde_json::to_value(event).unwrap()),
+        }
+    }
+
+    fn raw(
+        tenant: &str,
+        aggregate_type: &str,
+        aggregate_id: &str,
+        kind: &str,
+        payload: Value,
+    ) -> Self {
+        Self {
+            tenant: tenant.to_owned(),
+            aggregate_type: aggregate_type.to_owned(),
+            aggregate_id: aggregate_id.to_owned(),
+            event_type: kind.to_owned(),
+            version: "1".to_owned(),
+            payload,
+        }
+    }
+}
+
+/// Appends `rows` in one transaction; answers the last position.
+async fn append(pool: &Pool, rows: &[Row]) -> i64 {
+    let mut client = pool.get().await.unwrap();
+    let tx = client.transaction().await.unwrap();
+    let metadata = json!({"actor": "tester"});
+    let mut last = 0;
+    for row in rows {
+        last = tx
+            .query_one(
+                "INSERT INTO events (id, tenant, aggregate_type, aggregate_id, sequence, \
+                     event_type, event_version, payload, metadata, actor) \
+                 SELECT $1, $2, $3, $4, COALESCE(max(sequence), 0) + 1, $5, $6, $7, $8, 'tester' \
+                 FROM events WHERE aggregate_type = $3 AND aggregate_id = $4 \
+                 RETURNING position",
+                &[
+                    &Uuid::now_v7(),
+                    &row.tenant,
+                    &row.aggregate_type,
+                    &row.aggregate_id,
+                    &row.event_type,
+                    &row.version,
+                    &row.payload,
+                    &metadata,
+                ],
+            )
+            .await
+            .unwrap()
+            .get(0);
+    }
+    tx.commit().await.unwrap();
+    last
+}
+
+/// Every row of both tables, every column, in id order.
+async fn snapshot(pool: &Pool) -> (Vec<Value>, Vec<Value>) {
+    let client = pool.get().await.unwrap();
+    let mut tables = Vec::new();
+    for sql in [
+        "SELECT to_jsonb(f) FROM files f ORDER BY id",
+        "SELECT to_jsonb(t) FROM files_tombstones t ORDER BY id",
+    ] {
+        tables.push(
+            client
+                .query(sql, &[])
+                .await
+                .unwrap()
+                .iter()
+                .map(|row| row.get::<_, Value>(0))
+                .collect::<Vec<_>>(),
+        );
+    }
+    let tombstones = tables.pop().unwrap();
+    (tables.pop().unwrap(), tombstones)
+}
+
+async fn rebuild(pool: &Pool, bulk: bool, bulk_chunk: u64) -> RebuildReport {
+    rebuild_with_options(
+        pool,
+        &FilesProjection,
+        RebuildOptions { bulk, bulk_chunk },
+        &|_| {},
+    )
+    .await
+    .unwrap()
+}
+
+/// Rebuilds one by one (the reference), then in bulk with one chunk and with
+/// several chunk sizes, and checks every bulk result against the reference.
+async fn assert_bulk_equals_one_by_one(pool: &Pool) -> (Vec<Value>, Vec<Value>) {
+    let reference_report = rebuild(pool, false, 0).await;
+    let reference = snapshot(pool).await;
+    for chunk in [1_000_000, 1, 2, 3, 7] {
+        let report = rebuild(pool, true, chunk).await;
+        assert_eq!(
+            report, reference_report,
+            "same events read, same position (chunk {chunk})"
+        );
+        assert_eq!(
+            snapshot(pool).await,
+            reference,
+            "bulk build with chunks of {chunk} events differs from applying every event"
+        );
+    }
+    reference
+}
+
+/// A small deterministic generator (xorshift), so that a failure repeats.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+// ---------------------------------------------------------------- tests
+
+#[tokio::test]
+async fn bulk_rebuild_gives_the_same_files_tables_as_applying_every_event() {
+    let (pool, _) = fresh_database().await.unwrap();
+    let (a, b, c, d, e) = (
+        Uuid::now_v7(),
+        Uuid::now_v7(),
+        Uuid::now_v7(),
+        Uuid::now_v7(),
+        Uuid::now_v7(),
+    );
+    // a: everything, a rename after a view, a second view (the first one stays).
+    append(
+        &pool,
+        &[
+            Row::file("acme", a, &upload("acme", "cust-1", a, "a", 1)),
+            Row::file("acme", a, &viewed(10)),
+            Row::file("acme", a, &renamed("a renamed after the view")),
+            Row::file(
+                "acme",
+                a,
+                &FileEvent::FileVisibilityChanged {
+                    from: Visibility::Internal,
+                    visibility: Visibility::Portal,
+                },
+            ),
+            Row::file("acme", a, &viewed(20)),
+            Row::file("acme", a, &FileEvent::FileSigned { signed_at: at(30) }),
+            Row::file("acme", a, &FileEvent::FileSigned { signed_at: at(31) }),
+        ],
+    )
+    .await;
+    // b: deleted, purged, then uploaded again under the same id and renamed: the
+    // tombstone keeps it out, the rename finds no row.
+    append(
+        &pool,
+        &[
+            Row::file("acme", b, &upload("acme", "cust-1", b, "b", 2)),
+            Row::file("acme", b, &renamed("b before the delete")),
+            Row::file("acme", b, &deleted(b)),
+            Row::file(
+                "acme",
+                b,
+                &FileEvent::BlobPurged {
+                    blob_key: BlobKey::from_recorded("acme/cust-1/b"),
+                },
+            ),
+            Row::file("acme", b, &upload("acme", "cust-1", b, "b again", 3)),
+            Row::file("acme", b, &renamed("b after the delete")),
+            Row::file("acme", b, &deleted(b)),
+        ],
+    )
+    .await;
+    // c: another tenant; a change logged under the wrong tenant does nothing, a
+    // delete logged under the wrong tenant leaves the row and a tombstone.
+    append(
+        &pool,
+        &[
+            Row::file("globex", c, &upload("globex", "cust-9", c, "c", 4)),
+            Row::file("acme", c, &renamed("not globex's")),
+            Row::file("globex", c, &renamed("c renamed")),
+            Row::file("acme", c, &deleted(c)),
+            Row::file("globex", c, &viewed(40)),
+        ],
+    )
+    .await;
+    // d: a change before its upload (nothing to change yet), a second upload of a
+    // live file (ignored), a v1 upload without contract and task (upcast), the
+    // tagged shape cqrs-es alone would write.
+    let mut v1 = Row::file("acme", d, &upload("acme", "cust-2", d, "d", 5));
+    v1.version = "1".to_owned();
+    v1.payload.as_object_mut().unwrap().remove("contract_id");
+    v1.payload.as_object_mut().unwrap().remove("task_id");
+    let mut tagged = Row::file("acme", d, &renamed("d tagged"));
+    tagged.payload = serde_json::to_value(renamed("d tagged")).unwrap();
+    append(
+        &pool,
+        &[
+            Row::file("acme", d, &renamed("too early")),
+            v1,
+            Row::file("acme", d, &upload("acme", "cust-2", d, "d twice", 6)),
+            tagged,
+        ],
+    )
+    .await;
+    // e: untouched after its upload; other aggregates around it.
+    append(
+        &pool,
+        &[
+            Row::raw(
+                "acme",
+                "task",
+                "task-1",
+                "TaskCreated",
+                json!({"any": "thing"}),
+            ),
+            Row::file("acme", e, &upload("acme", "cust-1", e, "e", 7)),
+            Row::raw("acme", "settings", "acme", "PortalUploadsSet", json!({})),
+        ],
+    )
+    .await;
+
+    let (files, tombstones) = assert_bulk_equals_one_by_one(&pool).await;
+    // The reference itself says what the rules say.
+    let by_id = |id: Uuid| {
+        files
+            .iter()
+            .find(|row| row["id"] == json!(id))
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    assert_eq!(by_id(a)["name"], "a renamed after the view");
+    assert_eq!(by_id(a)["viewed_at"], json!("2026-01-01T00:10:00+00:00"));
+    assert_eq!(by_id(a)["signed_at"], json!("2026-01-01T00:31:00+00:00"));
+    assert_eq!(by_id(b), Value::Null);
+    assert_eq!(by_id(c)["name"], "c renamed");
+    assert_eq!(by_id(d)["name"], "d tagged");
+    assert_eq!(by_id(d)["contract_id"], Value::Null);
+    assert_eq!(by_id(e)["name"], "e");
+    assert_eq!(files.len(), 4);
+    assert_eq!(tombstones.len(), 2, "b once (the first delete) and c");
+}
+
+#[tokio::test]
+async fn bulk_rebuild_of_random_histories_equals_applying_every_event() {
+    let (pool, _) = fresh_database().await.unwrap();
+    let mut rng = Rng(0x5eed_f11e);
+    // Few ids, many events: re-uploads, deletes, changes before uploads and after
+    // deletes, two tenants, all interleaved across transactions.
+    let ids: Vec<Uuid> = (0..12).map(|_| Uuid::now_v7()).collect();
+    let tenants = ["acme", "globex"];
+    for round in 0..40 {
+        let mut rows = Vec::new();
+        for _ in 0..(1 + rng.below(4)) {
+            let id = ids[rng.below(ids.len() as u64) as usize];
+            // Mostly the file's "own" tenant, sometimes the other one.
+            let own = tenants[(id.as_u128() % 2) as usize];
+            let tenant = if rng.below(8) == 0 {
+                tenants[(id.as_u128() % 2 + 1) as usize % 2]
+            } else {
+                own
+            };
+            let minute = round * 10 + rng.below(10) as i64;
+            let event = match rng.below(9) {
+                0 | 1 => upload(own, "cust-1", id, &format!("up {round}"), minute),
+                2 => renamed(&format!("name {round}")),
+                3 => FileEvent::FileVisibilityChanged {
+                    from: Visibility::Internal,
+                    visibility: Visibility::ALL[rng.below(3) as usize],
+                },
+                4 => viewed(minute),
+                5 => FileEvent::FileSigned {
+                    signed_at: at(minute),
+                },
+                6 => deleted(id),
+                7 => FileEvent::BlobPurged {
+                    blob_key: BlobKey::from_recorded(format!("{own}/cust-1/{id}")),
+                },
+                _ => {
+                    rows.push(Row::raw(own, "task", "t", "TaskCreated", json!({})));
+                    continue;
+                }
+            };
+            rows.push(Row::file(tenant, id, &event));
+        }
+        append(&pool, &rows).await;
+    }
+    let (files, tombstones) = assert_bulk_equals_one_by_one(&pool).await;
+    assert!(
+        !files.is_empty() && !tombstones.is_empty(),
+        "a history worth the name"
+    );
+}
+
+#[tokio::test]
+async fn bulk_rebuild_reports_every_event_of_the_log_and_the_head_it_reached() {
+    let (pool, _) = fresh_database().await.unwrap();
+    let id = Uuid::now_v7();
+    append(
+        &pool,
+        &[
+            Row::raw("acme", "task", "t", "TaskCreated", json!({})),
+            Row::file("acme", id, &upload("acme", "cust-1", id, "x", 1)),
+            Row::raw("acme", "bundle", "b", "BundleRequested", json!({})),
+        ],
+    )
+    .await;
+    let last = append(&pool, &[Row::file("acme", id, &renamed("y"))]).await;
+    let seen = std::sync::Mutex::new(Vec::new());
+    let report = rebuild_with_options(
+        &pool,
+        &FilesProjection,
+        RebuildOptions::default(),
+        &|progress| seen.lock().unwrap().push(progress),
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.events, 4, "events of every aggregate are counted");
+    assert_eq!(report.position, last);
+    let seen = seen.into_inner().unwrap();
+    assert!(
+        seen.iter()
+            .any(|p| p.position == last && p.head == last && p.events == 4)
+    );
+    assert_eq!(
+        checkpoint::read(&pool, FilesProjection::NAME)
+            .await
+            .unwrap(),
+        Some(last)
+    );
+}
+
+#[tokio::test]
+async fn an_undecodable_event_stops_a_bulk_rebuild_and_changes_nothing_live() {
+    let (pool, _) = fresh_database().await.unwrap();
+    let id = Uuid::now_v7();
+    let before = append(
+        &pool,
+        &[Row::file(
+            "acme",
+            id,
+            &upload("acme", "cust-1", id, "good", 1),
+        )],
+    )
+    .await;
+    rebuild(&pool, false, 0).await;
+    let live = snapshot(&pool).await;
+    assert_eq!(live.0.len(), 1);
+
+    let poison = append(
+        &pool,
+        &[Row::raw(
+            "acme",
+            "file",
+            &id.to_string(),
+            FileEvent::RENAMED,
+            json!({"nonsense": true}),
+        )],
+    )
+    .await;
+    append(
+        &pool,
+        &[Row::file("acme", id, &renamed("after the poison"))],
+    )
+    .await;
+
+    for chunk in [1, 1_000_000] {
+        let error = rebuild_with_options(
+            &pool,
+            &FilesProjection,
+            RebuildOptions {
+                bulk: true,
+                bulk_chunk: chunk,
+            },
+            &|_| {},
+        )
+        .await
+        .unwrap_err();
+        match error {
+            ProjectionError::Undecodable { position, .. } => assert_eq!(position, poison),
+            other => panic!("expected Undecodable, got {other:?}"),
+        }
+        assert_eq!(snapshot(&pool).await, live, "the live tables are untouched");
+        assert_eq!(
+            checkpoint::read(&pool, FilesProjection::NAME)
+                .await
+                .unwrap(),
+            Some(before)
+        );
+        let leftovers: i64 = pool
+            .get()
+            .await
+            .unwrap()
+            .query_one(
+                "SELECT count(*) FROM pg_namespace WHERE nspname = 'rebuild_files'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(leftovers, 0, "the schema built aside is gone");
+    }
+}
+
+#[tokio::test]
+async fn a_file_id_that_is_not_a_uuid_stops_a_bulk_rebuild_as_malformed() {
+    let (pool, _) = fresh_database().await.unwrap();
+    let bad = append(
+        &pool,
+        &[Row::raw(
+            "acme",
+            "file",
+            "not-a-uuid",
+            FileEvent::SIGNED,
+            json!({"signed_at": at(1)}),
+        )],
+    )
+    .await;
+    for bulk in [false, true] {
+        let error = rebuild_with_options(
+            &pool,
+            &FilesProjection,
+            RebuildOptions {
+                bulk,
+                ..RebuildOptions::default()
+            },
+            &|_| {},
+        )
+        .await
+        .unwrap_err();
+        match error {
+            ProjectionError::Malformed { position, .. } => assert_eq!(position, bad),
+            other => panic!("expected Malformed (bulk: {bulk}), got {other:?}"),
+        }
+    }
+}
