@@ -1297,7 +1297,10 @@ async fn a_checkpoint_moved_under_a_shared_runner_restarts_only_that_read_model(
         .get()
         .await
         .unwrap()
-        .execute("UPDATE checkpoints SET position = 0 WHERE name = 'files'", &[])
+        .execute(
+            "UPDATE checkpoints SET position = 0 WHERE name = 'files'",
+            &[],
+        )
         .await
         .unwrap();
     let (id, later) = fx.log.upload(&Upload::new("later", at(500))).await;
@@ -1305,7 +1308,10 @@ async fn a_checkpoint_moved_under_a_shared_runner_restarts_only_that_read_model(
 
     assert_eq!(checkpoints(&fx.pool).await, vec![Some(later); 2]);
     let (rows, tombstones) = snapshot(&fx.pool).await;
-    assert_eq!(tombstones, before.1, "applying the log again changed nothing");
+    assert_eq!(
+        tombstones, before.1,
+        "applying the log again changed nothing"
+    );
     assert_eq!(rows.len(), before.0.len() + 1);
     assert!(
         files::get(&fx.pool, &tenant(TENANT), id)

@@ -5,7 +5,7 @@
 //!
 //! Ours is the whole command path a client waits for: HTTP, token check,
 //! cqrs-es loading the file's events, the append transaction, and the
-//! read-your-writes wait for both read models. Each client renames files of
+//! read-your-writes wait for every read model. Each client renames files of
 //! its own (no lost races). The baseline runs first, with no server up.
 //!
 //! The lag probe appends a rename of a file of its own through the event store
