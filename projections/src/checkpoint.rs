@@ -27,32 +27,18 @@ pub async fn read(pool: &Pool, name: &str) -> Result<Option<i64>, ProjectionErro
 /// Locks the checkpoint row of `name` until `tx` ends (creating it at 0 first if
 /// needed) and returns its position.
 pub async fn lock(tx: &Transaction<'_>, name: &str) -> Result<i64, ProjectionError> {
-    tx.execute(
-        "INSERT INTO checkpoints (name, position) VALUES ($1, 0) ON CONFLICT (name) DO NOTHING",
-        &[&name],
-    )
-    .await?;
-    let row = tx
-        .query_one(
-            "SELECT position FROM checkpoints WHERE name = $1 FOR UPDATE",
-            &[&name],
-        )
-        .await?;
-    Ok(row.try_get(0)?)
+    create_missing(tx, &[name]).await?;
+    Ok(lock_all(tx, &[name]).await?[0].unwrap_or(0))
 }
 
 /// Moves the checkpoint of `name` to `position`, in `tx` (which holds its lock).
 pub async fn store(tx: &Transaction<'_>, name: &str, position: i64) -> Result<(), ProjectionError> {
-    tx.execute(
-        "UPDATE checkpoints SET position = $2, updated_at = now() WHERE name = $1",
-        &[&name, &position],
-    )
-    .await?;
-    Ok(())
+    store_all(tx, &[name], &[position]).await
 }
 
-// The batch forms below serve a runner of several projections: one round trip
-// each (`*_typed`: parse, bind and execute travel together), whatever the count.
+// The batch forms below serve a runner of several projections (and the single
+// forms above): one round trip each (`*_typed`: parse, bind and execute travel
+// together), whatever the count.
 
 /// Creates the checkpoint rows of `names` that do not exist yet, at 0.
 pub async fn create_missing(tx: &Transaction<'_>, names: &[&str]) -> Result<(), ProjectionError> {

@@ -62,8 +62,8 @@ pub struct RunnerConfig {
     pub idle_poll: Duration,
     /// Longest pause between two attempts after a transient failure.
     pub max_backoff: Duration,
-    /// How often lag is measured. On its own timer, never per batch: under load a
-    /// query per batch is a query per handful of commands.
+    /// How often lag is measured, busy or idle; never per batch: under load a query
+    /// per batch is a query per handful of commands.
     pub lag_interval: Duration,
 }
 
@@ -286,7 +286,6 @@ impl Runner {
             .read(after, self.config.batch_size, &LogFilter::default())
             .await?;
         let Some(last) = events.last().map(|event| event.position) else {
-            self.measure_lag().await;
             return Ok(Progress {
                 events: 0,
                 position: after,
@@ -438,13 +437,14 @@ impl Runner {
         }
         tracing::info!(projections = ?names, "projection runner started");
         let mut backoff = Duration::ZERO;
-        let mut lag_timer = tokio::time::interval(self.config.lag_interval);
-        lag_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if *shutdown.borrow() {
                 break;
             }
-            let pause = match self.step().await {
+            let stepped = self.step().await;
+            // Busy or idle, but not per batch: at most once per `lag_interval`.
+            self.measure_lag().await;
+            let pause = match stepped {
                 Ok(progress) => {
                     backoff = Duration::ZERO;
                     if progress.more {
@@ -503,7 +503,6 @@ impl Runner {
             tokio::select! {
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(pause) => {}
-                _ = lag_timer.tick() => self.measure_lag().await,
                 changed = shutdown.changed() => {
                     if changed.is_err() {
                         break;
@@ -556,8 +555,8 @@ impl Runner {
         }
     }
 
-    /// Updates the lag gauges, on the runner's lag timer (and when a step found
-    /// nothing to read and the timer is due: the log may be held back by a long
+    /// Updates the lag gauges when `lag_interval` has passed since the last time,
+    /// whether the runner is busy or idle (the log may be held back by a long
     /// transaction even when nothing is read). A failure only costs a stale gauge,
     /// never the projections.
     async fn measure_lag(&mut self) {

@@ -180,6 +180,17 @@ impl Log {
         last
     }
 
+    /// Appends a file event that does not decode; returns its position.
+    async fn append_poison(&self) -> i64 {
+        self.append_raw(
+            TENANT,
+            "file",
+            &Uuid::now_v7().to_string(),
+            &[(FileEvent::RENAMED.to_owned(), json!({"nonsense": true}))],
+        )
+        .await
+    }
+
     /// Uploads a new file; returns its id and position.
     async fn upload(&self, upload: &Upload) -> (FileId, i64) {
         let id = FileId::new();
@@ -221,6 +232,21 @@ async fn catch_up_to(runner: &mut Runner, position: i64) {
             tokio::time::Instant::now() < deadline,
             "the runner stayed at {reached}, wanted {position}"
         );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Steps until the runner answers an error (the poison a test put in the log).
+async fn step_until_refused(runner: &mut Runner) -> ProjectionError {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match runner.step().await {
+            Ok(progress) => assert!(
+                tokio::time::Instant::now() < deadline,
+                "never reached the poison; at {progress:?}"
+            ),
+            Err(error) => return error,
+        }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
@@ -1099,32 +1125,14 @@ async fn waiting_for_a_position_returns_once_the_runner_passed_it() {
 async fn an_undecodable_event_stops_the_runner_loudly_and_is_never_skipped() {
     let fx = fixture().await;
     let (good, before) = fx.log.upload(&Upload::new("good", at(0))).await;
-    let poison = fx
-        .log
-        .append_raw(
-            TENANT,
-            "file",
-            &Uuid::now_v7().to_string(),
-            &[(FileEvent::RENAMED.to_owned(), json!({"nonsense": true}))],
-        )
-        .await;
+    let poison = fx.log.append_poison().await;
     let (after_id, after) = fx.log.upload(&Upload::new("after", at(1))).await;
     assert!(before < poison && poison < after);
 
     let (_stop, stopped) = watch::channel(false);
     let mut runner = runner(&fx.pool);
     let handle = runner.handle();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let error = loop {
-        match runner.step().await {
-            Ok(progress) => assert!(
-                tokio::time::Instant::now() < deadline,
-                "never reached the poison; at {progress:?}"
-            ),
-            Err(error) => break error,
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    };
+    let error = step_until_refused(&mut runner).await;
     match error {
         ProjectionError::Undecodable { position, .. } => assert_eq!(position, poison),
         other => panic!("expected Undecodable, got {other:?}"),
@@ -1325,29 +1333,11 @@ async fn a_checkpoint_moved_under_a_shared_runner_restarts_only_that_read_model(
 async fn an_event_one_read_model_refuses_stops_the_shared_runner_right_in_front_of_it() {
     let fx = fixture().await;
     let (good, before) = fx.log.upload(&Upload::new("good", at(0))).await;
-    let poison = fx
-        .log
-        .append_raw(
-            TENANT,
-            "file",
-            &Uuid::now_v7().to_string(),
-            &[(FileEvent::RENAMED.to_owned(), json!({"nonsense": true}))],
-        )
-        .await;
+    let poison = fx.log.append_poison().await;
     fx.log.upload(&Upload::new("after", at(1))).await;
 
     let mut all = runner_of_all(&fx.pool, 500);
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let error = loop {
-        match all.step().await {
-            Ok(progress) => assert!(
-                tokio::time::Instant::now() < deadline,
-                "never reached the poison; at {progress:?}"
-            ),
-            Err(error) => break error,
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    };
+    let error = step_until_refused(&mut all).await;
     assert!(
         matches!(error, ProjectionError::Undecodable { position, .. } if position == poison),
         "{error:?}"
