@@ -7,7 +7,7 @@
 #               force-close connections to test reconnects)
 #
 # The S3 server needs nothing here: the tests start one in-process
-# (tests/s3-dev). There is no Docker engine on our machines; docker-compose.yml
+# (tests/src/s3.rs). There is no Docker engine on our machines; docker-compose.yml
 # is for people who have one.
 #
 # Works on a fresh Debian machine as root (installs the Debian packages that are

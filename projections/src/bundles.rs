@@ -15,8 +15,8 @@
 
 use chrono::{DateTime, Utc};
 use dossier_domain::{BlobKey, BundleEvent, BundleFile, BundleStatus, Sha256Hex, TenantId};
-use dossier_platform::db::Pool;
-use dossier_platform::log::LoggedEvent;
+use dossier_eventlog::db::Pool;
+use dossier_eventlog::log::LoggedEvent;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Row, Transaction};
 use uuid::Uuid;

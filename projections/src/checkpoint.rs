@@ -8,7 +8,7 @@
 //! each other. They take turns, and the one that comes second sees where the first
 //! one got to.
 
-use dossier_platform::db::Pool;
+use dossier_eventlog::db::Pool;
 use tokio_postgres::Transaction;
 use tokio_postgres::types::Type;
 

@@ -2,7 +2,7 @@
 //! runner) should do about it: wait and retry, or stop and fix.
 
 use dossier_domain::codec::DecodeError;
-use dossier_platform::log::LogError;
+use dossier_eventlog::log::LogError;
 
 /// Why a projection could not apply events, rebuild, or read its checkpoint.
 #[derive(Debug, thiserror::Error)]
@@ -117,5 +117,5 @@ fn transient_pg(error: &tokio_postgres::Error) -> bool {
     }
 }
 
-/// One helper for every crate: see [`dossier_platform::db::pg_detail`].
-pub(crate) use dossier_platform::db::pg_detail;
+/// One helper for every crate: see [`dossier_eventlog::db::pg_detail`].
+pub(crate) use dossier_eventlog::db::pg_detail;

@@ -7,7 +7,7 @@
 //! - [`Projection`]: one read model's reaction to one logged event, applied inside a
 //!   transaction the framework gives it.
 //! - [`Runner`]: follows the log by position (through
-//!   [`dossier_platform::log::LogReader`], which never skips a late commit) and applies
+//!   [`dossier_eventlog::log::LogReader`], which never skips a late commit) and applies
 //!   batches of events, committing each batch's effects together with the
 //!   projection's checkpoint, so every event takes effect exactly once, crashes
 //!   included.

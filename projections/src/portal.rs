@@ -6,8 +6,8 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use dossier_domain::{CustomerId, SettingsEvent, TaskEvent, TenantId, codec};
-use dossier_platform::db::Pool;
-use dossier_platform::log::LoggedEvent;
+use dossier_eventlog::db::Pool;
+use dossier_eventlog::log::LoggedEvent;
 use serde::Serialize;
 use tokio_postgres::Transaction;
 use uuid::Uuid;

@@ -6,7 +6,7 @@ use std::borrow::Cow;
 use std::future::Future;
 
 use dossier_domain::{codec, upcast};
-use dossier_platform::log::LoggedEvent;
+use dossier_eventlog::log::LoggedEvent;
 use serde::de::value::MapAccessDeserializer;
 use serde::de::{DeserializeOwned, DeserializeSeed, IntoDeserializer as _, MapAccess};
 use serde_json::Value;
@@ -90,7 +90,7 @@ pub trait Projection: Send + Sync + 'static {
 ///   [`BulkTarget::table`] names (qualified: nothing relies on the `search_path`),
 ///   and commits at least every few tens of thousands of rows (a `COPY` on its own
 ///   commits as it ends): a long write transaction anywhere in the database holds
-///   back the safe watermark of every log follower (`dossier_platform::log`), so the
+///   back the safe watermark of every log follower (`dossier_eventlog::log`), so the
 ///   live projections would lag behind until it ends.
 /// - **No query indexes.** The rebuild drops the tables' indexes that are neither
 ///   unique nor a constraint's before the first flush and builds them again after the

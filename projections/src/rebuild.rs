@@ -34,8 +34,8 @@
 
 use std::collections::HashMap;
 
-use dossier_platform::db::Pool;
-use dossier_platform::log::{LogFilter, LogReader};
+use dossier_eventlog::db::Pool;
+use dossier_eventlog::log::{LogFilter, LogReader};
 use futures::StreamExt as _;
 use tokio_postgres::Transaction;
 use tokio_postgres::binary_copy::BinaryCopyOutStream;
@@ -389,7 +389,7 @@ async fn indexes(
 /// into `files` took 2.4 to 3.5 s with the list index, 0.9 to 1.3 s without it, and
 /// building it afterwards 0.5 to 0.9 s. `CONCURRENTLY` because a plain `CREATE INDEX` holds a
 /// transaction id from start to end, and any open transaction id holds back the safe
-/// watermark of every log follower (`dossier_platform::log`): the live projections
+/// watermark of every log follower (`dossier_eventlog::log`): the live projections
 /// would stop for as long as the index takes. A concurrent build takes none while it
 /// scans and sorts. Unique indexes and those of constraints stay: they can decide
 /// what a statement does (`ON CONFLICT`), and the primary key serves the lookups of
@@ -437,7 +437,7 @@ async fn drop_query_indexes(
 /// no row description, no text escapes, one message per row, and the client parses
 /// only lengths; the payload arrives as the JSON text the `jsonb` holds, and the
 /// projection decodes it straight into its domain event, never into a
-/// [`dossier_platform::log::LoggedEvent`]. Events of other aggregates come without
+/// [`dossier_eventlog::log::LoggedEvent`]. Events of other aggregates come without
 /// their payload (`CASE`), so they cost a few bytes each and are still counted.
 async fn build_in_bulk<B: BulkBuild>(
     pool: &Pool,

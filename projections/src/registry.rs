@@ -8,7 +8,7 @@
 use std::future::Future;
 use std::pin::Pin;
 
-use dossier_platform::db::Pool;
+use dossier_eventlog::db::Pool;
 
 use crate::bundles::BundlesProjection;
 use crate::error::ProjectionError;

@@ -19,8 +19,8 @@ use std::time::Duration;
 use chrono::{DateTime, NaiveDate, NaiveTime, Utc};
 use dossier_domain::codec::{self, DecodeError};
 use dossier_domain::{FileEvent, FileId};
-use dossier_platform::db::Pool;
-use dossier_platform::log::{LogError, LogFilter, LogReader, LoggedEvent};
+use dossier_eventlog::db::Pool;
+use dossier_eventlog::log::{LogError, LogFilter, LogReader, LoggedEvent};
 use serde_json::Value;
 use uuid::Uuid;
 

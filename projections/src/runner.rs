@@ -40,8 +40,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use dossier_platform::db::Pool;
-use dossier_platform::log::{LogFilter, LogReader, LoggedEvent};
+use dossier_eventlog::db::Pool;
+use dossier_eventlog::log::{LogFilter, LogReader, LoggedEvent};
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tokio_postgres::Transaction;

@@ -10,9 +10,10 @@ use dossier_domain::{
     BlobKey, ContentType, ContractId, CustomerId, DisplayName, FileEvent, FileId, FileName, Origin,
     Sha256Hex, TenantId, Visibility,
 };
-use dossier_platform::db::{Pool, testing::fresh_database};
+use dossier_eventlog::db::Pool;
 use dossier_projections::rebuild::{RebuildOptions, rebuild_with_options};
 use dossier_projections::{FilesProjection, ProjectionError, RebuildReport, checkpoint};
+use dossier_test_support::db::fresh_database;
 use serde_json::{Value, json};
 use uuid::Uuid;
 

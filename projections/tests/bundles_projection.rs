@@ -11,10 +11,11 @@ use dossier_domain::{
     Actor, BlobKey, Bundle, BundleArchive, BundleCommand, BundleFile, BundlePolicy, BundleStatus,
     CustomerId, FileId, RequestBundle, Sha256Hex, TenantId,
 };
-use dossier_platform::db::{Pool, testing::fresh_database};
-use dossier_platform::eventstore::{self, PgEventStore};
+use dossier_eventlog::db::Pool;
+use dossier_eventlog::eventstore::{self, PgEventStore};
 use dossier_projections::bundles::{self, BundleView};
 use dossier_projections::{BundlesProjection, Runner, RunnerConfig, rebuild};
+use dossier_test_support::db::fresh_database;
 use uuid::Uuid;
 
 type Bundles = CqrsFramework<Bundle, PersistedEventStore<PgEventStore, Bundle>>;

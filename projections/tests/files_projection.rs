@@ -17,12 +17,13 @@ use dossier_domain::{
     BlobKey, ContentType, ContractId, CustomerId, DisplayName, FileEvent, FileId, FileName, Origin,
     Sha256Hex, TenantId, Visibility,
 };
-use dossier_platform::db::{Pool, testing::fresh_database};
+use dossier_eventlog::db::Pool;
 use dossier_projections::files::{self, Cursor, FileFilter, FileView};
 use dossier_projections::{
     BundlesProjection, FilesProjection, FollowerConfig, Freshness, FreshnessError, Projection,
     ProjectionError, Runner, RunnerConfig, checkpoint, rebuild,
 };
+use dossier_test_support::db::fresh_database;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -985,7 +986,7 @@ async fn replaying_events_twice_changes_nothing() {
 
     // Every event offered again, straight to the projection (as a crash between
     // effect and checkpoint would, if they were not in one transaction).
-    let events = dossier_platform::log::LogReader::new(fx.pool.clone())
+    let events = dossier_eventlog::log::LogReader::new(fx.pool.clone())
         .read(0, 10_000, &Default::default())
         .await
         .unwrap();
@@ -1084,7 +1085,7 @@ async fn waiting_for_a_position_returns_once_the_runner_passed_it() {
     assert!(freshness.wait_for(position, WAIT).await);
 
     // Across processes: an API-only node follows the checkpoints table with its own pool.
-    let api_pool = dossier_platform::db::connect(&fx.url, 2).await.unwrap();
+    let api_pool = dossier_eventlog::db::connect(&fx.url, 2).await.unwrap();
     let (followed, follower) = Freshness::follow(
         api_pool.clone(),
         FilesProjection::NAME,

@@ -6,6 +6,9 @@
 //! [`Application`] listening on a free port. Requests go through reqwest,
 //! like any client's.
 
+pub mod db;
+pub mod rabbit;
+pub mod s3;
 pub mod upstream;
 
 use std::collections::HashMap;
@@ -13,12 +16,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
+use crate::rabbit::TestVhost;
+use dossier_api::auth::jwt::{self, Claims, Role};
 use dossier_api::startup::Application;
-use dossier_platform::amqp::testing::TestVhost;
-use dossier_platform::auth::{self, Claims, Role};
-use dossier_platform::blob::{self, BlobStore, BlobStoreSpec, S3Options};
-use dossier_platform::config::Settings;
-use dossier_platform::db::{self, Pool};
+use dossier_blobstore::{self as blob, BlobStore, BlobStoreSpec, S3Options};
+use dossier_eventlog::db::Pool;
+use dossier_runtime::config::Settings;
 use reqwest::multipart::{Form, Part};
 use serde_json::Value;
 use uuid::Uuid;
@@ -75,7 +78,7 @@ pub fn s3_server() -> &'static SharedS3 {
                 runtime.block_on(async move {
                     let root = std::env::temp_dir()
                         .join(format!("dossier-s3-{}", Uuid::new_v4().simple()));
-                    let server = dossier_s3_dev::spawn(root, SocketAddr::from(([127, 0, 0, 1], 0)))
+                    let server = crate::s3::spawn(root, SocketAddr::from(([127, 0, 0, 1], 0)))
                         .await
                         .expect("the test S3 server starts");
                     tx.send(SharedS3 {
@@ -153,8 +156,8 @@ impl TestApp {
     /// Like [`Self::spawn_with`], without waiting for `/readyz` (for tests of a
     /// backing service that is down).
     pub async fn spawn_unready(overrides: &[(&str, &str)]) -> Self {
-        dossier_platform::telemetry::init_test_tracing();
-        let (pool, database_url) = db::testing::fresh_database()
+        dossier_runtime::telemetry::init_test_tracing();
+        let (pool, database_url) = crate::db::fresh_database()
             .await
             .expect("a fresh test database");
         let bucket = format!("t-{}", Uuid::new_v4().simple());
@@ -228,7 +231,7 @@ impl TestApp {
 
     pub fn token(&self, tenant: &str, role: Role, sub: &str, customer: Option<&str>) -> String {
         let now = chrono::Utc::now().timestamp();
-        auth::issue(
+        jwt::issue(
             SECRET.as_bytes(),
             &Claims {
                 sub: sub.to_owned(),

@@ -5,8 +5,8 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use dossier_tests::TestApp;
-use dossier_tests::upstream::{Command, Upstream};
+use dossier_test_support::TestApp;
+use dossier_test_support::upstream::{Command, Upstream};
 use reqwest::Method;
 use serde_json::{Value, json};
 

@@ -6,11 +6,11 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use dossier_platform::auth::Role;
-use dossier_platform::chain::{self, ProblemKind, Sealer};
+use dossier_api::auth::jwt::Role;
+use dossier_eventlog::chain::{self, ProblemKind, Sealer};
 use dossier_projections::registry;
 use dossier_projections::replay::{self, ReplayFilter};
-use dossier_tests::{TestApp, error_code};
+use dossier_test_support::{TestApp, error_code};
 use reqwest::Method;
 use serde_json::{Value, json};
 

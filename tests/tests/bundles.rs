@@ -7,8 +7,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Datelike as _, Timelike as _, Utc};
-use dossier_platform::amqp::Broker;
-use dossier_tests::{SECRET, TestApp, error_code, s3_server};
+use dossier_broker::Broker;
+use dossier_test_support::{SECRET, TestApp, error_code, s3_server};
 use dossier_workers::zip::{ZipWorkerConfig, ZipWorkerError};
 use reqwest::Method;
 use reqwest::multipart::{Form, Part};

@@ -1,8 +1,8 @@
 //! The customer portal end to end: published files, viewed tracking, tasks,
 //! messages and the upload switch, with real tokens over real HTTP.
 
-use dossier_tests::upstream::{Command, Upstream};
-use dossier_tests::{TestApp, error_code};
+use dossier_test_support::upstream::{Command, Upstream};
+use dossier_test_support::{TestApp, error_code};
 use reqwest::Method;
 use reqwest::multipart::{Form, Part};
 use serde_json::{Value, json};

@@ -3,8 +3,8 @@
 
 use std::collections::HashSet;
 
-use dossier_platform::auth::Role;
-use dossier_tests::{TestApp, error_code};
+use dossier_api::auth::jwt::Role;
+use dossier_test_support::{TestApp, error_code};
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -455,9 +455,9 @@ async fn missing_or_bad_tokens_answer_401_and_wrong_roles_403() {
     assert_eq!(anonymous.status(), 401);
     assert_eq!(error_code(anonymous).await, "unauthorized");
 
-    let forged = dossier_platform::auth::issue(
+    let forged = dossier_api::auth::jwt::issue(
         b"not-the-secret",
-        &dossier_platform::auth::Claims {
+        &dossier_api::auth::jwt::Claims {
             sub: "x".into(),
             tenant: "acme".into(),
             role: Role::Staff,
@@ -469,9 +469,9 @@ async fn missing_or_bad_tokens_answer_401_and_wrong_roles_403() {
     let response = app.get(&forged, &format!("/v1/files/{id}")).await;
     assert_eq!(response.status(), 401);
 
-    let expired = dossier_platform::auth::issue(
-        dossier_tests::SECRET.as_bytes(),
-        &dossier_platform::auth::Claims {
+    let expired = dossier_api::auth::jwt::issue(
+        dossier_test_support::SECRET.as_bytes(),
+        &dossier_api::auth::jwt::Claims {
             sub: "x".into(),
             tenant: "acme".into(),
             role: Role::Staff,
@@ -879,7 +879,7 @@ async fn a_projection_dropped_and_rebuilt_from_the_log_gives_the_same_rows() {
                 .await;
         }
     }
-    let snapshot = |pool: dossier_platform::db::Pool| async move {
+    let snapshot = |pool: dossier_eventlog::db::Pool| async move {
         let client = pool.get().await.unwrap();
         client
             .query("SELECT to_jsonb(f) FROM files f ORDER BY id", &[])

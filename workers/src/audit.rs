@@ -1,5 +1,5 @@
 //! The audit worker: the audit trail (CONTRACT.md `GET /v1/audit`, rule 9) and
-//! the sealing of the log (tamper evidence, `dossier_platform::chain`).
+//! the sealing of the log (tamper evidence, `dossier_eventlog::chain`).
 //!
 //! # The trail
 //!
@@ -40,15 +40,15 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use dossier_domain::upcast;
-use dossier_platform::amqp::{
+use dossier_broker::{
     self, AUDIT_QUEUE, AmqpError, Backoff, Broker, ConsumerOptions, Incoming, Outcome,
     sleep_or_stop,
 };
-use dossier_platform::chain::{self, Sealer};
-use dossier_platform::config::Secret;
-use dossier_platform::db::Pool;
-use dossier_platform::log::LogReader;
+use dossier_domain::upcast;
+use dossier_eventlog::chain::{self, Sealer};
+use dossier_eventlog::db::Pool;
+use dossier_eventlog::log::LogReader;
+use dossier_runtime::config::Secret;
 use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::watch;
@@ -59,7 +59,7 @@ use crate::PgError;
 
 /// `(aggregate type, event type, action)`: the readable action of each known
 /// event. Anything not listed gets its routing key (`<aggregate>.<event>`, see
-/// [`amqp::routing_key`]); add a line here to give it better words.
+/// [`dossier_broker::routing_key`]); add a line here to give it better words.
 pub const ACTIONS: &[(&str, &str, &str)] = &[
     ("file", "FileUploaded", "file.uploaded"),
     ("file", "FileRenamed", "file.renamed"),
@@ -111,7 +111,7 @@ pub fn action_for(aggregate_type: &str, event_type: &str) -> String {
         .iter()
         .find(|(aggregate, event, _)| *aggregate == aggregate_type && *event == event_type)
         .map_or_else(
-            || amqp::routing_key(aggregate_type, event_type),
+            || dossier_broker::routing_key(aggregate_type, event_type),
             |(_, _, action)| (*action).to_owned(),
         )
 }
@@ -187,7 +187,7 @@ pub async fn run(
     let handler_pool = pool.clone();
     let retry = config.retry;
     let handler_shutdown = shutdown.clone();
-    let consuming = amqp::consume_with(
+    let consuming = dossier_broker::consume_with(
         &broker,
         AUDIT_QUEUE,
         options,

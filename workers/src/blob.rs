@@ -40,15 +40,15 @@ use std::time::{Duration, SystemTime};
 
 use cqrs_es::persist::PersistedEventStore;
 use cqrs_es::{AggregateError, CqrsFramework};
-use dossier_domain::{BlobKey, File, FileCommand, FileEvent, FilePolicy, TenantId};
-use dossier_platform::amqp::{
+use dossier_blobstore::{BlobError, BlobStore};
+use dossier_broker::{
     self, AmqpError, BLOB_QUEUE, Backoff, Broker, ConsumerOptions, Incoming, Outcome,
     sleep_or_stop, stopped,
 };
-use dossier_platform::blob::{BlobError, BlobStore};
-use dossier_platform::db::Pool;
-use dossier_platform::eventstore::{self, PgEventStore};
-use dossier_platform::log::LoggedEvent;
+use dossier_domain::{BlobKey, File, FileCommand, FileEvent, FilePolicy, TenantId};
+use dossier_eventlog::db::Pool;
+use dossier_eventlog::eventstore::{self, PgEventStore};
+use dossier_eventlog::log::LoggedEvent;
 use futures::StreamExt as _;
 use serde::Serialize;
 use sha2::{Digest as _, Sha256};
@@ -142,7 +142,7 @@ pub async fn run(
         prefetch: config.prefetch,
         drain_timeout: config.drain_timeout,
     };
-    let consuming = amqp::consume_with(
+    let consuming = dossier_broker::consume_with(
         &broker,
         BLOB_QUEUE,
         options,

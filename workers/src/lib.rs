@@ -26,9 +26,9 @@ pub mod zip;
 
 use std::sync::Arc;
 
-use dossier_platform::amqp::Broker;
-use dossier_platform::blob::BlobStore;
-use dossier_platform::db::Pool;
+use dossier_blobstore::BlobStore;
+use dossier_broker::Broker;
+use dossier_eventlog::db::Pool;
 use tokio::sync::watch;
 
 pub use blob::{
@@ -74,7 +74,7 @@ pub enum PgError {
     Query(#[from] tokio_postgres::Error),
     /// The log could not be read.
     #[error(transparent)]
-    Log(#[from] dossier_platform::log::LogError),
+    Log(#[from] dossier_eventlog::log::LogError),
 }
 
 /// An event that a message on `dossier.events` names, as the log has it.
@@ -94,7 +94,7 @@ pub(crate) async fn backed_event<E: serde::de::DeserializeOwned>(
     aggregate_type: &str,
     event_type: &str,
 ) -> Result<Result<Backed<E>, String>, PgError> {
-    let Some(logged) = dossier_platform::log::find_event(pool, event_id).await? else {
+    let Some(logged) = dossier_eventlog::log::find_event(pool, event_id).await? else {
         return Ok(Err(format!("no event {event_id} in the log")));
     };
     if logged.aggregate_type != aggregate_type || logged.event_type != event_type {
@@ -121,8 +121,8 @@ pub(crate) async fn backed_event<E: serde::de::DeserializeOwned>(
     }))
 }
 
-/// One helper for every crate: see [`dossier_platform::db::pg_detail`].
-pub(crate) use dossier_platform::db::pg_detail;
+/// One helper for every crate: see [`dossier_eventlog::db::pg_detail`].
+pub(crate) use dossier_eventlog::db::pg_detail;
 
 /// Runs `attempt` until it succeeds, waiting `backoff` between failures and
 /// counting each in `dossier_worker_failures_total{worker, reason}`; `None`
@@ -132,7 +132,7 @@ pub(crate) async fn retry_until_done<T, E, F, Fut>(
     worker: &'static str,
     reason: &'static str,
     doing: &'static str,
-    backoff: &dossier_platform::amqp::Backoff,
+    backoff: &dossier_broker::Backoff,
     shutdown: &watch::Receiver<bool>,
     mut attempt: F,
 ) -> Option<T>
@@ -158,7 +158,7 @@ where
                     retry_in_ms = delay.as_millis() as u64,
                     "{doing} failed; retrying until it works"
                 );
-                if dossier_platform::amqp::sleep_or_stop(delay, &mut stopping).await {
+                if dossier_broker::sleep_or_stop(delay, &mut stopping).await {
                     return None;
                 }
             }

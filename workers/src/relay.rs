@@ -9,7 +9,7 @@
 //!    [`LogReader`], which never skips an event that commits late;
 //! 2. publishes a window of them, in position order, on one confirm-mode channel
 //!    ([`ConfirmedPublisher`]): routing key `<aggregate>.<event>`
-//!    ([`amqp::routing_key`]), header `tenant`, `message_id` = the event id,
+//!    ([`dossier_broker::routing_key`]), header `tenant`, `message_id` = the event id,
 //!    persistent, body = the contract's Event JSON;
 //! 3. awaits the confirms in order and moves the checkpoint to the last event of
 //!    the confirmed prefix, and only then.
@@ -27,13 +27,13 @@
 
 use std::time::{Duration, Instant};
 
-use dossier_platform::amqp::{
+use dossier_broker::{
     self, AmqpError, Backoff, Broker, ConfirmedPublisher, EVENTS_EXCHANGE, HEADER_TENANT,
     JSON_CONTENT_TYPE, PERSISTENT, PendingConfirm, sleep_or_stop, stopped,
 };
-use dossier_platform::db::Pool;
-use dossier_platform::eventstore::META_CORRELATION_ID;
-use dossier_platform::log::{LogFilter, LogReader, LoggedEvent};
+use dossier_eventlog::db::Pool;
+use dossier_eventlog::eventstore::META_CORRELATION_ID;
+use dossier_eventlog::log::{LogFilter, LogReader, LoggedEvent};
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use tokio::sync::watch;
@@ -462,8 +462,8 @@ async fn publish_window(publisher: &ConfirmedPublisher, events: &[LoggedEvent]) 
 pub fn message_for(
     event: &LoggedEvent,
 ) -> Result<(String, BasicProperties, Vec<u8>), PublishError> {
-    let routing_key = amqp::routing_key(&event.aggregate_type, &event.event_type);
-    amqp::short("routing key", &routing_key)?;
+    let routing_key = dossier_broker::routing_key(&event.aggregate_type, &event.event_type);
+    dossier_broker::short("routing key", &routing_key)?;
     // LoggedEvent serializes to exactly the contract's Event.
     let body = serde_json::to_vec(event)?;
     let mut headers = FieldTable::default();

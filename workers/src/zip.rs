@@ -51,19 +51,19 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use cqrs_es::persist::PersistedEventStore;
 use cqrs_es::{AggregateError, CqrsFramework, EventStore as _};
+use dossier_blobstore::BlobStore;
+use dossier_broker::{
+    self, AmqpError, Backoff, Broker, ConsumerOptions, DELIVERY_LIMIT, Incoming, Outcome,
+    ZIP_QUEUE, sleep_or_stop, stopped,
+};
 use dossier_domain::naming::{ZipEntryNames, download_name};
 use dossier_domain::{
     BlobKey, Bundle, BundleArchive, BundleCommand, BundleError, BundleEvent, BundleFile,
     BundlePolicy, BundleStatus, EntryCompression, FileId, TenantId,
 };
-use dossier_platform::amqp::{
-    self, AmqpError, Backoff, Broker, ConsumerOptions, DELIVERY_LIMIT, Incoming, Outcome,
-    ZIP_QUEUE, sleep_or_stop, stopped,
-};
-use dossier_platform::blob::BlobStore;
-use dossier_platform::db::Pool;
-use dossier_platform::eventstore::{self, PgEventStore};
-use dossier_platform::log::LoggedEvent;
+use dossier_eventlog::db::Pool;
+use dossier_eventlog::eventstore::{self, PgEventStore};
+use dossier_eventlog::log::LoggedEvent;
 use dossier_projections::bundles;
 use dossier_projections::files::{self, FileView};
 use lapin::types::AMQPValue;
@@ -127,7 +127,7 @@ impl ZipWorkerConfig {
 impl Default for ZipWorkerConfig {
     fn default() -> Self {
         Self::with_ttl(Duration::from_secs(
-            dossier_platform::config::DEFAULT_BUNDLE_TTL_SECS,
+            dossier_runtime::config::DEFAULT_BUNDLE_TTL_SECS,
         ))
     }
 }
@@ -165,7 +165,7 @@ pub async fn run(
         drain_timeout: config.drain_timeout,
     };
     let building = Arc::clone(&zipper);
-    let consuming = amqp::consume_with(
+    let consuming = dossier_broker::consume_with(
         &broker,
         ZIP_QUEUE,
         options,

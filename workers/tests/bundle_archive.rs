@@ -13,8 +13,8 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
+use dossier_blobstore::{BlobStore, ByteStream, DirBlobStore};
 use dossier_domain::{BlobKey, EntryCompression, Sha256Hex};
-use dossier_platform::blob::{BlobStore, ByteStream, DirBlobStore};
 use dossier_workers::zip::{ArchiveEntry, ArchiveError, build_archive};
 use tokio::sync::watch;
 use zip::{CompressionMethod, ZipArchive};
@@ -321,7 +321,7 @@ impl BlobStore for FailingStore {
         key: &BlobKey,
         mut body: ByteStream,
         max_bytes: u64,
-    ) -> Result<dossier_platform::blob::StoredBlob, dossier_platform::blob::BlobError> {
+    ) -> Result<dossier_blobstore::StoredBlob, dossier_blobstore::BlobError> {
         use futures::StreamExt as _;
         let Some(chunks) = self.fail_puts_after else {
             return self.inner.put(key, body, max_bytes).await;
@@ -331,7 +331,7 @@ impl BlobStore for FailingStore {
                 break;
             }
         }
-        Err(dossier_platform::blob::BlobError::Backend(
+        Err(dossier_blobstore::BlobError::Backend(
             "the disk is full".into(),
         ))
     }
@@ -339,7 +339,7 @@ impl BlobStore for FailingStore {
     async fn get(
         &self,
         key: &BlobKey,
-    ) -> Result<dossier_platform::blob::BlobObject, dossier_platform::blob::BlobError> {
+    ) -> Result<dossier_blobstore::BlobObject, dossier_blobstore::BlobError> {
         use futures::StreamExt as _;
         let mut object = self.inner.get(key).await?;
         if let Some(limit) = self.break_reads_after {
@@ -357,22 +357,22 @@ impl BlobStore for FailingStore {
         Ok(object)
     }
 
-    async fn delete(&self, key: &BlobKey) -> Result<(), dossier_platform::blob::BlobError> {
+    async fn delete(&self, key: &BlobKey) -> Result<(), dossier_blobstore::BlobError> {
         self.inner.delete(key).await
     }
 
-    async fn exists(&self, key: &BlobKey) -> Result<bool, dossier_platform::blob::BlobError> {
+    async fn exists(&self, key: &BlobKey) -> Result<bool, dossier_blobstore::BlobError> {
         self.inner.exists(key).await
     }
 
     async fn list(
         &self,
         prefix: &str,
-    ) -> Result<Vec<dossier_platform::blob::BlobListing>, dossier_platform::blob::BlobError> {
+    ) -> Result<Vec<dossier_blobstore::BlobListing>, dossier_blobstore::BlobError> {
         self.inner.list(prefix).await
     }
 
-    async fn check(&self) -> Result<(), dossier_platform::blob::BlobError> {
+    async fn check(&self) -> Result<(), dossier_blobstore::BlobError> {
         self.inner.check().await
     }
 

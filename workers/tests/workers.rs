@@ -12,20 +12,20 @@ use bytes::Bytes;
 use chrono::Utc;
 use cqrs_es::persist::PersistedEventStore;
 use cqrs_es::{AggregateError, CqrsFramework};
+use dossier_blobstore::{self as blob, BlobStore, BlobStoreSpec, ByteStream, S3Options};
+use dossier_broker::{
+    self, BLOB_DEAD_QUEUE, BLOB_QUEUE, Backoff, Broker, BrokerOptions, ConfirmedPublisher,
+    EVENTS_EXCHANGE,
+};
 use dossier_domain::{
     BlobKey, ContentType, CustomerId, DisplayName, File, FileCommand, FileId, FileName, FilePolicy,
     Origin, Sha256Hex, TenantId, UploadFile, Visibility,
 };
-use dossier_platform::amqp::testing::TestVhost;
-use dossier_platform::amqp::{
-    self, BLOB_DEAD_QUEUE, BLOB_QUEUE, Backoff, Broker, BrokerOptions, ConfirmedPublisher,
-    EVENTS_EXCHANGE,
-};
-use dossier_platform::blob::{self, BlobStore, BlobStoreSpec, ByteStream, S3Options};
-use dossier_platform::db::{self, Pool};
-use dossier_platform::eventstore::{self, PgEventStore};
-use dossier_platform::log::LoggedEvent;
+use dossier_eventlog::db::Pool;
+use dossier_eventlog::eventstore::{self, PgEventStore};
+use dossier_eventlog::log::LoggedEvent;
 use dossier_projections::{FilesProjection, Runner, RunnerConfig};
+use dossier_test_support::rabbit::TestVhost;
 use dossier_workers::blob::BlobWorkerConfig;
 use dossier_workers::relay::{self, RelayConfig};
 use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
@@ -65,7 +65,9 @@ struct Harness {
 impl Harness {
     async fn new() -> Self {
         init_tracing();
-        let (pool, _url) = db::testing::fresh_database().await.expect("test database");
+        let (pool, _url) = dossier_test_support::db::fresh_database()
+            .await
+            .expect("test database");
         let vhost = TestVhost::create().await.expect("test vhost");
         let broker = Broker::with_options(
             vhost.url(),
@@ -100,7 +102,7 @@ impl Harness {
         };
         let running = relay::run_with(
             self.pool.clone(),
-            dossier_platform::log::LogReader::new(self.pool.clone()),
+            dossier_eventlog::log::LogReader::new(self.pool.clone()),
             self.broker.clone(),
             config,
             self.shutdown.subscribe(),
@@ -294,7 +296,7 @@ async fn put(blobs: &dyn BlobStore, key: &BlobKey, bytes: &'static [u8]) {
 
 /// Every event of the log, in position order.
 async fn log(pool: &Pool) -> Vec<LoggedEvent> {
-    let mut reader = dossier_platform::log::LogReader::new(pool.clone());
+    let mut reader = dossier_eventlog::log::LogReader::new(pool.clone());
     reader
         .read(0, 100_000, &Default::default())
         .await
@@ -391,7 +393,7 @@ impl Drop for TempDir {
 /// A blob store under test, with what keeps it alive.
 struct Store {
     blobs: Arc<dyn BlobStore>,
-    _server: Option<dossier_s3_dev::S3Dev>,
+    _server: Option<dossier_test_support::s3::S3Dev>,
     _dir: TempDir,
 }
 
@@ -409,14 +411,14 @@ async fn dir_store() -> Store {
 
 async fn s3_store() -> Store {
     let dir = TempDir::new("worker-s3");
-    let server = dossier_s3_dev::spawn(dir.0.join("s3"), "127.0.0.1:0".parse().unwrap())
+    let server = dossier_test_support::s3::spawn(dir.0.join("s3"), "127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     let blobs = blob::open(&BlobStoreSpec::S3(S3Options {
         bucket: "dossier-worker-test".into(),
         prefix: Some("deployment-a".into()),
         endpoint: Some(server.endpoint.clone()),
-        region: dossier_s3_dev::DEV_REGION.into(),
+        region: dossier_test_support::s3::DEV_REGION.into(),
         access_key: Some(server.access_key.clone()),
         secret_key: Some(server.secret_key.clone()),
         create_bucket_if_missing: true,
@@ -765,7 +767,7 @@ async fn an_unparseable_message_is_dead_lettered_not_retried() {
         .unwrap();
     let properties = BasicProperties::default()
         .with_message_id("garbage-1".into())
-        .with_delivery_mode(amqp::PERSISTENT);
+        .with_delivery_mode(dossier_broker::PERSISTENT);
     publisher
         .publish(
             EVENTS_EXCHANGE,
@@ -891,7 +893,7 @@ fn age_blob(root: &std::path::Path, key: &BlobKey, age: Duration) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_orphan_sweep_removes_old_unreferenced_blobs_only() {
     init_tracing();
-    let (pool, _) = db::testing::fresh_database().await.unwrap();
+    let (pool, _) = dossier_test_support::db::fresh_database().await.unwrap();
     let dir = TempDir::new("sweep");
     let root = dir.0.join("blobs");
     let blobs = blob::open(&BlobStoreSpec::Dir(root.clone())).await.unwrap();
@@ -952,7 +954,7 @@ async fn the_orphan_sweep_removes_old_unreferenced_blobs_only() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verification_reports_mismatched_and_missing_blobs() {
     init_tracing();
-    let (pool, _) = db::testing::fresh_database().await.unwrap();
+    let (pool, _) = dossier_test_support::db::fresh_database().await.unwrap();
     let store = s3_store().await;
     let blobs = store.blobs.as_ref();
     let files = Files::new(pool.clone());

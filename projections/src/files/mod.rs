@@ -25,7 +25,7 @@ pub mod query;
 
 use chrono::{DateTime, Utc};
 use dossier_domain::FileEvent;
-use dossier_platform::log::LoggedEvent;
+use dossier_eventlog::log::LoggedEvent;
 use tokio_postgres::Transaction;
 use tokio_postgres::types::{ToSql, Type};
 use uuid::Uuid;

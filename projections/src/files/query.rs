@@ -13,7 +13,7 @@ use dossier_domain::{
     BlobKey, ContentType, ContractId, CustomerId, DisplayName, FileId, FileName, Origin, Sha256Hex,
     TenantId, Visibility,
 };
-use dossier_platform::db::Pool;
+use dossier_eventlog::db::Pool;
 use serde::Serialize;
 use serde::de::{DeserializeOwned, IntoDeserializer};
 use tokio_postgres::Row;

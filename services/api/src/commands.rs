@@ -13,7 +13,7 @@ use std::time::Duration;
 use cqrs_es::persist::PersistedEventStore;
 use cqrs_es::{Aggregate, AggregateError, CqrsFramework};
 use dossier_domain::{Actor, File, FileCommand, FileId, FilePolicy, TenantId};
-use dossier_platform::eventstore::{self, EventStoreError, PgEventStore};
+use dossier_eventlog::eventstore::{self, EventStoreError, PgEventStore};
 use dossier_projections::Freshness;
 use rand::Rng;
 use uuid::Uuid;

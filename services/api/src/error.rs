@@ -185,9 +185,9 @@ impl From<CommandError> for ApiError {
     }
 }
 
-impl From<dossier_platform::blob::BlobError> for ApiError {
-    fn from(error: dossier_platform::blob::BlobError) -> Self {
-        use dossier_platform::blob::BlobError;
+impl From<dossier_blobstore::BlobError> for ApiError {
+    fn from(error: dossier_blobstore::BlobError) -> Self {
+        use dossier_blobstore::BlobError;
         match error {
             BlobError::TooLarge { limit } => Self::FileTooLarge { limit },
             BlobError::NotFound => {

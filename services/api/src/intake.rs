@@ -15,17 +15,17 @@ use std::sync::Arc;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use cqrs_es::Aggregate;
+use dossier_blobstore::{BlobStore, ByteStream};
+use dossier_broker::{
+    self, Broker, COMMANDS_DEAD_QUEUE, ConfirmedPublisher, DEAD_LETTER_EXCHANGE, INTAKE_QUEUE,
+    Incoming, Outcome,
+};
 use dossier_domain::{
     Actor, BlobKey, ContentType, ContractId, CustomerId, DisplayName, File, FileCommand, FileId,
     FileName, Origin, Task, TaskCommand, TaskTitle, TenantId, UploadFile, Visibility,
 };
-use dossier_platform::amqp::{
-    self, Broker, COMMANDS_DEAD_QUEUE, ConfirmedPublisher, DEAD_LETTER_EXCHANGE, INTAKE_QUEUE,
-    Incoming, Outcome,
-};
-use dossier_platform::blob::{BlobStore, ByteStream};
-use dossier_platform::db::Pool;
-use dossier_platform::receipts::{self, Receipt};
+use dossier_eventlog::db::Pool;
+use dossier_eventlog::receipts::{self, Receipt};
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, LongString, ShortString};
 use serde::Deserialize;
@@ -92,10 +92,10 @@ impl Intake {
     }
 
     /// Consumes `dossier.intake` until shutdown.
-    pub async fn run(self: Arc<Self>) -> Result<(), amqp::AmqpError> {
+    pub async fn run(self: Arc<Self>) -> Result<(), dossier_broker::AmqpError> {
         let broker = self.broker.clone();
         let shutdown = self.shutdown.clone();
-        amqp::consume(
+        dossier_broker::consume(
             &broker,
             INTAKE_QUEUE,
             PREFETCH,
@@ -328,13 +328,17 @@ impl Intake {
     }
 
     /// Publishes the receipt's reply to `reply_to`, if the message asked for one.
-    async fn reply(&self, message: &Incoming, receipt: &Receipt) -> Result<(), amqp::AmqpError> {
+    async fn reply(
+        &self,
+        message: &Incoming,
+        receipt: &Receipt,
+    ) -> Result<(), dossier_broker::AmqpError> {
         let Some(reply_to) = message.properties.reply_to().as_ref() else {
             return Ok(());
         };
         let mut properties = BasicProperties::default()
-            .with_content_type(ShortString::from(amqp::JSON_CONTENT_TYPE))
-            .with_delivery_mode(amqp::PERSISTENT);
+            .with_content_type(ShortString::from(dossier_broker::JSON_CONTENT_TYPE))
+            .with_delivery_mode(dossier_broker::PERSISTENT);
         if let Some(correlation_id) = message.properties.correlation_id() {
             properties = properties.with_correlation_id(correlation_id.clone());
         }
@@ -386,7 +390,7 @@ impl Intake {
         );
         metrics::counter!("dossier_intake_retries_total").increment(1);
         let mut shutdown = self.shutdown.clone();
-        amqp::sleep_or_stop(std::time::Duration::from_millis(500), &mut shutdown).await;
+        dossier_broker::sleep_or_stop(std::time::Duration::from_millis(500), &mut shutdown).await;
         Outcome::Retry
     }
 
@@ -397,7 +401,7 @@ impl Intake {
         routing_key: &str,
         properties: BasicProperties,
         body: &[u8],
-    ) -> Result<(), amqp::AmqpError> {
+    ) -> Result<(), dossier_broker::AmqpError> {
         let mut slot = self.publisher.lock().await;
         let publisher = match slot.take() {
             Some(publisher) if publisher.is_open() => publisher,
@@ -410,7 +414,7 @@ impl Intake {
             Ok(()) => *slot = Some(publisher),
             // A confirm that never came means a connection that looks alive but
             // is not: rebuild it. Other errors only cost this channel.
-            Err(amqp::AmqpError::ConfirmTimeout(_)) => {
+            Err(dossier_broker::AmqpError::ConfirmTimeout(_)) => {
                 self.broker.invalidate(publisher.connection())
             }
             Err(_) => {}
@@ -477,11 +481,11 @@ impl Envelope {
             .ok_or(Poison::NoMessageId)?
             .to_owned();
         let tenant = message
-            .header_str(amqp::HEADER_TENANT)
+            .header_str(dossier_broker::HEADER_TENANT)
             .ok_or(Poison::NoTenant)?;
         let tenant = TenantId::parse(&tenant).map_err(|e| Poison::BadTenant(e.to_string()))?;
         let actor = message
-            .header_str(amqp::HEADER_ACTOR)
+            .header_str(dossier_broker::HEADER_ACTOR)
             .filter(|a| !a.trim().is_empty())
             .unwrap_or_else(|| DEFAULT_ACTOR.to_owned());
         let correlation_id = message

@@ -12,18 +12,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use dossier_blobstore::{self as blob, BlobStore, BlobStoreSpec, S3Options};
+use dossier_broker::{Broker, BrokerOptions};
 use dossier_domain::{FilePolicy, MaxFileBytes};
-use dossier_platform::amqp::{Broker, BrokerOptions};
-use dossier_platform::blob::{self, BlobStore, BlobStoreSpec, S3Options};
-use dossier_platform::config::{BlobStoreLocation, Role, Settings};
-use dossier_platform::db::{self, Pool};
-use dossier_platform::eventstore::PgEventStore;
-use dossier_platform::log::LogReader;
-use dossier_platform::telemetry;
+use dossier_eventlog::db::{self, Pool};
+use dossier_eventlog::eventstore::PgEventStore;
+use dossier_eventlog::log::LogReader;
 use dossier_projections::BundlesProjection;
 use dossier_projections::{
     FilesProjection, FollowerConfig, Freshness, PortalProjection, Projection, Runner, RunnerConfig,
 };
+use dossier_runtime::config::{BlobStoreLocation, Role, Settings};
+use dossier_runtime::telemetry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -306,7 +306,7 @@ impl Application {
             }
             if settings.roles.contains(Role::Workers) {
                 // Not a role of its own: a gauge that never stops on its own.
-                tokio::spawn(dossier_platform::amqp::watch_queue_depths(
+                tokio::spawn(dossier_broker::watch_queue_depths(
                     broker.clone(),
                     shutdown.subscribe(),
                 ));

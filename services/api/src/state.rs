@@ -3,10 +3,10 @@
 
 use std::sync::Arc;
 
+use dossier_blobstore::BlobStore;
+use dossier_broker::Broker;
 use dossier_domain::MaxFileBytes;
-use dossier_platform::amqp::Broker;
-use dossier_platform::blob::BlobStore;
-use dossier_platform::db::Pool;
+use dossier_eventlog::db::Pool;
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::commands::Commands;

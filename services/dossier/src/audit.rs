@@ -1,7 +1,7 @@
 //! The auditors' commands: `dossier replay`, `dossier verify` and
 //! `dossier projections rebuild`. Argument parsing, output and progress bars
 //! only; the work is done by the library functions the tests call
-//! (`dossier_projections::replay`, `dossier_platform::chain::verify`,
+//! (`dossier_projections::replay`, `dossier_eventlog::chain::verify`,
 //! `dossier_projections::registry`).
 //!
 //! Progress bars go to stderr, and only when stderr is a terminal and the
@@ -14,11 +14,11 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
-use dossier_platform::chain::{self, Checkpoint};
-use dossier_platform::config::Settings;
-use dossier_platform::db::{self, Pool};
+use dossier_eventlog::chain::{self, Checkpoint};
+use dossier_eventlog::db::{self, Pool};
 use dossier_projections::registry;
 use dossier_projections::replay::{self, ReplayFilter, ReplayProgress};
+use dossier_runtime::config::Settings;
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// `dossier replay`.

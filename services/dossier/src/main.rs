@@ -2,15 +2,15 @@
 //! function that the tests use too.
 
 mod audit;
-mod bench;
 
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use dossier_platform::auth::{self, Claims, Role};
-use dossier_platform::config::{Roles, Settings};
-use dossier_platform::{db, telemetry};
+use dossier_api::auth::jwt::{self, Claims, Role};
+use dossier_eventlog::db;
+use dossier_runtime::config::{Roles, Settings};
+use dossier_runtime::telemetry;
 
 #[derive(Parser)]
 #[command(
@@ -52,8 +52,14 @@ enum Command {
         command: audit::ProjectionsCommand,
     },
     /// Measure speed and memory next to baselines of this machine (a table, or
-    /// JSON with --json); --quick runs every scenario small.
-    Bench(bench::BenchArgs),
+    /// JSON with --json); --quick runs every scenario small. Runs the
+    /// `dossier-bench` binary that is built beside this one (`cargo build
+    /// --release --bins`), so that production never links what it brings up.
+    #[command(disable_help_flag = true)]
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Print a bearer token for calling the API.
     Token {
         #[arg(long)]
@@ -133,7 +139,7 @@ async fn main() -> anyhow::Result<()> {
             telemetry::init_tracing();
             audit::projections(&settings, command).await
         }
-        Command::Bench(args) => bench::main(&settings, args).await,
+        Command::Bench { args } => run_bench(args),
         Command::Token {
             tenant,
             role,
@@ -162,7 +168,7 @@ async fn main() -> anyhow::Result<()> {
             };
             println!(
                 "{}",
-                auth::issue(settings.jwt_secret.expose_bytes(), &claims)
+                jwt::issue(settings.jwt_secret.expose_bytes(), &claims)
             );
             Ok(())
         }
@@ -207,4 +213,21 @@ async fn shutdown_signal() {
         () = terminate => {},
     }
     tracing::info!("shutdown requested: no new work is taken; finishing what is in flight");
+}
+
+/// `dossier bench ARGS`: runs `dossier-bench ARGS` from this binary's folder and
+/// exits with its status.
+fn run_bench(args: Vec<String>) -> anyhow::Result<()> {
+    let here = std::env::current_exe().context("finding the dossier binary")?;
+    let bench = here.with_file_name(format!("dossier-bench{}", std::env::consts::EXE_SUFFIX));
+    anyhow::ensure!(
+        bench.exists(),
+        "{} is not built: run `cargo build --release --bins` (the benchmark is a binary of its own)",
+        bench.display()
+    );
+    let status = std::process::Command::new(&bench)
+        .args(args)
+        .status()
+        .with_context(|| format!("running {}", bench.display()))?;
+    std::process::exit(status.code().unwrap_or(1));
 }

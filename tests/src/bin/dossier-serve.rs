@@ -7,11 +7,11 @@
 
 use anyhow::Context as _;
 use dossier_api::startup::Application;
-use dossier_platform::config::Settings;
+use dossier_runtime::config::Settings;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    dossier_platform::telemetry::init_tracing();
+    dossier_runtime::telemetry::init_tracing();
     let settings = Settings::from_env().context("reading the configuration")?;
     let app = Application::build(settings).await?;
     app.run_until_stopped(async {

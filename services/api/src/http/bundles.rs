@@ -234,7 +234,7 @@ pub async fn bundle_content(
     let blob = match app.blobs().get(&key).await {
         Ok(blob) => blob,
         // Expired and removed between the two reads.
-        Err(dossier_platform::blob::BlobError::NotFound) => return Err(ApiError::NotFound),
+        Err(dossier_blobstore::BlobError::NotFound) => return Err(ApiError::NotFound),
         Err(error) => return Err(error.into()),
     };
     let downloaded = bundle

@@ -5,7 +5,7 @@
 use axum::extract::{RawQuery, State};
 use axum::routing::get;
 use axum::{Json, Router};
-use dossier_platform::log::{LogFilter, LogReader, LoggedEvent};
+use dossier_eventlog::log::{LogFilter, LogReader, LoggedEvent};
 use serde::Serialize;
 
 use crate::auth::Auditor;

@@ -11,8 +11,8 @@ use std::collections::HashMap;
 use axum::extract::Multipart;
 use axum::extract::multipart::Field;
 use bytes::Bytes;
+use dossier_blobstore::{BlobStore, ByteStream};
 use dossier_domain::{BlobKey, ContentType, FileName, Sha256Hex};
-use dossier_platform::blob::{BlobStore, ByteStream};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 

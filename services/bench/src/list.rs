@@ -1,0 +1,184 @@
+//! `list`: `GET /v1/customers/{customer_id}/files` with filters, for a tenant
+//! with 1,000,000 files over 10,000 customers (about a hundred each).
+//!
+//! The files read model is seeded directly with `COPY` (its list index is
+//! dropped first and built again after, as a bulk load would do), then
+//! analyzed. Requests go over HTTP with a staff token, each for a random
+//! customer with one of several filter combinations, from one client and from
+//! eight. There is no baseline: the goal is absolute (p99 under 10 ms).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use chrono::{TimeZone as _, Utc};
+use dossier_api::auth::jwt::Role;
+use dossier_blobstore::{self as blob, BlobStoreSpec};
+
+use super::Ctx;
+use super::env::{self, App, BenchDb};
+use super::report::{Figure, Goal};
+use super::seed::{self, Rng};
+use super::stats;
+
+const SCENARIO: &str = "list";
+const TENANT: &str = "bench-list";
+
+/// The filter combinations a staff UI sends, in rotation.
+const FILTERS: [&str; 8] = [
+    "",
+    "visibility=portal&visibility=portal_and_moving",
+    "viewed=false",
+    "created_from=2025-03-01&created_to=2025-08-31",
+    "origin=contract",
+    "visibility=internal&viewed=false&created_from=2025-01-01",
+    "contract_id=K-7",
+    "limit=200",
+];
+
+pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Figure>> {
+    let db = BenchDb::create(ctx, 4).await?;
+    let blob_dir = env::temp_dir("list-blobs")?;
+    let result = measure(ctx, &db, &blob_dir).await;
+    db.drop().await;
+    let _ = std::fs::remove_dir_all(&blob_dir);
+    result
+}
+
+async fn measure(
+    ctx: &Ctx,
+    db: &BenchDb,
+    blob_dir: &std::path::Path,
+) -> anyhow::Result<Vec<Figure>> {
+    let files: u64 = ctx.size(1_000_000, 20_000);
+    let customers: u64 = ctx.size(10_000, 200);
+
+    let seeding = std::time::Instant::now();
+    seed_files(db, files, customers).await?;
+    eprintln!(
+        "bench: list: seeded {files} files in {:.1} s",
+        seeding.elapsed().as_secs_f64()
+    );
+
+    // Only what the list needs: the API and the projections (no RabbitMQ).
+    let blobs = blob::open(&BlobStoreSpec::Dir(blob_dir.to_owned())).await?;
+    let app = Arc::new(App::spawn(&db.url, blobs, &[("DOSSIER_ROLES", "api,projections")]).await?);
+    let token = Arc::new(env::token(TENANT, Role::Staff, None));
+    let list = {
+        let (app, token) = (app.clone(), token.clone());
+        move |client: usize, i: u64| {
+            let (app, token) = (app.clone(), token.clone());
+            async move {
+                let mut rng = Rng::new((client as u64) << 32 | i);
+                let customer = rng.below(customers);
+                let filter = FILTERS[(i as usize + client) % FILTERS.len()];
+                let response = app
+                    .client
+                    .get(app.url(&format!("/v1/customers/cust-{customer}/files?{filter}")))
+                    .bearer_auth(token.as_str())
+                    .send()
+                    .await?;
+                let status = response.status();
+                anyhow::ensure!(status.is_success(), "list answered {status}");
+                response.bytes().await?;
+                Ok(())
+            }
+        }
+    };
+    let result = async {
+        let mut figures = Vec::new();
+        for clients in [1usize, 8] {
+            let warmup = ctx.size(Duration::from_secs(1), Duration::from_millis(200));
+            let window = ctx.size(Duration::from_secs(8), Duration::from_secs(1));
+            let load = stats::closed_loop(clients, warmup, window, list.clone())
+                .await
+                .with_context(|| format!("lists from {clients} clients"))?;
+            let goal = if clients == 1 {
+                Goal::AtMost(10.0)
+            } else {
+                Goal::Report
+            };
+            figures.push(
+                Figure::new(SCENARIO, format!("p50, {clients} client(s)"), "ms")
+                    .ours(load.latencies.p50_ms())
+                    .goal(Goal::Report),
+            );
+            figures.push(
+                Figure::new(SCENARIO, format!("p99, {clients} client(s)"), "ms")
+                    .ours(load.latencies.p99_ms())
+                    .note(format!(
+                        "{} requests at {:.0}/s; {files} files, {customers} customers; filters rotate",
+                        load.ops,
+                        load.per_second()
+                    ))
+                    .goal(goal),
+            );
+        }
+        anyhow::Ok(figures)
+    }
+    .await;
+    drop(list);
+    if let Ok(app) = Arc::try_unwrap(app) {
+        app.stop().await;
+    }
+    result
+}
+
+/// COPYs `files` rows of one tenant over `customers` customers into the files
+/// read model, with the list index built after the load.
+async fn seed_files(db: &BenchDb, files: u64, customers: u64) -> anyhow::Result<()> {
+    let client = db.pool.get().await?;
+    let index: String = client
+        .query_one(
+            "SELECT pg_get_indexdef('files_customer_newest_first'::regclass)",
+            &[],
+        )
+        .await?
+        .get(0);
+    client
+        .batch_execute("DROP INDEX files_customer_newest_first")
+        .await?;
+    let start = Utc
+        .with_ymd_and_hms(2024, 1, 1, 0, 0, 0)
+        .single()
+        .context("a date")?;
+    let span_secs = 2 * 365 * 86_400;
+    let mut rng = Rng::new(0x5eed);
+    let rows = (0..files).map(move |n| {
+        let id = seed::uuid(&mut rng);
+        let customer = n % customers;
+        let created = start + chrono::Duration::seconds(rng.below(span_secs) as i64);
+        let visibility = ["internal", "portal", "portal_and_moving"][rng.below(3) as usize];
+        let origin = ["staff_upload", "customer_upload", "contract", "product", "system"]
+            [rng.below(5) as usize];
+        let viewed = if visibility != "internal" && rng.below(2) == 0 {
+            (created + chrono::Duration::days(1)).to_rfc3339()
+        } else {
+            "\\N".to_owned()
+        };
+        let contract = if origin == "contract" {
+            format!("K-{}", rng.below(10))
+        } else {
+            "\\N".to_owned()
+        };
+        format!(
+            "{id}\t{TENANT}\tcust-{customer}\tDocument {n}\tdocument_{n}.pdf\tapplication/pdf\t{size}\t\
+             9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\t{created}\t{visibility}\t\
+             {origin}\t{viewed}\t\\N\t{contract}\t\\N\t{TENANT}/cust-{customer}/{id}\t0\n",
+            size = 10_000 + rng.below(5_000_000),
+            created = created.to_rfc3339(),
+        )
+    });
+    seed::copy_in(
+        &db.pool,
+        "COPY files (id, tenant, customer_id, name, file_name, content_type, size, sha256, \
+         created_at, visibility, origin, viewed_at, signed_at, contract_id, task_id, blob_key, \
+         last_position) FROM STDIN",
+        rows,
+    )
+    .await
+    .context("COPY into files")?;
+    client.batch_execute(&index).await?;
+    client.batch_execute("VACUUM ANALYZE files").await?;
+    Ok(())
+}

@@ -1,0 +1,25 @@
+//! `dossier-bench`, which `dossier bench` runs: a binary of its own so that the
+//! production `dossier` never links the S3 dev server and the test harness the
+//! benchmark brings up.
+
+use anyhow::Context as _;
+use clap::Parser;
+use dossier_bench::BenchArgs;
+use dossier_runtime::config::Settings;
+
+#[derive(Parser)]
+#[command(
+    name = "dossier bench",
+    about = "Measure speed and memory next to baselines of this machine."
+)]
+struct Cli {
+    #[command(flatten)]
+    args: BenchArgs,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let settings = Settings::from_env().context("reading the configuration")?;
+    dossier_bench::main(&settings, cli.args).await
+}

@@ -1,0 +1,219 @@
+//! `upload_rss`: the peak resident memory (`VmHWM`) of a `dossier serve`
+//! process while 32 uploads of 25 MiB arrive at once.
+//!
+//! The server is this very binary, started as a child with the environment
+//! production would give it: its database, its vhost, an `s3://` blob store on
+//! the benchmark's S3 server, and the S3 credentials in `AWS_ACCESS_KEY_ID` /
+//! `AWS_SECRET_ACCESS_KEY` for the child only. The goal is 64 MiB plus 8 MiB
+//! per upload in flight: one S3 part buffer each (5 MiB), the HTTP side's
+//! buffers, and the S3 store's few spare part buffers for pipelining.
+
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use dossier_api::auth::jwt::Role;
+use dossier_test_support::rabbit::TestVhost;
+
+use super::Ctx;
+use super::env::{self, BenchDb, S3};
+use super::report::{Figure, Goal};
+use super::stats;
+
+const SCENARIO: &str = "upload_rss";
+const TENANT: &str = "bench-rss";
+const BUCKET: &str = "bench-rss";
+
+pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Figure>> {
+    let s3 = S3::start().await?;
+    let db = BenchDb::create(ctx, 2).await?;
+    let vhost = TestVhost::create().await?;
+    let dir = env::temp_dir("rss")?;
+    let result = measure(ctx, &s3, &db, &vhost, &dir).await;
+    db.drop().await;
+    let _ = vhost.cleanup().await;
+    s3.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+async fn measure(
+    ctx: &Ctx,
+    s3: &S3,
+    db: &BenchDb,
+    vhost: &TestVhost,
+    dir: &std::path::Path,
+) -> anyhow::Result<Vec<Figure>> {
+    let uploads = ctx.size(32, 4);
+    let size = ctx.size(25 * 1024 * 1024, 2 * 1024 * 1024);
+    // The bucket must exist; the server does not create it.
+    s3.store(BUCKET).await?;
+    let limit = 64.0 + 8.0 * uploads as f64;
+    let metric = |store: &str| {
+        format!(
+            "peak RSS, {uploads} x {} MiB at once, {store}",
+            size / (1024 * 1024)
+        )
+    };
+
+    let on_s3 = [
+        ("DOSSIER_BLOB_STORE", format!("s3://{BUCKET}")),
+        ("DOSSIER_S3_ENDPOINT", s3.endpoint().to_owned()),
+        ("DOSSIER_S3_REGION", "us-east-1".to_owned()),
+        // S3 credentials reach the child only, the way production passes them.
+        ("AWS_ACCESS_KEY_ID", s3.access_key().to_owned()),
+        ("AWS_SECRET_ACCESS_KEY", s3.secret_key().to_owned()),
+        ("AWS_EC2_METADATA_DISABLED", "true".to_owned()),
+    ];
+    let (idle, peak) = serve_and_upload(db, vhost, dir, &on_s3, uploads, size).await?;
+    let mut figures = vec![
+        Figure::new(SCENARIO, metric("S3"), "MiB")
+            .ours(peak.peak_mib)
+            .note(format!(
+                "idle after start: RSS {:.0} MiB; goal 64 MiB + 8 MiB x {uploads}",
+                idle.rss_mib
+            ))
+            .goal(Goal::AtMost(limit)),
+    ];
+
+    // The same with the directory store (no part buffers): what the S3
+    // adapter adds.
+    let blob_dir = dir.join("blobs");
+    let on_disk = [(
+        "DOSSIER_BLOB_STORE",
+        format!("file://{}", blob_dir.display()),
+    )];
+    let (idle, peak) = serve_and_upload(db, vhost, dir, &on_disk, uploads, size).await?;
+    figures.push(
+        Figure::new(SCENARIO, metric("file://"), "MiB")
+            .ours(peak.peak_mib)
+            .note(format!("idle after start: RSS {:.0} MiB", idle.rss_mib))
+            .goal(Goal::AtMost(limit)),
+    );
+    Ok(figures)
+}
+
+/// Starts `dossier serve` with `blob_env`, sends `uploads` uploads of `size`
+/// at once, stops it; answers its memory when idle and after the uploads.
+async fn serve_and_upload(
+    db: &BenchDb,
+    vhost: &TestVhost,
+    dir: &std::path::Path,
+    blob_env: &[(&str, String)],
+    uploads: usize,
+    size: usize,
+) -> anyhow::Result<(Memory, Memory)> {
+    let port = env::free_port()?;
+    let exe = std::env::current_exe().context("finding the dossier binary")?;
+    let log_path = dir.join("server.log");
+    let log = std::fs::File::create(&log_path)?;
+    let mut command = tokio::process::Command::new(exe);
+    command
+        .arg("serve")
+        .current_dir(dir)
+        .env("DOSSIER_HTTP_ADDR", format!("127.0.0.1:{port}"))
+        .env("DOSSIER_DATABASE_URL", &db.url)
+        .env("DOSSIER_AMQP_URL", vhost.url())
+        .env("DOSSIER_JWT_SECRET", env::SECRET)
+        .env("DOSSIER_ROLES", "all")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log))
+        .kill_on_drop(true);
+    for (name, value) in blob_env {
+        command.env(name, value);
+    }
+    let mut child = command.spawn().context("starting dossier serve")?;
+    let pid = child.id().context("the server's pid")?;
+
+    let result = async {
+        let base = format!("http://127.0.0.1:{port}");
+        let client = env::http_client();
+        env::wait_ready(&client, &base, Duration::from_secs(60))
+            .await
+            .with_context(|| format!("see {}", log_path.display()))?;
+        let idle = memory(pid)?;
+
+        let token = Arc::new(env::token(TENANT, Role::Staff, None));
+        let body = Bytes::from(env::random_bytes(size, 32));
+        let base = Arc::new(base);
+        stats::batch(uploads, uploads, move |i| {
+            let (client, base, token, body) =
+                (client.clone(), base.clone(), token.clone(), body.clone());
+            async move {
+                let length = body.len() as u64;
+                let part =
+                    reqwest::multipart::Part::stream_with_length(reqwest::Body::from(body), length)
+                        .file_name(format!("upload-{i}.bin"))
+                        .mime_str("application/octet-stream")?;
+                let form = reqwest::multipart::Form::new()
+                    .text("name", format!("RSS upload {i}"))
+                    .part("file", part);
+                let response = client
+                    .post(format!("{base}/v1/customers/cust-{i}/files"))
+                    .bearer_auth(token.as_str())
+                    .multipart(form)
+                    .send()
+                    .await?;
+                anyhow::ensure!(
+                    response.status() == reqwest::StatusCode::CREATED,
+                    "upload answered {}",
+                    response.status()
+                );
+                Ok(())
+            }
+        })
+        .await?;
+        let after = memory(pid)?;
+        anyhow::Ok((idle, after))
+    }
+    .await;
+    stop(&mut child, pid).await;
+    result
+}
+
+/// `VmRSS` and `VmHWM` of a process, in MiB.
+struct Memory {
+    rss_mib: f64,
+    peak_mib: f64,
+}
+
+fn memory(pid: u32) -> anyhow::Result<Memory> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .context("reading /proc/<pid>/status (Linux only)")?;
+    let field = |name: &str| -> anyhow::Result<f64> {
+        let line = status
+            .lines()
+            .find(|line| line.starts_with(name))
+            .with_context(|| format!("{name} in /proc/{pid}/status"))?;
+        let kib: f64 = line
+            .split_whitespace()
+            .nth(1)
+            .context("a number")?
+            .parse()?;
+        Ok(kib / 1024.0)
+    };
+    Ok(Memory {
+        rss_mib: field("VmRSS:")?,
+        peak_mib: field("VmHWM:")?,
+    })
+}
+
+/// SIGTERM (a graceful stop), then SIGKILL if it takes too long.
+async fn stop(child: &mut tokio::process::Child, pid: u32) {
+    let terminated = tokio::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .await
+        .is_ok_and(|status| status.success());
+    let stopped = terminated
+        && tokio::time::timeout(Duration::from_secs(15), child.wait())
+            .await
+            .is_ok();
+    if !stopped {
+        let _ = child.kill().await;
+    }
+}

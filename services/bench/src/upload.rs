@@ -1,0 +1,276 @@
+//! `upload`: 25 MiB files over HTTP, 1 and 8 at once, end to end into the
+//! blob store (S3), against the same bytes `PutObject`-ed directly with
+//! aws-sdk-s3 to the same server.
+//!
+//! Ours includes everything a client waits for: multipart parsing, hashing,
+//! the S3 multipart upload (parts of [`PART_SIZE`]), the command, and the
+//! read-your-writes wait. Client, server and S3 server share this process and
+//! its two cores.
+//!
+//! The baseline sends its body the way our S3 adapter does, with
+//! `UNSIGNED-PAYLOAD`: a signed payload costs a SHA-256 on each side that the
+//! adapter no longer pays, and comparing against it would credit ours with
+//! work the baseline did and we skipped. The SDK's default (signed) PutObject
+//! is reported beside it, as the figure earlier runs compared against.
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use bytes::Bytes;
+use dossier_api::auth::jwt::Role;
+use dossier_blobstore::S3BlobStore;
+use dossier_blobstore::s3::PART_SIZE;
+use dossier_test_support::rabbit::TestVhost;
+
+use super::Ctx;
+use super::env::{self, App, BenchDb, S3};
+use super::report::{Figure, Goal};
+use super::stats::{self, mb_per_s};
+
+const SCENARIO: &str = "upload";
+const TENANT: &str = "bench-upload";
+
+pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Figure>> {
+    let s3 = S3::start().await?;
+    let db = BenchDb::create(ctx, 4).await?;
+    let vhost = TestVhost::create().await?;
+    let result = measure(ctx, &s3, &db, &vhost).await;
+    db.drop().await;
+    let _ = vhost.cleanup().await;
+    s3.stop().await;
+    result
+}
+
+async fn measure(
+    ctx: &Ctx,
+    s3: &S3,
+    db: &BenchDb,
+    vhost: &TestVhost,
+) -> anyhow::Result<Vec<Figure>> {
+    let size = ctx.size(25 * 1024 * 1024, 2 * 1024 * 1024);
+    let levels: [(usize, usize); 2] = [(1, ctx.size(8, 2)), (8, ctx.size(32, 8))];
+
+    let blobs = s3.store("bench-upload").await?;
+    let app = Arc::new(App::spawn(&db.url, blobs, &[("DOSSIER_AMQP_URL", vhost.url())]).await?);
+    let result = measure_levels(
+        s3,
+        &app,
+        size,
+        &levels,
+        Bytes::from(env::random_bytes(size, 25)),
+    )
+    .await;
+    if let Ok(app) = Arc::try_unwrap(app) {
+        app.stop().await;
+    }
+    result
+}
+
+async fn measure_levels(
+    s3: &S3,
+    app: &Arc<App>,
+    size: usize,
+    levels: &[(usize, usize)],
+    body: Bytes,
+) -> anyhow::Result<Vec<Figure>> {
+    let direct = Arc::new(s3.direct("bench-upload-direct").await?);
+    let token = Arc::new(env::token(TENANT, Role::Staff, None));
+
+    let upload = {
+        let (app, token, body) = (app.clone(), token.clone(), body.clone());
+        move |i: usize| {
+            let (app, token, body) = (app.clone(), token.clone(), body.clone());
+            async move { upload_over_http(&app, &token, body, i).await }
+        }
+    };
+    let put = {
+        let (direct, body) = (direct.clone(), body.clone());
+        move |i: usize| {
+            let (direct, body) = (direct.clone(), body.clone());
+            async move { put_object(&direct, body, i, false).await }
+        }
+    };
+    let put_signed = {
+        let (direct, body) = (direct.clone(), body.clone());
+        move |i: usize| {
+            let (direct, body) = (direct.clone(), body.clone());
+            async move { put_object(&direct, body, i, true).await }
+        }
+    };
+
+    // What the blob store sends after the HTTP side: the same parts, one after
+    // the other, straight from memory. Splits ours into "multipart" and "the
+    // rest".
+    let multipart = {
+        let (direct, body) = (direct.clone(), body.clone());
+        move |i: usize| {
+            let (direct, body) = (direct.clone(), body.clone());
+            async move { put_multipart(&direct, body, i).await }
+        }
+    };
+
+    // Warm up every path (connections, buckets, first allocations).
+    stats::batch(2, 2, upload.clone()).await?;
+    stats::batch(2, 2, put.clone()).await?;
+    stats::batch(2, 2, put_signed.clone()).await?;
+    stats::batch(2, 2, multipart.clone()).await?;
+
+    let mut figures = Vec::new();
+    for &(parallel, count) in levels {
+        let bytes = (count * size) as u64;
+        let baseline = stats::batch(count, parallel, put.clone()).await?;
+        let ours = stats::batch(count, parallel, upload.clone()).await?;
+        figures.push(
+            Figure::new(
+                SCENARIO,
+                format!("{} MiB files, {parallel} at once", size / (1024 * 1024)),
+                "MB/s",
+            )
+            .ours(mb_per_s(bytes, ours))
+            .baseline(
+                mb_per_s(bytes, baseline),
+                "PutObject of the same bytes with aws-sdk-s3, UNSIGNED-PAYLOAD like ours, same S3 server",
+            )
+            .goal(Goal::RatioAtLeast(0.8)),
+        );
+        let signed = stats::batch(count, parallel, put_signed.clone()).await?;
+        figures.push(
+            Figure::new(
+                SCENARIO,
+                format!(
+                    "{} MiB files, {parallel} at once, vs signed PutObject",
+                    size / (1024 * 1024)
+                ),
+                "MB/s",
+            )
+            .ours(mb_per_s(bytes, ours))
+            .baseline(
+                mb_per_s(bytes, signed),
+                "PutObject with the SDK's default payload signing (SHA-256 on both sides)",
+            )
+            .goal(Goal::Report),
+        );
+        let split = stats::batch(count, parallel, multipart.clone()).await?;
+        figures.push(
+            Figure::new(
+                SCENARIO,
+                format!(
+                    "{} MiB files, {parallel} at once, vs multipart",
+                    size / (1024 * 1024)
+                ),
+                "MB/s",
+            )
+            .ours(mb_per_s(bytes, ours))
+            .baseline(
+                mb_per_s(bytes, split),
+                "the same bytes as sequential UploadParts of our part size, UNSIGNED-PAYLOAD",
+            )
+            .goal(Goal::Report),
+        );
+    }
+    Ok(figures)
+}
+
+/// One PutObject of `body`, with or without payload signing.
+async fn put_object(
+    direct: &S3BlobStore,
+    body: Bytes,
+    i: usize,
+    sign_payload: bool,
+) -> anyhow::Result<()> {
+    let request = direct
+        .client()
+        .put_object()
+        .bucket(direct.bucket())
+        .key(format!("direct/{i}-{}", uuid::Uuid::new_v4()))
+        .content_length(body.len() as i64)
+        .body(ByteStream::from(body))
+        .customize();
+    let request = if sign_payload {
+        request
+    } else {
+        request.disable_payload_signing()
+    };
+    request.send().await.context("PutObject")?;
+    Ok(())
+}
+
+/// CreateMultipartUpload, UploadParts of the adapter's part size one after
+/// the other (unsigned payload, as the adapter sends them), Complete.
+async fn put_multipart(direct: &S3BlobStore, body: Bytes, i: usize) -> anyhow::Result<()> {
+    const PART: usize = PART_SIZE;
+    let client = direct.client();
+    let key = format!("multipart/{i}-{}", uuid::Uuid::new_v4());
+    let created = client
+        .create_multipart_upload()
+        .bucket(direct.bucket())
+        .key(&key)
+        .send()
+        .await
+        .context("CreateMultipartUpload")?;
+    let upload_id = created.upload_id().context("an upload id")?.to_owned();
+    let mut parts = Vec::new();
+    for (n, start) in (0..body.len()).step_by(PART).enumerate() {
+        let chunk = body.slice(start..(start + PART).min(body.len()));
+        let number = n as i32 + 1;
+        let uploaded = client
+            .upload_part()
+            .bucket(direct.bucket())
+            .key(&key)
+            .upload_id(&upload_id)
+            .part_number(number)
+            .content_length(chunk.len() as i64)
+            .body(ByteStream::from(chunk))
+            .customize()
+            .disable_payload_signing()
+            .send()
+            .await
+            .context("UploadPart")?;
+        parts.push(
+            CompletedPart::builder()
+                .part_number(number)
+                .set_e_tag(uploaded.e_tag().map(str::to_owned))
+                .build(),
+        );
+    }
+    client
+        .complete_multipart_upload()
+        .bucket(direct.bucket())
+        .key(&key)
+        .upload_id(&upload_id)
+        .multipart_upload(
+            CompletedMultipartUpload::builder()
+                .set_parts(Some(parts))
+                .build(),
+        )
+        .send()
+        .await
+        .context("CompleteMultipartUpload")?;
+    Ok(())
+}
+
+async fn upload_over_http(app: &App, token: &str, body: Bytes, i: usize) -> anyhow::Result<()> {
+    let length = body.len() as u64;
+    let part = reqwest::multipart::Part::stream_with_length(reqwest::Body::from(body), length)
+        .file_name(format!("upload-{i}.bin"))
+        .mime_str("application/octet-stream")?;
+    let form = reqwest::multipart::Form::new()
+        .text("name", format!("Bench upload {i}"))
+        .part("file", part);
+    let response = app
+        .client
+        .post(app.url(&format!("/v1/customers/cust-{}/files", i % 10)))
+        .bearer_auth(token)
+        .multipart(form)
+        .send()
+        .await?;
+    let status = response.status();
+    anyhow::ensure!(
+        status == reqwest::StatusCode::CREATED,
+        "upload answered {status}: {}",
+        response.text().await.unwrap_or_default()
+    );
+    Ok(())
+}

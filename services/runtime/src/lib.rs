@@ -1,0 +1,5 @@
+//! What every Dossier process runs on, whatever its role: typed configuration
+//! read once at start-up, and telemetry (logs, traces, metrics).
+
+pub mod config;
+pub mod telemetry;
