@@ -40,15 +40,14 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use dossier_broker::{
-    self, AUDIT_QUEUE, AmqpError, Backoff, Broker, ConsumerOptions, Incoming, Outcome,
-    sleep_or_stop,
-};
+use dossier_broker::{self, AUDIT_QUEUE, AmqpError, Broker, ConsumerOptions, Incoming, Outcome};
 use dossier_domain::upcast;
 use dossier_eventlog::chain::{self, Sealer};
 use dossier_eventlog::db::Pool;
 use dossier_eventlog::log::LogReader;
 use dossier_runtime::config::Secret;
+use dossier_runtime::retry::Backoff;
+use dossier_runtime::shutdown::sleep_or_stop;
 use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::watch;

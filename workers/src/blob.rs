@@ -41,14 +41,13 @@ use std::time::{Duration, SystemTime};
 use cqrs_es::persist::PersistedEventStore;
 use cqrs_es::{AggregateError, CqrsFramework};
 use dossier_blobstore::{BlobError, BlobStore};
-use dossier_broker::{
-    self, AmqpError, BLOB_QUEUE, Backoff, Broker, ConsumerOptions, Incoming, Outcome,
-    sleep_or_stop, stopped,
-};
+use dossier_broker::{self, AmqpError, BLOB_QUEUE, Broker, ConsumerOptions, Incoming, Outcome};
 use dossier_domain::{BlobKey, File, FileCommand, FileEvent, FilePolicy, TenantId};
 use dossier_eventlog::db::Pool;
 use dossier_eventlog::eventstore::{self, PgEventStore};
 use dossier_eventlog::log::LoggedEvent;
+use dossier_runtime::retry::Backoff;
+use dossier_runtime::shutdown::{sleep_or_stop, stopped};
 use futures::StreamExt as _;
 use serde::Serialize;
 use sha2::{Digest as _, Sha256};

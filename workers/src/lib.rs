@@ -132,7 +132,7 @@ pub(crate) async fn retry_until_done<T, E, F, Fut>(
     worker: &'static str,
     reason: &'static str,
     doing: &'static str,
-    backoff: &dossier_broker::Backoff,
+    backoff: &dossier_runtime::retry::Backoff,
     shutdown: &watch::Receiver<bool>,
     mut attempt: F,
 ) -> Option<T>
@@ -158,7 +158,7 @@ where
                     retry_in_ms = delay.as_millis() as u64,
                     "{doing} failed; retrying until it works"
                 );
-                if dossier_broker::sleep_or_stop(delay, &mut stopping).await {
+                if dossier_runtime::shutdown::sleep_or_stop(delay, &mut stopping).await {
                     return None;
                 }
             }

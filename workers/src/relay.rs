@@ -28,12 +28,14 @@
 use std::time::{Duration, Instant};
 
 use dossier_broker::{
-    self, AmqpError, Backoff, Broker, ConfirmedPublisher, EVENTS_EXCHANGE, HEADER_TENANT,
-    JSON_CONTENT_TYPE, PERSISTENT, PendingConfirm, sleep_or_stop, stopped,
+    self, AmqpError, Broker, ConfirmedPublisher, EVENTS_EXCHANGE, HEADER_TENANT, JSON_CONTENT_TYPE,
+    PERSISTENT, PendingConfirm,
 };
 use dossier_eventlog::db::Pool;
 use dossier_eventlog::eventstore::META_CORRELATION_ID;
 use dossier_eventlog::log::{LogFilter, LogReader, LoggedEvent};
+use dossier_runtime::retry::Backoff;
+use dossier_runtime::shutdown::{sleep_or_stop, stopped};
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use tokio::sync::watch;

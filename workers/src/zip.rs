@@ -53,8 +53,7 @@ use cqrs_es::persist::PersistedEventStore;
 use cqrs_es::{AggregateError, CqrsFramework, EventStore as _};
 use dossier_blobstore::BlobStore;
 use dossier_broker::{
-    self, AmqpError, Backoff, Broker, ConsumerOptions, DELIVERY_LIMIT, Incoming, Outcome,
-    ZIP_QUEUE, sleep_or_stop, stopped,
+    self, AmqpError, Broker, ConsumerOptions, DELIVERY_LIMIT, Incoming, Outcome, ZIP_QUEUE,
 };
 use dossier_domain::naming::{ZipEntryNames, download_name};
 use dossier_domain::{
@@ -66,6 +65,8 @@ use dossier_eventlog::eventstore::{self, PgEventStore};
 use dossier_eventlog::log::LoggedEvent;
 use dossier_projections::bundles;
 use dossier_projections::files::{self, FileView};
+use dossier_runtime::retry::Backoff;
+use dossier_runtime::shutdown::{sleep_or_stop, stopped};
 use lapin::types::AMQPValue;
 use tokio::sync::watch;
 use tracing::Instrument as _;

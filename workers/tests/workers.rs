@@ -14,8 +14,7 @@ use cqrs_es::persist::PersistedEventStore;
 use cqrs_es::{AggregateError, CqrsFramework};
 use dossier_blobstore::{self as blob, BlobStore, BlobStoreSpec, ByteStream, S3Options};
 use dossier_broker::{
-    self, BLOB_DEAD_QUEUE, BLOB_QUEUE, Backoff, Broker, BrokerOptions, ConfirmedPublisher,
-    EVENTS_EXCHANGE,
+    self, BLOB_DEAD_QUEUE, BLOB_QUEUE, Broker, BrokerOptions, ConfirmedPublisher, EVENTS_EXCHANGE,
 };
 use dossier_domain::{
     BlobKey, ContentType, CustomerId, DisplayName, File, FileCommand, FileId, FileName, FilePolicy,
@@ -25,6 +24,7 @@ use dossier_eventlog::db::Pool;
 use dossier_eventlog::eventstore::{self, PgEventStore};
 use dossier_eventlog::log::LoggedEvent;
 use dossier_projections::{FilesProjection, Runner, RunnerConfig};
+use dossier_runtime::retry::Backoff;
 use dossier_test_support::rabbit::TestVhost;
 use dossier_workers::blob::BlobWorkerConfig;
 use dossier_workers::relay::{self, RelayConfig};

@@ -390,7 +390,11 @@ impl Intake {
         );
         metrics::counter!("dossier_intake_retries_total").increment(1);
         let mut shutdown = self.shutdown.clone();
-        dossier_broker::sleep_or_stop(std::time::Duration::from_millis(500), &mut shutdown).await;
+        dossier_runtime::shutdown::sleep_or_stop(
+            std::time::Duration::from_millis(500),
+            &mut shutdown,
+        )
+        .await;
         Outcome::Retry
     }
 

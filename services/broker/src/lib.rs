@@ -44,6 +44,8 @@
 //!
 //! [`testing`] gives each test its own virtual host.
 
+use dossier_runtime::retry::Backoff;
+use dossier_runtime::shutdown::{is_stopping, sleep_or_stop, stopped};
 use std::future::Future;
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
@@ -59,7 +61,6 @@ use lapin::uri::AMQPUri;
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
 };
-use rand::Rng as _;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::Instrument as _;
@@ -289,60 +290,6 @@ pub fn short(what: &'static str, value: &str) -> Result<ShortString, AmqpError> 
         what,
         value: value.to_owned(),
     })
-}
-
-/// Capped exponential backoff with jitter: attempt `n` waits between half and all
-/// of `min(max, initial * 2^n)`. The jitter keeps processes that lost the broker at
-/// the same moment from all coming back at the same moment; the fixed half keeps
-/// the wait from collapsing to nothing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Backoff {
-    /// The base wait of the first retry.
-    pub initial: Duration,
-    /// The ceiling.
-    pub max: Duration,
-}
-
-impl Backoff {
-    /// 200 ms, doubling up to 30 s.
-    pub const DEFAULT: Self = Self {
-        initial: Duration::from_millis(200),
-        max: Duration::from_secs(30),
-    };
-
-    /// How long to wait before retry number `attempt` (0 for the first retry).
-    pub fn delay(&self, attempt: u32) -> Duration {
-        let factor = 2u32.saturating_pow(attempt.min(30));
-        let ceiling = self.initial.saturating_mul(factor).min(self.max);
-        let ceiling_ms = u64::try_from(ceiling.as_millis()).unwrap_or(u64::MAX);
-        let half = ceiling_ms / 2;
-        let jitter = rand::rng().random_range(0..=ceiling_ms - half);
-        Duration::from_millis(half + jitter)
-    }
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Self::DEFAULT
-    }
-}
-
-/// Resolves once shutdown was requested (`true` sent) or the sender is gone.
-pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    // An error means the sender was dropped: nobody can ask us to keep running.
-    let _ = shutdown.wait_for(|stop| *stop).await;
-}
-
-/// Sleeps for `delay` unless shutdown comes first; answers whether it did.
-pub async fn sleep_or_stop(delay: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
-    tokio::select! {
-        () = tokio::time::sleep(delay) => false,
-        () = stopped(shutdown) => true,
-    }
-}
-
-fn is_stopping(shutdown: &watch::Receiver<bool>) -> bool {
-    *shutdown.borrow() || shutdown.has_changed().is_err()
 }
 
 /// How often [`watch_queue_depths`] looks.

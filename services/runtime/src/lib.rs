@@ -2,4 +2,6 @@
 //! read once at start-up, and telemetry (logs, traces, metrics).
 
 pub mod config;
+pub mod retry;
+pub mod shutdown;
 pub mod telemetry;
