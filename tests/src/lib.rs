@@ -7,6 +7,8 @@
 //! like any client's.
 
 pub mod db;
+pub mod postgres;
+pub mod proxy;
 pub mod rabbit;
 pub mod s3;
 pub mod upstream;

@@ -19,7 +19,16 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
     let settings = Settings::from_env().context("reading the configuration")?;
+    // `dossier-bench serve`: the server the upload_rss scenario measures, started
+    // exactly as `dossier serve` starts it.
+    if std::env::args().nth(1).as_deref() == Some("serve") {
+        dossier_runtime::telemetry::init_tracing();
+        let app = dossier_api::startup::Application::build(settings).await?;
+        return app
+            .run_until_stopped(dossier_runtime::shutdown::signal())
+            .await;
+    }
+    let cli = Cli::parse();
     dossier_bench::main(&settings, cli.args).await
 }

@@ -1,7 +1,7 @@
 //! `upload_rss`: the peak resident memory (`VmHWM`) of a `dossier serve`
 //! process while 32 uploads of 25 MiB arrive at once.
 //!
-//! The server is this very binary, started as a child with the environment
+//! The server is this binary's `serve` (the same start-up as `dossier serve`), started as a child with the environment
 //! production would give it: its database, its vhost, an `s3://` blob store on
 //! the benchmark's S3 server, and the S3 credentials in `AWS_ACCESS_KEY_ID` /
 //! `AWS_SECRET_ACCESS_KEY` for the child only. The goal is 64 MiB plus 8 MiB
@@ -106,7 +106,9 @@ async fn serve_and_upload(
     size: usize,
 ) -> anyhow::Result<(Memory, Memory)> {
     let port = env::free_port()?;
-    let exe = std::env::current_exe().context("finding the dossier binary")?;
+    // This binary's `serve`: the production start-up (`Application::build`),
+    // so the figure is what `dossier serve` uses, with no build-order games.
+    let exe = std::env::current_exe().context("finding the dossier-bench binary")?;
     let log_path = dir.join("server.log");
     let log = std::fs::File::create(&log_path)?;
     let mut command = tokio::process::Command::new(exe);

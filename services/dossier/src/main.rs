@@ -104,7 +104,8 @@ async fn main() -> anyhow::Result<()> {
                 );
             }
             let app = dossier_api::startup::Application::build(settings).await?;
-            app.run_until_stopped(shutdown_signal()).await
+            app.run_until_stopped(dossier_runtime::shutdown::signal())
+                .await
         }
         Command::Migrate => {
             telemetry::init_tracing();
@@ -190,29 +191,6 @@ fn parse_ttl(raw: &str) -> anyhow::Result<Duration> {
         _ => anyhow::bail!("--ttl: unknown unit {unit:?}; use s, m, h or d"),
     };
     Ok(Duration::from_secs(seconds))
-}
-
-/// Resolves on Ctrl-C or SIGTERM: the start of a graceful shutdown.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = terminate => {},
-    }
-    tracing::info!("shutdown requested: no new work is taken; finishing what is in flight");
 }
 
 /// `dossier bench ARGS`: runs `dossier-bench ARGS` from this binary's folder and

@@ -14,8 +14,6 @@ async fn main() -> anyhow::Result<()> {
     dossier_runtime::telemetry::init_tracing();
     let settings = Settings::from_env().context("reading the configuration")?;
     let app = Application::build(settings).await?;
-    app.run_until_stopped(async {
-        let _ = tokio::signal::ctrl_c().await;
-    })
-    .await
+    app.run_until_stopped(dossier_runtime::shutdown::signal())
+        .await
 }
