@@ -5,29 +5,36 @@
 //!   recompute the hash chain from it), in position order, filtered by tenant,
 //!   customer, file and time.
 //! - [`files_as_of`] rebuilds a customer's file list as it stood at a moment,
-//!   from events alone (no read model), in the list's order (newest first).
+//!   from events alone (no read model), in the list's order (newest first), by
+//!   the read model's own rules ([`crate::files::fold`]).
 //!
 //! Both read through [`LogReader`] in pages, so memory stays the same for any
 //! log size (the customer filter remembers only that customer's file ids), and
 //! both stop at the log's safe watermark as it was when they started: a replay
 //! is a snapshot of the log, not a tail, and never misses a late commit below it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashSet};
 use std::io::Write;
 use std::time::Duration;
 
 use chrono::{DateTime, NaiveDate, NaiveTime, Utc};
+use dossier_domain::FileEvent;
 use dossier_domain::codec::{self, DecodeError};
-use dossier_domain::{FileEvent, FileId};
 use dossier_eventlog::db::Pool;
 use dossier_eventlog::log::{LogError, LogFilter, LogReader, LoggedEvent};
 use serde_json::Value;
-use uuid::Uuid;
+use tokio_postgres::types::Type;
 
-use crate::files::{FILE_AGGREGATE_TYPE, FileView};
+use crate::error::ProjectionError;
+use crate::files::fold::Files;
+use crate::files::{FILE_AGGREGATE_TYPE, FileView, FilesProjection};
+use crate::projection::{RawEvent, decode_raw};
 
 /// Events per page read from the log.
 const PAGE: i64 = 1000;
+
+/// Files whose histories [`files_as_of`] reads in one statement.
+const HISTORIES: usize = 1000;
 
 /// How long a replay waits at its start for the log's safe watermark to settle
 /// (an append in flight holds it back for a moment).
@@ -263,6 +270,20 @@ pub async fn replay(
 /// `customer`'s file list (of `tenant`) exactly as it stood at `at`, rebuilt
 /// from the events recorded at or before `at` alone, newest first like
 /// `GET /v1/customers/{customer_id}/files`.
+///
+/// The list is what the files projection would have held: the events are folded by
+/// its rules ([`crate::files::fold`]), times cut as Postgres keeps them. Two reads:
+///
+/// 1. The tenant's log, page by page, for the files that may be the customer's:
+///    those with an upload in the tenant naming the customer.
+/// 2. Those files' whole histories, in position order, *every tenant's* events
+///    included: an upload or a delete of the same id logged under another tenant
+///    decides whether the file has a row at all (the first upload wins, a tombstone
+///    keeps it out), exactly as in the read model. Folded, the rows of this tenant
+///    and customer are the list.
+///
+/// Memory: the customer's file ids, and the histories of [`HISTORIES`] of them at
+/// a time.
 pub async fn files_as_of(
     pool: &Pool,
     tenant: &str,
@@ -270,114 +291,114 @@ pub async fn files_as_of(
     at: DateTime<Utc>,
     progress: &dyn Fn(ReplayProgress),
 ) -> Result<Vec<FileView>, ReplayError> {
-    let mut files: HashMap<String, FileView> = HashMap::new();
-    for_each_event(pool, Some(tenant), progress, |event| {
+    let mut candidates: BTreeSet<String> = BTreeSet::new();
+    let report = for_each_event(pool, Some(tenant), progress, |event| {
         if event.at > at || event.aggregate_type != FILE_AGGREGATE_TYPE {
             return Ok(false);
         }
-        let uploaded_here = event.event_type == FileEvent::UPLOADED
-            && text(&payload(event), "customer_id") == Some(customer);
-        if !uploaded_here && !files.contains_key(&event.aggregate_id) {
-            return Ok(false);
+        if event.event_type == FileEvent::UPLOADED
+            && text(&payload(event), "customer_id") == Some(customer)
+        {
+            candidates.insert(event.aggregate_id.clone());
+            return Ok(true);
         }
-        let decoded: FileEvent =
-            codec::decode(&event.event_type, &event.event_version, &payload(event)).map_err(
-                |source| ReplayError::Undecodable {
-                    position: event.position,
-                    source: Box::new(source),
-                },
-            )?;
-        apply(&mut files, event, decoded)?;
-        Ok(true)
+        Ok(candidates.contains(&event.aggregate_id))
     })
     .await?;
-    let mut list: Vec<FileView> = files.into_values().collect();
+
+    let candidates: Vec<String> = candidates.into_iter().collect();
+    let mut list = Vec::new();
+    for ids in candidates.chunks(HISTORIES) {
+        let files = fold_histories(pool, ids, report.end, at).await?;
+        list.extend(
+            files
+                .into_rows()
+                .filter(|(_, row)| row.tenant == tenant && row.customer_id.as_str() == customer)
+                .map(|(id, row)| row.into_view(id)),
+        );
+    }
     list.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.id.cmp(&a.id)));
     Ok(list)
 }
 
-/// A time as the read model keeps it: Postgres stores microseconds, so the
-/// rebuilt list shows what the API would have shown.
-fn micros(at: DateTime<Utc>) -> DateTime<Utc> {
-    DateTime::from_timestamp_micros(at.timestamp_micros()).unwrap_or(at)
+/// The files `ids` as the read model holds them after every event of theirs, of
+/// any tenant, up to position `end` and recorded at or before `at`.
+async fn fold_histories(
+    pool: &Pool,
+    ids: &[String],
+    end: i64,
+    at: DateTime<Utc>,
+) -> Result<Files<String>, ReplayError> {
+    // `events_aggregate_sequence_key` finds them; the payload as JSON text, for the
+    // decoder of the bulk build.
+    const SQL: &str = "\
+        SELECT position, tenant, aggregate_id, event_type, event_version, payload::text, \
+               recorded_at \
+        FROM events \
+        WHERE aggregate_type = $1 AND aggregate_id = ANY($2) AND position <= $3 \
+        ORDER BY position";
+    let client = pool.get().await.map_err(LogError::from)?;
+    let rows = client
+        .query_typed(
+            SQL,
+            &[
+                (&FILE_AGGREGATE_TYPE, Type::TEXT),
+                (&ids, Type::TEXT_ARRAY),
+                (&end, Type::INT8),
+            ],
+        )
+        .await
+        .map_err(LogError::from)?;
+    let mut files = Files::new();
+    for row in &rows {
+        let recorded_at: DateTime<Utc> = row.try_get(6).map_err(LogError::from)?;
+        // The same comparison as the first read's.
+        if recorded_at > at {
+            continue;
+        }
+        let event = RawEvent {
+            position: row.try_get(0).map_err(LogError::from)?,
+            tenant: row.try_get(1).map_err(LogError::from)?,
+            aggregate_type: FILE_AGGREGATE_TYPE,
+            aggregate_id: row.try_get(2).map_err(LogError::from)?,
+            event_type: row.try_get(3).map_err(LogError::from)?,
+            event_version: row.try_get(4).map_err(LogError::from)?,
+            payload: row.try_get(5).map_err(LogError::from)?,
+        };
+        let position = event.position;
+        let (id, decoded) = decode_raw::<FileEvent>(FilesProjection::NAME, &event)
+            .map_err(|error| refused(position, error))?;
+        files
+            .fold(id, event.tenant.to_owned(), position, decoded)
+            .map_err(|error| ReplayError::Malformed {
+                position,
+                reason: error.to_string(),
+            })?;
+    }
+    Ok(files)
 }
 
-/// What one file event does to the list (the files projection's rules, in memory).
-fn apply(
-    files: &mut HashMap<String, FileView>,
-    event: &LoggedEvent,
-    decoded: FileEvent,
-) -> Result<(), ReplayError> {
-    let key = &event.aggregate_id;
-    match decoded {
-        FileEvent::FileUploaded {
-            customer_id,
-            name,
-            file_name,
-            content_type,
-            size,
-            sha256,
-            blob_key,
-            visibility,
-            origin,
-            contract_id,
-            task_id,
-            uploaded_at,
-            tenant: _,
-        } => {
-            let id = Uuid::parse_str(key).map_err(|_| ReplayError::Malformed {
-                position: event.position,
-                reason: format!("file aggregate id {key:?} is not a UUID"),
-            })?;
-            files.entry(key.clone()).or_insert(FileView {
-                id: FileId(id),
-                customer_id,
-                name,
-                file_name,
-                content_type,
-                size,
-                sha256,
-                created_at: micros(uploaded_at),
-                visibility,
-                protected: origin.is_protected(),
-                origin,
-                viewed_at: None,
-                signed_at: None,
-                contract_id,
-                task_id,
-                blob_key,
-                last_position: event.position,
-            });
-        }
-        FileEvent::FileDeleted { .. } => {
-            files.remove(key);
-        }
-        other => {
-            if let Some(file) = files.get_mut(key) {
-                match other {
-                    FileEvent::FileRenamed { name, .. } => file.name = name,
-                    FileEvent::FileVisibilityChanged { visibility, .. } => {
-                        file.visibility = visibility;
-                    }
-                    FileEvent::FileViewed { viewed_at, .. } => {
-                        file.viewed_at.get_or_insert(micros(viewed_at));
-                    }
-                    FileEvent::FileSigned { signed_at } => file.signed_at = Some(micros(signed_at)),
-                    FileEvent::FileUploaded { .. }
-                    | FileEvent::FileDeleted { .. }
-                    | FileEvent::BlobPurged { .. } => {}
-                }
-                file.last_position = event.position;
-            }
-        }
+/// A decoder's refusal as a replay's.
+fn refused(position: i64, error: ProjectionError) -> ReplayError {
+    match error {
+        ProjectionError::Undecodable {
+            position, source, ..
+        } => ReplayError::Undecodable { position, source },
+        ProjectionError::Malformed {
+            position, reason, ..
+        } => ReplayError::Malformed { position, reason },
+        other => ReplayError::Malformed {
+            position,
+            reason: other.to_string(),
+        },
     }
-    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+    use uuid::Uuid;
 
     fn event(
         aggregate_type: &str,

@@ -4,11 +4,11 @@
 //! own migrated database and writes rows into the real `events` table the way the
 //! event store does (xid first, positions from the table's trigger).
 
-use chrono::{DateTime, TimeZone, Utc};
-use dossier_domain::codec;
+mod common;
+
+use common::{Row, Upload, append, at, snapshot};
 use dossier_domain::{
-    BlobKey, ContentType, ContractId, CustomerId, DisplayName, FileEvent, FileId, FileName, Origin,
-    Sha256Hex, TenantId, Visibility,
+    BlobKey, CustomerId, DisplayName, FileEvent, FileId, Origin, TenantId, Visibility,
 };
 use dossier_eventlog::db::Pool;
 use dossier_projections::rebuild::{RebuildOptions, rebuild_with_options};
@@ -17,49 +17,32 @@ use dossier_test_support::db::fresh_database;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-const SHA: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
-
 // ---------------------------------------------------------------- helpers
 
-/// 2026-01-01T00:00:00Z plus `minutes`.
-fn at(minutes: i64) -> DateTime<Utc> {
-    Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap() + chrono::Duration::minutes(minutes)
-}
-
-fn event_type(event: &FileEvent) -> &'static str {
-    match event {
-        FileEvent::FileUploaded { .. } => FileEvent::UPLOADED,
-        FileEvent::FileRenamed { .. } => FileEvent::RENAMED,
-        FileEvent::FileVisibilityChanged { .. } => FileEvent::VISIBILITY_CHANGED,
-        FileEvent::FileViewed { .. } => FileEvent::VIEWED,
-        FileEvent::FileSigned { .. } => FileEvent::SIGNED,
-        FileEvent::FileDeleted { .. } => FileEvent::DELETED,
-        FileEvent::BlobPurged { .. } => FileEvent::BLOB_PURGED,
-    }
-}
-
-fn upload(tenant: &str, customer: &str, id: Uuid, name: &str, created: i64) -> FileEvent {
-    let tenant = TenantId::parse(tenant).unwrap();
-    let customer_id = CustomerId::parse(customer).unwrap();
-    FileEvent::FileUploaded {
-        blob_key: BlobKey::for_file(&tenant, &customer_id, FileId(id)),
+/// An upload whose attributes vary with `created`.
+fn upload(
+    tenant: &'static str,
+    customer: &'static str,
+    id: Uuid,
+    name: &str,
+    created: i64,
+) -> FileEvent {
+    Upload {
         tenant,
-        customer_id,
-        name: DisplayName::parse(name).unwrap(),
-        file_name: FileName::parse("scan.pdf").unwrap(),
-        content_type: ContentType::parse(Some("application/pdf")).unwrap(),
-        size: 1000 + created as u64,
-        sha256: Sha256Hex::parse(SHA).unwrap(),
+        customer,
+        name: name.to_owned(),
+        created: at(created),
         visibility: Visibility::ALL[created as usize % 3],
         origin: if created % 5 == 0 {
             Origin::System
         } else {
             Origin::StaffUpload
         },
-        contract_id: (created % 4 == 0).then(|| ContractId::parse("k-1").unwrap()),
-        task_id: (created % 6 == 0).then(Uuid::now_v7),
-        uploaded_at: at(created),
+        contract: (created % 4 == 0).then_some("k-1"),
+        task: (created % 6 == 0).then(Uuid::now_v7),
+        size: 1000 + created as u64,
     }
+    .event(FileId(id))
 }
 
 fn renamed(name: &str) -> FileEvent {
@@ -84,109 +67,6 @@ fn viewed(minutes: i64) -> FileEvent {
         viewer: CustomerId::parse("cust-1").unwrap(),
         viewed_at: at(minutes),
     }
-}
-
-/// One row for the log: tenant, aggregate type and id, event type, version, payload.
-struct Row {
-    tenant: String,
-    aggregate_type: String,
-    aggregate_id: String,
-    event_type: String,
-    version: String,
-    payload: Value,
-}
-
-impl Row {
-    /// A file event as the event store writes it: the payload without its tag,
-    /// `FileUploaded` at version 2, the rest at 1.
-    fn file(tenant: &str, id: Uuid, event: &FileEvent) -> Self {
-        let kind = event_type(event);
-        Self {
-            tenant: tenant.to_owned(),
-            aggregate_type: "file".to_owned(),
-            aggregate_id: id.to_string(),
-            event_type: kind.to_owned(),
-            version: if kind == FileEvent::UPLOADED {
-                "2"
-            } else {
-                "1"
-            }
-            .to_owned(),
-            payload: codec::unwrap_payload(kind, serde_json::to_value(event).unwrap()),
-        }
-    }
-
-    fn raw(
-        tenant: &str,
-        aggregate_type: &str,
-        aggregate_id: &str,
-        kind: &str,
-        payload: Value,
-    ) -> Self {
-        Self {
-            tenant: tenant.to_owned(),
-            aggregate_type: aggregate_type.to_owned(),
-            aggregate_id: aggregate_id.to_owned(),
-            event_type: kind.to_owned(),
-            version: "1".to_owned(),
-            payload,
-        }
-    }
-}
-
-/// Appends `rows` in one transaction; answers the last position.
-async fn append(pool: &Pool, rows: &[Row]) -> i64 {
-    let mut client = pool.get().await.unwrap();
-    let tx = client.transaction().await.unwrap();
-    let metadata = json!({"actor": "tester"});
-    let mut last = 0;
-    for row in rows {
-        last = tx
-            .query_one(
-                "INSERT INTO events (id, tenant, aggregate_type, aggregate_id, sequence, \
-                     event_type, event_version, payload, metadata, actor) \
-                 SELECT $1, $2, $3, $4, COALESCE(max(sequence), 0) + 1, $5, $6, $7, $8, 'tester' \
-                 FROM events WHERE aggregate_type = $3 AND aggregate_id = $4 \
-                 RETURNING position",
-                &[
-                    &Uuid::now_v7(),
-                    &row.tenant,
-                    &row.aggregate_type,
-                    &row.aggregate_id,
-                    &row.event_type,
-                    &row.version,
-                    &row.payload,
-                    &metadata,
-                ],
-            )
-            .await
-            .unwrap()
-            .get(0);
-    }
-    tx.commit().await.unwrap();
-    last
-}
-
-/// Every row of both tables, every column, in id order.
-async fn snapshot(pool: &Pool) -> (Vec<Value>, Vec<Value>) {
-    let client = pool.get().await.unwrap();
-    let mut tables = Vec::new();
-    for sql in [
-        "SELECT to_jsonb(f) FROM files f ORDER BY id",
-        "SELECT to_jsonb(t) FROM files_tombstones t ORDER BY id",
-    ] {
-        tables.push(
-            client
-                .query(sql, &[])
-                .await
-                .unwrap()
-                .iter()
-                .map(|row| row.get::<_, Value>(0))
-                .collect::<Vec<_>>(),
-        );
-    }
-    let tombstones = tables.pop().unwrap();
-    (tables.pop().unwrap(), tombstones)
 }
 
 async fn rebuild(pool: &Pool, bulk: bool, bulk_chunk: u64) -> RebuildReport {

@@ -2,23 +2,24 @@
 //! database, writes events into the real `events` table, runs the real runner and
 //! reads through the real queries.
 //!
-//! How events get into the log here: this crate does not depend on cqrs-es (not even
-//! as a dev-dependency), so the tests cannot drive `CqrsFramework` over
-//! `PgEventStore`. [`Log::append`] writes exactly the row `PgEventStore` writes (same
-//! columns, same transaction shape: xid first, positions from the table's trigger),
-//! with the payload in the shape `dossier_domain::codec` documents for the log.
+//! How events get into the log here: see the `common` module ([`common::append`]).
+
+mod common;
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use chrono::{DateTime, TimeZone, Utc};
-use dossier_domain::codec;
-use dossier_domain::{
-    BlobKey, ContentType, ContractId, CustomerId, DisplayName, FileEvent, FileId, FileName, Origin,
-    Sha256Hex, TenantId, Visibility,
+use common::{
+    CUSTOMER, OTHER_TENANT, Row, SHA, TENANT, Upload, WAIT, append, at, catch_up_to, customer,
+    snapshot, tenant, wait_until,
 };
+use dossier_domain::{BlobKey, DisplayName, FileEvent, FileId, Origin, Visibility};
 use dossier_eventlog::db::Pool;
+use dossier_eventlog::log::LoggedEvent;
 use dossier_projections::files::{self, Cursor, FileFilter, FileView};
+use dossier_projections::rebuild::rebuild_with_progress;
 use dossier_projections::{
     BundlesProjection, FilesProjection, FollowerConfig, Freshness, FreshnessError, Projection,
     ProjectionError, Runner, RunnerConfig, checkpoint, rebuild,
@@ -26,91 +27,12 @@ use dossier_projections::{
 use dossier_test_support::db::fresh_database;
 use serde_json::{Value, json};
 use tokio::sync::watch;
+use tokio_postgres::Transaction;
 use uuid::Uuid;
-
-const TENANT: &str = "acme";
-const OTHER_TENANT: &str = "globex";
-const CUSTOMER: &str = "cust-42";
-const WAIT: Duration = Duration::from_secs(20);
-const SHA: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
 
 // ---------------------------------------------------------------- helpers
 
-fn tenant(raw: &str) -> TenantId {
-    TenantId::parse(raw).unwrap()
-}
-
-fn customer(raw: &str) -> CustomerId {
-    CustomerId::parse(raw).unwrap()
-}
-
-/// 2026-01-01T00:00:00Z plus `minutes` (whole seconds, so the value survives
-/// Postgres' microsecond precision unchanged).
-fn at(minutes: i64) -> DateTime<Utc> {
-    Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap() + chrono::Duration::minutes(minutes)
-}
-
-fn event_type(event: &FileEvent) -> &'static str {
-    match event {
-        FileEvent::FileUploaded { .. } => FileEvent::UPLOADED,
-        FileEvent::FileRenamed { .. } => FileEvent::RENAMED,
-        FileEvent::FileVisibilityChanged { .. } => FileEvent::VISIBILITY_CHANGED,
-        FileEvent::FileViewed { .. } => FileEvent::VIEWED,
-        FileEvent::FileSigned { .. } => FileEvent::SIGNED,
-        FileEvent::FileDeleted { .. } => FileEvent::DELETED,
-        FileEvent::BlobPurged { .. } => FileEvent::BLOB_PURGED,
-    }
-}
-
-/// What an upload records.
-#[derive(Clone)]
-struct Upload {
-    tenant: &'static str,
-    customer: &'static str,
-    name: String,
-    created: DateTime<Utc>,
-    visibility: Visibility,
-    origin: Origin,
-    contract: Option<&'static str>,
-    task: Option<Uuid>,
-}
-
-impl Upload {
-    fn new(name: impl Into<String>, created: DateTime<Utc>) -> Self {
-        Self {
-            tenant: TENANT,
-            customer: CUSTOMER,
-            name: name.into(),
-            created,
-            visibility: Visibility::Internal,
-            origin: Origin::StaffUpload,
-            contract: None,
-            task: None,
-        }
-    }
-
-    fn event(&self, id: FileId) -> FileEvent {
-        let tenant = tenant(self.tenant);
-        let customer_id = customer(self.customer);
-        FileEvent::FileUploaded {
-            blob_key: BlobKey::for_file(&tenant, &customer_id, id),
-            tenant,
-            customer_id,
-            name: DisplayName::parse(&self.name).unwrap(),
-            file_name: FileName::parse(&format!("{}.pdf", self.name.replace(' ', "_"))).unwrap(),
-            content_type: ContentType::parse(Some("application/pdf")).unwrap(),
-            size: 48_213,
-            sha256: Sha256Hex::parse(SHA).unwrap(),
-            visibility: self.visibility,
-            origin: self.origin,
-            contract_id: self.contract.map(|c| ContractId::parse(c).unwrap()),
-            task_id: self.task,
-            uploaded_at: self.created,
-        }
-    }
-}
-
-/// Writes events into the log the way `PgEventStore` does (see the file's docs).
+/// Writes events into the log the way `PgEventStore` does.
 #[derive(Clone)]
 struct Log {
     pool: Pool,
@@ -119,16 +41,11 @@ struct Log {
 impl Log {
     /// Appends `events` of one file in one transaction; returns the last position.
     async fn append(&self, tenant: &str, file: FileId, events: &[FileEvent]) -> i64 {
-        let rows: Vec<(String, Value)> = events
+        let rows: Vec<Row> = events
             .iter()
-            .map(|event| {
-                let kind = event_type(event);
-                let tagged = serde_json::to_value(event).unwrap();
-                (kind.to_owned(), codec::unwrap_payload(kind, tagged))
-            })
+            .map(|event| Row::file(tenant, file.0, event))
             .collect();
-        self.append_raw(tenant, "file", &file.to_string(), &rows)
-            .await
+        append(&self.pool, &rows).await
     }
 
     /// Appends rows of any aggregate with any payload (for poison and foreign events).
@@ -139,46 +56,13 @@ impl Log {
         aggregate_id: &str,
         events: &[(String, Value)],
     ) -> i64 {
-        let mut client = self.pool.get().await.unwrap();
-        let tx = client.transaction().await.unwrap();
-        tx.execute("SELECT pg_current_xact_id()", &[])
-            .await
-            .unwrap();
-        let mut sequence: i64 = tx
-            .query_one(
-                "SELECT COALESCE(max(sequence), 0) FROM events \
-                 WHERE aggregate_type = $1 AND aggregate_id = $2",
-                &[&aggregate_type, &aggregate_id],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        let metadata = json!({"tenant": tenant, "actor": "tester"});
-        let mut last = 0;
-        for (kind, payload) in events {
-            sequence += 1;
-            last = tx
-                .query_one(
-                    "INSERT INTO events (id, tenant, aggregate_type, aggregate_id, sequence, \
-                         event_type, event_version, payload, metadata, actor) \
-                     VALUES ($1, $2, $3, $4, $5, $6, '1', $7, $8, 'tester') RETURNING position",
-                    &[
-                        &Uuid::now_v7(),
-                        &tenant,
-                        &aggregate_type,
-                        &aggregate_id,
-                        &sequence,
-                        kind,
-                        payload,
-                        &metadata,
-                    ],
-                )
-                .await
-                .unwrap()
-                .get(0);
-        }
-        tx.commit().await.unwrap();
-        last
+        let rows: Vec<Row> = events
+            .iter()
+            .map(|(kind, payload)| {
+                Row::raw(tenant, aggregate_type, aggregate_id, kind, payload.clone())
+            })
+            .collect();
+        append(&self.pool, &rows).await
     }
 
     /// Appends a file event that does not decode; returns its position.
@@ -219,24 +103,6 @@ fn runner(pool: &Pool) -> Runner {
     Runner::new(pool.clone(), FilesProjection, RunnerConfig::default())
 }
 
-/// Steps until the checkpoint is at or past `position`. (`catch_up` alone stops at
-/// what is safe to read at that moment; other tests' transactions on the same server
-/// can hold the log's watermark back for a moment.)
-async fn catch_up_to(runner: &mut Runner, position: i64) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let reached = runner.catch_up().await.expect("the projection applies");
-        if reached >= position {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the runner stayed at {reached}, wanted {position}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 /// Steps until the runner answers an error (the poison a test put in the log).
 async fn step_until_refused(runner: &mut Runner) -> ProjectionError {
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -260,27 +126,6 @@ async fn head(pool: &Pool) -> i64 {
         .await
         .unwrap()
         .get(0)
-}
-
-/// Full contents of the read model's tables, every column, in a stable order.
-async fn snapshot(pool: &Pool) -> (Vec<Value>, Vec<Value>) {
-    let client = pool.get().await.unwrap();
-    let rows = |sql: &'static str| {
-        let client = &client;
-        async move {
-            client
-                .query(sql, &[])
-                .await
-                .unwrap()
-                .iter()
-                .map(|row| row.get::<_, Value>(0))
-                .collect::<Vec<_>>()
-        }
-    };
-    (
-        rows("SELECT to_jsonb(f) FROM files f ORDER BY id").await,
-        rows("SELECT to_jsonb(t) FROM files_tombstones t ORDER BY id").await,
-    )
 }
 
 async fn list_all(
@@ -916,11 +761,19 @@ async fn a_rebuild_while_the_runner_and_writers_are_busy_loses_nothing() {
     let freshness = runner.freshness();
     let running = tokio::spawn(runner.run(stopped));
 
+    // The writer writes a few files, waits until the rebuild has begun, and writes
+    // the rest while it runs.
+    let (rebuilding, mut rebuild_began) = watch::channel(false);
+    let written = Arc::new(AtomicUsize::new(0));
     let writer = {
         let log = fx.log.clone();
+        let written = written.clone();
         tokio::spawn(async move {
             let mut last = 0;
             for i in 0..60 {
+                if i == 5 {
+                    rebuild_began.wait_for(|began| *began).await.unwrap();
+                }
                 let (id, _) = log
                     .upload(&Upload::new(format!("busy {i}"), at(500 + i)))
                     .await;
@@ -933,13 +786,23 @@ async fn a_rebuild_while_the_runner_and_writers_are_busy_loses_nothing() {
                         }],
                     )
                     .await;
+                written.fetch_add(1, Ordering::SeqCst);
+                // Pacing, not synchronization: spreads the writes over the rebuild.
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
             last
         })
     };
-    tokio::time::sleep(Duration::from_millis(30)).await;
-    rebuild(&fx.pool, &FilesProjection).await.unwrap();
+    wait_until("the writer's first files", || {
+        let written = written.clone();
+        async move { written.load(Ordering::SeqCst) >= 5 }
+    })
+    .await;
+    rebuild_with_progress(&fx.pool, &FilesProjection, &|_| {
+        rebuilding.send_replace(true);
+    })
+    .await
+    .unwrap();
     let last = writer.await.unwrap();
     freshness.wait_until(last, WAIT).await.unwrap();
     let after_busy_rebuild = snapshot(&fx.pool).await;
@@ -960,20 +823,96 @@ async fn a_rebuild_while_the_runner_and_writers_are_busy_loses_nothing() {
     );
 }
 
+/// Whether a session of this database waits for a lock. In the test below only the
+/// first rebuild can (at its swap, for the checkpoint row the test holds), and it
+/// holds the rebuild lock by then.
+async fn someone_waits_for_a_lock(pool: &Pool) -> bool {
+    pool.get()
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT count(*) > 0 FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+async fn rebuild_schema_exists(pool: &Pool) -> bool {
+    pool.get()
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT count(*) > 0 FROM pg_namespace WHERE nspname = 'rebuild_files'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// The contract of `rebuild` (its advisory lock): while one rebuild of a read model
+/// runs, another is refused at once with `RebuildInProgress` and changes nothing,
+/// neither the live tables nor the first one's tables aside; the first one finishes
+/// with the right tables, and lets go of the lock.
 #[tokio::test]
-async fn two_rebuilds_at_once_are_refused_not_interleaved() {
+async fn a_second_rebuild_while_one_runs_is_refused_and_changes_nothing() {
     let fx = fixture().await;
-    write_history(&fx.log, 20).await;
-    let (first, second) = tokio::join!(
-        rebuild(&fx.pool, &FilesProjection),
-        rebuild(&fx.pool, &FilesProjection)
+    let last = write_history(&fx.log, 20).await;
+    catch_up_to(&mut runner(&fx.pool), last).await;
+    let live = snapshot(&fx.pool).await;
+
+    // Hold the checkpoint row as a live batch in flight does: the first rebuild
+    // builds aside, then waits for it at its swap, holding the rebuild lock.
+    let mut holder = fx.pool.get().await.unwrap();
+    let batch = holder.transaction().await.unwrap();
+    checkpoint::lock(&batch, FilesProjection::NAME)
+        .await
+        .unwrap();
+    let first = tokio::spawn({
+        let pool = fx.pool.clone();
+        async move { rebuild(&pool, &FilesProjection).await }
+    });
+    wait_until("the first rebuild to wait at its swap", || {
+        someone_waits_for_a_lock(&fx.pool)
+    })
+    .await;
+    assert!(rebuild_schema_exists(&fx.pool).await);
+
+    let second = tokio::time::timeout(WAIT, rebuild(&fx.pool, &FilesProjection))
+        .await
+        .expect("the second rebuild is refused at once, it does not run too");
+    assert!(
+        matches!(second, Err(ProjectionError::RebuildInProgress("files"))),
+        "{second:?}"
     );
-    let refused = [&first, &second]
-        .iter()
-        .filter(|result| matches!(result, Err(ProjectionError::RebuildInProgress("files"))))
-        .count();
-    assert!(first.is_ok() || second.is_ok(), "{first:?} {second:?}");
-    assert!(refused <= 1);
+    assert_eq!(
+        snapshot(&fx.pool).await,
+        live,
+        "the live tables are untouched"
+    );
+    assert!(
+        rebuild_schema_exists(&fx.pool).await,
+        "the first rebuild's tables aside are still there"
+    );
+    assert!(!first.is_finished(), "the first one is still waiting");
+
+    // Let go of the checkpoint: the first one swaps in the right tables.
+    batch.rollback().await.unwrap();
+    let report = tokio::time::timeout(WAIT, first)
+        .await
+        .expect("the first rebuild ends once the checkpoint is free")
+        .unwrap()
+        .unwrap();
+    assert_eq!(report.position, last);
+    assert_eq!(snapshot(&fx.pool).await, live);
+    assert!(!rebuild_schema_exists(&fx.pool).await);
+
+    // It let go of its lock: the next rebuild runs.
+    rebuild(&fx.pool, &FilesProjection).await.unwrap();
+    assert_eq!(snapshot(&fx.pool).await, live);
 }
 
 #[tokio::test]
@@ -1194,20 +1133,95 @@ async fn events_of_other_aggregates_move_the_checkpoint_but_nothing_else() {
     );
 }
 
+/// A read model that records every event a runner hands it, in a table with no
+/// idempotence at all: an event applied twice is there twice. (The files
+/// projection cannot show that: its statements are idempotent by position, so a
+/// double apply leaves its rows as they were.)
+#[derive(Debug, Clone, Copy)]
+struct Applications {
+    runner: &'static str,
+}
+
+impl Applications {
+    const TABLE: &'static str =
+        "CREATE TABLE applications (position BIGINT NOT NULL, runner TEXT NOT NULL)";
+}
+
+impl Projection for Applications {
+    fn name(&self) -> &'static str {
+        "applications"
+    }
+
+    fn tables(&self) -> &'static [&'static str] {
+        &["applications"]
+    }
+
+    async fn apply(
+        &self,
+        tx: &Transaction<'_>,
+        event: &LoggedEvent,
+    ) -> Result<(), ProjectionError> {
+        tx.execute(
+            "INSERT INTO applications (position, runner) VALUES ($1, $2)",
+            &[&event.position, &self.runner],
+        )
+        .await?;
+        Ok(())
+    }
+}
+
 #[tokio::test]
 async fn two_runners_on_one_database_apply_each_event_once() {
     let fx = fixture().await;
+    fx.pool
+        .get()
+        .await
+        .unwrap()
+        .batch_execute(Applications::TABLE)
+        .await
+        .unwrap();
     let last = write_history(&fx.log, 30).await;
-    let mut a = runner(&fx.pool);
-    let mut b = Runner::new(
-        fx.pool.clone(),
-        FilesProjection,
-        RunnerConfig {
-            batch_size: 7,
-            ..RunnerConfig::default()
-        },
-    );
+    let runner = |name, batch_size| {
+        Runner::new(
+            fx.pool.clone(),
+            FilesProjection,
+            RunnerConfig {
+                batch_size,
+                ..RunnerConfig::default()
+            },
+        )
+        .with(Applications { runner: name })
+    };
+    // Small batches: the two contend for the checkpoints batch after batch.
+    let (mut a, mut b) = (runner("a", 5), runner("b", 7));
     tokio::join!(catch_up_to(&mut a, last), catch_up_to(&mut b, last));
+
+    let client = fx.pool.get().await.unwrap();
+    let logged: Vec<i64> = client
+        .query("SELECT position FROM events ORDER BY position", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let applied: Vec<(i64, i64, String)> = client
+        .query(
+            "SELECT position, count(*), string_agg(runner, ',') FROM applications \
+             GROUP BY position ORDER BY position",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect();
+    let twice: Vec<&(i64, i64, String)> = applied.iter().filter(|(_, n, _)| *n != 1).collect();
+    assert!(twice.is_empty(), "applied more than once: {twice:?}");
+    assert_eq!(
+        applied.iter().map(|(p, _, _)| *p).collect::<Vec<_>>(),
+        logged,
+        "every event of the log, none left out"
+    );
     let together = snapshot(&fx.pool).await;
 
     rebuild(&fx.pool, &FilesProjection).await.unwrap();
@@ -1228,7 +1242,7 @@ async fn payloads_stored_in_the_tagged_shape_of_cqrs_es_read_the_same() {
         .iter()
         .map(|event| {
             (
-                event_type(event).to_owned(),
+                common::event_type(event).to_owned(),
                 serde_json::to_value(event).unwrap(),
             )
         })

@@ -156,6 +156,8 @@ struct Attempt {
     sha256: String,
     /// The created file's id, for a 2xx.
     file_id: Option<String>,
+    /// What the client was told otherwise.
+    failure: Option<String>,
 }
 
 /// What the load saw.
@@ -181,12 +183,12 @@ impl Observed {
     }
 }
 
-/// Records a failed answer, by kind, status and contract code.
+/// Records a failed answer, by kind, status and contract code, and answers it.
 async fn failure(
     observed: &Mutex<Observed>,
     kind: &str,
     answer: Result<reqwest::Response, reqwest::Error>,
-) {
+) -> String {
     let what = match answer {
         Ok(response) => {
             let status = response.status().as_u16();
@@ -197,7 +199,13 @@ async fn failure(
         Err(error) if error.is_timeout() => format!("{kind} hang"),
         Err(_) => format!("{kind} connection"),
     };
-    *observed.lock().await.failures.entry(what).or_default() += 1;
+    *observed
+        .lock()
+        .await
+        .failures
+        .entry(what.clone())
+        .or_default() += 1;
+    what
 }
 
 /// Uploads, renames and downloads from `clients` tasks until `stop`.
@@ -225,7 +233,7 @@ async fn load(app: Arc<Running>, stop: Arc<AtomicBool>, observed: Arc<Mutex<Obse
                     .multipart(form)
                     .send()
                     .await;
-                let file_id = match answer {
+                let (file_id, failure) = match answer {
                     Ok(response) if response.status().is_success() => {
                         let body: Value = response.json().await.expect("a File");
                         assert_eq!(
@@ -233,17 +241,15 @@ async fn load(app: Arc<Running>, stop: Arc<AtomicBool>, observed: Arc<Mutex<Obse
                             sha256.as_str(),
                             "the recorded SHA-256 is the bytes'"
                         );
-                        Some(body["id"].as_str().expect("an id").to_owned())
+                        (Some(body["id"].as_str().expect("an id").to_owned()), None)
                     }
-                    other => {
-                        failure(&observed, "upload", other).await;
-                        None
-                    }
+                    other => (None, Some(failure(&observed, "upload", other).await)),
                 };
                 observed.lock().await.uploads.push(Attempt {
                     name,
                     sha256,
                     file_id,
+                    failure,
                 });
             }
         });
@@ -280,7 +286,7 @@ async fn load(app: Arc<Running>, stop: Arc<AtomicBool>, observed: Arc<Mutex<Obse
                         Ok(response) if response.status().is_success() => {
                             observed.lock().await.renames_ok += 1
                         }
-                        other => failure(&observed, "rename", other).await,
+                        other => drop(failure(&observed, "rename", other).await),
                     }
                 } else {
                     let answer = app
@@ -311,7 +317,7 @@ async fn load(app: Arc<Running>, stop: Arc<AtomicBool>, observed: Arc<Mutex<Obse
                                 }
                             }
                         }
-                        other => failure(&observed, "download", other).await,
+                        other => drop(failure(&observed, "download", other).await),
                     }
                 }
             }
@@ -465,10 +471,18 @@ async fn check_end_state(app: &Running, fault: &str, observed: &Observed) {
         .iter()
         .filter(|id| !acknowledged.contains(*id))
         .collect();
-    assert!(
-        recorded_unanswered.is_empty(),
-        "{fault}: uploads recorded although their client was told they failed: {recorded_unanswered:?}"
-    );
+    if !recorded_unanswered.is_empty() {
+        let told: Vec<(&str, Option<&str>)> = observed
+            .uploads
+            .iter()
+            .filter(|a| a.file_id.is_none())
+            .map(|a| (a.name.as_str(), a.failure.as_deref()))
+            .collect();
+        panic!(
+            "{fault}: uploads recorded although their client was told they failed: \
+             {recorded_unanswered:?}; the failed uploads were told: {told:?}"
+        );
+    }
     let commands: i64 = client
         .query_one(
             "SELECT count(*) - count(DISTINCT metadata->>'command_id') FROM events WHERE tenant = $1 AND metadata ? 'command_id'",

@@ -2,15 +2,17 @@
 //! `files_tombstones` aside without a statement per event.
 //!
 //! **Fold.** Each event of the `file` aggregate is decoded (the same decoder and the
-//! same checks as `FilesProjection::apply`) and kept as a small `Op`: the upload's
-//! whole row, a new name, a visibility, a time, a delete. `BlobPurged` changes nothing
-//! and keeps nothing (it is still decoded: an undecodable one stops the rebuild).
+//! same checks as `FilesProjection::apply`) and kept as a small `Op`: its
+//! [`FileChange`] (the upload's columns, a new name, a visibility, a time, a delete)
+//! with its file, tenant and position. `BlobPurged` changes nothing and keeps nothing
+//! (it is still decoded: an undecodable one stops the rebuild).
 //!
 //! **Flush.** The chunk's ops are sorted by file and position, and each file's ops
-//! are replayed onto the state the file had before the chunk, by the rules in
-//! `FileState::apply` (the table in [`crate::files`]' module docs). Each file's final
-//! row goes into one `COPY` as soon as it is known, so the replay and Postgres'
-//! inserting overlap; the new tombstones follow in a second `COPY`.
+//! are replayed onto the state the file had before the chunk with
+//! [`FileState::apply`]: the rules of [`super::fold`], the same the property test
+//! holds to `FilesProjection::apply`; this module has none of its own. Each file's
+//! final row goes into one `COPY` as soon as it is known, so the replay and
+//! Postgres' inserting overlap; the new tombstones follow in a second `COPY`.
 //!
 //! Why keep ops and replay them at the flush, rather than fold each event into a map
 //! of rows as it comes: the state a file had before a chunk is only known at the
@@ -34,16 +36,18 @@
 //! - Each `COPY` and each `DELETE` is a transaction of its own, of at most
 //!   `ROWS_PER_STATEMENT` rows (see [`BulkBuild`] on why none may be long).
 
-use std::borrow::Cow;
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 
-use chrono::{DateTime, Utc};
-use dossier_domain::FileEvent;
-use tokio_postgres::Client;
+use dossier_domain::{BlobKey, FileEvent};
+use serde::de::{DeserializeOwned, IntoDeserializer as _};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{Client, Row};
 use uuid::Uuid;
 
+use super::fold::{FileChange, FileRow, FileState, Tombstone};
 use super::{FILE_AGGREGATE_TYPE, FilesProjection};
 use crate::error::ProjectionError;
 use crate::projection::{BulkBuild, BulkTarget, RawEvent, decode_raw};
@@ -53,7 +57,7 @@ use crate::projection::{BulkBuild, BulkTarget, RawEvent, decode_raw};
 const ROWS_PER_STATEMENT: usize = 20_000;
 
 /// The columns of `files` a flush writes (all but the generated `protected`), in
-/// the order of [`FILE_TYPES`] and of [`CopyRow::values`], and the order a read-back
+/// the order of [`FILE_TYPES`] and of [`CopyRow::write`], and the order a read-back
 /// selects them in.
 const FILE_COLUMNS: &str = "id, tenant, customer_id, name, file_name, content_type, size, sha256, \
      created_at, visibility, origin, viewed_at, signed_at, contract_id, task_id, blob_key, \
@@ -99,103 +103,7 @@ struct Op {
     id: Uuid,
     position: i64,
     tenant: u32,
-    change: Change,
-}
-
-#[derive(Debug)]
-enum Change {
-    Uploaded(Box<FileRow>),
-    Renamed(String),
-    VisibilityChanged(&'static str),
-    Viewed(DateTime<Utc>),
-    Signed(DateTime<Utc>),
-    Deleted,
-}
-
-/// A row of `files`, all columns but the generated `protected`.
-#[derive(Debug, Clone, PartialEq)]
-struct FileRow {
-    tenant: u32,
-    customer_id: String,
-    name: String,
-    file_name: String,
-    content_type: String,
-    size: i64,
-    sha256: String,
-    created_at: DateTime<Utc>,
-    /// `Borrowed` when it comes from an event, `Owned` when read back from a table.
-    visibility: Cow<'static, str>,
-    origin: Cow<'static, str>,
-    viewed_at: Option<DateTime<Utc>>,
-    signed_at: Option<DateTime<Utc>>,
-    contract_id: Option<String>,
-    task_id: Option<Uuid>,
-    blob_key: String,
-    last_position: i64,
-}
-
-/// A row of `files_tombstones`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Tombstone {
-    tenant: u32,
-    last_position: i64,
-}
-
-/// What the tables hold for one file: before a chunk, then after each of its ops.
-#[derive(Debug, Default)]
-struct FileState {
-    row: Option<FileRow>,
-    tombstone: Option<Tombstone>,
-    /// Whether the tombstone was in the table before the chunk.
-    tombstone_stored: bool,
-}
-
-impl FileState {
-    /// Applies one op by the rules of [`FilesProjection::apply`], whose statements
-    /// say the same in SQL: the upload only where neither a row nor a tombstone
-    /// exists (`ON CONFLICT`, `NOT EXISTS`); every other change, and the delete, only
-    /// to a row of the same tenant whose last position is lower (`WHERE`); the
-    /// delete's tombstone whether or not a row went, unless one exists.
-    fn apply(&mut self, op: Op) {
-        let row_matches = self
-            .row
-            .as_ref()
-            .is_some_and(|row| row.tenant == op.tenant && row.last_position < op.position);
-        match op.change {
-            Change::Uploaded(new) => {
-                if self.row.is_none() && self.tombstone.is_none() {
-                    self.row = Some(*new);
-                }
-            }
-            Change::Deleted => {
-                if row_matches {
-                    self.row = None;
-                }
-                self.tombstone.get_or_insert(Tombstone {
-                    tenant: op.tenant,
-                    last_position: op.position,
-                });
-            }
-            change => {
-                let Some(row) = self.row.as_mut().filter(|_| row_matches) else {
-                    return;
-                };
-                match change {
-                    Change::Renamed(name) => row.name = name,
-                    Change::VisibilityChanged(visibility) => {
-                        row.visibility = Cow::Borrowed(visibility);
-                    }
-                    // COALESCE(viewed_at, $3): the first view stays.
-                    Change::Viewed(at) => {
-                        row.viewed_at.get_or_insert(at);
-                    }
-                    Change::Signed(at) => row.signed_at = Some(at),
-                    Change::Uploaded(_) | Change::Deleted => {}
-                }
-                row.last_position = op.position;
-            }
-        }
-    }
+    change: FileChange,
 }
 
 /// The tenants of the folded events, each kept once: ops and rows carry an index.
@@ -237,54 +145,14 @@ impl BulkBuild for FilesBulkBuild {
         let (id, decoded): (Uuid, FileEvent) = decode_raw(FilesProjection::NAME, event)?;
         let tenant = self.tenants.intern(event.tenant)?;
         let position = event.position;
-        let change = match decoded {
-            FileEvent::FileUploaded {
-                customer_id,
-                name,
-                file_name,
-                content_type,
-                size,
-                sha256,
-                blob_key,
-                visibility,
-                origin,
-                contract_id,
-                task_id,
-                uploaded_at,
-                tenant: _,
-            } => {
-                let size = i64::try_from(size).map_err(|_| ProjectionError::Malformed {
-                    projection: FilesProjection::NAME,
-                    position,
-                    reason: format!("size {size} does not fit a BIGINT"),
-                })?;
-                Change::Uploaded(Box::new(FileRow {
-                    tenant,
-                    customer_id: customer_id.as_str().to_owned(),
-                    name: name.as_str().to_owned(),
-                    file_name: file_name.as_str().to_owned(),
-                    content_type: content_type.as_str().to_owned(),
-                    size,
-                    sha256: sha256.as_str().to_owned(),
-                    created_at: uploaded_at,
-                    visibility: Cow::Borrowed(visibility.as_str()),
-                    origin: Cow::Borrowed(origin.as_str()),
-                    viewed_at: None,
-                    signed_at: None,
-                    contract_id: contract_id.map(|c| c.as_str().to_owned()),
-                    task_id,
-                    blob_key: blob_key.as_str().to_owned(),
-                    last_position: position,
-                }))
-            }
-            FileEvent::FileRenamed { name, .. } => Change::Renamed(name.as_str().to_owned()),
-            FileEvent::FileVisibilityChanged { visibility, .. } => {
-                Change::VisibilityChanged(visibility.as_str())
-            }
-            FileEvent::FileViewed { viewed_at, .. } => Change::Viewed(viewed_at),
-            FileEvent::FileSigned { signed_at } => Change::Signed(signed_at),
-            FileEvent::FileDeleted { .. } => Change::Deleted,
-            FileEvent::BlobPurged { .. } => return Ok(()),
+        let change =
+            FileChange::from_event(decoded).map_err(|error| ProjectionError::Malformed {
+                projection: FilesProjection::NAME,
+                position,
+                reason: error.to_string(),
+            })?;
+        let Some(change) = change else {
+            return Ok(());
         };
         self.ops.push(Op {
             id,
@@ -363,22 +231,24 @@ struct Replay {
     /// The chunk's ops, sorted by id and position.
     ops: std::iter::Peekable<std::vec::IntoIter<Op>>,
     /// What earlier flushes left for these files.
-    stored: HashMap<Uuid, FileState>,
-    tombstones: Vec<(Uuid, Tombstone)>,
+    stored: HashMap<Uuid, FileState<u32>>,
+    tombstones: Vec<(Uuid, Tombstone<u32>)>,
 }
 
 impl Iterator for Replay {
-    type Item = (Uuid, FileRow);
+    type Item = (Uuid, FileRow<u32>);
 
     fn next(&mut self) -> Option<Self::Item> {
         while let Some(first) = self.ops.next() {
             let id = first.id;
             let mut file = self.stored.remove(&id).unwrap_or_default();
-            file.apply(first);
+            // A tombstone, once there, never changes: a new one is one that was not.
+            let tombstone_stored = file.tombstone.is_some();
+            file.apply(first.tenant, first.position, first.change);
             while let Some(op) = self.ops.next_if(|op| op.id == id) {
-                file.apply(op);
+                file.apply(op.tenant, op.position, op.change);
             }
-            if let (false, Some(tombstone)) = (file.tombstone_stored, file.tombstone) {
+            if let (false, Some(tombstone)) = (tombstone_stored, file.tombstone) {
                 self.tombstones.push((id, tombstone));
             }
             if let Some(row) = file.row {
@@ -396,7 +266,7 @@ impl FilesBulkBuild {
         client: &Client,
         target: &BulkTarget,
         ids: &[Uuid],
-    ) -> Result<HashMap<Uuid, FileState>, ProjectionError> {
+    ) -> Result<HashMap<Uuid, FileState<u32>>, ProjectionError> {
         let rows_sql = format!(
             "SELECT {FILE_COLUMNS} FROM {} WHERE id = ANY($1)",
             target.table("files")
@@ -405,7 +275,7 @@ impl FilesBulkBuild {
             "SELECT {TOMBSTONE_COLUMNS} FROM {} WHERE id = ANY($1)",
             target.table("files_tombstones")
         );
-        let mut stored: HashMap<Uuid, FileState> = HashMap::new();
+        let mut stored: HashMap<Uuid, FileState<u32>> = HashMap::new();
         for ids in ids.chunks(ROWS_PER_STATEMENT) {
             for row in client
                 .query_typed(&rows_sql, &[(&ids, Type::UUID_ARRAY)])
@@ -414,20 +284,20 @@ impl FilesBulkBuild {
                 let tenant = self.tenants.intern(row.try_get(1)?)?;
                 stored.entry(row.try_get(0)?).or_default().row = Some(FileRow {
                     tenant,
-                    customer_id: row.try_get(2)?,
-                    name: row.try_get(3)?,
-                    file_name: row.try_get(4)?,
-                    content_type: row.try_get(5)?,
+                    customer_id: recorded(&row, 2)?,
+                    name: recorded(&row, 3)?,
+                    file_name: recorded(&row, 4)?,
+                    content_type: recorded(&row, 5)?,
                     size: row.try_get(6)?,
-                    sha256: row.try_get(7)?,
+                    sha256: recorded(&row, 7)?,
                     created_at: row.try_get(8)?,
-                    visibility: Cow::Owned(row.try_get(9)?),
-                    origin: Cow::Owned(row.try_get(10)?),
+                    visibility: recorded(&row, 9)?,
+                    origin: recorded(&row, 10)?,
                     viewed_at: row.try_get(11)?,
                     signed_at: row.try_get(12)?,
-                    contract_id: row.try_get(13)?,
+                    contract_id: recorded_opt(&row, 13)?,
                     task_id: row.try_get(14)?,
-                    blob_key: row.try_get(15)?,
+                    blob_key: BlobKey::from_recorded(row.try_get::<_, String>(15)?),
                     last_position: row.try_get(16)?,
                 });
             }
@@ -436,59 +306,101 @@ impl FilesBulkBuild {
                 .await?
             {
                 let tenant = self.tenants.intern(row.try_get(1)?)?;
-                let file = stored.entry(row.try_get(0)?).or_default();
-                file.tombstone = Some(Tombstone {
+                stored.entry(row.try_get(0)?).or_default().tombstone = Some(Tombstone {
                     tenant,
                     last_position: row.try_get(2)?,
                 });
-                file.tombstone_stored = true;
             }
         }
         Ok(stored)
     }
 }
 
+/// A value of a domain type from the text a flush wrote, the way the queries read it
+/// back (`query::from_recorded`): through serde, without the parsers of the edge.
+fn recorded<T: DeserializeOwned>(row: &Row, column: usize) -> Result<T, ProjectionError> {
+    from_text(column, row.try_get(column)?)
+}
+
+/// [`recorded`] of a nullable column.
+fn recorded_opt<T: DeserializeOwned>(
+    row: &Row,
+    column: usize,
+) -> Result<Option<T>, ProjectionError> {
+    row.try_get::<_, Option<String>>(column)?
+        .map(|raw| from_text(column, raw))
+        .transpose()
+}
+
+fn from_text<T: DeserializeOwned>(column: usize, raw: String) -> Result<T, ProjectionError> {
+    T::deserialize(raw.into_deserializer()).map_err(|error: serde::de::value::Error| {
+        ProjectionError::InvalidDefinition(format!(
+            "column {column} of a row the rebuild wrote does not read back: {error}"
+        ))
+    })
+}
+
 /// A row a flush writes with `COPY`: its `N` values, in the order of the statement's
 /// columns and types.
 trait CopyRow<const N: usize> {
-    fn values<'a>(&'a self, tenants: &'a Tenants) -> [&'a (dyn ToSql + Sync); N];
+    /// Writes the row's values to `writer`.
+    fn write<'a>(
+        &'a self,
+        tenants: &'a Tenants,
+        writer: Pin<&'a mut BinaryCopyInWriter>,
+    ) -> impl Future<Output = Result<(), tokio_postgres::Error>> + Send + 'a;
 }
 
-impl CopyRow<17> for (Uuid, FileRow) {
-    fn values<'a>(&'a self, tenants: &'a Tenants) -> [&'a (dyn ToSql + Sync); 17] {
+impl CopyRow<17> for (Uuid, FileRow<u32>) {
+    fn write<'a>(
+        &'a self,
+        tenants: &'a Tenants,
+        writer: Pin<&'a mut BinaryCopyInWriter>,
+    ) -> impl Future<Output = Result<(), tokio_postgres::Error>> + Send + 'a {
         let (id, row) = self;
-        [
-            id,
-            tenants.name(row.tenant),
-            &row.customer_id,
-            &row.name,
-            &row.file_name,
-            &row.content_type,
-            &row.size,
-            &row.sha256,
-            &row.created_at,
-            &row.visibility,
-            &row.origin,
-            &row.viewed_at,
-            &row.signed_at,
-            &row.contract_id,
-            &row.task_id,
-            &row.blob_key,
-            &row.last_position,
-        ]
+        async move {
+            let values: [&(dyn ToSql + Sync); 17] = [
+                id,
+                tenants.name(row.tenant),
+                &row.customer_id.as_str(),
+                &row.name.as_str(),
+                &row.file_name.as_str(),
+                &row.content_type.as_str(),
+                &row.size,
+                &row.sha256.as_str(),
+                &row.created_at,
+                &row.visibility.as_str(),
+                &row.origin.as_str(),
+                &row.viewed_at,
+                &row.signed_at,
+                &row.contract_id.as_ref().map(|c| c.as_str()),
+                &row.task_id,
+                &row.blob_key.as_str(),
+                &row.last_position,
+            ];
+            writer.write(&values).await
+        }
     }
 }
 
-impl CopyRow<3> for (Uuid, Tombstone) {
-    fn values<'a>(&'a self, tenants: &'a Tenants) -> [&'a (dyn ToSql + Sync); 3] {
+impl CopyRow<3> for (Uuid, Tombstone<u32>) {
+    fn write<'a>(
+        &'a self,
+        tenants: &'a Tenants,
+        writer: Pin<&'a mut BinaryCopyInWriter>,
+    ) -> impl Future<Output = Result<(), tokio_postgres::Error>> + Send + 'a {
         let (id, tombstone) = self;
-        [id, tenants.name(tombstone.tenant), &tombstone.last_position]
+        async move {
+            let values: [&(dyn ToSql + Sync); 3] =
+                [id, tenants.name(tombstone.tenant), &tombstone.last_position];
+            writer.write(&values).await
+        }
     }
 }
 
 /// Writes `rows` with `COPY ... FROM STDIN (FORMAT binary)` (`sql`), at most
 /// [`ROWS_PER_STATEMENT`] per statement.
-async fn copy_in<R: CopyRow<N> + Send, const N: usize>(
+async fn copy_in<R: CopyRow<N> + Send + Sync, const N: usize>(
     client: &Client,
     sql: &str,
     types: &[Type; N],
@@ -500,7 +412,7 @@ async fn copy_in<R: CopyRow<N> + Send, const N: usize>(
         let mut writer = std::pin::pin!(BinaryCopyInWriter::new(client.copy_in(sql).await?, types));
         for row in rows.by_ref().take(ROWS_PER_STATEMENT) {
             // `N` values for `N` types: the length check inside `write` cannot fail.
-            writer.as_mut().write(&row.values(tenants)).await?;
+            row.write(tenants, writer.as_mut()).await?;
         }
         writer.finish().await?;
     }

@@ -16,11 +16,14 @@
 //! sets `last_position`, so an event applied twice changes nothing; the tombstone
 //! does the same for a file whose row is gone.
 //!
-//! A rebuild fills the tables aside with [`bulk::FilesBulkBuild`] instead, which
-//! folds the events in memory by the same rules and writes the rows with `COPY`.
+//! The same rules, in memory and without IO, are [`fold`]: a rebuild fills the tables
+//! aside with [`bulk::FilesBulkBuild`], which folds the events with it and writes the
+//! rows with `COPY`, and `dossier replay --as-of` folds a customer's files with it. A
+//! property test holds this SQL and the fold to the same rows.
 
 pub mod bulk;
 pub mod cursor;
+pub mod fold;
 pub mod query;
 
 use chrono::{DateTime, Utc};
