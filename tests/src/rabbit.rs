@@ -22,6 +22,19 @@ pub const PASSWORD: &str = "guest";
 
 const TIMEOUT: Duration = Duration::from_secs(15);
 
+/// Every test vhost's name starts so, then the unix second it was made.
+const TEST_VHOST_PREFIX: &str = "dossier-test-";
+
+/// Test vhosts older than this are deleted by the next test process.
+const KEEP_FOR_SECS: u64 = 3600;
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
 /// RFC 3986's unreserved characters stay, everything else is encoded.
 const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'-')
@@ -144,6 +157,36 @@ impl Management {
         Ok(closed)
     }
 
+    /// Deletes `dossier-test-<secs>-…` vhosts older than [`KEEP_FOR_SECS`];
+    /// best effort. Names without a time are from before this rule: old.
+    async fn delete_old_test_vhosts(&self) {
+        let Ok(body) = self
+            .request(reqwest::Method::GET, "/api/vhosts", None)
+            .await
+        else {
+            return;
+        };
+        let listed: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+        let cutoff = now_secs().saturating_sub(KEEP_FOR_SECS);
+        let names = listed
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v["name"].as_str());
+        for name in names {
+            let Some(rest) = name.strip_prefix(TEST_VHOST_PREFIX) else {
+                continue;
+            };
+            let born = rest
+                .split('-')
+                .next()
+                .and_then(|secs| secs.parse::<u64>().ok());
+            if born.is_none_or(|secs| secs < cutoff) {
+                let _ = self.delete_vhost(name).await;
+            }
+        }
+    }
+
     async fn delete_vhost(&self, vhost: &str) -> Result<(), ManagementError> {
         let path = format!("/api/vhosts/{}", percent_encode(vhost));
         self.request(reqwest::Method::DELETE, &path, None)
@@ -163,11 +206,18 @@ pub struct TestVhost {
 }
 
 impl TestVhost {
-    /// Creates `dossier-test-<uuid>` and grants `guest` full permissions on it.
+    /// Creates `dossier-test-<unix seconds>-<uuid>` and grants `guest` full
+    /// permissions on it. The first call of a test process deletes the test
+    /// vhosts of runs older than an hour, which a killed run leaves behind: a
+    /// broker holding hundreds of vhosts with quorum queues slows to a crawl.
     pub async fn create() -> Result<Self, ManagementError> {
         let management = Management::from_env();
+        static SWEPT: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+        SWEPT
+            .get_or_init(|| management.delete_old_test_vhosts())
+            .await;
         let amqp = env_or(AMQP_ADDR_VAR, DEFAULT_AMQP_ADDR);
-        let name = format!("dossier-test-{}", uuid::Uuid::new_v4());
+        let name = format!("{TEST_VHOST_PREFIX}{}-{}", now_secs(), uuid::Uuid::new_v4());
         let encoded = percent_encode(&name);
         let url = format!("amqp://{USER}:{PASSWORD}@{amqp}/{encoded}");
         management
