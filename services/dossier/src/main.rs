@@ -96,7 +96,8 @@ async fn main() -> anyhow::Result<()> {
             if let Some(components) = role {
                 settings.components = components;
             }
-            // Start-up logs the warnings of the settings (development secrets).
+            // Application::build logs the settings' start-up warnings (development
+            // secrets), for this binary and the end-to-end tests alike.
             let app = dossier_api::startup::Application::build(settings).await?;
             app.run_until_stopped(shutdown_signal()).await
         }
