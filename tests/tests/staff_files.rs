@@ -476,7 +476,8 @@ async fn missing_or_bad_tokens_answer_401_and_wrong_roles_403() {
             tenant: "acme".into(),
             role: Role::Staff,
             customer: None,
-            exp: chrono::Utc::now().timestamp() - 10,
+            // Well past the verification leeway (jwt::LEEWAY_SECS).
+            exp: chrono::Utc::now().timestamp() - 3600,
             iat: None,
         },
     );
@@ -510,6 +511,44 @@ async fn missing_or_bad_tokens_answer_401_and_wrong_roles_403() {
             .status()
             .is_success()
     );
+}
+
+/// RFC 9110: the auth scheme is case-insensitive, so `bearer` and `BEARER`
+/// open the API like `Bearer` does (issue 12: `bearer x` answered 401).
+#[tokio::test]
+async fn the_bearer_scheme_is_accepted_in_any_case() {
+    let app = TestApp::spawn().await;
+    let staff = app.staff("acme");
+    let file = app.upload_ok(&staff, "cust-1", "Doc", b"d".to_vec()).await;
+    let path = format!("/v1/files/{}", file["id"].as_str().unwrap());
+
+    for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+        for separator in [" ", "  ", "\t"] {
+            let response = app
+                .client
+                .get(app.url(&path))
+                .header("authorization", format!("{scheme}{separator}{staff}"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200, "{scheme}{separator:?}<token>");
+        }
+    }
+    for value in [
+        format!("Basic {staff}"),
+        format!("Bearer{staff}"),
+        "bearer ".into(),
+    ] {
+        let response = app
+            .client
+            .get(app.url(&path))
+            .header("authorization", value.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 401, "{value:.12}");
+        assert_eq!(error_code(response).await, "unauthorized");
+    }
 }
 
 #[tokio::test]

@@ -22,7 +22,7 @@ use dossier_projections::BundlesProjection;
 use dossier_projections::{
     FilesProjection, FollowerConfig, Freshness, PortalProjection, Projection, Runner, RunnerConfig,
 };
-use dossier_runtime::config::{BlobStoreLocation, Role, Settings};
+use dossier_runtime::config::{BlobStoreLocation, Component, Settings};
 use dossier_runtime::telemetry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -148,6 +148,9 @@ impl Application {
         settings: Settings,
         blobs: Arc<dyn BlobStore>,
     ) -> anyhow::Result<Self> {
+        for warning in settings.startup_warnings() {
+            tracing::warn!(%warning, "insecure configuration");
+        }
         let pool = db::connect(&settings.database_url, POOL_SIZE)
             .await
             .context("connecting to Postgres")?;
@@ -159,8 +162,10 @@ impl Application {
         // One reader of the log for every follower in this process (the read
         // models, the relay, the sealer): they share its safe watermark.
         let log = LogReader::new(pool.clone());
-        let mut read_models =
-            ReadModels::new(settings.roles.contains(Role::Projections), log.clone());
+        let mut read_models = ReadModels::new(
+            settings.components.contains(Component::Projections),
+            log.clone(),
+        );
         read_models.add(&pool, FilesProjection, &shutdown);
         read_models.add(&pool, PortalProjection, &shutdown);
         read_models.add(&pool, BundlesProjection, &shutdown);
@@ -175,12 +180,12 @@ impl Application {
         ));
         // Only roles that talk to RabbitMQ connect to it: an API-only node keeps
         // taking commands (they wait in the log) while the broker is down.
-        let needs_broker = [Role::Intake, Role::Relay, Role::Workers]
+        let needs_broker = [Component::Intake, Component::Relay, Component::Workers]
             .into_iter()
-            .any(|role| settings.roles.contains(role));
+            .any(|component| settings.components.contains(component));
         let broker = if needs_broker {
             let options = BrokerOptions {
-                connection_name: format!("dossier {}", settings.roles),
+                connection_name: format!("dossier {}", settings.components),
                 ..BrokerOptions::default()
             };
             Some(Broker::with_options(&settings.amqp_url, options).context("DOSSIER_AMQP_URL")?)
@@ -200,7 +205,7 @@ impl Application {
             metrics,
             broker: broker.clone(),
         });
-        let listener = if settings.roles.contains(Role::Api) {
+        let listener = if settings.components.contains(Component::Api) {
             let listener = TcpListener::bind(settings.http_addr)
                 .await
                 .with_context(|| format!("binding the HTTP API to {}", settings.http_addr))?;
@@ -276,7 +281,7 @@ impl Application {
             });
         }
         if let Some(broker) = &broker {
-            if settings.roles.contains(Role::Intake) {
+            if settings.components.contains(Component::Intake) {
                 let intake = Intake::new(
                     pool.clone(),
                     state.blobs().clone(),
@@ -292,7 +297,7 @@ impl Application {
                     )
                 });
             }
-            if settings.roles.contains(Role::Relay) {
+            if settings.components.contains(Component::Relay) {
                 let (pool, log, broker, stopping) = (
                     pool.clone(),
                     log.clone(),
@@ -304,7 +309,7 @@ impl Application {
                     ("relay", ran.context("relaying events to RabbitMQ"))
                 });
             }
-            if settings.roles.contains(Role::Workers) {
+            if settings.components.contains(Component::Workers) {
                 // Not a role of its own: a gauge that never stops on its own.
                 tokio::spawn(dossier_broker::watch_queue_depths(
                     broker.clone(),
@@ -354,7 +359,7 @@ impl Application {
                 });
             }
         }
-        tracing::info!(roles = %settings.roles, "dossier is running");
+        tracing::info!(roles = %settings.components, "dossier is running");
 
         let outcome = tokio::select! {
             () = stop => Ok(()),

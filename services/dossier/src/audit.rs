@@ -178,7 +178,7 @@ fn external_checkpoints(paths: &[PathBuf]) -> anyhow::Result<Vec<Checkpoint>> {
 /// `dossier verify --tenant T`: prints the report as JSON; exit code 1 when
 /// something does not match.
 pub async fn verify(settings: &Settings, args: VerifyArgs) -> anyhow::Result<()> {
-    if settings.checkpoint_key_is_default {
+    if settings.checkpoint_key_is_default() {
         tracing::warn!(
             "DOSSIER_CHECKPOINT_KEY is not set: checking checkpoints against the public \
              development key, which proves nothing"

@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use dossier_api::auth::jwt::{self, Claims, Role};
 use dossier_eventlog::db;
-use dossier_runtime::config::{Roles, Settings};
+use dossier_runtime::config::{Components, Settings};
 use dossier_runtime::telemetry;
 
 #[derive(Parser)]
@@ -28,9 +28,10 @@ enum Command {
     /// Run the service: HTTP API, command intake, relay, workers and projections
     /// (all by default; `--role` picks a subset for scaling out).
     Serve {
-        /// Comma list of api, intake, relay, workers, projections (or all).
+        /// Comma list of api, intake, relay, workers, projections (or all);
+        /// overrides DOSSIER_ROLES.
         #[arg(long)]
-        role: Option<String>,
+        role: Option<Components>,
     },
     /// Apply the database migrations and exit.
     Migrate,
@@ -92,17 +93,11 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve { role } => {
             telemetry::init_tracing();
-            if let Some(role) = role {
-                settings.roles = role
-                    .parse::<Roles>()
-                    .map_err(|e| anyhow::anyhow!("--role: {e}"))?;
+            if let Some(components) = role {
+                settings.components = components;
             }
-            if settings.jwt_secret_is_default {
-                tracing::warn!(
-                    "DOSSIER_JWT_SECRET is not set: using the fixed development secret. \
-                     Anyone can mint tokens for this deployment; set a secret before real use."
-                );
-            }
+            // Application::build logs the settings' start-up warnings (development
+            // secrets), for this binary and the end-to-end tests alike.
             let app = dossier_api::startup::Application::build(settings).await?;
             app.run_until_stopped(dossier_runtime::shutdown::signal())
                 .await

@@ -9,13 +9,21 @@
 //! serialises concurrent runs (see [`migrate`]).
 //!
 //! `dossier_test_support::db::fresh_database` gives every test its own migrated database.
+//!
+//! TLS to Postgres follows the URL's `sslmode` and `sslrootcert` (see
+//! [`PostgresUrl`]), on rustls with `ring`, the project's one TLS stack.
 
-use std::str::FromStr;
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, RecyclingMethod, Runtime};
-use tokio_postgres::NoTls;
+use dossier_runtime::config::PostgresUrl;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+use tokio_postgres::config::SslMode;
 use tokio_postgres::error::SqlState;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 /// The connection pool every adapter takes.
 pub type Pool = deadpool_postgres::Pool;
@@ -94,9 +102,13 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// What went wrong while connecting to or migrating Postgres.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
-    /// The database URL could not be parsed.
-    #[error("invalid database URL: {}", pg_detail(.0))]
-    InvalidUrl(#[source] tokio_postgres::Error),
+    /// The database URL could not be parsed; the reason never repeats the password.
+    #[error("invalid database URL: {0}")]
+    InvalidUrl(String),
+    /// TLS was asked for, but cannot be set up: the `sslrootcert` file cannot be
+    /// read or holds no certificate, or the system has no trusted roots.
+    #[error("cannot set up TLS to Postgres: {0}")]
+    TlsSetup(String),
     /// The server could not be reached, refused the login, or creating the database failed.
     #[error("cannot connect to Postgres at {target}: {}", pg_detail(.source))]
     Connect {
@@ -155,12 +167,13 @@ pub fn pg_detail(error: &tokio_postgres::Error) -> String {
 /// maintenance database and the right to `CREATE DATABASE`; a database that exists
 /// needs neither. Two processes creating the same database at once is fine.
 pub async fn connect(url: &str, max_size: usize) -> Result<Pool, DbError> {
-    let config = tokio_postgres::Config::from_str(url).map_err(DbError::InvalidUrl)?;
-    ensure_database_exists(&config).await?;
+    let url = PostgresUrl::parse(url).map_err(DbError::InvalidUrl)?;
+    let tls = tls_connector(&url)?;
+    ensure_database_exists(&url.config, &tls).await?;
 
     let manager = Manager::from_config(
-        config,
-        NoTls,
+        url.config,
+        tls,
         ManagerConfig {
             // Fast recycling still drops connections the server has closed.
             recycling_method: RecyclingMethod::Fast,
@@ -174,6 +187,59 @@ pub async fn connect(url: &str, max_size: usize) -> Result<Pool, DbError> {
         .recycle_timeout(Some(CONNECT_TIMEOUT))
         .build()?;
     Ok(pool)
+}
+
+/// The TLS side of connections to `url`: rustls on `ring`, trusting the
+/// certificates of the `sslrootcert` file, or else the system's roots. The
+/// driver uses it only when `sslmode` is `prefer` or `require`; with TLS off
+/// no certificate is loaded.
+fn tls_connector(url: &PostgresUrl) -> Result<MakeRustlsConnect, DbError> {
+    let mut roots = rustls::RootCertStore::empty();
+    if url.config.get_ssl_mode() != SslMode::Disable {
+        match &url.root_cert {
+            Some(path) => {
+                let (added, _) = roots.add_parsable_certificates(read_certificates(path)?);
+                if added == 0 {
+                    return Err(DbError::TlsSetup(format!(
+                        "sslrootcert {} holds no usable CA certificate",
+                        path.display()
+                    )));
+                }
+            }
+            None => {
+                let native = rustls_native_certs::load_native_certs();
+                for error in &native.errors {
+                    tracing::warn!(%error, "could not load some of the system's trusted certificates");
+                }
+                roots.add_parsable_certificates(native.certs);
+                if roots.is_empty() {
+                    return Err(DbError::TlsSetup(
+                        "the system has no trusted root certificates; name the CA of the \
+                         server's certificate with sslrootcert=<PEM file>"
+                            .into(),
+                    ));
+                }
+            }
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|error| DbError::TlsSetup(error.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(MakeRustlsConnect::new(config))
+}
+
+/// Every certificate of a PEM file.
+fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, DbError> {
+    let unreadable = |error: rustls::pki_types::pem::Error| {
+        DbError::TlsSetup(format!("sslrootcert {}: {error}", path.display()))
+    };
+    CertificateDer::pem_file_iter(path)
+        .map_err(unreadable)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(unreadable)
 }
 
 /// The database a configuration connects to: the explicit name, else (like libpq)
@@ -195,18 +261,22 @@ fn describe_target(config: &tokio_postgres::Config) -> String {
 }
 
 /// Opens one connection with `config`, driving it on a background task.
-async fn open(config: &tokio_postgres::Config) -> Result<tokio_postgres::Client, DbError> {
+async fn open(
+    config: &tokio_postgres::Config,
+    tls: &MakeRustlsConnect,
+) -> Result<tokio_postgres::Client, DbError> {
     let mut config = config.clone();
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(CONNECT_TIMEOUT);
     }
-    let (client, connection) = config
-        .connect(NoTls)
-        .await
-        .map_err(|source| DbError::Connect {
-            target: describe_target(&config),
-            source,
-        })?;
+    let (client, connection) =
+        config
+            .connect(tls.clone())
+            .await
+            .map_err(|source| DbError::Connect {
+                target: describe_target(&config),
+                source,
+            })?;
     tokio::spawn(async move {
         if let Err(error) = connection.await {
             tracing::debug!(error = %pg_detail(&error), "maintenance connection ended with an error");
@@ -217,8 +287,11 @@ async fn open(config: &tokio_postgres::Config) -> Result<tokio_postgres::Client,
 
 /// Connects to the target database once; if the server says it does not exist,
 /// creates it through the `postgres` maintenance database.
-async fn ensure_database_exists(config: &tokio_postgres::Config) -> Result<(), DbError> {
-    let source = match open(config).await {
+async fn ensure_database_exists(
+    config: &tokio_postgres::Config,
+    tls: &MakeRustlsConnect,
+) -> Result<(), DbError> {
+    let source = match open(config, tls).await {
         Ok(_client) => return Ok(()),
         Err(DbError::Connect { source, .. })
             if source.code() == Some(&SqlState::INVALID_CATALOG_NAME) =>
@@ -236,7 +309,7 @@ async fn ensure_database_exists(config: &tokio_postgres::Config) -> Result<(), D
 
     let mut maintenance = config.clone();
     maintenance.dbname("postgres");
-    let client = open(&maintenance).await?;
+    let client = open(&maintenance, tls).await?;
     let statement = format!("CREATE DATABASE {}", quote_identifier(&name));
     match client.batch_execute(&statement).await {
         Ok(()) => {

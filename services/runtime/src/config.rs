@@ -2,26 +2,36 @@
 //! contract ("Configuration") overlaid by the environment, with a `.env` file in
 //! the working directory read first.
 //!
-//! Every value is parsed here, once, into the type the rest of the code wants
-//! (a [`SocketAddr`], a [`BlobStoreLocation`], a [`Roles`] set, ...), so a bad value
-//! stops the process at start-up with a [`ConfigError`] that names the variable,
-//! instead of failing later on some request path. Secrets are wrapped in
-//! [`Secret`] so that neither `Debug` nor `Display` (and so no log line) can print
-//! them, and the `Debug` of [`Settings`] hides passwords inside connection URLs.
+//! [`Settings`] is a clap parser: each field declares its variable (`env`), its
+//! default and its value parser once, and clap applies them, so a bad value stops
+//! the process at start-up with a [`ConfigError`] that names the variable instead
+//! of failing later on some request path. Secrets are wrapped in [`Secret`] so
+//! that neither `Debug` nor `Display` (and so no log line) can print them, and the
+//! `Debug` of [`Settings`] hides passwords inside connection URLs.
 //!
-//! Parsing takes a lookup function rather than reading the process environment
-//! ([`Settings::from_lookup`]), so it is unit-tested with a `HashMap`;
-//! [`Settings::from_env`] is the thin wrapper the binary calls.
+//! The values reach clap through a lookup function ([`Settings::from_lookup`]):
+//! each variable that is set is handed to clap as its flag. clap's own reading of
+//! the environment is switched off for two reasons: an empty value must count as
+//! unset (`FOO=` in a `.env` file or `${FOO:-}` in a compose file means "use the
+//! default", while clap would parse `""`), and the tests of the parsing must not
+//! depend on the process environment. [`Settings::from_env`] is the same parser
+//! fed from the real environment, so the tests run the code production runs.
 //!
-//! An empty value counts as unset: `FOO=` in a `.env` file or `${FOO:-}` in a
-//! compose file then means "use the default", which is what people who write those
-//! expect.
+//! Why clap rather than figment: clap (with its `env` feature) is already the
+//! CLI's parser, so it brings no new dependency, and it reports a bad value
+//! with the value parser's own reason; figment would be one more crate whose
+//! environment provider also reads the process environment directly. (The
+//! clap command also renders a help listing every variable with its default.)
 
+use std::ffi::OsStr;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
+
+use clap::error::{ContextKind, ContextValue};
+use clap::{Args, FromArgMatches, ValueEnum};
 
 /// Names of the environment variables [`Settings`] reads, for tests and tools
 /// that start the binary with an explicit environment.
@@ -42,7 +52,7 @@ pub mod vars {
     pub const JWT_SECRET: &str = "DOSSIER_JWT_SECRET";
     /// Per-file size limit in bytes.
     pub const MAX_FILE_BYTES: &str = "DOSSIER_MAX_FILE_BYTES";
-    /// Comma list of process roles, or `all`.
+    /// Comma list of the components this process runs, or `all`.
     pub const ROLES: &str = "DOSSIER_ROLES";
     /// How long a finished bundle is kept, in seconds.
     pub const BUNDLE_TTL_SECS: &str = "DOSSIER_BUNDLE_TTL_SECS";
@@ -88,7 +98,7 @@ pub const DEFAULT_BUNDLE_MAX_BYTES: u64 = 10 * 1024 * 1024 * 1024;
 /// The fixed development JWT secret used when `DOSSIER_JWT_SECRET` is unset.
 ///
 /// It is public on purpose: anyone can mint tokens for a deployment that runs with
-/// it, which is why [`Settings::warnings`] reports it loudly.
+/// it, which is why [`Settings::startup_warnings`] reports it.
 pub const DEV_JWT_SECRET: &str = "dossier-development-jwt-secret-do-not-use-in-production";
 /// The fixed development checkpoint key used when `DOSSIER_CHECKPOINT_KEY` is unset.
 pub const DEV_CHECKPOINT_KEY: &str = "dossier-development-checkpoint-key-do-not-use-in-production";
@@ -96,6 +106,238 @@ pub const DEV_CHECKPOINT_KEY: &str = "dossier-development-checkpoint-key-do-not-
 /// HMAC-SHA256 keys shorter than this are legal but guessable; we warn, not fail,
 /// so short secrets in tests and demos keep working.
 const MIN_RECOMMENDED_SECRET_BYTES: usize = 32;
+
+/// Everything a Dossier process is configured with. Build it with
+/// [`Settings::from_env`] in the binary, [`Settings::from_lookup`] in tests of the
+/// parsing, or [`Settings::for_tests`] plus struct-update syntax in other tests.
+///
+/// Its `Debug` output is safe to log: secrets print as `***` and passwords in the
+/// connection URLs are hidden.
+#[derive(Clone, Args)]
+pub struct Settings {
+    /// Where the HTTP API listens (`DOSSIER_HTTP_ADDR`).
+    #[arg(long, env = vars::HTTP_ADDR, default_value = DEFAULT_HTTP_ADDR, value_parser = socket_addr)]
+    pub http_addr: SocketAddr,
+    /// Postgres URL for the event log and read models (`DOSSIER_DATABASE_URL`).
+    /// `sslmode` and `sslrootcert` choose TLS (see [`PostgresUrl`]).
+    #[arg(long, env = vars::DATABASE_URL, default_value = DEFAULT_DATABASE_URL, value_parser = postgres_url)]
+    pub database_url: String,
+    /// RabbitMQ URL (`DOSSIER_AMQP_URL`).
+    #[arg(long, env = vars::AMQP_URL, default_value = DEFAULT_AMQP_URL, value_parser = amqp_url)]
+    pub amqp_url: String,
+    /// Where blobs live (`DOSSIER_BLOB_STORE`).
+    #[arg(long, env = vars::BLOB_STORE, default_value = DEFAULT_BLOB_STORE)]
+    pub blob_store: BlobStoreLocation,
+    /// An S3-compatible endpoint; `None` means AWS (`DOSSIER_S3_ENDPOINT`).
+    /// When set, path-style addressing is used.
+    #[arg(long, env = vars::S3_ENDPOINT, value_parser = http_url)]
+    pub s3_endpoint: Option<String>,
+    /// The S3 region (`DOSSIER_S3_REGION`).
+    #[arg(long, env = vars::S3_REGION, default_value = DEFAULT_S3_REGION, value_parser = s3_region)]
+    pub s3_region: String,
+    /// HS256 secret for bearer tokens (`DOSSIER_JWT_SECRET`); [`DEV_JWT_SECRET`]
+    /// when unset.
+    #[arg(long, env = vars::JWT_SECRET, default_value = DEV_JWT_SECRET, hide_default_value = true, hide_env_values = true)]
+    pub jwt_secret: Secret,
+    /// Per-file size limit in bytes (`DOSSIER_MAX_FILE_BYTES`); a file of exactly
+    /// this size is accepted.
+    #[arg(long, env = vars::MAX_FILE_BYTES, default_value_t = DEFAULT_MAX_FILE_BYTES, value_parser = positive)]
+    pub max_file_bytes: u64,
+    /// The components this process runs (`DOSSIER_ROLES`, `--role`).
+    #[arg(long = "role", env = vars::ROLES, default_value = "all")]
+    pub components: Components,
+    /// How long a finished bundle is kept before it is removed
+    /// (`DOSSIER_BUNDLE_TTL_SECS`).
+    #[arg(long = "bundle-ttl-secs", env = vars::BUNDLE_TTL_SECS, default_value = "86400", value_parser = seconds)]
+    pub bundle_ttl: Duration,
+    /// Largest total size of one bundle in bytes (`DOSSIER_BUNDLE_MAX_BYTES`).
+    #[arg(long, env = vars::BUNDLE_MAX_BYTES, default_value_t = DEFAULT_BUNDLE_MAX_BYTES, value_parser = positive)]
+    pub bundle_max_bytes: u64,
+    /// Key for sealing audit checkpoints (`DOSSIER_CHECKPOINT_KEY`);
+    /// [`DEV_CHECKPOINT_KEY`] when unset.
+    #[arg(long, env = vars::CHECKPOINT_KEY, default_value = DEV_CHECKPOINT_KEY, hide_default_value = true, hide_env_values = true)]
+    pub checkpoint_key: Secret,
+}
+
+impl Settings {
+    /// The clap command of the settings: one flag per variable, no binary name
+    /// (and, unlike a derived `Parser`, no way to parse the process's own
+    /// arguments by mistake).
+    pub fn command() -> clap::Command {
+        let command = clap::Command::new("dossier")
+            .about("Dossier's configuration: every variable, its flag and its default.")
+            .no_binary_name(true)
+            .disable_help_flag(true)
+            .disable_version_flag(true);
+        Self::augment_args(command)
+    }
+
+    /// Reads `.env` from the working directory (a missing file is fine; variables
+    /// already in the environment win over it), then parses the environment.
+    ///
+    /// The `.env` values are put into the process environment, so that libraries
+    /// which read it themselves (the AWS SDK's `AWS_ACCESS_KEY_ID`, ...) see them
+    /// too. Call this first thing in `main`, before other threads read the
+    /// environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        // Only the working directory, as the contract says: `dotenvy::dotenv()`
+        // would also search parent directories and might pick up a stranger's file.
+        match dotenvy::from_path(".env") {
+            Ok(()) => {}
+            Err(err) if err.not_found() => {}
+            Err(dotenvy::Error::Io(err)) => return Err(ConfigError::DotEnvIo(err)),
+            Err(_) => return Err(ConfigError::DotEnvSyntax),
+        }
+        for var in vars::ALL {
+            if let Err(std::env::VarError::NotUnicode(_)) = std::env::var(var) {
+                return Err(ConfigError::NotUnicode { var });
+            }
+        }
+        Self::from_lookup(|var| std::env::var(var).ok())
+    }
+
+    /// Parses settings from `lookup`, which returns a variable's value or `None`
+    /// when it is unset. Pure: this is what the tests exercise.
+    ///
+    /// Empty values count as unset. Values are trimmed, except secrets (whose
+    /// `env` values clap hides), where a space may be part of the value.
+    pub fn from_lookup<F>(lookup: F) -> Result<Self, ConfigError>
+    where
+        F: Fn(&str) -> Option<String>,
+    {
+        let command = Self::command();
+        let mut flags = Vec::new();
+        for arg in command.get_arguments() {
+            let (Some(var), Some(long)) = (arg.get_env().and_then(OsStr::to_str), arg.get_long())
+            else {
+                continue;
+            };
+            let Some(value) = lookup(var).filter(|value| !value.trim().is_empty()) else {
+                continue;
+            };
+            let value = if arg.is_hide_env_values_set() {
+                value
+            } else {
+                value.trim().to_owned()
+            };
+            // `--flag=value` keeps a value that starts with `-` a value.
+            flags.push(format!("--{long}={value}"));
+        }
+        // The process environment must not leak in: only `lookup` speaks.
+        let matches = command
+            .mut_args(|arg| arg.env(None::<&'static str>))
+            .try_get_matches_from(flags)
+            .map_err(|error| ConfigError::from_clap(&error))?;
+        Self::from_arg_matches(&matches).map_err(|error| ConfigError::from_clap(&error))
+    }
+
+    /// The contract's defaults, as if no variable were set.
+    pub fn defaults() -> Self {
+        // Deliberate panic: the defaults are constants of this module and a unit
+        // test parses them, so this cannot fail at run time.
+        Self::from_lookup(|_| None).expect("the built-in defaults parse")
+    }
+
+    /// Settings for tests: the defaults, but the HTTP API on an ephemeral port
+    /// (`127.0.0.1:0`) so parallel tests never collide. Adjust the rest with
+    /// struct-update syntax: `Settings { database_url, ..Settings::for_tests() }`.
+    pub fn for_tests() -> Self {
+        Settings {
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            ..Self::defaults()
+        }
+    }
+
+    /// Whether bearer tokens are signed with the public [`DEV_JWT_SECRET`].
+    pub fn jwt_secret_is_default(&self) -> bool {
+        self.jwt_secret.expose() == DEV_JWT_SECRET
+    }
+
+    /// Whether checkpoints are sealed with the public [`DEV_CHECKPOINT_KEY`].
+    pub fn checkpoint_key_is_default(&self) -> bool {
+        self.checkpoint_key.expose() == DEV_CHECKPOINT_KEY
+    }
+
+    /// What an operator must be told when this process starts: the public
+    /// development secrets, or a secret too short to be safe, each only when a
+    /// component of this process uses it (tokens: the API; checkpoints: the
+    /// workers, which run the sealer). Start-up logs each as a warning.
+    pub fn startup_warnings(&self) -> Vec<StartupWarning> {
+        let mut warnings = Vec::new();
+        if self.components.contains(Component::Api) {
+            if self.jwt_secret_is_default() {
+                warnings.push(StartupWarning::DevelopmentJwtSecret);
+            } else if self.jwt_secret.expose_bytes().len() < MIN_RECOMMENDED_SECRET_BYTES {
+                warnings.push(StartupWarning::ShortJwtSecret);
+            }
+        }
+        if self.components.contains(Component::Workers) && self.checkpoint_key_is_default() {
+            warnings.push(StartupWarning::DevelopmentCheckpointKey);
+        }
+        warnings
+    }
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self::defaults()
+    }
+}
+
+impl fmt::Debug for Settings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Settings")
+            .field("http_addr", &self.http_addr)
+            .field("database_url", &redact_url(&self.database_url))
+            .field("amqp_url", &redact_url(&self.amqp_url))
+            .field("blob_store", &self.blob_store)
+            .field("s3_endpoint", &self.s3_endpoint)
+            .field("s3_region", &self.s3_region)
+            .field("jwt_secret", &self.jwt_secret)
+            .field("max_file_bytes", &self.max_file_bytes)
+            .field("components", &self.components)
+            .field("bundle_ttl", &self.bundle_ttl)
+            .field("bundle_max_bytes", &self.bundle_max_bytes)
+            .field("checkpoint_key", &self.checkpoint_key)
+            .finish()
+    }
+}
+
+/// Something about the settings an operator must hear at start-up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StartupWarning {
+    /// `DOSSIER_JWT_SECRET` is unset: anyone can mint tokens.
+    DevelopmentJwtSecret,
+    /// `DOSSIER_JWT_SECRET` is shorter than 32 bytes.
+    ShortJwtSecret,
+    /// `DOSSIER_CHECKPOINT_KEY` is unset: checkpoints prove nothing.
+    DevelopmentCheckpointKey,
+}
+
+impl fmt::Display for StartupWarning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::DevelopmentJwtSecret => write!(
+                f,
+                "{} is not set: using the public development secret, so anyone can mint \
+                 valid tokens; set it before exposing this deployment",
+                vars::JWT_SECRET
+            ),
+            Self::ShortJwtSecret => write!(
+                f,
+                "{} is shorter than {MIN_RECOMMENDED_SECRET_BYTES} bytes: tokens are easier \
+                 to forge; use a longer random secret",
+                vars::JWT_SECRET
+            ),
+            Self::DevelopmentCheckpointKey => write!(
+                f,
+                "{} is not set: audit checkpoints are sealed with the public development key \
+                 and prove nothing; set it in production",
+                vars::CHECKPOINT_KEY
+            ),
+        }
+    }
+}
 
 /// A secret string (a key or password) that never prints.
 ///
@@ -122,6 +364,12 @@ impl Secret {
     }
 }
 
+impl From<String> for Secret {
+    fn from(value: String) -> Self {
+        Self(value)
+    }
+}
+
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("***")
@@ -131,6 +379,81 @@ impl fmt::Debug for Secret {
 impl fmt::Display for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("***")
+    }
+}
+
+/// A configuration value that cannot be used. Each variant names the variable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The variable is set to a value that does not parse.
+    #[error("{var}={value:?} is not valid: {reason}")]
+    Invalid {
+        /// The variable's name.
+        var: &'static str,
+        /// The value as given, with any password in a URL replaced by `***`.
+        value: String,
+        /// What was expected.
+        reason: String,
+    },
+    /// The variable is set, but not to valid UTF-8.
+    #[error("{var} is set but is not valid UTF-8")]
+    NotUnicode {
+        /// The variable's name.
+        var: &'static str,
+    },
+    /// The `.env` file exists but could not be read.
+    #[error("could not read the .env file in the working directory: {0}")]
+    DotEnvIo(#[source] std::io::Error),
+    /// The `.env` file has a line that does not parse. Its content is not
+    /// repeated because it may hold a secret.
+    #[error(
+        "the .env file in the working directory has a line that cannot be parsed \
+         (not shown: it may hold a secret)"
+    )]
+    DotEnvSyntax,
+    /// clap refused the settings in a way that names no variable; a bug of
+    /// this module, reported rather than hidden.
+    #[error("the configuration could not be read: {0}")]
+    Unexpected(String),
+}
+
+impl ConfigError {
+    /// The variable the error is about, if it is about one.
+    pub fn var(&self) -> Option<&'static str> {
+        match self {
+            Self::Invalid { var, .. } | Self::NotUnicode { var } => Some(var),
+            Self::DotEnvIo(_) | Self::DotEnvSyntax | Self::Unexpected(_) => None,
+        }
+    }
+
+    /// The variable behind a value clap refused, with the value parser's reason.
+    fn from_clap(error: &clap::Error) -> Self {
+        let text = |kind| match error.get(kind) {
+            Some(ContextValue::String(text)) => Some(text.as_str()),
+            _ => None,
+        };
+        // Built, so that each argument prints as in clap's message.
+        let mut command = Settings::command();
+        command.build();
+        let var = text(ContextKind::InvalidArg).and_then(|shown| {
+            command
+                .get_arguments()
+                .find(|arg| arg.to_string() == shown)
+                .and_then(|arg| arg.get_env().and_then(OsStr::to_str))
+                .and_then(|env| vars::ALL.into_iter().find(|var| *var == env))
+        });
+        match (var, text(ContextKind::InvalidValue)) {
+            (Some(var), Some(value)) => {
+                let reason = std::error::Error::source(error)
+                    .map_or_else(|| error.kind().to_string(), ToString::to_string);
+                ConfigError::Invalid {
+                    var,
+                    value: redact_url(value),
+                    reason,
+                }
+            }
+            _ => ConfigError::Unexpected(error.kind().to_string()),
+        }
     }
 }
 
@@ -222,39 +545,41 @@ fn check_bucket_name(bucket: &str) -> Result<(), String> {
     }
 }
 
-/// One job a `dossier serve` process can run (`--role` / `DOSSIER_ROLES`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Role {
+/// One part of Dossier a `dossier serve` process can run (`--role` /
+/// `DOSSIER_ROLES`; the contract calls them roles). Not to be confused with a
+/// caller's role in a bearer token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ValueEnum)]
+pub enum Component {
     /// The HTTP API.
     Api,
     /// The AMQP command intake.
     Intake,
     /// The outbox relay that publishes the log to `dossier.events`.
     Relay,
-    /// Background workers (blob deletion, bundles).
+    /// Background workers (blob deletion, bundles, the audit trail and sealer).
     Workers,
     /// The read-model projections.
     Projections,
 }
 
-impl Role {
-    /// Every role, in a fixed order.
-    pub const ALL: [Role; 5] = [
-        Role::Api,
-        Role::Intake,
-        Role::Relay,
-        Role::Workers,
-        Role::Projections,
+impl Component {
+    /// Every component, in a fixed order.
+    pub const ALL: [Component; 5] = [
+        Component::Api,
+        Component::Intake,
+        Component::Relay,
+        Component::Workers,
+        Component::Projections,
     ];
 
     /// The name used in `DOSSIER_ROLES` and `--role`.
     pub fn as_str(self) -> &'static str {
         match self {
-            Role::Api => "api",
-            Role::Intake => "intake",
-            Role::Relay => "relay",
-            Role::Workers => "workers",
-            Role::Projections => "projections",
+            Component::Api => "api",
+            Component::Intake => "intake",
+            Component::Relay => "relay",
+            Component::Workers => "workers",
+            Component::Projections => "projections",
         }
     }
 
@@ -263,63 +588,62 @@ impl Role {
     }
 }
 
-impl fmt::Display for Role {
+impl fmt::Display for Component {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
 }
 
-impl FromStr for Role {
-    type Err = ParseRolesError;
+impl FromStr for Component {
+    type Err = ParseComponentsError;
 
+    /// A name of [`Component::as_str`], in any case.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let name = s.trim();
-        Role::ALL
-            .into_iter()
-            .find(|role| role.as_str().eq_ignore_ascii_case(name))
-            .ok_or_else(|| ParseRolesError::Unknown(name.to_owned()))
+        <Component as ValueEnum>::from_str(name, true)
+            .map_err(|_| ParseComponentsError::Unknown(name.to_owned()))
     }
 }
 
-/// Why a role list did not parse.
+/// Why a component list did not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ParseRolesError {
-    /// A name that is not one of the roles.
+pub enum ParseComponentsError {
+    /// A name that is not one of the components.
     #[error("unknown role {0:?}: expected api, intake, relay, workers, projections or all")]
     Unknown(String),
-    /// Nothing was listed; a process without a role would do nothing.
+    /// Nothing was listed; a process without a component would do nothing.
     #[error(
         "no role given: expected a comma list of api, intake, relay, workers, projections, or all"
     )]
     Empty,
 }
 
-/// The set of [`Role`]s this process runs. Parses from `all` or a comma list
-/// such as `api,projections` (whitespace around names is ignored, repeats are
-/// harmless, `all` anywhere in the list means all).
+/// The set of [`Component`]s this process runs. Parses from `all` or a comma
+/// list such as `api,projections` (whitespace around names is ignored, repeats
+/// are harmless, `all` anywhere in the list means all).
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Roles(u8);
+pub struct Components(u8);
 
-impl Roles {
-    /// Every role: what `all` means, and the default.
+impl Components {
+    /// Every component: what `all` means, and the default.
     pub fn all() -> Self {
-        Role::ALL.into_iter().collect()
+        Component::ALL.into_iter().collect()
     }
 
-    /// No role at all; only useful as a starting point for building a set.
+    /// No component at all; only useful as a starting point for building a set.
     pub fn none() -> Self {
         Self(0)
     }
 
-    /// Whether `role` is in the set.
-    pub fn contains(self, role: Role) -> bool {
-        self.0 & role.bit() != 0
+    /// Whether `component` is in the set.
+    pub fn contains(self, component: Component) -> bool {
+        self.0 & component.bit() != 0
     }
 
-    /// This set plus `role`.
+    /// This set plus `component`.
     #[must_use]
-    pub fn with(self, role: Role) -> Self {
-        Self(self.0 | role.bit())
+    pub fn with(self, component: Component) -> Self {
+        Self(self.0 | component.bit())
     }
 
     /// Whether the set is empty.
@@ -327,449 +651,219 @@ impl Roles {
         self.0 == 0
     }
 
-    /// Whether every role is in the set.
+    /// Whether every component is in the set.
     pub fn is_all(self) -> bool {
         self == Self::all()
     }
 
-    /// The roles in the set, in the order of [`Role::ALL`].
-    pub fn iter(self) -> impl Iterator<Item = Role> {
-        Role::ALL
+    /// The components in the set, in the order of [`Component::ALL`].
+    pub fn iter(self) -> impl Iterator<Item = Component> {
+        Component::ALL
             .into_iter()
-            .filter(move |role| self.contains(*role))
+            .filter(move |component| self.contains(*component))
     }
 }
 
-impl Default for Roles {
+impl Default for Components {
     fn default() -> Self {
         Self::all()
     }
 }
 
-impl FromIterator<Role> for Roles {
-    fn from_iter<I: IntoIterator<Item = Role>>(iter: I) -> Self {
-        iter.into_iter().fold(Roles::none(), Roles::with)
+impl FromIterator<Component> for Components {
+    fn from_iter<I: IntoIterator<Item = Component>>(iter: I) -> Self {
+        iter.into_iter().fold(Components::none(), Components::with)
     }
 }
 
-impl FromStr for Roles {
-    type Err = ParseRolesError;
+impl FromStr for Components {
+    type Err = ParseComponentsError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let mut roles = Roles::none();
+        let mut components = Components::none();
         for name in s.split(',').map(str::trim).filter(|name| !name.is_empty()) {
             if name.eq_ignore_ascii_case("all") {
-                return Ok(Roles::all());
+                return Ok(Components::all());
             }
-            roles = roles.with(name.parse()?);
+            components = components.with(name.parse()?);
         }
-        if roles.is_empty() {
-            return Err(ParseRolesError::Empty);
+        if components.is_empty() {
+            return Err(ParseComponentsError::Empty);
         }
-        Ok(roles)
+        Ok(components)
     }
 }
 
-impl fmt::Display for Roles {
+impl fmt::Display for Components {
     /// `all`, or the comma list: the form [`FromStr`] reads.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.is_all() {
             return f.write_str("all");
         }
-        let names: Vec<&str> = self.iter().map(Role::as_str).collect();
+        let names: Vec<&str> = self.iter().map(Component::as_str).collect();
         f.write_str(&names.join(","))
     }
 }
 
-impl fmt::Debug for Roles {
+impl fmt::Debug for Components {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Roles({self})")
+        write!(f, "Components({self})")
     }
 }
 
-/// A configuration value that cannot be used. Each variant names the variable.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The variable is set to a value that does not parse.
-    #[error("{var}={value:?} is not valid: {reason}")]
-    Invalid {
-        /// The variable's name.
-        var: &'static str,
-        /// The value as given, with any password in a URL replaced by `***`.
-        value: String,
-        /// What was expected.
-        reason: String,
-    },
-    /// The variable is set, but not to valid UTF-8.
-    #[error("{var} is set but is not valid UTF-8")]
-    NotUnicode {
-        /// The variable's name.
-        var: &'static str,
-    },
-    /// The `.env` file exists but could not be read.
-    #[error("could not read the .env file in the working directory: {0}")]
-    DotEnvIo(#[source] std::io::Error),
-    /// The `.env` file has a line that does not parse. Its content is not
-    /// repeated because it may hold a secret.
-    #[error(
-        "the .env file in the working directory has a line that cannot be parsed \
-         (not shown: it may hold a secret)"
-    )]
-    DotEnvSyntax,
-}
-
-impl ConfigError {
-    /// The variable the error is about, if it is about one.
-    pub fn var(&self) -> Option<&'static str> {
-        match self {
-            Self::Invalid { var, .. } | Self::NotUnicode { var } => Some(var),
-            Self::DotEnvIo(_) | Self::DotEnvSyntax => None,
-        }
-    }
-}
-
-/// Everything a Dossier process is configured with. Build it with
-/// [`Settings::from_env`] in the binary, [`Settings::from_lookup`] in tests of the
-/// parsing, or [`Settings::for_tests`] plus struct-update syntax in other tests.
+/// A Postgres URL as Dossier reads it: what the driver takes, plus the TLS
+/// choices of libpq's `sslmode` and `sslrootcert` parameters.
 ///
-/// Its `Debug` output is safe to log: secrets print as `***` and passwords in the
-/// connection URLs are hidden.
-#[derive(Clone)]
-pub struct Settings {
-    /// Where the HTTP API listens (`DOSSIER_HTTP_ADDR`).
-    pub http_addr: SocketAddr,
-    /// Postgres URL for the event log and read models (`DOSSIER_DATABASE_URL`).
-    pub database_url: String,
-    /// RabbitMQ URL (`DOSSIER_AMQP_URL`).
-    pub amqp_url: String,
-    /// Where blobs live (`DOSSIER_BLOB_STORE`).
-    pub blob_store: BlobStoreLocation,
-    /// An S3-compatible endpoint; `None` means AWS (`DOSSIER_S3_ENDPOINT`).
-    /// When set, path-style addressing is used.
-    pub s3_endpoint: Option<String>,
-    /// The S3 region (`DOSSIER_S3_REGION`).
-    pub s3_region: String,
-    /// HS256 secret for bearer tokens (`DOSSIER_JWT_SECRET`).
-    pub jwt_secret: Secret,
-    /// True when `DOSSIER_JWT_SECRET` was unset and [`DEV_JWT_SECRET`] is in use.
-    pub jwt_secret_is_default: bool,
-    /// Per-file size limit in bytes (`DOSSIER_MAX_FILE_BYTES`); a file of exactly
-    /// this size is accepted.
-    pub max_file_bytes: u64,
-    /// The roles this process runs (`DOSSIER_ROLES`).
-    pub roles: Roles,
-    /// How long a finished bundle is kept before it is removed
-    /// (`DOSSIER_BUNDLE_TTL_SECS`).
-    pub bundle_ttl: Duration,
-    /// Largest total size of one bundle in bytes (`DOSSIER_BUNDLE_MAX_BYTES`).
-    pub bundle_max_bytes: u64,
-    /// Key for sealing audit checkpoints (`DOSSIER_CHECKPOINT_KEY`).
-    pub checkpoint_key: Secret,
-    /// True when `DOSSIER_CHECKPOINT_KEY` was unset and [`DEV_CHECKPOINT_KEY`] is in use.
-    pub checkpoint_key_is_default: bool,
+/// - `sslmode` absent or `disable`: no TLS.
+/// - `sslmode=prefer`: TLS when the server offers it, plain otherwise.
+/// - `sslmode=require`: TLS or no connection.
+///
+/// Whenever TLS is used the server's certificate is verified, chain and host
+/// name (what libpq calls `verify-full`): against the certificates in the PEM
+/// file `sslrootcert=<path>` names, or else the system's trusted roots.
+#[derive(Clone, Debug)]
+pub struct PostgresUrl {
+    /// What the driver connects with; `sslrootcert` is not part of it.
+    pub config: tokio_postgres::Config,
+    /// The PEM file of the certificate authorities to trust (`sslrootcert`).
+    pub root_cert: Option<PathBuf>,
 }
 
-impl Settings {
-    /// Reads `.env` from the working directory (a missing file is fine; variables
-    /// already in the environment win over it), then parses the environment.
-    ///
-    /// The `.env` values are put into the process environment, so that libraries
-    /// which read it themselves (the AWS SDK's `AWS_ACCESS_KEY_ID`, ...) see them
-    /// too. Call this first thing in `main`, before other threads read the
-    /// environment.
-    pub fn from_env() -> Result<Self, ConfigError> {
-        // Only the working directory, as the contract says: `dotenvy::dotenv()`
-        // would also search parent directories and might pick up a stranger's file.
-        match dotenvy::from_path(".env") {
-            Ok(()) => {}
-            Err(err) if err.not_found() => {}
-            Err(dotenvy::Error::Io(err)) => return Err(ConfigError::DotEnvIo(err)),
-            Err(_) => return Err(ConfigError::DotEnvSyntax),
+impl PostgresUrl {
+    /// Parses `postgres[ql]://user[:password]@host[:port]/database[?params]`.
+    /// The error says what is wrong, and never repeats the password.
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let expected = "expected postgres://user[:password]@host[:port]/database";
+        let parsed = url::Url::parse(url).map_err(|error| format!("{error}; {expected}"))?;
+        if !matches!(parsed.scheme(), "postgres" | "postgresql") {
+            return Err(expected.into());
         }
-        for var in vars::ALL {
-            if let Some(value) = std::env::var_os(var)
-                && value.to_str().is_none()
-            {
-                return Err(ConfigError::NotUnicode { var });
+        let mut root_cert = None;
+        let mut ssl_mode = None;
+        for (key, value) in parsed.query_pairs() {
+            match &*key {
+                "sslrootcert" if !value.is_empty() => root_cert = Some(PathBuf::from(&*value)),
+                "sslrootcert" => return Err("sslrootcert needs the path of a PEM file".into()),
+                "sslmode" => ssl_mode = Some(value.into_owned()),
+                _ => {}
             }
         }
-        Self::from_lookup(|var| std::env::var(var).ok())
-    }
-
-    /// Parses settings from `lookup`, which returns a variable's value or `None`
-    /// when it is unset. Pure: this is what the tests exercise.
-    pub fn from_lookup<F>(lookup: F) -> Result<Self, ConfigError>
-    where
-        F: Fn(&str) -> Option<String>,
-    {
-        // Empty counts as unset (see the module docs).
-        let get = |var: &str| lookup(var).filter(|value| !value.trim().is_empty());
-
-        let http_addr = parse_with(
-            vars::HTTP_ADDR,
-            get(vars::HTTP_ADDR),
-            DEFAULT_HTTP_ADDR,
-            |s| {
-                s.trim()
-                    .parse::<SocketAddr>()
-                    .map_err(|_| "expected IP:port, e.g. 127.0.0.1:8080 or [::]:8080".to_owned())
-            },
-        )?;
-
-        let database_url = parse_url(
-            vars::DATABASE_URL,
-            get(vars::DATABASE_URL),
-            DEFAULT_DATABASE_URL,
-            &["postgres", "postgresql"],
-        )?;
-        let amqp_url = parse_url(
-            vars::AMQP_URL,
-            get(vars::AMQP_URL),
-            DEFAULT_AMQP_URL,
-            &["amqp", "amqps"],
-        )?;
-
-        let blob_store = parse_with(
-            vars::BLOB_STORE,
-            get(vars::BLOB_STORE),
-            DEFAULT_BLOB_STORE,
-            |s| s.trim().parse::<BlobStoreLocation>(),
-        )?;
-
-        let s3_endpoint = match get(vars::S3_ENDPOINT) {
-            None => None,
-            Some(raw) => Some(check_url(
-                vars::S3_ENDPOINT,
-                raw.trim(),
-                &["http", "https"],
-            )?),
+        let ssl_mode = match ssl_mode.as_deref() {
+            None | Some("disable") => tokio_postgres::config::SslMode::Disable,
+            Some("prefer") => tokio_postgres::config::SslMode::Prefer,
+            Some("require") => tokio_postgres::config::SslMode::Require,
+            Some(_) => {
+                return Err(
+                    "sslmode must be disable, prefer or require (require verifies \
+                            the server's certificate and host name, like libpq's verify-full)"
+                        .into(),
+                );
+            }
         };
-        let s3_region = match get(vars::S3_REGION) {
-            None => DEFAULT_S3_REGION.to_owned(),
-            Some(raw) => {
-                let region = raw.trim();
-                if !region
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-                {
-                    return Err(invalid(
-                        vars::S3_REGION,
-                        region,
-                        "expected a region name such as us-east-1 or garage",
-                    ));
+        if root_cert.is_some() && ssl_mode == tokio_postgres::config::SslMode::Disable {
+            return Err("sslrootcert is given but TLS is off: add sslmode=require".into());
+        }
+        // The driver refuses parameters it does not know, so `sslrootcert` is
+        // taken out of the query, which is otherwise passed on as written.
+        let for_driver = match (root_cert.is_some(), parsed.query()) {
+            (true, Some(query)) => {
+                let kept: Vec<&str> = query
+                    .split('&')
+                    .filter(|pair| {
+                        url::form_urlencoded::parse(pair.as_bytes())
+                            .next()
+                            .is_none_or(|(key, _)| key != "sslrootcert")
+                    })
+                    .collect();
+                let base = &url[..url.find('?').unwrap_or(url.len())];
+                if kept.is_empty() {
+                    base.to_owned()
+                } else {
+                    format!("{base}?{}", kept.join("&"))
                 }
-                region.to_owned()
             }
+            _ => url.to_owned(),
         };
-
-        // Secrets are taken verbatim (no trimming): a space may be part of one.
-        let (jwt_secret, jwt_secret_is_default) = match lookup(vars::JWT_SECRET) {
-            Some(value) if !value.is_empty() => (Secret::new(value), false),
-            _ => (Secret::new(DEV_JWT_SECRET), true),
-        };
-        let (checkpoint_key, checkpoint_key_is_default) = match lookup(vars::CHECKPOINT_KEY) {
-            Some(value) if !value.is_empty() => (Secret::new(value), false),
-            _ => (Secret::new(DEV_CHECKPOINT_KEY), true),
-        };
-
-        let max_file_bytes = parse_positive(
-            vars::MAX_FILE_BYTES,
-            get(vars::MAX_FILE_BYTES),
-            DEFAULT_MAX_FILE_BYTES,
-        )?;
-        let roles = parse_with(vars::ROLES, get(vars::ROLES), "all", |s| {
-            s.parse::<Roles>().map_err(|err| err.to_string())
+        let mut config = tokio_postgres::Config::from_str(&for_driver).map_err(|error| {
+            let detail = std::error::Error::source(&error)
+                .map_or_else(|| error.to_string(), |cause| format!("{error}: {cause}"));
+            format!("{detail}; {expected}")
         })?;
-        let bundle_ttl = Duration::from_secs(parse_positive(
-            vars::BUNDLE_TTL_SECS,
-            get(vars::BUNDLE_TTL_SECS),
-            DEFAULT_BUNDLE_TTL_SECS,
-        )?);
-        let bundle_max_bytes = parse_positive(
-            vars::BUNDLE_MAX_BYTES,
-            get(vars::BUNDLE_MAX_BYTES),
-            DEFAULT_BUNDLE_MAX_BYTES,
-        )?;
-
-        Ok(Settings {
-            http_addr,
-            database_url,
-            amqp_url,
-            blob_store,
-            s3_endpoint,
-            s3_region,
-            jwt_secret,
-            jwt_secret_is_default,
-            max_file_bytes,
-            roles,
-            bundle_ttl,
-            bundle_max_bytes,
-            checkpoint_key,
-            checkpoint_key_is_default,
-        })
-    }
-
-    /// The contract's defaults, as if no variable were set.
-    pub fn defaults() -> Self {
-        // Deliberate panic: the defaults are constants of this module and a unit
-        // test parses them, so this cannot fail at run time.
-        Self::from_lookup(|_| None).expect("the built-in defaults parse")
-    }
-
-    /// Settings for tests: the defaults, but the HTTP API on an ephemeral port
-    /// (`127.0.0.1:0`) so parallel tests never collide. Adjust the rest with
-    /// struct-update syntax: `Settings { database_url, ..Settings::for_tests() }`.
-    pub fn for_tests() -> Self {
-        Settings {
-            http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            ..Self::defaults()
+        if config.get_hosts().is_empty() && config.get_hostaddrs().is_empty() {
+            return Err(format!("the URL names no host; {expected}"));
         }
-    }
-
-    /// Things an operator should be told at start-up, one sentence each: the
-    /// development secrets in use, or secrets too short to be safe. The binary
-    /// logs each as a warning.
-    pub fn warnings(&self) -> Vec<String> {
-        let mut warnings = Vec::new();
-        if self.jwt_secret_is_default {
-            warnings.push(format!(
-                "{} is not set: using the public development secret, so anyone can mint \
-                 valid tokens; set it before exposing this deployment",
-                vars::JWT_SECRET
-            ));
-        } else if self.jwt_secret.expose_bytes().len() < MIN_RECOMMENDED_SECRET_BYTES {
-            warnings.push(format!(
-                "{} is shorter than {MIN_RECOMMENDED_SECRET_BYTES} bytes: tokens are easier \
-                 to forge; use a longer random secret",
-                vars::JWT_SECRET
-            ));
-        }
-        if self.checkpoint_key_is_default {
-            warnings.push(format!(
-                "{} is not set: audit checkpoints are sealed with the public development key \
-                 and prove nothing; set it in production",
-                vars::CHECKPOINT_KEY
-            ));
-        }
-        warnings
-    }
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        Self::defaults()
-    }
-}
-
-impl fmt::Debug for Settings {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Settings")
-            .field("http_addr", &self.http_addr)
-            .field("database_url", &redact_url(&self.database_url))
-            .field("amqp_url", &redact_url(&self.amqp_url))
-            .field("blob_store", &self.blob_store)
-            .field("s3_endpoint", &self.s3_endpoint)
-            .field("s3_region", &self.s3_region)
-            .field("jwt_secret", &self.jwt_secret)
-            .field("jwt_secret_is_default", &self.jwt_secret_is_default)
-            .field("max_file_bytes", &self.max_file_bytes)
-            .field("roles", &self.roles)
-            .field("bundle_ttl", &self.bundle_ttl)
-            .field("bundle_max_bytes", &self.bundle_max_bytes)
-            .field("checkpoint_key", &self.checkpoint_key)
-            .field("checkpoint_key_is_default", &self.checkpoint_key_is_default)
-            .finish()
+        config.ssl_mode(ssl_mode);
+        Ok(Self { config, root_cert })
     }
 }
 
 /// Replaces the password in `scheme://user:password@host/...` with `***`, so a
 /// URL can be logged or shown in an error. Anything else is returned unchanged.
 pub fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_owned();
-    };
-    let authority_start = scheme_end + 3;
-    let authority_end = url[authority_start..]
-        .find(['/', '?', '#'])
-        .map_or(url.len(), |i| authority_start + i);
-    let authority = &url[authority_start..authority_end];
-    let Some(at) = authority.rfind('@') else {
-        return url.to_owned();
-    };
-    let Some(colon) = authority[..at].find(':') else {
-        return url.to_owned();
-    };
-    let password_start = authority_start + colon + 1;
-    let password_end = authority_start + at;
-    format!("{}***{}", &url[..password_start], &url[password_end..])
-}
-
-fn invalid(var: &'static str, value: &str, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        var,
-        value: redact_url(value),
-        reason: reason.into(),
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => match parsed.set_password(Some("***")) {
+            Ok(()) => parsed.to_string(),
+            // A URL that cannot hold a password cannot have had one.
+            Err(()) => url.to_owned(),
+        },
+        _ => url.to_owned(),
     }
 }
 
-/// Parses `raw` (or `default` when unset) with `parse`, naming `var` on failure.
-fn parse_with<T>(
-    var: &'static str,
-    raw: Option<String>,
-    default: &str,
-    parse: impl Fn(&str) -> Result<T, String>,
-) -> Result<T, ConfigError> {
-    let value = raw.as_deref().unwrap_or(default);
-    parse(value).map_err(|reason| invalid(var, value, reason))
+fn socket_addr(value: &str) -> Result<SocketAddr, String> {
+    value
+        .parse()
+        .map_err(|_| "expected IP:port, e.g. 127.0.0.1:8080 or [::]:8080".to_owned())
 }
 
-/// A URL with one of `schemes` and something after `://`. A full URL parser
-/// would be a new dependency; the drivers parse the rest and report it then.
-fn check_url(var: &'static str, value: &str, schemes: &[&str]) -> Result<String, ConfigError> {
+fn postgres_url(value: &str) -> Result<String, String> {
+    PostgresUrl::parse(value).map(|_| value.to_owned())
+}
+
+fn amqp_url(value: &str) -> Result<String, String> {
+    url_with_scheme(value, &["amqp", "amqps"])
+}
+
+fn http_url(value: &str) -> Result<String, String> {
+    url_with_scheme(value, &["http", "https"])
+}
+
+/// A URL with one of `schemes` and a host; the drivers check the rest.
+fn url_with_scheme(value: &str, schemes: &[&str]) -> Result<String, String> {
     let expected = || {
         let forms: Vec<String> = schemes.iter().map(|s| format!("{s}://...")).collect();
         format!("expected a URL of the form {}", forms.join(" or "))
     };
-    let Some((scheme, rest)) = value.split_once("://") else {
-        return Err(invalid(var, value, expected()));
-    };
-    if !schemes.iter().any(|s| s.eq_ignore_ascii_case(scheme)) || rest.is_empty() {
-        return Err(invalid(var, value, expected()));
-    }
-    if value.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(invalid(
-            var,
-            value,
-            "a URL cannot contain spaces or control characters",
-        ));
+    let parsed = url::Url::parse(value).map_err(|error| format!("{error}; {}", expected()))?;
+    if !schemes.contains(&parsed.scheme()) || parsed.host_str().is_none_or(str::is_empty) {
+        return Err(expected());
     }
     Ok(value.to_owned())
 }
 
-fn parse_url(
-    var: &'static str,
-    raw: Option<String>,
-    default: &str,
-    schemes: &[&str],
-) -> Result<String, ConfigError> {
-    check_url(var, raw.as_deref().map_or(default, str::trim), schemes)
+fn s3_region(value: &str) -> Result<String, String> {
+    if value
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        Ok(value.to_owned())
+    } else {
+        Err("expected a region name such as us-east-1 or garage".into())
+    }
 }
 
 /// A whole number above zero: a limit or TTL of zero would make the feature
 /// unusable, which is never what an operator meant.
-fn parse_positive(
-    var: &'static str,
-    raw: Option<String>,
-    default: u64,
-) -> Result<u64, ConfigError> {
-    let Some(raw) = raw else {
-        return Ok(default);
-    };
-    match raw.trim().parse::<u64>() {
-        Ok(0) => Err(invalid(var, &raw, "must be greater than 0")),
+fn positive(value: &str) -> Result<u64, String> {
+    match value.parse::<u64>() {
+        Ok(0) => Err("must be greater than 0".into()),
         Ok(n) => Ok(n),
-        Err(_) => Err(invalid(var, &raw, "expected a whole number, e.g. 26214400")),
+        Err(_) => Err("expected a whole number, e.g. 26214400".into()),
     }
+}
+
+fn seconds(value: &str) -> Result<Duration, String> {
+    positive(value).map(Duration::from_secs)
 }
 
 #[cfg(test)]
@@ -805,13 +899,24 @@ mod tests {
         assert_eq!(s.s3_endpoint, None);
         assert_eq!(s.s3_region, "us-east-1");
         assert_eq!(s.jwt_secret.expose(), DEV_JWT_SECRET);
-        assert!(s.jwt_secret_is_default);
+        assert!(s.jwt_secret_is_default());
         assert_eq!(s.max_file_bytes, 26_214_400);
-        assert!(s.roles.is_all());
+        assert!(s.components.is_all());
         assert_eq!(s.bundle_ttl, Duration::from_secs(86_400));
+        assert_eq!(s.bundle_ttl.as_secs(), DEFAULT_BUNDLE_TTL_SECS);
         assert_eq!(s.bundle_max_bytes, 10_737_418_240);
         assert_eq!(s.checkpoint_key.expose(), DEV_CHECKPOINT_KEY);
-        assert!(s.checkpoint_key_is_default);
+        assert!(s.checkpoint_key_is_default());
+    }
+
+    #[test]
+    fn the_variable_list_is_the_parsers() {
+        let declared: Vec<String> = Settings::command()
+            .get_arguments()
+            .filter_map(|arg| arg.get_env())
+            .map(|env| env.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(declared, vars::ALL);
     }
 
     #[test]
@@ -844,16 +949,18 @@ mod tests {
         assert_eq!(s.s3_endpoint.as_deref(), Some("http://garage:3900"));
         assert_eq!(s.s3_region, "garage");
         assert_eq!(s.jwt_secret.expose(), "a secret with spaces ");
-        assert!(!s.jwt_secret_is_default);
+        assert!(!s.jwt_secret_is_default());
         assert_eq!(s.max_file_bytes, 1024);
         assert_eq!(
-            s.roles,
-            Roles::none().with(Role::Api).with(Role::Projections)
+            s.components,
+            Components::none()
+                .with(Component::Api)
+                .with(Component::Projections)
         );
         assert_eq!(s.bundle_ttl, Duration::from_secs(60));
         assert_eq!(s.bundle_max_bytes, 2048);
         assert_eq!(s.checkpoint_key.expose(), "k");
-        assert!(!s.checkpoint_key_is_default);
+        assert!(!s.checkpoint_key_is_default());
     }
 
     #[test]
@@ -867,8 +974,28 @@ mod tests {
         .unwrap();
         assert_eq!(s.http_addr, DEFAULT_HTTP_ADDR.parse().unwrap());
         assert_eq!(s.s3_endpoint, None);
-        assert!(s.jwt_secret_is_default);
-        assert!(s.roles.is_all());
+        assert!(s.jwt_secret_is_default());
+        assert!(s.components.is_all());
+    }
+
+    #[test]
+    fn values_are_trimmed_but_secrets_are_not() {
+        let s = parse(&[
+            (vars::HTTP_ADDR, " 127.0.0.1:9 "),
+            (vars::ROLES, " ALL "),
+            (vars::JWT_SECRET, " padded "),
+        ])
+        .unwrap();
+        assert_eq!(s.http_addr, "127.0.0.1:9".parse().unwrap());
+        assert!(s.components.is_all());
+        assert_eq!(s.jwt_secret.expose(), " padded ");
+    }
+
+    #[test]
+    fn values_that_look_like_flags_are_values() {
+        let s = parse(&[(vars::JWT_SECRET, "--role=api")]).unwrap();
+        assert_eq!(s.jwt_secret.expose(), "--role=api");
+        assert!(s.components.is_all());
     }
 
     #[test]
@@ -878,6 +1005,10 @@ mod tests {
             (vars::HTTP_ADDR, "127.0.0.1"),
             (vars::DATABASE_URL, "mysql://root@localhost/x"),
             (vars::DATABASE_URL, "postgres://"),
+            (vars::DATABASE_URL, "postgres://h/db?sslmode=verify-full"),
+            (vars::DATABASE_URL, "postgres://h/db?nonsense=1"),
+            (vars::DATABASE_URL, "postgres://h/db?sslrootcert=/ca.pem"),
+            (vars::DATABASE_URL, "host=h dbname=db"),
             (vars::AMQP_URL, "http://guest@localhost"),
             (vars::BLOB_STORE, "./data/blobs"),
             (vars::BLOB_STORE, "file://"),
@@ -899,6 +1030,9 @@ mod tests {
             let message = parse(&[(var, value)]).unwrap_err().to_string();
             assert!(message.contains(var), "{message}");
         }
+        // The reason is the value parser's, not clap's generic one.
+        let message = parse(&[(vars::ROLES, "api,web")]).unwrap_err().to_string();
+        assert!(message.contains("unknown role \"web\""), "{message}");
     }
 
     #[test]
@@ -929,6 +1063,31 @@ mod tests {
         assert!(debug.contains("postgres://app:***@db/dossier"), "{debug}");
         assert_eq!(format!("{}", s.jwt_secret), "***");
         assert_eq!(format!("{:?}", s.jwt_secret), "***");
+    }
+
+    #[test]
+    fn postgres_urls_carry_their_tls_choice() {
+        use tokio_postgres::config::SslMode;
+        let plain = PostgresUrl::parse("postgres://u:p@db:5433/x").unwrap();
+        assert_eq!(plain.config.get_ssl_mode(), SslMode::Disable);
+        assert_eq!(plain.config.get_dbname(), Some("x"));
+        assert_eq!(plain.config.get_ports(), [5433]);
+        assert_eq!(plain.root_cert, None);
+        for (mode, expected) in [
+            ("disable", SslMode::Disable),
+            ("prefer", SslMode::Prefer),
+            ("require", SslMode::Require),
+        ] {
+            let url = PostgresUrl::parse(&format!("postgres://db/x?sslmode={mode}")).unwrap();
+            assert_eq!(url.config.get_ssl_mode(), expected, "{mode}");
+        }
+        let with_ca = PostgresUrl::parse(
+            "postgres://u@db/x?application_name=a%20b&sslrootcert=%2Fetc%2Fca.pem&sslmode=require",
+        )
+        .unwrap();
+        assert_eq!(with_ca.root_cert, Some(PathBuf::from("/etc/ca.pem")));
+        assert_eq!(with_ca.config.get_ssl_mode(), SslMode::Require);
+        assert_eq!(with_ca.config.get_application_name(), Some("a b"));
     }
 
     #[test]
@@ -988,30 +1147,37 @@ mod tests {
     }
 
     #[test]
-    fn roles_parse_and_print() {
-        assert!("all".parse::<Roles>().unwrap().is_all());
-        assert!("api,all".parse::<Roles>().unwrap().is_all());
-        assert!(" ALL ".parse::<Roles>().unwrap().is_all());
-        let roles: Roles = "relay, workers,relay".parse().unwrap();
-        assert!(roles.contains(Role::Relay));
-        assert!(roles.contains(Role::Workers));
-        assert!(!roles.contains(Role::Api));
-        assert_eq!(roles.to_string(), "relay,workers");
+    fn components_parse_and_print() {
+        assert!("all".parse::<Components>().unwrap().is_all());
+        assert!("api,all".parse::<Components>().unwrap().is_all());
+        assert!(" ALL ".parse::<Components>().unwrap().is_all());
+        let components: Components = "relay, workers,relay".parse().unwrap();
+        assert!(components.contains(Component::Relay));
+        assert!(components.contains(Component::Workers));
+        assert!(!components.contains(Component::Api));
+        assert_eq!(components.to_string(), "relay,workers");
         assert_eq!(
-            roles.iter().collect::<Vec<_>>(),
-            [Role::Relay, Role::Workers]
+            components.iter().collect::<Vec<_>>(),
+            [Component::Relay, Component::Workers]
         );
-        assert_eq!(Roles::all().to_string(), "all");
-        for role in Role::ALL {
-            assert_eq!(role.as_str().parse::<Role>().unwrap(), role);
-            assert!(Roles::all().contains(role));
-            assert!(!Roles::none().contains(role));
+        assert_eq!(Components::all().to_string(), "all");
+        for component in Component::ALL {
+            assert_eq!(component.as_str().parse::<Component>().unwrap(), component);
+            assert_eq!(
+                component.as_str().to_uppercase().parse::<Component>(),
+                Ok(component)
+            );
+            assert!(Components::all().contains(component));
+            assert!(!Components::none().contains(component));
         }
         assert_eq!(
-            "api,web".parse::<Roles>(),
-            Err(ParseRolesError::Unknown("web".into()))
+            "api,web".parse::<Components>(),
+            Err(ParseComponentsError::Unknown("web".into()))
         );
-        assert_eq!(" , ".parse::<Roles>(), Err(ParseRolesError::Empty));
+        assert_eq!(
+            " , ".parse::<Components>(),
+            Err(ParseComponentsError::Empty)
+        );
     }
 
     #[test]
@@ -1037,20 +1203,50 @@ mod tests {
     }
 
     #[test]
-    fn warnings_flag_development_and_short_secrets() {
-        let defaults = Settings::defaults();
-        assert_eq!(defaults.warnings().len(), 2);
+    fn startup_warns_of_development_and_short_secrets() {
+        assert_eq!(
+            Settings::defaults().startup_warnings(),
+            [
+                StartupWarning::DevelopmentJwtSecret,
+                StartupWarning::DevelopmentCheckpointKey
+            ]
+        );
         let short = parse(&[(vars::JWT_SECRET, "short"), (vars::CHECKPOINT_KEY, "k")]).unwrap();
-        let warnings = short.warnings();
-        assert_eq!(warnings.len(), 1);
-        assert!(warnings[0].contains(vars::JWT_SECRET));
+        assert_eq!(short.startup_warnings(), [StartupWarning::ShortJwtSecret]);
         let long_secret = "x".repeat(32);
         let good = parse(&[
             (vars::JWT_SECRET, long_secret.as_str()),
             (vars::CHECKPOINT_KEY, "k"),
         ])
         .unwrap();
-        assert!(good.warnings().is_empty());
+        assert!(good.startup_warnings().is_empty());
+        // Each warning names its variable.
+        assert!(
+            StartupWarning::DevelopmentCheckpointKey
+                .to_string()
+                .contains(vars::CHECKPOINT_KEY)
+        );
+        assert!(
+            StartupWarning::DevelopmentJwtSecret
+                .to_string()
+                .contains(vars::JWT_SECRET)
+        );
+    }
+
+    #[test]
+    fn startup_warns_only_of_secrets_this_process_uses() {
+        let workers = parse(&[(vars::ROLES, "workers")]).unwrap();
+        assert_eq!(
+            workers.startup_warnings(),
+            [StartupWarning::DevelopmentCheckpointKey]
+        );
+        let api = parse(&[(vars::ROLES, "api,projections")]).unwrap();
+        assert_eq!(
+            api.startup_warnings(),
+            [StartupWarning::DevelopmentJwtSecret]
+        );
+        let relay = parse(&[(vars::ROLES, "relay,intake")]).unwrap();
+        assert!(relay.startup_warnings().is_empty());
     }
 
     #[test]

@@ -1,29 +1,38 @@
-//! Bearer tokens: HS256 JSON Web Tokens, issued and verified here with `hmac`,
-//! `sha2` and `base64` (contract "Authentication").
+//! Bearer tokens: HS256 JSON Web Tokens (contract "Authentication"), issued and
+//! verified with the `jsonwebtoken` crate.
 //!
-//! We write the few lines of JWT ourselves instead of pulling in a JWT crate: only
-//! HS256 is ever accepted, so the classic JWT attacks (`alg: none`, algorithm
-//! confusion with a public key) have nothing to work with, and every rejection
-//! has its own [`AuthError`] variant for the log while the API answers all of them
-//! with the same 401.
+//! What we pin, and why:
+//! - **HS256 only.** [`Validation`] lists HS256 alone, and the crate's crypto
+//!   goes through [`HS256_ONLY`], our own provider on `ring` (the crypto library
+//!   rustls already runs on): it builds nothing but an HMAC-SHA256 key, so even a
+//!   mistake in the validation could not make another algorithm, `none` or a
+//!   public key count. The crate is built without default features, so neither
+//!   RustCrypto's RSA/EC stack nor aws-lc enters the tree.
+//! - **`exp` is required**, and `nbf` is honoured when present, both with
+//!   [`LEEWAY_SECS`] of leeway for clock skew between the machine that minted a
+//!   token and the one checking it. (jsonwebtoken ≥ 10.3 refuses an `exp` or `nbf`
+//!   of the wrong JSON type instead of ignoring it.)
+//! - **Every rejection keeps its own [`AuthError`] variant** for the log, while
+//!   the API answers all of them with the same 401 `unauthorized`.
 //!
-//! [`verify`] takes the current time as an argument so that expiry is tested
-//! without a clock; it applies no leeway (we issue the tokens; a caller that must
-//! accept clock skew can pass a slightly earlier `now_unix`).
+//! The time checks use the system clock (the crate has no other), so tests of
+//! expiry build tokens relative to the current time.
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Once;
 
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use hmac::{Hmac, Mac};
+use jsonwebtoken::crypto::{CryptoProvider, JwtSigner, JwtVerifier, KeyUtils};
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::signature::{self, Signer, Verifier};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use ring::hmac;
 use serde::{Deserialize, Serialize};
-use sha2::Sha256;
 
-type HmacSha256 = Hmac<Sha256>;
-
-/// The only algorithm we issue and accept.
-const ALGORITHM: &str = "HS256";
+/// How far `exp` and `nbf` may be off: tokens stay valid this many seconds
+/// after their `exp`, and are valid this many seconds before their `nbf`. Small,
+/// because it extends every token's life; enough for NTP-synchronised clocks.
+pub const LEEWAY_SECS: u64 = 30;
 
 /// Longer tokens are rejected before any decoding, so a huge header costs
 /// nothing. Ours are a few hundred bytes.
@@ -84,8 +93,8 @@ impl FromStr for Role {
 }
 
 /// The claims of a verified token. A `Claims` returned by [`verify`] always has a
-/// non-empty `sub` and `tenant`, an `exp` in the future, and a `customer` when the
-/// role is [`Role::Customer`].
+/// non-empty `sub` and `tenant`, an `exp` that has not passed (give or take
+/// [`LEEWAY_SECS`]), and a `customer` when the role is [`Role::Customer`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claims {
     /// The user id (recorded as the actor of commands).
@@ -108,11 +117,13 @@ pub struct Claims {
 /// `unauthorized`; the variant is for the log.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
-    /// Not a JWT: wrong shape, bad base64url, or JSON that is not what a JWT holds.
+    /// Not a JWT we can read: wrong shape, bad base64url, JSON that is not what
+    /// a JWT holds, an algorithm name no JWT library knows (`none` among them),
+    /// a critical header extension, or a registered claim of the wrong type.
     #[error("malformed token: {0}")]
     Malformed(&'static str),
-    /// The header names another algorithm than HS256 (including `none`).
-    #[error("token algorithm {0:?} is not accepted (only HS256)")]
+    /// The header names a known algorithm other than HS256.
+    #[error("token algorithm {0} is not accepted (only HS256)")]
     UnsupportedAlgorithm(String),
     /// The signature does not match: forged, altered, or signed with another secret.
     #[error("token signature is invalid")]
@@ -120,22 +131,16 @@ pub enum AuthError {
     /// The token has no `exp` claim; we never accept tokens that live forever.
     #[error("token has no expiry (exp)")]
     MissingExpiry,
-    /// The token's `exp` has passed.
-    #[error("token expired at {exp} (now {now})")]
-    Expired {
-        /// The token's `exp`.
-        exp: i64,
-        /// The time it was checked against.
-        now: i64,
-    },
-    /// The token's `nbf` (not before) lies in the future.
-    #[error("token is not valid before {nbf} (now {now})")]
-    NotYetValid {
-        /// The token's `nbf`.
-        nbf: i64,
-        /// The time it was checked against.
-        now: i64,
-    },
+    /// The token's `exp` has passed (by more than the leeway).
+    #[error("token has expired")]
+    Expired,
+    /// The token's `nbf` (not before) lies in the future (by more than the leeway).
+    #[error("token is not valid yet (nbf)")]
+    NotYetValid,
+    /// The token names an audience (`aud`); ours never do, and a token meant
+    /// for another service must not open this one.
+    #[error("token is meant for another audience (aud)")]
+    WrongAudience,
     /// A required claim (`sub`, `tenant` or `role`) is missing or empty.
     #[error("token claim {0} is missing or empty")]
     MissingClaim(&'static str),
@@ -145,22 +150,15 @@ pub enum AuthError {
     /// The role is `customer` but the token names no customer.
     #[error("token has role customer but no customer claim")]
     MissingCustomer,
-}
-
-/// The JOSE header we write and read.
-#[derive(Serialize, Deserialize)]
-struct Header {
-    alg: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    typ: Option<String>,
-    /// Present only to be refused: RFC 7515 requires rejecting a token whose
-    /// critical extensions we do not understand, and we understand none.
-    #[serde(default, skip_serializing)]
-    crit: Option<serde_json::Value>,
+    /// The token could not be checked at all (an empty secret, say): a fault
+    /// of ours, not of the caller, but still no access.
+    #[error("token could not be checked: {0}")]
+    Unverifiable(String),
 }
 
 /// The payload as it arrives, before each rule is checked, so that a missing
-/// claim gets its own error rather than a generic parse failure.
+/// claim gets its own error rather than a generic parse failure. (`exp` and
+/// `nbf` are checked by jsonwebtoken; `exp` is read here to return it.)
 #[derive(Deserialize)]
 struct RawClaims {
     sub: Option<String>,
@@ -169,85 +167,47 @@ struct RawClaims {
     customer: Option<String>,
     exp: Option<i64>,
     iat: Option<i64>,
-    nbf: Option<i64>,
 }
 
 /// Signs `claims` with `secret` into a compact HS256 JWT.
 ///
 /// `issue` does not check the claims; [`verify`] does, so a token for an invalid
 /// claim set (no customer for a customer, say) is refused when it is used.
+///
+/// # Panics
+///
+/// If `secret` is empty. Deliberate: the settings never hold an empty secret
+/// (an empty `DOSSIER_JWT_SECRET` means the default), so this is a programming
+/// error, and a token signed with nothing must never be printed.
 pub fn issue(secret: &[u8], claims: &Claims) -> String {
-    let header = Header {
-        alg: Some(ALGORITHM.to_owned()),
-        typ: Some("JWT".to_owned()),
-        crit: None,
-    };
-    // Deliberate panics: serializing structs of strings and integers to JSON
-    // cannot fail.
-    let header = serde_json::to_vec(&header).expect("a JWT header serializes");
-    let payload = serde_json::to_vec(claims).expect("JWT claims serialize");
-    let signing_input = format!(
-        "{}.{}",
-        URL_SAFE_NO_PAD.encode(header),
-        URL_SAFE_NO_PAD.encode(payload)
-    );
-    let signature = mac(secret, &signing_input).finalize().into_bytes();
-    format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(signature))
+    install_provider();
+    let key = EncodingKey::from_secret(secret).expect("the JWT secret is not empty");
+    // Deliberate panic: with our provider installed, HS256 signing of a struct
+    // of strings and integers cannot fail.
+    jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &key)
+        .expect("HS256 signs any claims")
 }
 
-/// Verifies `token` against `secret` at time `now_unix` (seconds since the Unix
-/// epoch) and returns its claims.
+/// Verifies `token` against `secret` and returns its claims.
 ///
-/// Checks, in order: shape and size, the header's algorithm (only HS256), the
-/// signature (in constant time), then the claims: `exp` present and after
-/// `now_unix`, `nbf` (if present) not after it, non-empty `sub` and `tenant`, a
-/// known `role`, and a `customer` for the customer role. The payload is not
-/// interpreted before the signature has been checked.
-pub fn verify(secret: &[u8], token: &str, now_unix: i64) -> Result<Claims, AuthError> {
+/// jsonwebtoken checks the shape, the header (only HS256; no critical
+/// extensions), the signature (in constant time, before the payload is
+/// interpreted), `exp` (required) and `nbf` (if present) against the system
+/// clock with [`LEEWAY_SECS`], and refuses any `aud`. Then this function
+/// checks our claims: non-empty `sub` and `tenant`, a known `role`, and a
+/// `customer` for the customer role.
+pub fn verify(secret: &[u8], token: &str) -> Result<Claims, AuthError> {
     if token.len() > MAX_TOKEN_LEN {
         return Err(AuthError::Malformed("token is too long"));
     }
-    let mut parts = token.split('.');
-    let (Some(header_b64), Some(payload_b64), Some(signature_b64), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err(AuthError::Malformed("expected three dot-separated parts"));
-    };
+    install_provider();
+    let key =
+        DecodingKey::from_secret(secret).map_err(|e| AuthError::Unverifiable(e.to_string()))?;
+    let raw = jsonwebtoken::decode::<RawClaims>(token, &key, &validation())
+        .map_err(|error| rejection(token, error.into_kind()))?
+        .claims;
 
-    let header: Header = decode_json(header_b64, "header")?;
-    match header.alg.as_deref() {
-        Some(ALGORITHM) => {}
-        Some(other) => {
-            // Cap what we echo: the value is attacker-chosen and ends up in logs.
-            let shown: String = other.chars().take(16).collect();
-            return Err(AuthError::UnsupportedAlgorithm(shown));
-        }
-        None => return Err(AuthError::Malformed("header has no alg")),
-    }
-    if header.crit.is_some() {
-        return Err(AuthError::Malformed("header has critical extensions"));
-    }
-
-    let signature = URL_SAFE_NO_PAD
-        .decode(signature_b64)
-        .map_err(|_| AuthError::Malformed("signature is not base64url"))?;
-    let signing_input_len = header_b64.len() + 1 + payload_b64.len();
-    // `verify_slice` compares in constant time, so timing reveals nothing about
-    // how much of a forged signature was right.
-    mac(secret, &token[..signing_input_len])
-        .verify_slice(&signature)
-        .map_err(|_| AuthError::BadSignature)?;
-
-    let raw: RawClaims = decode_json(payload_b64, "payload")?;
     let exp = raw.exp.ok_or(AuthError::MissingExpiry)?;
-    if now_unix >= exp {
-        return Err(AuthError::Expired { exp, now: now_unix });
-    }
-    if let Some(nbf) = raw.nbf
-        && now_unix < nbf
-    {
-        return Err(AuthError::NotYetValid { nbf, now: now_unix });
-    }
     let sub = non_empty(raw.sub).ok_or(AuthError::MissingClaim("sub"))?;
     let tenant = non_empty(raw.tenant).ok_or(AuthError::MissingClaim("tenant"))?;
     let role = non_empty(raw.role).ok_or(AuthError::MissingClaim("role"))?;
@@ -269,39 +229,50 @@ pub fn verify(secret: &[u8], token: &str, now_unix: i64) -> Result<Claims, AuthE
     })
 }
 
-/// The token of an `Authorization: Bearer <token>` header value, or `None` when
-/// the value uses another scheme or carries no token. The scheme name is
-/// case-insensitive (RFC 7235).
-pub fn bearer_token(authorization: &str) -> Option<&str> {
-    let (scheme, token) = authorization.trim().split_once(' ')?;
-    let token = token.trim();
-    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+/// HS256 only, `exp` required, `nbf` checked, the leeway of [`LEEWAY_SECS`].
+fn validation() -> Validation {
+    let mut validation = Validation::new(Algorithm::HS256);
+    validation.set_required_spec_claims(&["exp"]);
+    validation.validate_exp = true;
+    validation.validate_nbf = true;
+    validation.leeway = LEEWAY_SECS;
+    validation
 }
 
-fn mac(secret: &[u8], signing_input: &str) -> HmacSha256 {
-    // Deliberate panic: HMAC takes keys of any length, so `new_from_slice`
-    // cannot fail for it.
-    let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC accepts keys of any length");
-    mac.update(signing_input.as_bytes());
-    mac
-}
-
-fn decode_json<T: for<'de> Deserialize<'de>>(
-    part: &str,
-    which: &'static str,
-) -> Result<T, AuthError> {
-    let bytes = URL_SAFE_NO_PAD.decode(part).map_err(|_| {
-        AuthError::Malformed(match which {
-            "header" => "header is not base64url",
-            _ => "payload is not base64url",
-        })
-    })?;
-    serde_json::from_slice(&bytes).map_err(|_| {
-        AuthError::Malformed(match which {
-            "header" => "header is not a JSON object of the expected shape",
-            _ => "payload is not a JSON object of the expected shape",
-        })
-    })
+/// The [`AuthError`] for one of jsonwebtoken's refusals.
+fn rejection(token: &str, kind: ErrorKind) -> AuthError {
+    match kind {
+        ErrorKind::InvalidSignature => AuthError::BadSignature,
+        ErrorKind::ExpiredSignature => AuthError::Expired,
+        ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+        ErrorKind::InvalidAudience => AuthError::WrongAudience,
+        ErrorKind::MissingRequiredClaim(_) => AuthError::MissingExpiry,
+        ErrorKind::InvalidAlgorithm | ErrorKind::UnsupportedAlgorithm => {
+            // The header parsed (that is how the algorithm was known), so name
+            // the algorithm for the log; it is one of the crate's fixed names.
+            match jsonwebtoken::decode_header(token) {
+                Ok(header) => AuthError::UnsupportedAlgorithm(format!("{:?}", header.alg)),
+                Err(_) => AuthError::Malformed("the header names no usable algorithm"),
+            }
+        }
+        ErrorKind::InvalidToken => AuthError::Malformed(
+            "expected three dot-separated parts and a header without critical extensions",
+        ),
+        ErrorKind::Base64(_) => AuthError::Malformed("a part is not base64url"),
+        ErrorKind::Utf8(_) => AuthError::Malformed("a part is not UTF-8"),
+        ErrorKind::Json(_) => AuthError::Malformed(
+            "the header or payload is not a JSON object of the expected shape \
+             (or names an unknown algorithm)",
+        ),
+        ErrorKind::InvalidClaimFormat(claim) => match claim.as_str() {
+            "exp" => AuthError::Malformed("exp is not a number of seconds"),
+            "nbf" => AuthError::Malformed("nbf is not a number of seconds"),
+            _ => AuthError::Malformed("a registered claim has the wrong type"),
+        },
+        // Key and provider faults (an empty secret, say); `ErrorKind` has no
+        // `Display`, and these variants hold nothing secret.
+        other => AuthError::Unverifiable(format!("{other:?}")),
+    }
 }
 
 /// `None` for a missing or blank claim: an empty tenant must never match a
@@ -310,13 +281,92 @@ fn non_empty(value: Option<String>) -> Option<String> {
     value.filter(|v| !v.trim().is_empty())
 }
 
+/// jsonwebtoken's crypto for this process: HMAC-SHA256 on `ring`, nothing else.
+/// It never handles JWKs, so their helpers stay unimplemented.
+static HS256_ONLY: CryptoProvider = CryptoProvider {
+    signer_factory: hs256_signer,
+    verifier_factory: hs256_verifier,
+    key_utils: KeyUtils::new_unimplemented(),
+};
+
+/// Makes [`HS256_ONLY`] jsonwebtoken's provider, once per process, before its
+/// first use (the crate has none of its own without its backend features).
+fn install_provider() {
+    static INSTALL: Once = Once::new();
+    INSTALL.call_once(|| {
+        // Err only if something else installed a provider first; the
+        // validation still admits HS256 alone.
+        let _ = HS256_ONLY.install_default();
+    });
+}
+
+/// An HMAC-SHA256 key: signs and verifies HS256.
+struct Hs256(hmac::Key);
+
+impl Hs256 {
+    fn for_algorithm(algorithm: &Algorithm, secret: &[u8]) -> jsonwebtoken::errors::Result<Self> {
+        if *algorithm != Algorithm::HS256 {
+            return Err(ErrorKind::UnsupportedAlgorithm.into());
+        }
+        Ok(Self(hmac::Key::new(hmac::HMAC_SHA256, secret)))
+    }
+}
+
+fn hs256_signer(
+    algorithm: &Algorithm,
+    key: &EncodingKey,
+) -> jsonwebtoken::errors::Result<Box<dyn JwtSigner>> {
+    Ok(Box::new(Hs256::for_algorithm(algorithm, key.as_bytes())?))
+}
+
+fn hs256_verifier(
+    algorithm: &Algorithm,
+    key: &DecodingKey,
+) -> jsonwebtoken::errors::Result<Box<dyn JwtVerifier>> {
+    Ok(Box::new(Hs256::for_algorithm(
+        algorithm,
+        key.try_get_as_bytes()?,
+    )?))
+}
+
+impl Signer<Vec<u8>> for Hs256 {
+    fn try_sign(&self, message: &[u8]) -> Result<Vec<u8>, signature::Error> {
+        Ok(hmac::sign(&self.0, message).as_ref().to_vec())
+    }
+}
+
+impl Verifier<Vec<u8>> for Hs256 {
+    /// In constant time, so timing reveals nothing about how much of a forged
+    /// signature was right.
+    fn verify(&self, message: &[u8], signature: &Vec<u8>) -> Result<(), signature::Error> {
+        hmac::verify(&self.0, message, signature).map_err(|_| signature::Error::new())
+    }
+}
+
+impl JwtSigner for Hs256 {
+    fn algorithm(&self) -> Algorithm {
+        Algorithm::HS256
+    }
+}
+
+impl JwtVerifier for Hs256 {
+    fn algorithm(&self) -> Algorithm {
+        Algorithm::HS256
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::Engine as _;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
     use serde_json::json;
 
     const SECRET: &[u8] = b"test-secret-of-a-reasonable-length!!";
-    const NOW: i64 = 1_800_000_000;
+
+    fn now() -> i64 {
+        chrono::Utc::now().timestamp()
+    }
 
     fn staff() -> Claims {
         Claims {
@@ -324,20 +374,21 @@ mod tests {
             tenant: "tenant-a".into(),
             role: Role::Staff,
             customer: None,
-            exp: NOW + 3600,
-            iat: Some(NOW),
+            exp: now() + 3600,
+            iat: Some(now()),
         }
     }
 
-    /// A token with any header and payload, correctly signed with [`SECRET`].
+    fn b64(value: impl AsRef<[u8]>) -> String {
+        URL_SAFE_NO_PAD.encode(value)
+    }
+
+    /// A token with any header and payload, correctly signed with [`SECRET`]
+    /// (written by hand, so that it can say what jsonwebtoken would not).
     fn signed(header: serde_json::Value, payload: serde_json::Value) -> String {
-        let input = format!(
-            "{}.{}",
-            URL_SAFE_NO_PAD.encode(header.to_string()),
-            URL_SAFE_NO_PAD.encode(payload.to_string())
-        );
-        let sig = mac(SECRET, &input).finalize().into_bytes();
-        format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig))
+        let input = format!("{}.{}", b64(header.to_string()), b64(payload.to_string()));
+        let key = hmac::Key::new(hmac::HMAC_SHA256, SECRET);
+        format!("{input}.{}", b64(hmac::sign(&key, input.as_bytes())))
     }
 
     fn hs256() -> serde_json::Value {
@@ -350,7 +401,7 @@ mod tests {
         let token = issue(SECRET, &claims);
         assert_eq!(token.split('.').count(), 3);
         assert!(!token.contains('='), "no padding: {token}");
-        assert_eq!(verify(SECRET, &token, NOW).unwrap(), claims);
+        assert_eq!(verify(SECRET, &token).unwrap(), claims);
 
         let customer = Claims {
             role: Role::Customer,
@@ -359,12 +410,13 @@ mod tests {
             ..staff()
         };
         let token = issue(SECRET, &customer);
-        assert_eq!(verify(SECRET, &token, NOW).unwrap(), customer);
+        assert_eq!(verify(SECRET, &token).unwrap(), customer);
     }
 
     #[test]
-    fn issued_token_has_the_standard_shape() {
-        let token = issue(SECRET, &staff());
+    fn issued_token_has_the_standard_shape_and_a_signature_we_can_recompute() {
+        let claims = staff();
+        let token = issue(SECRET, &claims);
         let mut parts = token.split('.');
         let header: serde_json::Value =
             serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts.next().unwrap()).unwrap())
@@ -376,8 +428,12 @@ mod tests {
         assert_eq!(
             payload,
             json!({"sub": "user-1", "tenant": "tenant-a", "role": "staff",
-                   "exp": NOW + 3600, "iat": NOW})
+                   "exp": claims.exp, "iat": claims.iat})
         );
+        // Interoperable: plain HMAC-SHA256 over the first two parts.
+        let (input, signature) = token.rsplit_once('.').unwrap();
+        let key = hmac::Key::new(hmac::HMAC_SHA256, SECRET);
+        assert_eq!(signature, b64(hmac::sign(&key, input.as_bytes())));
     }
 
     #[test]
@@ -393,31 +449,35 @@ mod tests {
             "!!!.e30.sig".into(),
             "x".repeat(MAX_TOKEN_LEN + 1),
             // Valid base64url, but the header is not JSON.
-            format!("{}.e30.AAAA", URL_SAFE_NO_PAD.encode("not json")),
+            format!("{}.e30.AAAA", b64("not json")),
             // Header without alg.
-            format!("{}.e30.AAAA", URL_SAFE_NO_PAD.encode("{}")),
+            format!("{}.e30.AAAA", b64("{}")),
         ];
         for token in cases {
             assert!(
-                matches!(verify(SECRET, &token, NOW), Err(AuthError::Malformed(_))),
-                "{token:.60}"
+                matches!(verify(SECRET, &token), Err(AuthError::Malformed(_))),
+                "{token:.60}: {:?}",
+                verify(SECRET, &token)
             );
         }
         // Correctly signed, but the payload is not the claims object.
         let token = signed(hs256(), json!(["not", "an", "object"]));
         assert!(matches!(
-            verify(SECRET, &token, NOW),
+            verify(SECRET, &token),
             Err(AuthError::Malformed(_))
         ));
-        let token = signed(hs256(), json!({"sub": "u", "exp": "tomorrow"}));
+        let token = signed(
+            hs256(),
+            json!({"sub": "u", "tenant": "t", "role": "staff", "exp": "tomorrow"}),
+        );
         assert!(matches!(
-            verify(SECRET, &token, NOW),
+            verify(SECRET, &token),
             Err(AuthError::Malformed(_))
         ));
         // Signature with padding is not base64url-without-padding.
         let padded = format!("{good}=");
         assert!(matches!(
-            verify(SECRET, &padded, NOW),
+            verify(SECRET, &padded),
             Err(AuthError::Malformed(_))
         ));
     }
@@ -425,96 +485,147 @@ mod tests {
     #[test]
     fn rejects_other_algorithms_including_none() {
         let payload = serde_json::to_value(staff()).unwrap();
-        for alg in ["none", "None", "HS512", "RS256", "hs256"] {
+        // Algorithms jsonwebtoken knows: named in the error.
+        for alg in ["HS512", "HS384", "RS256", "ES256", "EdDSA"] {
             let token = signed(json!({"alg": alg, "typ": "JWT"}), payload.clone());
             assert_eq!(
-                verify(SECRET, &token, NOW),
+                verify(SECRET, &token),
                 Err(AuthError::UnsupportedAlgorithm(alg.into()))
             );
         }
+        // Names no JWT library should know: the header does not parse.
+        for alg in ["none", "None", "hs256"] {
+            let token = signed(json!({"alg": alg, "typ": "JWT"}), payload.clone());
+            assert!(
+                matches!(verify(SECRET, &token), Err(AuthError::Malformed(_))),
+                "{alg}"
+            );
+        }
         // The classic `alg: none` token with an empty signature.
-        let unsigned = format!(
-            "{}.{}.",
-            URL_SAFE_NO_PAD.encode(r#"{"alg":"none"}"#),
-            URL_SAFE_NO_PAD.encode(payload.to_string())
-        );
-        assert_eq!(
-            verify(SECRET, &unsigned, NOW),
-            Err(AuthError::UnsupportedAlgorithm("none".into()))
-        );
-        let crit = signed(json!({"alg": "HS256", "crit": ["b64"]}), payload);
+        let unsigned = format!("{}.{}.", b64(r#"{"alg":"none"}"#), b64(payload.to_string()));
         assert!(matches!(
-            verify(SECRET, &crit, NOW),
+            verify(SECRET, &unsigned),
             Err(AuthError::Malformed(_))
         ));
+        // Critical extensions we do not implement.
+        let crit = signed(json!({"alg": "HS256", "crit": ["exp"]}), payload);
+        assert!(matches!(
+            verify(SECRET, &crit),
+            Err(AuthError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn the_provider_signs_and_verifies_nothing_but_hs256() {
+        let encoding = EncodingKey::from_secret(SECRET).unwrap();
+        let decoding = DecodingKey::from_secret(SECRET).unwrap();
+        for algorithm in [Algorithm::HS384, Algorithm::HS512, Algorithm::RS256] {
+            assert!(
+                hs256_signer(&algorithm, &encoding).is_err(),
+                "{algorithm:?}"
+            );
+            assert!(
+                hs256_verifier(&algorithm, &decoding).is_err(),
+                "{algorithm:?}"
+            );
+        }
+        assert!(hs256_signer(&Algorithm::HS256, &encoding).is_ok());
     }
 
     #[test]
     fn rejects_bad_signatures() {
         let token = issue(SECRET, &staff());
         assert_eq!(
-            verify(b"another-secret", &token, NOW),
+            verify(b"another-secret", &token),
             Err(AuthError::BadSignature)
         );
 
         // A payload swapped for another tenant keeps the old signature.
-        let (_, rest) = token.split_once('.').unwrap();
+        let (head, rest) = token.split_once('.').unwrap();
         let (_, sig) = rest.split_once('.').unwrap();
-        let (head, _) = token.split_once('.').unwrap();
-        let forged_payload = URL_SAFE_NO_PAD.encode(
-            serde_json::to_vec(&Claims {
-                tenant: "tenant-b".into(),
-                ..staff()
-            })
-            .unwrap(),
-        );
+        let forged_payload = b64(serde_json::to_vec(&Claims {
+            tenant: "tenant-b".into(),
+            ..staff()
+        })
+        .unwrap());
         let forged = format!("{head}.{forged_payload}.{sig}");
-        assert_eq!(verify(SECRET, &forged, NOW), Err(AuthError::BadSignature));
+        assert_eq!(verify(SECRET, &forged), Err(AuthError::BadSignature));
 
         // Truncated and empty signatures.
         // Three characters fewer keeps the base64url canonical (40 characters).
         let truncated = &token[..token.len() - 3];
-        assert_eq!(verify(SECRET, truncated, NOW), Err(AuthError::BadSignature));
+        assert_eq!(verify(SECRET, truncated), Err(AuthError::BadSignature));
         let empty_sig = format!("{head}.{}.", rest.split_once('.').unwrap().0);
-        assert_eq!(
-            verify(SECRET, &empty_sig, NOW),
-            Err(AuthError::BadSignature)
-        );
+        assert_eq!(verify(SECRET, &empty_sig), Err(AuthError::BadSignature));
     }
 
     #[test]
-    fn rejects_missing_and_past_expiry() {
+    fn rejects_missing_and_past_expiry_with_a_small_leeway() {
         let no_exp = signed(hs256(), json!({"sub": "u", "tenant": "t", "role": "staff"}));
-        assert_eq!(verify(SECRET, &no_exp, NOW), Err(AuthError::MissingExpiry));
+        assert_eq!(verify(SECRET, &no_exp), Err(AuthError::MissingExpiry));
 
-        let token = issue(
+        let long_gone = issue(
             SECRET,
             &Claims {
-                exp: NOW,
+                exp: now() - 3600,
+                ..staff()
+            },
+        );
+        assert_eq!(verify(SECRET, &long_gone), Err(AuthError::Expired));
+        let just_past_the_leeway = issue(
+            SECRET,
+            &Claims {
+                exp: now() - LEEWAY_SECS as i64 - 5,
                 ..staff()
             },
         );
         assert_eq!(
-            verify(SECRET, &token, NOW),
-            Err(AuthError::Expired { exp: NOW, now: NOW })
+            verify(SECRET, &just_past_the_leeway),
+            Err(AuthError::Expired)
         );
-        assert!(verify(SECRET, &token, NOW - 1).is_ok());
+        // Within the leeway: a clock a few seconds behind still accepts it.
+        let within_the_leeway = issue(
+            SECRET,
+            &Claims {
+                exp: now() - 5,
+                ..staff()
+            },
+        );
+        assert!(verify(SECRET, &within_the_leeway).is_ok());
     }
 
     #[test]
     fn rejects_tokens_not_yet_valid() {
-        let token = signed(
+        let future = signed(
             hs256(),
-            json!({"sub": "u", "tenant": "t", "role": "staff", "exp": NOW + 60, "nbf": NOW + 10}),
+            json!({"sub": "u", "tenant": "t", "role": "staff",
+                   "exp": now() + 3600, "nbf": now() + 600}),
         );
-        assert_eq!(
-            verify(SECRET, &token, NOW),
-            Err(AuthError::NotYetValid {
-                nbf: NOW + 10,
-                now: NOW
-            })
+        assert_eq!(verify(SECRET, &future), Err(AuthError::NotYetValid));
+        let almost = signed(
+            hs256(),
+            json!({"sub": "u", "tenant": "t", "role": "staff",
+                   "exp": now() + 3600, "nbf": now() + 5}),
         );
-        assert!(verify(SECRET, &token, NOW + 10).is_ok());
+        assert!(verify(SECRET, &almost).is_ok());
+        // The type confusion of CVE-2026-25537: a string nbf is refused, not ignored.
+        let string_nbf = signed(
+            hs256(),
+            json!({"sub": "u", "tenant": "t", "role": "staff",
+                   "exp": now() + 3600, "nbf": (now() + 600).to_string()}),
+        );
+        assert!(matches!(
+            verify(SECRET, &string_nbf),
+            Err(AuthError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn rejects_tokens_for_another_audience() {
+        let mut claims = serde_json::to_value(staff()).unwrap();
+        claims["aud"] = json!("another-service");
+        let token = signed(hs256(), claims);
+        assert_eq!(verify(SECRET, &token), Err(AuthError::WrongAudience));
     }
 
     #[test]
@@ -524,7 +635,7 @@ mod tests {
             claims[claim] = json!(value);
             let token = signed(hs256(), claims);
             assert_eq!(
-                verify(SECRET, &token, NOW),
+                verify(SECRET, &token),
                 Err(AuthError::MissingClaim(claim)),
                 "{claim}={value:?}"
             );
@@ -533,10 +644,7 @@ mod tests {
             let mut claims = serde_json::to_value(staff()).unwrap();
             claims.as_object_mut().unwrap().remove(claim);
             let token = signed(hs256(), claims);
-            assert_eq!(
-                verify(SECRET, &token, NOW),
-                Err(AuthError::MissingClaim(claim))
-            );
+            assert_eq!(verify(SECRET, &token), Err(AuthError::MissingClaim(claim)));
         }
     }
 
@@ -546,7 +654,7 @@ mod tests {
         claims["role"] = json!("admin");
         let token = signed(hs256(), claims);
         assert_eq!(
-            verify(SECRET, &token, NOW),
+            verify(SECRET, &token),
             Err(AuthError::UnknownRole("admin".into()))
         );
     }
@@ -564,11 +672,20 @@ mod tests {
             }
             let token = signed(hs256(), claims);
             assert_eq!(
-                verify(SECRET, &token, NOW),
+                verify(SECRET, &token),
                 Err(AuthError::MissingCustomer),
                 "{customer:?}"
             );
         }
+    }
+
+    #[test]
+    fn an_empty_secret_verifies_nothing() {
+        let token = issue(SECRET, &staff());
+        assert!(matches!(
+            verify(b"", &token),
+            Err(AuthError::Unverifiable(_))
+        ));
     }
 
     #[test]
@@ -578,15 +695,5 @@ mod tests {
             assert_eq!(serde_json::to_value(role).unwrap(), json!(role.as_str()));
         }
         assert_eq!("Staff".parse::<Role>(), Err(ParseRoleError("Staff".into())));
-    }
-
-    #[test]
-    fn bearer_token_extracts_the_token() {
-        assert_eq!(bearer_token("Bearer abc.def.ghi"), Some("abc.def.ghi"));
-        assert_eq!(bearer_token("bearer   abc"), Some("abc"));
-        assert_eq!(bearer_token("Basic dXNlcjpwYXNz"), None);
-        assert_eq!(bearer_token("Bearer "), None);
-        assert_eq!(bearer_token("Bearer"), None);
-        assert_eq!(bearer_token(""), None);
     }
 }

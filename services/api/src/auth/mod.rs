@@ -40,19 +40,21 @@ impl Caller {
         } else {
             Err(ApiError::Forbidden(format!(
                 "the role {} may not use this endpoint",
-                role_name(self.role)
+                self.role
             )))
         }
     }
 }
 
-fn role_name(role: Role) -> &'static str {
-    match role {
-        Role::Staff => "staff",
-        Role::Customer => "customer",
-        Role::Auditor => "auditor",
-        Role::System => "system",
-    }
+/// The token of an `Authorization` header value of the `Bearer` scheme, or
+/// `None` for another scheme or no token. The scheme name is case-insensitive
+/// and is followed by whitespace (RFC 9110 section 11.1, RFC 6750 section 2.1).
+fn bearer_token(authorization: &str) -> Option<&str> {
+    let (scheme, token) = authorization
+        .trim()
+        .split_once(|c: char| c.is_ascii_whitespace())?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
 impl FromRequestParts<AppState> for Caller {
@@ -63,16 +65,14 @@ impl FromRequestParts<AppState> for Caller {
             .headers
             .get(axum::http::header::AUTHORIZATION)
             .ok_or_else(|| ApiError::Unauthorized("missing bearer token".into()))?;
-        let token = header
-            .to_str()
-            .ok()
-            .and_then(|value| value.strip_prefix("Bearer "))
-            .ok_or_else(|| {
-                ApiError::Unauthorized("the Authorization header must be `Bearer <token>`".into())
-            })?;
-        let now = chrono::Utc::now().timestamp();
-        let claims = jwt::verify(state.jwt_secret(), token.trim(), now)
-            .map_err(|error| ApiError::Unauthorized(format!("invalid token: {error}")))?;
+        let token = header.to_str().ok().and_then(bearer_token).ok_or_else(|| {
+            ApiError::Unauthorized("the Authorization header must be `Bearer <token>`".into())
+        })?;
+        let claims = jwt::verify(state.jwt_secret(), token).map_err(|error| {
+            // Every refusal answers the same 401; the log says which it was.
+            tracing::info!(%error, "refused a bearer token");
+            ApiError::Unauthorized(format!("invalid token: {error}"))
+        })?;
         let tenant = TenantId::parse(&claims.tenant)
             .map_err(|_| ApiError::Unauthorized("invalid token: malformed tenant claim".into()))?;
         let customer = match (claims.role, claims.customer.as_deref()) {
@@ -150,5 +150,32 @@ impl FromRequestParts<AppState> for PortalCustomer {
             ApiError::Unauthorized("a customer token needs a customer claim".into())
         })?;
         Ok(Self { caller, customer })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bearer_token;
+
+    #[test]
+    fn bearer_token_takes_the_scheme_in_any_case() {
+        for value in [
+            "Bearer abc.def.ghi",
+            "bearer abc.def.ghi",
+            "BEARER abc.def.ghi",
+            "bEaReR   abc.def.ghi ",
+            "Bearer\tabc.def.ghi",
+        ] {
+            assert_eq!(bearer_token(value), Some("abc.def.ghi"), "{value:?}");
+        }
+        for value in [
+            "Basic dXNlcjpwYXNz",
+            "Bearer ",
+            "Bearer",
+            "Bearerabc.def.ghi",
+            "",
+        ] {
+            assert_eq!(bearer_token(value), None, "{value:?}");
+        }
     }
 }
