@@ -50,9 +50,12 @@ pub mod vars {
     pub const BUNDLE_MAX_BYTES: &str = "DOSSIER_BUNDLE_MAX_BYTES";
     /// Key for sealing audit checkpoints.
     pub const CHECKPOINT_KEY: &str = "DOSSIER_CHECKPOINT_KEY";
+    /// How long an answer waits for the read models to show its own change, in
+    /// milliseconds (read your writes).
+    pub const FRESHNESS_TIMEOUT_MS: &str = "DOSSIER_FRESHNESS_TIMEOUT_MS";
 
     /// Every variable above, in the order of the contract.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 13] = [
         HTTP_ADDR,
         DATABASE_URL,
         AMQP_URL,
@@ -65,6 +68,7 @@ pub mod vars {
         BUNDLE_TTL_SECS,
         BUNDLE_MAX_BYTES,
         CHECKPOINT_KEY,
+        FRESHNESS_TIMEOUT_MS,
     ];
 }
 
@@ -82,6 +86,8 @@ pub const DEFAULT_S3_REGION: &str = "us-east-1";
 pub const DEFAULT_MAX_FILE_BYTES: u64 = 26_214_400;
 /// Default of `DOSSIER_BUNDLE_TTL_SECS`: one day.
 pub const DEFAULT_BUNDLE_TTL_SECS: u64 = 86_400;
+/// Default of `DOSSIER_FRESHNESS_TIMEOUT_MS`: ten seconds.
+pub const DEFAULT_FRESHNESS_TIMEOUT_MS: u64 = 10_000;
 /// Default of `DOSSIER_BUNDLE_MAX_BYTES`: 10 GiB.
 pub const DEFAULT_BUNDLE_MAX_BYTES: u64 = 10 * 1024 * 1024 * 1024;
 
@@ -467,6 +473,9 @@ pub struct Settings {
     pub checkpoint_key: Secret,
     /// True when `DOSSIER_CHECKPOINT_KEY` was unset and [`DEV_CHECKPOINT_KEY`] is in use.
     pub checkpoint_key_is_default: bool,
+    /// How long an answer waits for the read models to show its own change
+    /// (`DOSSIER_FRESHNESS_TIMEOUT_MS`); past it, the answer says the lists lag.
+    pub freshness_timeout: Duration,
 }
 
 impl Settings {
@@ -590,6 +599,11 @@ impl Settings {
             get(vars::BUNDLE_MAX_BYTES),
             DEFAULT_BUNDLE_MAX_BYTES,
         )?;
+        let freshness_timeout = Duration::from_millis(parse_positive(
+            vars::FRESHNESS_TIMEOUT_MS,
+            get(vars::FRESHNESS_TIMEOUT_MS),
+            DEFAULT_FRESHNESS_TIMEOUT_MS,
+        )?);
 
         Ok(Settings {
             http_addr,
@@ -606,6 +620,7 @@ impl Settings {
             bundle_max_bytes,
             checkpoint_key,
             checkpoint_key_is_default,
+            freshness_timeout,
         })
     }
 
@@ -678,6 +693,7 @@ impl fmt::Debug for Settings {
             .field("bundle_max_bytes", &self.bundle_max_bytes)
             .field("checkpoint_key", &self.checkpoint_key)
             .field("checkpoint_key_is_default", &self.checkpoint_key_is_default)
+            .field("freshness_timeout", &self.freshness_timeout)
             .finish()
     }
 }
