@@ -825,6 +825,7 @@ mod tests {
         assert_eq!(s.max_file_bytes, 26_214_400);
         assert!(s.roles.is_all());
         assert_eq!(s.bundle_ttl, Duration::from_secs(86_400));
+        assert_eq!(s.freshness_timeout, Duration::from_secs(10));
         assert_eq!(s.bundle_max_bytes, 10_737_418_240);
         assert_eq!(s.checkpoint_key.expose(), DEV_CHECKPOINT_KEY);
         assert!(s.checkpoint_key_is_default);
