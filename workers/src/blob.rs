@@ -13,11 +13,17 @@
 //!    `dossier.events` still cannot make it delete a blob the log does not name;
 //! 3. it removes the blob, retrying with capped backoff until the store says done
 //!    (an absent blob is done: removal is idempotent);
-//! 4. it records `FileCommand::RecordBlobPurged` on the file, retrying lost
-//!    optimistic-concurrency races. The aggregate records `BlobPurged` once; a
+//! 4. it records `FileCommand::RecordBlobPurged` on the file through the
+//!    application's command path (which retries lost optimistic-concurrency
+//!    races under its one policy). The aggregate records `BlobPurged` once; a
 //!    redelivered message records nothing;
 //! 5. only then does it ack. A crash anywhere before is a redelivery that repeats
 //!    the idempotent steps.
+//!
+//! Steps 2 to 4 are each tried at most [`BlobWorkerConfig::retry_attempts`]
+//! times within one delivery (pausing as [`BlobWorkerConfig::retry`] says);
+//! then the message goes back to the queue, and the broker's delivery limit
+//! bounds the whole.
 //!
 //! # Orphans
 //!
@@ -38,13 +44,12 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use cqrs_es::persist::PersistedEventStore;
-use cqrs_es::{AggregateError, CqrsFramework};
+use dossier_application::{AppError, CommandContext, Commands};
 use dossier_blobstore::{BlobError, BlobStore};
 use dossier_broker::{self, AmqpError, BLOB_QUEUE, Broker, ConsumerOptions, Incoming, Outcome};
-use dossier_domain::{BlobKey, File, FileCommand, FileEvent, FilePolicy, TenantId};
+use dossier_domain::{Actor, BlobKey, File, FileCommand, FileEvent, FilePolicy, TenantId};
 use dossier_eventlog::db::Pool;
-use dossier_eventlog::eventstore::{self, PgEventStore};
+use dossier_eventlog::eventstore::PgEventStore;
 use dossier_eventlog::log::LoggedEvent;
 use dossier_runtime::retry::Backoff;
 use dossier_runtime::shutdown::{sleep_or_stop, stopped};
@@ -80,6 +85,9 @@ pub struct BlobWorkerConfig {
     pub prefetch: u16,
     /// Between retries of a blob removal or a Postgres failure.
     pub retry: Backoff,
+    /// Tries of one step within one delivery, before the message goes back
+    /// to the queue.
+    pub retry_attempts: u32,
     /// How long handlers may finish at shutdown before their messages are requeued.
     pub drain_timeout: Duration,
     /// Pause before the first orphan sweep after start-up.
@@ -98,6 +106,7 @@ impl Default for BlobWorkerConfig {
                 initial: Duration::from_millis(500),
                 max: Duration::from_secs(60),
             },
+            retry_attempts: crate::DEFAULT_RETRY_ATTEMPTS,
             drain_timeout: Duration::from_secs(30),
             first_sweep_after: Duration::from_secs(60),
             sweep_interval: Duration::from_secs(60 * 60),
@@ -134,7 +143,10 @@ pub async fn run(
     let purger = Arc::new(Purger::new(
         pool.clone(),
         Arc::clone(&blobs),
-        config.retry,
+        crate::Retry {
+            backoff: config.retry,
+            attempts: config.retry_attempts,
+        },
         shutdown.clone(),
     ));
     let options = ConsumerOptions {
@@ -162,14 +174,12 @@ pub async fn run(
     }
 }
 
-type FileFramework = CqrsFramework<File, PersistedEventStore<PgEventStore, File>>;
-
 /// Handles `file.deleted` deliveries.
 struct Purger {
     pool: Pool,
     blobs: Arc<dyn BlobStore>,
-    files: FileFramework,
-    retry: Backoff,
+    commands: Commands,
+    retry: crate::Retry,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -186,18 +196,19 @@ impl Purger {
     fn new(
         pool: Pool,
         blobs: Arc<dyn BlobStore>,
-        retry: Backoff,
+        retry: crate::Retry,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
-        let files = CqrsFramework::new(
-            PersistedEventStore::new_event_store(PgEventStore::new(pool.clone())),
-            vec![],
+        // The worker answers nobody: no read model to wait for.
+        let commands = Commands::new(
+            PgEventStore::new(pool.clone()),
             FilePolicy::default(),
+            vec![],
         );
         Self {
             pool,
             blobs,
-            files,
+            commands,
             retry,
             shutdown,
         }
@@ -266,90 +277,67 @@ impl Purger {
 
     /// Records `RecordBlobPurged`; the aggregate makes it a no-op the second time.
     async fn record_purged(&self, deleted: &DeletedFile) -> Outcome {
-        let metadata = std::collections::HashMap::from([
-            (
-                eventstore::META_TENANT.to_owned(),
-                deleted.tenant.to_string(),
-            ),
-            (eventstore::META_ACTOR.to_owned(), ACTOR.to_owned()),
-            (
-                eventstore::META_COMMAND_ID.to_owned(),
-                format!("blob-purge:{}", deleted.event_id),
-            ),
-            (
-                eventstore::META_CORRELATION_ID.to_owned(),
-                deleted.event_id.to_string(),
-            ),
-        ]);
-        let mut stopping = self.shutdown.clone();
-        let mut failures = 0u32;
-        let mut conflicts = 0u32;
-        loop {
-            let command = FileCommand::RecordBlobPurged {
-                tenant: deleted.tenant.clone(),
-            };
-            let error = match self
-                .files
-                .execute_with_metadata(&deleted.file_id, command, metadata.clone())
-                .await
-            {
-                Ok(()) => {
-                    metrics::counter!("dossier_blob_purges_total").increment(1);
-                    tracing::info!(blob_key = %deleted.blob_key, "blob of a deleted file removed and recorded");
-                    return Outcome::Ack;
-                }
-                Err(AggregateError::AggregateConflict) => {
-                    // Someone appended to this file meanwhile (a second delivery of
-                    // the same message, usually): load it again and decide again.
-                    conflicts = conflicts.saturating_add(1);
-                    let pause = Backoff {
-                        initial: Duration::from_millis(5),
-                        max: Duration::from_millis(200),
+        let ctx = CommandContext::new(deleted.tenant.clone(), Actor::new(ACTOR))
+            .with_command_id(format!("blob-purge:{}", deleted.event_id))
+            .with_correlation_id(deleted.event_id.to_string());
+        let (ctx, commands) = (&ctx, &self.commands);
+        let recorded = self
+            .until_done(
+                "record",
+                "recording the purge (the blob is already gone)",
+                || async move {
+                    let command = FileCommand::RecordBlobPurged {
+                        tenant: deleted.tenant.clone(),
+                    };
+                    match commands
+                        .execute::<File>(ctx, &deleted.file_id, command, FilePolicy::default())
+                        .await
+                    {
+                        Ok(_) => Ok(Ok(())),
+                        // Another try may well work: the log was unavailable, the
+                        // outcome unknown (the record is idempotent), or the race
+                        // was lost past the command path's policy.
+                        Err(
+                            error @ (AppError::Unavailable(_)
+                            | AppError::OutcomeUnknown(_)
+                            | AppError::Conflict),
+                        ) => Err(error),
+                        Err(error) => Ok(Err(error)),
                     }
-                    .delay(conflicts.min(6));
-                    if sleep_or_stop(pause, &mut stopping).await {
-                        return Outcome::Retry;
-                    }
-                    continue;
-                }
-                Err(AggregateError::UserError(error)) => {
-                    metrics::counter!("dossier_worker_failures_total", "worker" => "blob", "reason" => "refused")
-                        .increment(1);
-                    tracing::error!(
-                        error = %error,
-                        "the file refuses the purge record although the log says it was deleted; \
-                         the blob is gone, dead-lettering the message for an operator"
-                    );
-                    return Outcome::Reject;
-                }
-                Err(AggregateError::DeserializationError(error)) => {
-                    metrics::counter!("dossier_worker_failures_total", "worker" => "blob", "reason" => "undecodable")
-                        .increment(1);
-                    tracing::error!(
-                        error = %error,
-                        "the file's stored events cannot be read; dead-lettering the message for an operator"
-                    );
-                    return Outcome::Reject;
-                }
-                Err(AggregateError::DatabaseConnectionError(error))
-                | Err(AggregateError::UnexpectedError(error)) => error.to_string(),
-            };
-            let delay = self.retry.delay(failures);
-            failures = failures.saturating_add(1);
-            metrics::counter!("dossier_worker_failures_total", "worker" => "blob", "reason" => "record")
-                .increment(1);
-            tracing::warn!(
-                error,
-                retry_in_ms = delay.as_millis() as u64,
-                "could not record the purge; retrying (the blob is already gone)"
-            );
-            if sleep_or_stop(delay, &mut stopping).await {
-                return Outcome::Retry;
+                },
+            )
+            .await;
+        match recorded {
+            None => Outcome::Retry,
+            Some(Ok(())) => {
+                metrics::counter!("dossier_blob_purges_total").increment(1);
+                tracing::info!(blob_key = %deleted.blob_key, "blob of a deleted file removed and recorded");
+                Outcome::Ack
+            }
+            Some(Err(AppError::Internal(detail))) => {
+                metrics::counter!("dossier_worker_failures_total", "worker" => "blob", "reason" => "undecodable")
+                    .increment(1);
+                tracing::error!(
+                    detail,
+                    "the file's stored events cannot be read; dead-lettering the message for an operator"
+                );
+                Outcome::Reject
+            }
+            Some(Err(error)) => {
+                metrics::counter!("dossier_worker_failures_total", "worker" => "blob", "reason" => "refused")
+                    .increment(1);
+                tracing::error!(
+                    error = %error,
+                    "the file refuses the purge record although the log says it was deleted; \
+                     the blob is gone, dead-lettering the message for an operator"
+                );
+                Outcome::Reject
             }
         }
     }
 
-    /// Runs `attempt` until it succeeds (see [`crate::retry_until_done`]).
+    /// Runs `attempt` until it succeeds, a bounded number of times (see
+    /// [`crate::retry_until_done`]).
     async fn until_done<T, E, F, Fut>(
         &self,
         reason: &'static str,
@@ -361,7 +349,7 @@ impl Purger {
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        crate::retry_until_done("blob", reason, doing, &self.retry, &self.shutdown, attempt).await
+        crate::retry_until_done("blob", reason, doing, self.retry, &self.shutdown, attempt).await
     }
 }
 
@@ -381,11 +369,10 @@ async fn lookup_deleted(
     let FileEvent::FileDeleted { blob_key, .. } = backed.event else {
         return Ok(Err(format!("event {event_id} decodes to another event")));
     };
-    let (tenant, aggregate_id) = (backed.tenant, backed.aggregate_id);
     Ok(Ok(DeletedFile {
         event_id,
-        tenant,
-        file_id: aggregate_id,
+        tenant: backed.tenant,
+        file_id: backed.aggregate_id,
         blob_key,
     }))
 }

@@ -124,15 +124,32 @@ pub(crate) async fn backed_event<E: serde::de::DeserializeOwned>(
 /// One helper for every crate: see [`dossier_eventlog::db::pg_detail`].
 pub(crate) use dossier_eventlog::db::pg_detail;
 
-/// Runs `attempt` until it succeeds, waiting `backoff` between failures and
-/// counting each in `dossier_worker_failures_total{worker, reason}`; `None`
-/// when shutdown comes first (the worker then hands its message back to the
-/// queue). For effects that must happen eventually: a purge, a recorded outcome.
+/// Tries of one step of a worker (a blob removal, reading the log, a recorded
+/// outcome) within one delivery. With the workers' default backoff (0.5 s
+/// doubling to 60 s) that is about four minutes; then the message goes back to
+/// the queue, and the broker's delivery limit bounds the whole.
+pub const DEFAULT_RETRY_ATTEMPTS: u32 = 10;
+
+/// How a worker retries a step that failed for a reason outside it (Postgres,
+/// the blob store): pauses from the one backoff policy, a bounded number of tries.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Retry {
+    pub backoff: dossier_runtime::retry::Backoff,
+    /// Tries in all, the first included.
+    pub attempts: u32,
+}
+
+/// Runs `attempt` until it succeeds, at most `retry.attempts` times, waiting
+/// `retry.backoff` between failures and counting each in
+/// `dossier_worker_failures_total{worker, reason}`. `None` when shutdown came
+/// first or every try failed: the worker then hands its message back to the
+/// queue, and a later delivery tries again. For effects that must happen
+/// eventually: a purge, a recorded outcome.
 pub(crate) async fn retry_until_done<T, E, F, Fut>(
     worker: &'static str,
     reason: &'static str,
     doing: &'static str,
-    backoff: &dossier_runtime::retry::Backoff,
+    retry: Retry,
     shutdown: &watch::Receiver<bool>,
     mut attempt: F,
 ) -> Option<T>
@@ -142,26 +159,34 @@ where
     Fut: std::future::Future<Output = Result<T, E>>,
 {
     let mut stopping = shutdown.clone();
-    let mut failures = 0u32;
-    loop {
-        match attempt().await {
+    let attempts = retry.attempts.max(1);
+    for failures in 0..attempts {
+        let error = match attempt().await {
             Ok(value) => return Some(value),
-            Err(error) => {
-                let delay = backoff.delay(failures);
-                failures = failures.saturating_add(1);
-                metrics::counter!("dossier_worker_failures_total", "worker" => worker, "reason" => reason)
-                    .increment(1);
-                tracing::warn!(
-                    worker,
-                    error = %error,
-                    attempt = failures,
-                    retry_in_ms = delay.as_millis() as u64,
-                    "{doing} failed; retrying until it works"
-                );
-                if dossier_runtime::shutdown::sleep_or_stop(delay, &mut stopping).await {
-                    return None;
-                }
-            }
+            Err(error) => error,
+        };
+        metrics::counter!("dossier_worker_failures_total", "worker" => worker, "reason" => reason)
+            .increment(1);
+        if failures + 1 == attempts {
+            tracing::warn!(
+                worker,
+                error = %error,
+                attempts,
+                "{doing} failed every time; the message goes back to the queue"
+            );
+            return None;
+        }
+        let delay = retry.backoff.delay(failures);
+        tracing::warn!(
+            worker,
+            error = %error,
+            attempt = failures + 1,
+            retry_in_ms = delay.as_millis() as u64,
+            "{doing} failed; retrying"
+        );
+        if dossier_runtime::shutdown::sleep_or_stop(delay, &mut stopping).await {
+            return None;
         }
     }
+    None
 }

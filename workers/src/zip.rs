@@ -44,24 +44,24 @@
 
 pub mod archive;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use cqrs_es::EventStore as _;
 use cqrs_es::persist::PersistedEventStore;
-use cqrs_es::{AggregateError, CqrsFramework, EventStore as _};
+use dossier_application::{AppError, CommandContext, Commands};
 use dossier_blobstore::BlobStore;
 use dossier_broker::{
     self, AmqpError, Broker, ConsumerOptions, DELIVERY_LIMIT, Incoming, Outcome, ZIP_QUEUE,
 };
 use dossier_domain::naming::{ZipEntryNames, download_name};
 use dossier_domain::{
-    BlobKey, Bundle, BundleArchive, BundleCommand, BundleError, BundleEvent, BundleFile,
-    BundlePolicy, BundleStatus, EntryCompression, FileId, TenantId,
+    Actor, BlobKey, Bundle, BundleArchive, BundleCommand, BundleEvent, BundleFile, BundlePolicy,
+    BundleStatus, EntryCompression, FileId, FilePolicy, TenantId,
 };
 use dossier_eventlog::db::Pool;
-use dossier_eventlog::eventstore::{self, PgEventStore};
+use dossier_eventlog::eventstore::PgEventStore;
 use dossier_eventlog::log::LoggedEvent;
 use dossier_projections::bundles;
 use dossier_projections::files::{self, FileView};
@@ -96,6 +96,9 @@ pub struct ZipWorkerConfig {
     pub prefetch: u16,
     /// Between retries of a blob store or Postgres failure.
     pub retry: Backoff,
+    /// Tries of one step within one delivery, before the message goes back
+    /// to the queue.
+    pub retry_attempts: u32,
     /// How long a build may finish at shutdown before its message is requeued.
     pub drain_timeout: Duration,
     /// How long a ready or failed bundle is kept (`DOSSIER_BUNDLE_TTL_SECS`).
@@ -116,6 +119,7 @@ impl ZipWorkerConfig {
                 initial: Duration::from_millis(500),
                 max: Duration::from_secs(60),
             },
+            retry_attempts: crate::DEFAULT_RETRY_ATTEMPTS,
             drain_timeout: Duration::from_secs(30),
             bundle_ttl,
             progress_interval: Duration::from_secs(1),
@@ -184,13 +188,12 @@ pub async fn run(
     }
 }
 
-type BundleFramework = CqrsFramework<Bundle, PersistedEventStore<PgEventStore, Bundle>>;
-
 /// Handles `bundle.requested` deliveries and expires bundles.
 struct Zipper {
     pool: Pool,
     blobs: Arc<dyn BlobStore>,
-    bundles: BundleFramework,
+    /// The worker answers nobody: no read model to wait for.
+    commands: Commands,
     store: PersistedEventStore<PgEventStore, Bundle>,
     config: ZipWorkerConfig,
     shutdown: watch::Receiver<bool>,
@@ -208,9 +211,11 @@ struct Requested {
 /// How recording a command ended.
 enum Recorded {
     Done,
-    Refused(BundleError),
-    /// Shutdown came first; nothing may have been recorded.
-    Stopped,
+    /// The bundle refused it (it finished otherwise meanwhile).
+    Refused(AppError),
+    /// Shutdown came first, or every try failed; it may or may not have been
+    /// recorded: the message goes back to the queue.
+    NotYet,
 }
 
 /// Why a build did not produce an archive.
@@ -230,14 +235,12 @@ impl Zipper {
         config: ZipWorkerConfig,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
-        let store = || PersistedEventStore::new_event_store(PgEventStore::new(pool.clone()));
-        // Policy limits only matter for requests, which the worker never makes.
-        let bundles = CqrsFramework::new(store(), vec![], BundlePolicy::default());
+        let store = PgEventStore::new(pool.clone());
         Self {
-            store: store(),
+            commands: Commands::new(store.clone(), FilePolicy::default(), vec![]),
+            store: PersistedEventStore::new_event_store(store),
             pool,
             blobs,
-            bundles,
             config,
             shutdown,
         }
@@ -403,22 +406,29 @@ impl Zipper {
             tenant: request.tenant.clone(),
             files_done,
         };
-        let metadata = metadata(&request.tenant, Some(request.event_id), "progress");
-        let id = request.bundle_id.to_string();
-        for _ in 0..5 {
-            match self
-                .bundles
-                .execute_with_metadata(&id, command.clone(), metadata.clone())
-                .await
-            {
-                Ok(()) => return,
-                Err(AggregateError::AggregateConflict) => continue,
-                Err(error) => {
-                    tracing::debug!(error = %error, files_done, "could not record progress; going on");
-                    return;
-                }
-            }
+        let ctx = context(&request.tenant, Some(request.event_id), "progress");
+        if let Err(error) = self.execute(&ctx, request.bundle_id, command).await {
+            tracing::debug!(error = %error, files_done, "could not record progress; going on");
         }
+    }
+
+    /// Runs a command on a bundle through the application's command path.
+    async fn execute(
+        &self,
+        ctx: &CommandContext,
+        bundle_id: Uuid,
+        command: BundleCommand,
+    ) -> Result<(), AppError> {
+        // Policy limits only matter for requests, which the worker never makes.
+        self.commands
+            .execute::<Bundle>(
+                ctx,
+                &bundle_id.to_string(),
+                command,
+                BundlePolicy::default(),
+            )
+            .await
+            .map(drop)
     }
 
     async fn finish_ready(
@@ -443,7 +453,7 @@ impl Zipper {
             .record(
                 request,
                 command,
-                metadata(&request.tenant, Some(request.event_id), "ready"),
+                context(&request.tenant, Some(request.event_id), "ready"),
             )
             .await
         {
@@ -471,7 +481,7 @@ impl Zipper {
                     }
                 }
             }
-            Recorded::Stopped => Outcome::Retry,
+            Recorded::NotYet => Outcome::Retry,
         }
     }
 
@@ -488,7 +498,7 @@ impl Zipper {
             .record(
                 request,
                 command,
-                metadata(&request.tenant, Some(request.event_id), "failed"),
+                context(&request.tenant, Some(request.event_id), "failed"),
             )
             .await
         {
@@ -500,7 +510,7 @@ impl Zipper {
                 tracing::info!(error = %error, "the bundle finished otherwise; nothing to record");
                 Outcome::Ack
             }
-            Recorded::Stopped => Outcome::Retry,
+            Recorded::NotYet => Outcome::Retry,
         }
     }
 
@@ -508,43 +518,37 @@ impl Zipper {
         chrono::Duration::from_std(self.config.bundle_ttl).unwrap_or(chrono::Duration::MAX)
     }
 
-    /// Records `command`, retrying lost races and Postgres failures until done or
-    /// shutdown; a refusal by the aggregate is an answer, not a failure.
+    /// Records `command`, retrying Postgres failures a bounded number of times
+    /// (the command path retries lost races itself); a refusal by the
+    /// aggregate is an answer, not a failure.
     async fn record(
         &self,
         request: &Requested,
         command: BundleCommand,
-        metadata: HashMap<String, String>,
+        ctx: CommandContext,
     ) -> Recorded {
-        let id = request.bundle_id.to_string();
-        let mut stopping = self.shutdown.clone();
-        let mut failures = 0u32;
-        loop {
-            let error = match self
-                .bundles
-                .execute_with_metadata(&id, command.clone(), metadata.clone())
-                .await
-            {
-                Ok(()) => return Recorded::Done,
-                Err(AggregateError::UserError(error)) => return Recorded::Refused(error),
-                Err(AggregateError::AggregateConflict) => continue,
-                Err(error) => error,
-            };
-            let delay = self.config.retry.delay(failures);
-            failures = failures.saturating_add(1);
-            failure("record");
-            tracing::warn!(
-                error = %error,
-                retry_in_ms = delay.as_millis() as u64,
-                "recording the bundle's outcome failed; retrying until it works"
-            );
-            if sleep_or_stop(delay, &mut stopping).await {
-                return Recorded::Stopped;
-            }
+        let ctx = &ctx;
+        let command = &command;
+        let outcome = self
+            .until_done("record", "recording the bundle's outcome", || async move {
+                match self.execute(ctx, request.bundle_id, command.clone()).await {
+                    Ok(()) => Ok(Ok(())),
+                    Err(error) if error.is_transient() || matches!(error, AppError::Conflict) => {
+                        Err(error)
+                    }
+                    Err(refused) => Ok(Err(refused)),
+                }
+            })
+            .await;
+        match outcome {
+            Some(Ok(())) => Recorded::Done,
+            Some(Err(refused)) => Recorded::Refused(refused),
+            None => Recorded::NotYet,
         }
     }
 
-    /// Runs `attempt` until it succeeds (see [`crate::retry_until_done`]).
+    /// Runs `attempt` until it succeeds, a bounded number of times (see
+    /// [`crate::retry_until_done`]).
     async fn until_done<T, E, F, Fut>(
         &self,
         reason: &'static str,
@@ -560,7 +564,10 @@ impl Zipper {
             "zip",
             reason,
             doing,
-            &self.config.retry,
+            crate::Retry {
+                backoff: self.config.retry,
+                attempts: self.config.retry_attempts,
+            },
             &self.shutdown,
             attempt,
         )
@@ -573,24 +580,15 @@ fn failure(reason: &'static str) {
         .increment(1);
 }
 
-/// The metadata of the worker's commands; `request` (the BundleRequested event's
+/// Who the worker's commands come from; `request` (the BundleRequested event's
 /// id) ties them to the request they answer.
-fn metadata(tenant: &TenantId, request: Option<Uuid>, step: &str) -> HashMap<String, String> {
-    let mut metadata = HashMap::from([
-        (eventstore::META_TENANT.to_owned(), tenant.to_string()),
-        (eventstore::META_ACTOR.to_owned(), ACTOR.to_owned()),
-        (
-            eventstore::META_COMMAND_ID.to_owned(),
-            format!("zip-{step}:{}", Uuid::now_v7()),
-        ),
-    ]);
-    if let Some(request) = request {
-        metadata.insert(
-            eventstore::META_CORRELATION_ID.to_owned(),
-            request.to_string(),
-        );
+fn context(tenant: &TenantId, request: Option<Uuid>, step: &str) -> CommandContext {
+    let ctx = CommandContext::new(tenant.clone(), Actor::new(ACTOR))
+        .with_command_id(format!("zip-{step}:{}", Uuid::now_v7()));
+    match request {
+        Some(request) => ctx.with_correlation_id(request.to_string()),
+        None => ctx,
     }
-    metadata
 }
 
 /// How often the broker delivered this message before (quorum queues count it in
@@ -760,26 +758,18 @@ impl Zipper {
             tenant: bundle.tenant.clone(),
             at: now,
         };
-        let metadata = metadata(&bundle.tenant, None, "expire");
-        let id = bundle.id.to_string();
-        for _ in 0..5 {
-            match self
-                .bundles
-                .execute_with_metadata(&id, command.clone(), metadata.clone())
-                .await
-            {
-                Ok(()) => {
-                    tracing::info!(bundle_id = %bundle.id, tenant = %bundle.tenant, "bundle expired; its archive is removed");
-                    return true;
-                }
-                Err(AggregateError::AggregateConflict) => continue,
-                Err(error) => {
-                    tracing::warn!(bundle_id = %bundle.id, error = %error, "could not record a bundle's expiry");
-                    return false;
-                }
+        let ctx = context(&bundle.tenant, None, "expire");
+        match self.execute(&ctx, bundle.id, command).await {
+            Ok(()) => {
+                tracing::info!(bundle_id = %bundle.id, tenant = %bundle.tenant, "bundle expired; its archive is removed");
+                true
+            }
+            // The next sweep tries again.
+            Err(error) => {
+                tracing::warn!(bundle_id = %bundle.id, error = %error, "could not record a bundle's expiry");
+                false
             }
         }
-        false
     }
 }
 

@@ -15,14 +15,15 @@ use std::sync::Arc;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use cqrs_es::Aggregate;
-use dossier_blobstore::{BlobStore, ByteStream};
+use dossier_application::{Accepted, AppError, CommandContext, Commands, Recording, Uploads};
+use dossier_blobstore::ByteStream;
 use dossier_broker::{
     self, Broker, COMMANDS_DEAD_QUEUE, ConfirmedPublisher, DEAD_LETTER_EXCHANGE, INTAKE_QUEUE,
     Incoming, Outcome,
 };
 use dossier_domain::{
     Actor, BlobKey, ContentType, ContractId, CustomerId, DisplayName, File, FileCommand, FileId,
-    FileName, Origin, Task, TaskCommand, TaskTitle, TenantId, UploadFile, Visibility,
+    FileName, Origin, Task, TaskCommand, TaskTitle, TenantId, Visibility,
 };
 use dossier_eventlog::db::Pool;
 use dossier_eventlog::receipts::{self, Receipt};
@@ -32,9 +33,6 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{Mutex, watch};
 use uuid::Uuid;
-
-use crate::commands::{CommandContext, CommandError, Commands};
-use crate::error::ApiError;
 
 /// Messages handled at once (and prefetched) by one intake.
 const PREFETCH: u16 = 16;
@@ -60,10 +58,10 @@ enum Poison {
     NotJson(String),
 }
 
-/// What the intake needs: the command path, the blob store and a publisher.
+/// What the intake needs: the command path, the upload path and a publisher.
 pub struct Intake {
     pool: Pool,
-    blobs: Arc<dyn BlobStore>,
+    uploads: Arc<Uploads>,
     commands: Arc<Commands>,
     broker: Broker,
     max_file_bytes: u64,
@@ -74,7 +72,7 @@ pub struct Intake {
 impl Intake {
     pub fn new(
         pool: Pool,
-        blobs: Arc<dyn BlobStore>,
+        uploads: Arc<Uploads>,
         commands: Arc<Commands>,
         broker: Broker,
         max_file_bytes: u64,
@@ -82,7 +80,7 @@ impl Intake {
     ) -> Arc<Self> {
         Arc::new(Self {
             pool,
-            blobs,
+            uploads,
             commands,
             broker,
             max_file_bytes,
@@ -156,7 +154,7 @@ impl Intake {
                     Ok(value) => value,
                     Err(error) => {
                         return self
-                            .settle(envelope, Ran::Refused(ApiError::from(error)))
+                            .settle(envelope, Ran::Refused(AppError::from(error)))
                             .await
                     }
                 }
@@ -223,7 +221,9 @@ impl Intake {
         self.settle(envelope, ran).await
     }
 
-    /// `file.upload`: the body is the file; the headers are the form.
+    /// `file.upload`: the body is the file; the headers are the form. The
+    /// bytes and the command go the one upload path, which also decides what
+    /// becomes of the blob if the command fails.
     async fn upload(&self, ctx: &CommandContext, message: &mut Incoming) -> Result<Ran, Failure> {
         let form = match UploadHeaders::read(message) {
             Ok(form) => form,
@@ -231,7 +231,7 @@ impl Intake {
         };
         if message.body.len() as u64 > self.max_file_bytes {
             // Refused before anything is stored.
-            return Ok(Ran::Refused(ApiError::FileTooLarge {
+            return Ok(Ran::Refused(AppError::FileTooLarge {
                 limit: self.max_file_bytes,
             }));
         }
@@ -241,43 +241,44 @@ impl Intake {
         // its parts out of it.
         let chunk = Bytes::from(std::mem::take(&mut message.body));
         let body: ByteStream = Box::pin(futures::stream::once(async move { Ok(chunk) }));
-        let stored = match self.blobs.put(&key, body, self.max_file_bytes).await {
+        let stored = match self
+            .uploads
+            .store(
+                key,
+                form.file_name,
+                form.content_type,
+                body,
+                self.max_file_bytes,
+            )
+            .await
+        {
             Ok(stored) => stored,
-            Err(error) => return Ok(Ran::Refused(ApiError::from(error))),
+            Err(error) => return Ok(Ran::Refused(error)),
         };
-        let sha256 = dossier_domain::Sha256Hex::parse(&stored.sha256)
-            .map_err(|_| Failure::Transient("the blob store returned a malformed digest".into()))?;
-        let command = FileCommand::Upload(Box::new(UploadFile {
+        let recording = Recording {
             tenant: ctx.tenant.clone(),
             file_id,
             customer_id: form.customer_id,
             name: form.name,
-            file_name: form.file_name,
-            content_type: form.content_type,
-            size: stored.size,
-            sha256,
-            blob_key: key.clone(),
             visibility: form.visibility,
             origin: form.origin,
             contract_id: form.contract_id,
             task_id: None,
-            at: Utc::now(),
-        }));
-        let outcome = self.commands.file(ctx, file_id, command).await;
-        if outcome.is_err() {
-            // Refused, or a concurrent delivery of the same message won: this
-            // blob has no event and must not stay.
-            if let Err(error) = self.blobs.delete(&key).await {
-                tracing::warn!(%key, %error, "could not remove the blob of a refused upload; the orphan sweep will");
-            }
-        }
+        };
+        let outcome = self
+            .uploads
+            .record(ctx, stored, recording)
+            .await
+            .map(|recorded| Accepted {
+                position: recorded.position,
+            });
         Ok(Ran::from_command(File::TYPE, file_id.to_string(), outcome))
     }
 
     async fn file_command(&self, ctx: &CommandContext, raw_id: &str, command: FileCommand) -> Ran {
         // An id that is not a UUID names no file.
         let Ok(file_id) = FileId::parse(raw_id) else {
-            return Ran::Refused(ApiError::NotFound);
+            return Ran::Refused(AppError::NotFound);
         };
         let outcome = self.commands.file(ctx, file_id, command).await;
         Ran::from_command(File::TYPE, file_id.to_string(), outcome)
@@ -309,9 +310,13 @@ impl Intake {
                     Err(error) => Err(Failure::Transient(error.to_string())),
                 };
             }
-            // A backing service is down: nothing was recorded; try again later.
-            Ran::Refused(ApiError::Unavailable(detail) | ApiError::Internal(detail)) => {
-                return Err(Failure::Transient(detail));
+            // A backing service failed (the command may or may not have been
+            // recorded): the message goes back to the queue, and its
+            // redelivery finds the receipt if it was.
+            Ran::Refused(error) if error.is_transient() => {
+                return Err(Failure::Transient(
+                    error.detail().unwrap_or_default().to_owned(),
+                ));
             }
             Ran::Refused(error) => Receipt::Rejected {
                 code: error.code().to_owned(),
@@ -441,7 +446,7 @@ enum Ran {
         aggregate_id: String,
         position: i64,
     },
-    Refused(ApiError),
+    Refused(AppError),
     Duplicate,
 }
 
@@ -449,7 +454,7 @@ impl Ran {
     fn from_command(
         aggregate_type: &'static str,
         aggregate_id: String,
-        outcome: Result<crate::commands::Accepted, CommandError>,
+        outcome: Result<Accepted, AppError>,
     ) -> Self {
         match outcome {
             Ok(accepted) => Self::Accepted {
@@ -457,8 +462,8 @@ impl Ran {
                 aggregate_id,
                 position: accepted.position,
             },
-            Err(CommandError::Duplicate) => Self::Duplicate,
-            Err(error) => Self::Refused(error.into()),
+            Err(AppError::Duplicate) => Self::Duplicate,
+            Err(error) => Self::Refused(error),
         }
     }
 }
@@ -506,22 +511,22 @@ impl Envelope {
     }
 
     fn context(&self) -> CommandContext {
-        CommandContext {
-            tenant: self.tenant.clone(),
-            actor: self.actor.clone(),
-            correlation_id: self.correlation_id.clone(),
-            idempotency_key: Some(self.key.clone()),
+        let ctx = CommandContext::new(self.tenant.clone(), self.actor.clone())
+            .with_idempotency_key(self.key.clone());
+        match &self.correlation_id {
+            Some(correlation_id) => ctx.with_correlation_id(correlation_id.clone()),
+            None => ctx,
         }
     }
 }
 
 /// A JSON body: unreadable JSON is poison (dead-lettered); well-formed JSON
 /// with a missing or malformed field is a `validation_failed` answer.
-fn json_body<T: DeserializeOwned>(body: &[u8]) -> Result<Result<T, ApiError>, Failure> {
+fn json_body<T: DeserializeOwned>(body: &[u8]) -> Result<Result<T, AppError>, Failure> {
     match serde_json::from_slice::<T>(body) {
         Ok(value) => Ok(Ok(value)),
         Err(error) if error.classify() == serde_json::error::Category::Data => {
-            Ok(Err(ApiError::validation("body", error.to_string())))
+            Ok(Err(AppError::validation("body", error.to_string())))
         }
         Err(error) => Err(Failure::Poison(Poison::NotJson(error.to_string()))),
     }
@@ -577,11 +582,11 @@ struct UploadHeaders {
 }
 
 impl UploadHeaders {
-    fn read(message: &Incoming) -> Result<Self, ApiError> {
+    fn read(message: &Incoming) -> Result<Self, AppError> {
         let required = |name: &'static str| {
             message
                 .header_str(name)
-                .ok_or_else(|| ApiError::validation(name, "header is required"))
+                .ok_or_else(|| AppError::validation(name, "header is required"))
         };
         Ok(Self {
             customer_id: CustomerId::parse(&required("customer_id")?)?,

@@ -2,7 +2,8 @@
 //! edges share, and the wiring that runs every role of one process.
 
 pub mod auth;
-pub mod commands;
+/// The command path lives in the application layer; the edge uses it from here.
+pub use dossier_application::commands;
 pub mod error;
 pub mod http;
 pub mod intake;

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use dossier_application::{Commands, Uploads};
 use dossier_blobstore::{self as blob, BlobStore, BlobStoreSpec, S3Options};
 use dossier_broker::{Broker, BrokerOptions};
 use dossier_domain::{FilePolicy, MaxFileBytes};
@@ -28,7 +29,6 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::commands::Commands;
 use crate::intake::Intake;
 use crate::state::{AppState, Inner};
 
@@ -173,11 +173,11 @@ impl Application {
 
         let store = PgEventStore::new(pool.clone());
         let max_file_bytes = MaxFileBytes(settings.max_file_bytes);
-        let commands = Arc::new(Commands::new(
-            store,
-            FilePolicy { max_file_bytes },
-            freshness,
-        ));
+        let commands = Arc::new(
+            Commands::new(store, FilePolicy { max_file_bytes }, freshness)
+                .with_freshness_timeout(settings.freshness_timeout),
+        );
+        let uploads = Arc::new(Uploads::new(pool.clone(), blobs.clone(), commands.clone()));
         // Only roles that talk to RabbitMQ connect to it: an API-only node keeps
         // taking commands (they wait in the log) while the broker is down.
         let needs_broker = [Component::Intake, Component::Relay, Component::Workers]
@@ -196,6 +196,7 @@ impl Application {
             pool: pool.clone(),
             blobs,
             commands,
+            uploads,
             jwt_secret: settings.jwt_secret.expose_bytes().to_vec(),
             max_file_bytes,
             bundle_policy: dossier_domain::BundlePolicy {
@@ -284,7 +285,7 @@ impl Application {
             if settings.components.contains(Component::Intake) {
                 let intake = Intake::new(
                     pool.clone(),
-                    state.blobs().clone(),
+                    state.uploads().clone(),
                     state.commands_arc(),
                     broker.clone(),
                     settings.max_file_bytes,

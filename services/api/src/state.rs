@@ -1,5 +1,5 @@
 //! What every request handler shares: the pool, the blob store, the command
-//! path and the settings that shape answers.
+//! path, the upload path and the settings that shape answers.
 
 use std::sync::Arc;
 
@@ -9,7 +9,7 @@ use dossier_domain::MaxFileBytes;
 use dossier_eventlog::db::Pool;
 use metrics_exporter_prometheus::PrometheusHandle;
 
-use crate::commands::Commands;
+use dossier_application::{Commands, Uploads};
 
 #[derive(Clone)]
 pub struct AppState(Arc<Inner>);
@@ -18,6 +18,8 @@ pub struct Inner {
     pub pool: Pool,
     pub blobs: Arc<dyn BlobStore>,
     pub commands: Arc<Commands>,
+    /// Store the bytes, then record them: shared with the AMQP intake.
+    pub uploads: Arc<Uploads>,
     pub jwt_secret: Vec<u8>,
     pub max_file_bytes: MaxFileBytes,
     /// The limits of one bundle (`DOSSIER_BUNDLE_MAX_BYTES`, at most 1000 files).
@@ -47,6 +49,11 @@ impl AppState {
     /// The command path, shared with the AMQP intake.
     pub fn commands_arc(&self) -> Arc<Commands> {
         self.0.commands.clone()
+    }
+
+    /// The upload path, shared with the AMQP intake.
+    pub fn uploads(&self) -> &Arc<Uploads> {
+        &self.0.uploads
     }
 
     pub fn jwt_secret(&self) -> &[u8] {

@@ -60,9 +60,12 @@ pub mod vars {
     pub const BUNDLE_MAX_BYTES: &str = "DOSSIER_BUNDLE_MAX_BYTES";
     /// Key for sealing audit checkpoints.
     pub const CHECKPOINT_KEY: &str = "DOSSIER_CHECKPOINT_KEY";
+    /// How long an answer waits for the read models to show its own change, in
+    /// milliseconds (read your writes).
+    pub const FRESHNESS_TIMEOUT_MS: &str = "DOSSIER_FRESHNESS_TIMEOUT_MS";
 
     /// Every variable above, in the order of the contract.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 13] = [
         HTTP_ADDR,
         DATABASE_URL,
         AMQP_URL,
@@ -75,6 +78,7 @@ pub mod vars {
         BUNDLE_TTL_SECS,
         BUNDLE_MAX_BYTES,
         CHECKPOINT_KEY,
+        FRESHNESS_TIMEOUT_MS,
     ];
 }
 
@@ -92,6 +96,8 @@ pub const DEFAULT_S3_REGION: &str = "us-east-1";
 pub const DEFAULT_MAX_FILE_BYTES: u64 = 26_214_400;
 /// Default of `DOSSIER_BUNDLE_TTL_SECS`: one day.
 pub const DEFAULT_BUNDLE_TTL_SECS: u64 = 86_400;
+/// Default of `DOSSIER_FRESHNESS_TIMEOUT_MS`: ten seconds.
+pub const DEFAULT_FRESHNESS_TIMEOUT_MS: u64 = 10_000;
 /// Default of `DOSSIER_BUNDLE_MAX_BYTES`: 10 GiB.
 pub const DEFAULT_BUNDLE_MAX_BYTES: u64 = 10 * 1024 * 1024 * 1024;
 
@@ -157,6 +163,10 @@ pub struct Settings {
     /// [`DEV_CHECKPOINT_KEY`] when unset.
     #[arg(long, env = vars::CHECKPOINT_KEY, default_value = DEV_CHECKPOINT_KEY, hide_default_value = true, hide_env_values = true)]
     pub checkpoint_key: Secret,
+    /// How long an answer waits for the read models to show its own change
+    /// (`DOSSIER_FRESHNESS_TIMEOUT_MS`); past it, the answer says the lists lag.
+    #[arg(long = "freshness-timeout-ms", env = vars::FRESHNESS_TIMEOUT_MS, default_value = "10000", value_parser = millis)]
+    pub freshness_timeout: Duration,
 }
 
 impl Settings {
@@ -299,6 +309,7 @@ impl fmt::Debug for Settings {
             .field("bundle_ttl", &self.bundle_ttl)
             .field("bundle_max_bytes", &self.bundle_max_bytes)
             .field("checkpoint_key", &self.checkpoint_key)
+            .field("freshness_timeout", &self.freshness_timeout)
             .finish()
     }
 }
@@ -866,6 +877,10 @@ fn seconds(value: &str) -> Result<Duration, String> {
     positive(value).map(Duration::from_secs)
 }
 
+fn millis(value: &str) -> Result<Duration, String> {
+    positive(value).map(Duration::from_millis)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -905,6 +920,7 @@ mod tests {
         assert_eq!(s.bundle_ttl, Duration::from_secs(86_400));
         assert_eq!(s.bundle_ttl.as_secs(), DEFAULT_BUNDLE_TTL_SECS);
         assert_eq!(s.bundle_max_bytes, 10_737_418_240);
+        assert_eq!(s.freshness_timeout, Duration::from_secs(10));
         assert_eq!(s.checkpoint_key.expose(), DEV_CHECKPOINT_KEY);
         assert!(s.checkpoint_key_is_default());
     }

@@ -12,7 +12,7 @@ pub mod jwt;
 use jwt::Role;
 
 use crate::commands::CommandContext;
-use crate::error::ApiError;
+use crate::error::{ApiError, AppError};
 use crate::state::AppState;
 
 /// The verified caller of a request.
@@ -38,10 +38,10 @@ impl Caller {
         if allowed.contains(&self.role) {
             Ok(self)
         } else {
-            Err(ApiError::Forbidden(format!(
+            Err(ApiError(AppError::Forbidden(format!(
                 "the role {} may not use this endpoint",
                 self.role
-            )))
+            ))))
         }
     }
 }
@@ -64,25 +64,27 @@ impl FromRequestParts<AppState> for Caller {
         let header = parts
             .headers
             .get(axum::http::header::AUTHORIZATION)
-            .ok_or_else(|| ApiError::Unauthorized("missing bearer token".into()))?;
+            .ok_or_else(|| ApiError(AppError::Unauthorized("missing bearer token".into())))?;
         let token = header.to_str().ok().and_then(bearer_token).ok_or_else(|| {
-            ApiError::Unauthorized("the Authorization header must be `Bearer <token>`".into())
+            ApiError(AppError::Unauthorized("the Authorization header must be `Bearer <token>`".into()))
         })?;
         let claims = jwt::verify(state.jwt_secret(), token).map_err(|error| {
             // Every refusal answers the same 401; the log says which it was.
             tracing::info!(%error, "refused a bearer token");
-            ApiError::Unauthorized(format!("invalid token: {error}"))
+            ApiError(AppError::Unauthorized(format!("invalid token: {error}")))
         })?;
         let tenant = TenantId::parse(&claims.tenant)
-            .map_err(|_| ApiError::Unauthorized("invalid token: malformed tenant claim".into()))?;
+            .map_err(|_| ApiError(AppError::Unauthorized("invalid token: malformed tenant claim".into())))?;
         let customer = match (claims.role, claims.customer.as_deref()) {
             (Role::Customer, Some(raw)) => Some(CustomerId::parse(raw).map_err(|_| {
-                ApiError::Unauthorized("invalid token: malformed customer claim".into())
+                ApiError(AppError::Unauthorized(
+                    "invalid token: malformed customer claim".into(),
+                ))
             })?),
             (Role::Customer, None) => {
-                return Err(ApiError::Unauthorized(
+                return Err(ApiError(AppError::Unauthorized(
                     "invalid token: a customer token needs a customer claim".into(),
-                ));
+                )));
             }
             _ => None,
         };
@@ -147,7 +149,9 @@ impl FromRequestParts<AppState> for PortalCustomer {
             .await?
             .require(&[Role::Customer])?;
         let customer = caller.customer.clone().ok_or_else(|| {
-            ApiError::Unauthorized("a customer token needs a customer claim".into())
+            ApiError(AppError::Unauthorized(
+                "a customer token needs a customer claim".into(),
+            ))
         })?;
         Ok(Self { caller, customer })
     }

@@ -12,7 +12,7 @@ use dossier_workers::audit::{self, AuditEntry, AuditFilter};
 use serde::Serialize;
 
 use crate::auth::StaffOrAuditor;
-use crate::error::ApiError;
+use crate::error::{ApiError, AppError};
 use crate::http::params::QueryPairs;
 use crate::state::AppState;
 
@@ -95,10 +95,10 @@ pub async fn list_audit(
     let tenant = caller.tenant.as_str();
     audit::wait_until_complete(app.pool(), tenant, FRESHNESS_TIMEOUT)
         .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        .map_err(|e| ApiError(AppError::Unavailable(e.to_string())))?;
     let page = audit::query(app.pool(), tenant, &filter)
         .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        .map_err(|e| ApiError(AppError::Unavailable(e.to_string())))?;
     Ok(Json(AuditPage {
         items: page.items.into_iter().map(AuditItem::from).collect(),
         next_cursor: page.next_cursor,

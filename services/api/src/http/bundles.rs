@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::auth::Staff;
-use crate::error::ApiError;
+use crate::error::{ApiError, AppError};
 use crate::http::download;
 use crate::http::params::JsonBody;
 use crate::state::AppState;
@@ -139,7 +139,7 @@ pub async fn request_bundle(
     let ids = file_ids(&body.file_ids, policy.max_files)?;
     let found = files::get_many(app.pool(), &caller.tenant, &ids)
         .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        .map_err(|e| ApiError(AppError::Unavailable(e.to_string())))?;
     if found.len() != ids.len() {
         // Unknown, deleted and other tenants' files look the same (rule 6).
         tracing::debug!(
@@ -147,7 +147,7 @@ pub async fn request_bundle(
             found = found.len(),
             "a bundle request names files that do not exist"
         );
-        return Err(ApiError::NotFound);
+        return Err(ApiError(AppError::NotFound));
     }
     let bundle_id = Uuid::now_v7();
     let command = BundleCommand::Request(RequestBundle {
@@ -182,12 +182,12 @@ async fn visible_bundle(
     tenant: &dossier_domain::TenantId,
     raw_id: &str,
 ) -> Result<BundleView, ApiError> {
-    let id = Uuid::parse_str(raw_id).map_err(|_| ApiError::NotFound)?;
+    let id = Uuid::parse_str(raw_id).map_err(|_| ApiError(AppError::NotFound))?;
     read_model::get(app.pool(), tenant, id)
         .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?
+        .map_err(|e| ApiError(AppError::Unavailable(e.to_string())))?
         .filter(|bundle| !bundle.has_expired(Utc::now()))
-        .ok_or(ApiError::NotFound)
+        .ok_or(ApiError(AppError::NotFound))
 }
 
 /// `GET /v1/bundles/{id}`
@@ -214,27 +214,29 @@ pub async fn bundle_content(
 ) -> Result<Response, ApiError> {
     let bundle = visible_bundle(&app, &caller.tenant, &id).await?;
     if bundle.status != BundleStatus::Ready {
-        return Err(ApiError::BundleNotReady);
+        return Err(ApiError(AppError::BundleNotReady));
     }
-    let key = bundle
-        .blob_key
-        .clone()
-        .ok_or_else(|| ApiError::Internal(format!("ready bundle {} has no archive", bundle.id)))?;
+    let key = bundle.blob_key.clone().ok_or_else(|| {
+        ApiError(AppError::Internal(format!(
+            "ready bundle {} has no archive",
+            bundle.id
+        )))
+    })?;
 
     // Rule 7: a file deleted after the archive was built must not leave through it.
     let ids: Vec<FileId> = bundle.files.iter().map(|file| file.file_id).collect();
     let live = files::get_many(app.pool(), &caller.tenant, &ids)
         .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        .map_err(|e| ApiError(AppError::Unavailable(e.to_string())))?;
     if live.len() != ids.len() {
         tracing::info!(bundle_id = %bundle.id, "refusing a bundle download: a file of it was deleted since it was built");
-        return Err(ApiError::NotFound);
+        return Err(ApiError(AppError::NotFound));
     }
 
     let blob = match app.blobs().get(&key).await {
         Ok(blob) => blob,
         // Expired and removed between the two reads.
-        Err(dossier_blobstore::BlobError::NotFound) => return Err(ApiError::NotFound),
+        Err(dossier_blobstore::BlobError::NotFound) => return Err(ApiError(AppError::NotFound)),
         Err(error) => return Err(error.into()),
     };
     let downloaded = bundle
@@ -258,8 +260,11 @@ pub async fn bundle_content(
         "bundle-{}.zip",
         bundle.requested_at.format("%Y-%m-%d-%H%M%S")
     );
-    let disposition = HeaderValue::from_str(&content_disposition(&name))
-        .map_err(|_| ApiError::Internal("a bundle name could not be encoded".into()))?;
+    let disposition = HeaderValue::from_str(&content_disposition(&name)).map_err(|_| {
+        ApiError(AppError::Internal(
+            "a bundle name could not be encoded".into(),
+        ))
+    })?;
     let etag = bundle
         .sha256
         .as_ref()
@@ -275,7 +280,7 @@ pub async fn bundle_content(
     }
     response
         .body(Body::from_stream(blob.body))
-        .map_err(|e| ApiError::Internal(e.to_string()))
+        .map_err(|e| ApiError(AppError::Internal(e.to_string())))
 }
 
 #[cfg(test)]

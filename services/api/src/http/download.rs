@@ -12,7 +12,7 @@ use dossier_projections::files::FileView;
 use uuid::Uuid;
 
 use crate::commands::CommandContext;
-use crate::error::ApiError;
+use crate::error::{ApiError, AppError};
 use crate::state::AppState;
 
 /// Records that `files` are being downloaded through `channel`, before any
@@ -52,12 +52,15 @@ pub async fn respond(
     };
     record(app, ctx, channel, None, vec![downloaded]).await?;
     let name = download_name(&file.name, &file.file_name);
-    let disposition = HeaderValue::from_str(&content_disposition(&name))
-        .map_err(|_| ApiError::Internal("a download name could not be encoded".into()))?;
+    let disposition = HeaderValue::from_str(&content_disposition(&name)).map_err(|_| {
+        ApiError(AppError::Internal(
+            "a download name could not be encoded".into(),
+        ))
+    })?;
     let content_type = HeaderValue::from_str(file.content_type.as_str())
         .unwrap_or_else(|_| HeaderValue::from_static("application/octet-stream"));
     let etag = HeaderValue::from_str(&format!("\"{}\"", file.sha256))
-        .map_err(|_| ApiError::Internal("a digest could not be encoded".into()))?;
+        .map_err(|_| ApiError(AppError::Internal("a digest could not be encoded".into())))?;
     Response::builder()
         .header(header::CONTENT_TYPE, content_type)
         .header(header::CONTENT_LENGTH, blob.size)
@@ -67,5 +70,5 @@ pub async fn respond(
         .header(header::X_CONTENT_TYPE_OPTIONS, "nosniff")
         .header(header::CACHE_CONTROL, "private, no-store")
         .body(Body::from_stream(blob.body))
-        .map_err(|e| ApiError::Internal(e.to_string()))
+        .map_err(|e| ApiError(AppError::Internal(e.to_string())))
 }

@@ -9,7 +9,7 @@ use dossier_eventlog::log::{LogFilter, LogReader, LoggedEvent};
 use serde::Serialize;
 
 use crate::auth::Auditor;
-use crate::error::ApiError;
+use crate::error::{ApiError, AppError};
 use crate::http::params::QueryPairs;
 use crate::state::AppState;
 
@@ -55,7 +55,7 @@ pub async fn list_events(
     let items = LogReader::new(app.pool().clone())
         .read(after, limit, &filter)
         .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        .map_err(|e| ApiError(AppError::Unavailable(e.to_string())))?;
     let next_after = items.last().map_or(after, |event| event.position);
     Ok(Json(EventPage { items, next_after }))
 }

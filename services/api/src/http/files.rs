@@ -5,11 +5,12 @@
 
 use axum::extract::{DefaultBodyLimit, Multipart, Path, RawQuery, State};
 use axum::http::StatusCode;
-use axum::response::Response;
+use axum::response::{IntoResponse as _, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
+use dossier_application::{Recording, StoredUpload, UploadedFile};
 use dossier_domain::{
     BlobKey, ContractId, CustomerId, DisplayName, DownloadChannel, FileCommand, FileId, Origin,
     Visibility,
@@ -18,8 +19,7 @@ use dossier_projections::files::{self as read_model, Cursor, FileFilter, FileVie
 use serde::{Deserialize, Serialize};
 
 use crate::auth::Staff;
-use crate::commands::CommandError;
-use crate::error::ApiError;
+use crate::error::{ApiError, AppError};
 use crate::http::download;
 use crate::http::params::{JsonBody, QueryPairs};
 use crate::http::upload;
@@ -45,7 +45,7 @@ pub fn routes() -> Router<AppState> {
 
 /// An id in a path that is not a UUID names no file: 404, like any unknown id.
 pub fn file_id(raw: &str) -> Result<FileId, ApiError> {
-    FileId::parse(raw).map_err(|_| ApiError::NotFound)
+    FileId::parse(raw).map_err(|_| ApiError(AppError::NotFound))
 }
 
 /// The file as the read model shows it now, or 404 (also for another tenant's).
@@ -56,8 +56,8 @@ pub async fn visible_file(
 ) -> Result<FileView, ApiError> {
     read_model::get(app.pool(), caller_tenant, id)
         .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?
-        .ok_or(ApiError::NotFound)
+        .map_err(|e| ApiError(AppError::Unavailable(e.to_string())))?
+        .ok_or(ApiError(AppError::NotFound))
 }
 
 /// `POST /v1/customers/{customer_id}/files`
@@ -71,38 +71,51 @@ pub async fn upload_file(
     Staff(caller): Staff,
     Path(customer_id): Path<String>,
     mut multipart: Multipart,
-) -> Result<(StatusCode, Json<FileView>), ApiError> {
+) -> Result<Response, ApiError> {
     let customer = CustomerId::parse(&customer_id)?;
     let file_id = FileId::new();
     let key = BlobKey::for_file(&caller.tenant, &customer, file_id);
     let limit = app.max_file_bytes().0;
-    let form = upload::receive(&mut multipart, app.blobs().as_ref(), key, limit).await?;
+    let form = upload::receive(&mut multipart, app.uploads(), key, limit).await?;
 
-    let command = match upload_command(&form, &caller.tenant, customer, file_id) {
-        Ok(command) => command,
+    let (file, recording) = match upload_recording(&form, &caller.tenant, customer, file_id) {
+        Ok(parsed) => parsed,
         Err(error) => {
-            form.discard(app.blobs().as_ref()).await;
+            form.discard(app.uploads()).await;
             return Err(error);
         }
     };
-    if let Err(error) = app
-        .commands()
-        .file(&caller.context(), file_id, command)
-        .await
-    {
-        form.discard(app.blobs().as_ref()).await;
-        return Err(error.into());
-    }
-    let view = visible_file(&app, &caller.tenant, file_id).await?;
-    Ok((StatusCode::CREATED, Json(view)))
+    let recorded = app
+        .uploads()
+        .record(&caller.context(), file, recording)
+        .await?;
+    Ok(created_file(app.uploads().resource(&recorded).await))
 }
 
-fn upload_command(
+/// The header of a `201` whose read models had not caught up with the upload
+/// within the freshness timeout: the body is the recorded file, but lists may
+/// not show it for a moment (CONTRACT.md rules 10 and 15).
+pub const READ_MODELS_LAG_HEADER: &str = "dossier-read-models";
+
+/// `201 Created` with the recorded file; when the read models lag behind it,
+/// says so in [`READ_MODELS_LAG_HEADER`] instead of failing the upload.
+pub fn created_file(uploaded: UploadedFile) -> Response {
+    let mut response = (StatusCode::CREATED, Json(uploaded.file)).into_response();
+    if uploaded.lagging {
+        response.headers_mut().insert(
+            READ_MODELS_LAG_HEADER,
+            axum::http::HeaderValue::from_static("lagging"),
+        );
+    }
+    response
+}
+
+fn upload_recording(
     form: &upload::ReceivedForm,
     tenant: &dossier_domain::TenantId,
     customer_id: CustomerId,
     file_id: FileId,
-) -> Result<FileCommand, ApiError> {
+) -> Result<(StoredUpload, Recording), ApiError> {
     let file = form
         .file
         .clone()
@@ -126,16 +139,19 @@ fn upload_command(
         .filter(|raw| !raw.is_empty())
         .map(ContractId::parse)
         .transpose()?;
-    Ok(file.into_command(upload::Recording {
-        tenant: tenant.clone(),
-        file_id,
-        customer_id,
-        name,
-        visibility,
-        origin,
-        contract_id,
-        task_id: None,
-    }))
+    Ok((
+        file,
+        Recording {
+            tenant: tenant.clone(),
+            file_id,
+            customer_id,
+            name,
+            visibility,
+            origin,
+            contract_id,
+            task_id: None,
+        },
+    ))
 }
 
 /// `GET /v1/customers/{customer_id}/files`
@@ -157,7 +173,7 @@ pub async fn list_files(
     let filter = file_filter(&QueryPairs::parse(query.as_deref())?)?;
     let page = read_model::list(app.pool(), &caller.tenant, &customer, &filter)
         .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        .map_err(|e| ApiError(AppError::Unavailable(e.to_string())))?;
     Ok(Json(page))
 }
 
@@ -335,14 +351,14 @@ pub async fn delete_files(
         ));
     }
     if !body.confirm {
-        return Err(ApiError::ConfirmationRequired);
+        return Err(ApiError(AppError::ConfirmationRequired));
     }
     let ctx = caller.context();
     let mut results = Vec::with_capacity(body.file_ids.len());
     let mut last_position = 0;
     for raw in body.file_ids {
         let outcome = match FileId::parse(&raw) {
-            Err(_) => Err(CommandError::Rejected(ApiError::NotFound)),
+            Err(_) => Err(AppError::NotFound),
             Ok(id) => {
                 let command = FileCommand::Delete {
                     tenant: caller.tenant.clone(),
@@ -357,8 +373,8 @@ pub async fn delete_files(
                 last_position = last_position.max(accepted.position);
                 "deleted"
             }
-            Err(CommandError::Rejected(ApiError::NotFound)) => "not_found",
-            Err(CommandError::Rejected(ApiError::FileProtected)) => "protected",
+            Err(AppError::NotFound) => "not_found",
+            Err(AppError::FileProtected) => "protected",
             Err(other) => return Err(other.into()),
         };
         results.push(DeleteResult { id: raw, status });

@@ -39,7 +39,7 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
         .route("/openapi.json", get(openapi::document))
-        .fallback(|| async { crate::error::ApiError::NotFound })
+        .fallback(|| async { crate::error::ApiError(crate::error::AppError::NotFound) })
         .layer(middleware::from_fn(observe))
         .with_state(state)
 }

@@ -11,7 +11,7 @@ use dossier_projections::files::{self as read_model, FileFilter, FileView};
 use serde::Serialize;
 
 use crate::auth::PortalCustomer;
-use crate::error::ApiError;
+use crate::error::{ApiError, AppError};
 use crate::http::download;
 use crate::http::files::file_id;
 use crate::state::AppState;
@@ -51,12 +51,14 @@ pub async fn list_portal_files(
             &filter,
         )
         .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        .map_err(|e| ApiError(AppError::Unavailable(e.to_string())))?;
         items.extend(page.items);
         match page.next_cursor {
             Some(next) => {
                 filter.cursor = Some(read_model::Cursor::decode(&next).map_err(|_| {
-                    ApiError::Internal("the read model gave out a bad cursor".into())
+                    ApiError(AppError::Internal(
+                        "the read model gave out a bad cursor".into(),
+                    ))
                 })?);
             }
             None => break,
@@ -77,9 +79,9 @@ pub async fn portal_file_content(
     let id = file_id(&id)?;
     let file = read_model::get(app.pool(), &customer.caller.tenant, id)
         .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?
+        .map_err(|e| ApiError(AppError::Unavailable(e.to_string())))?
         .filter(|file| file.customer_id == customer.customer && file.visibility.in_portal())
-        .ok_or(ApiError::NotFound)?;
+        .ok_or(ApiError(AppError::NotFound))?;
     if file.viewed_at.is_none() {
         let command = FileCommand::MarkViewed {
             tenant: customer.caller.tenant.clone(),

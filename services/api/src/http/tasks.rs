@@ -4,9 +4,11 @@
 
 use axum::extract::{DefaultBodyLimit, Multipart, Path, State};
 use axum::http::StatusCode;
+use axum::response::Response;
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use chrono::Utc;
+use dossier_application::{Recording, UploadedFile};
 use dossier_domain::{
     BlobKey, CustomerId, DisplayName, FileId, MessageText, Origin, Settings, SettingsCommand, Task,
     TaskCommand, TaskTitle, Visibility,
@@ -17,8 +19,8 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::auth::{PortalCustomer, Staff};
-use crate::error::ApiError;
-use crate::http::files::visible_file;
+use crate::error::{ApiError, AppError};
+use crate::http::files::created_file;
 use crate::http::params::JsonBody;
 use crate::http::upload::{self, ReceivedForm};
 use crate::state::AppState;
@@ -53,7 +55,7 @@ pub struct NewTask {
 }
 
 fn read_model_error(error: impl std::fmt::Display) -> ApiError {
-    ApiError::Unavailable(error.to_string())
+    ApiError(AppError::Unavailable(error.to_string()))
 }
 
 /// `POST /v1/customers/{customer_id}/tasks`
@@ -84,7 +86,9 @@ pub async fn create_task(
         .into_iter()
         .find(|task| task.id == task_id)
         .ok_or_else(|| {
-            ApiError::Internal("a created task is missing from the read model".into())
+            ApiError(AppError::Internal(
+                "a created task is missing from the read model".into(),
+            ))
         })?;
     Ok((StatusCode::CREATED, Json(task)))
 }
@@ -149,13 +153,13 @@ pub async fn put_settings(
 
 /// The customer's own task, or 404 (unknown, another customer's or tenant's).
 async fn own_task(app: &AppState, customer: &PortalCustomer, raw: &str) -> Result<Uuid, ApiError> {
-    let task_id = Uuid::parse_str(raw).map_err(|_| ApiError::NotFound)?;
+    let task_id = Uuid::parse_str(raw).map_err(|_| ApiError(AppError::NotFound))?;
     let owner = portal::task_customer(app.pool(), &customer.caller.tenant, task_id)
         .await
         .map_err(read_model_error)?;
     match owner {
         Some(owner) if owner == customer.customer => Ok(task_id),
-        _ => Err(ApiError::NotFound),
+        _ => Err(ApiError(AppError::NotFound)),
     }
 }
 
@@ -165,21 +169,30 @@ async fn uploads_enabled(app: &AppState, customer: &PortalCustomer) -> Result<bo
         .map_err(read_model_error)
 }
 
-/// Records the stored `file` part of a portal form as a customer upload on the task.
+/// Records the stored `file` part of a portal form as a customer upload on
+/// the task. Refused before the command (no file), the blob is removed here;
+/// after that, the upload path decides ([`dossier_application::BlobFate`]).
 async fn record_customer_upload(
     app: &AppState,
     customer: &PortalCustomer,
     task_id: Uuid,
     file_id: FileId,
     form: &ReceivedForm,
-) -> Result<FileView, ApiError> {
+) -> Result<UploadedFile, ApiError> {
     let Some(file) = form.file.clone() else {
         return Err(ApiError::validation("file", "is required"));
     };
     // The seeds: the attachment is named after the file, without its extension.
-    let name = DisplayName::parse(file.file_name.stem())
-        .or_else(|_| DisplayName::parse(file.file_name.as_str()))?;
-    let command = file.into_command(upload::Recording {
+    let name = match DisplayName::parse(file.file_name.stem())
+        .or_else(|_| DisplayName::parse(file.file_name.as_str()))
+    {
+        Ok(name) => name,
+        Err(error) => {
+            form.discard(app.uploads()).await;
+            return Err(error.into());
+        }
+    };
+    let recording = Recording {
         tenant: customer.caller.tenant.clone(),
         file_id,
         customer_id: customer.customer.clone(),
@@ -188,11 +201,12 @@ async fn record_customer_upload(
         origin: Origin::CustomerUpload,
         contract_id: None,
         task_id: Some(task_id),
-    });
-    app.commands()
-        .file(&customer.caller.context(), file_id, command)
+    };
+    let recorded = app
+        .uploads()
+        .record(&customer.caller.context(), file, recording)
         .await?;
-    visible_file(app, &customer.caller.tenant, file_id).await
+    Ok(app.uploads().resource(&recorded).await)
 }
 
 /// `POST /v1/portal/tasks/{task_id}/attachments`
@@ -206,27 +220,16 @@ pub async fn upload_attachment(
     customer: PortalCustomer,
     Path(task_id): Path<String>,
     mut multipart: Multipart,
-) -> Result<(StatusCode, Json<FileView>), ApiError> {
+) -> Result<Response, ApiError> {
     let task_id = own_task(&app, &customer, &task_id).await?;
     if !uploads_enabled(&app, &customer).await? {
-        return Err(ApiError::PortalUploadDisabled);
+        return Err(ApiError(AppError::PortalUploadDisabled));
     }
     let file_id = FileId::new();
     let key = BlobKey::for_file(&customer.caller.tenant, &customer.customer, file_id);
-    let form = upload::receive(
-        &mut multipart,
-        app.blobs().as_ref(),
-        key,
-        app.max_file_bytes().0,
-    )
-    .await?;
-    match record_customer_upload(&app, &customer, task_id, file_id, &form).await {
-        Ok(view) => Ok((StatusCode::CREATED, Json(view))),
-        Err(error) => {
-            form.discard(app.blobs().as_ref()).await;
-            Err(error)
-        }
-    }
+    let form = upload::receive(&mut multipart, app.uploads(), key, app.max_file_bytes().0).await?;
+    let uploaded = record_customer_upload(&app, &customer, task_id, file_id, &form).await?;
+    Ok(created_file(uploaded))
 }
 
 /// `POST /v1/portal/tasks/{task_id}/messages`
@@ -243,13 +246,13 @@ pub async fn post_message(
 ) -> Result<(StatusCode, Json<MessageView>), ApiError> {
     let task_id = own_task(&app, &customer, &task_id).await?;
     // Text alone is always welcome; a file only when the tenant allows uploads.
-    let refuse_file =
-        (!uploads_enabled(&app, &customer).await?).then_some(ApiError::PortalUploadDisabled);
+    let refuse_file = (!uploads_enabled(&app, &customer).await?)
+        .then_some(ApiError(AppError::PortalUploadDisabled));
     let file_id = FileId::new();
     let key = BlobKey::for_file(&customer.caller.tenant, &customer.customer, file_id);
     let form = upload::receive_unless(
         &mut multipart,
-        app.blobs().as_ref(),
+        app.uploads(),
         key,
         app.max_file_bytes().0,
         refuse_file,
@@ -258,7 +261,7 @@ pub async fn post_message(
     let text = match MessageText::parse(form.field("text").unwrap_or_default()) {
         Ok(text) => text,
         Err(error) => {
-            form.discard(app.blobs().as_ref()).await;
+            form.discard(app.uploads()).await;
             return Err(error.into());
         }
     };
@@ -271,13 +274,12 @@ pub async fn post_message(
     // The file is recorded first: it is a task attachment in its own right.
     let file_id = match &form.file {
         None => None,
-        Some(_) => match record_customer_upload(&app, &customer, task_id, file_id, &form).await {
-            Ok(view) => Some(view.id),
-            Err(error) => {
-                form.discard(app.blobs().as_ref()).await;
-                return Err(error);
-            }
-        },
+        Some(_) => Some(
+            record_customer_upload(&app, &customer, task_id, file_id, &form)
+                .await?
+                .file
+                .id,
+        ),
     };
     let message_id = Uuid::now_v7();
     let at = Utc::now();

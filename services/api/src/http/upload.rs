@@ -1,18 +1,22 @@
 //! Receiving a multipart upload: the `file` part streams straight into the
-//! blob store (hashed as it goes, stopped at the size limit); the other parts
-//! are small text fields collected on the side.
+//! blob store through the application's upload path (hashed as it goes,
+//! stopped at the size limit); the other parts are small text fields
+//! collected on the side.
 //!
 //! The parts may come in any order, so the blob is written before the form is
-//! known to be valid; [`ReceivedForm::discard`] removes it again when the
-//! command is refused, so that nothing is left behind without its event.
+//! known to be valid; [`ReceivedForm::discard`] removes it again when the form
+//! is refused before its command is sent. Once the command is sent, what
+//! becomes of the blob is the upload path's decision
+//! ([`dossier_application::BlobFate`]), not the edge's.
 
 use std::collections::HashMap;
 
 use axum::extract::Multipart;
 use axum::extract::multipart::Field;
 use bytes::Bytes;
-use dossier_blobstore::{BlobStore, ByteStream};
-use dossier_domain::{BlobKey, ContentType, FileName, Sha256Hex};
+use dossier_application::{StoredUpload, Uploads};
+use dossier_blobstore::ByteStream;
+use dossier_domain::{BlobKey, ContentType, FileName};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -20,51 +24,6 @@ use crate::error::ApiError;
 
 /// Text fields are names, ids and flags: anything larger is not one of ours.
 const MAX_TEXT_FIELD_BYTES: usize = 64 * 1024;
-
-/// The stored `file` part.
-#[derive(Debug, Clone)]
-pub struct StoredUpload {
-    pub key: BlobKey,
-    pub file_name: FileName,
-    pub content_type: ContentType,
-    pub size: u64,
-    pub sha256: Sha256Hex,
-}
-
-/// How a stored upload is to be recorded: everything the form or the route
-/// decides besides the bytes.
-pub struct Recording {
-    pub tenant: dossier_domain::TenantId,
-    pub file_id: dossier_domain::FileId,
-    pub customer_id: dossier_domain::CustomerId,
-    pub name: dossier_domain::DisplayName,
-    pub visibility: dossier_domain::Visibility,
-    pub origin: dossier_domain::Origin,
-    pub contract_id: Option<dossier_domain::ContractId>,
-    pub task_id: Option<uuid::Uuid>,
-}
-
-impl StoredUpload {
-    /// The command that records these bytes as a file, now.
-    pub fn into_command(self, recording: Recording) -> dossier_domain::FileCommand {
-        dossier_domain::FileCommand::Upload(Box::new(dossier_domain::UploadFile {
-            tenant: recording.tenant,
-            file_id: recording.file_id,
-            customer_id: recording.customer_id,
-            name: recording.name,
-            file_name: self.file_name,
-            content_type: self.content_type,
-            size: self.size,
-            sha256: self.sha256,
-            blob_key: self.key,
-            visibility: recording.visibility,
-            origin: recording.origin,
-            contract_id: recording.contract_id,
-            task_id: recording.task_id,
-            at: chrono::Utc::now(),
-        }))
-    }
-}
 
 /// A received form: the stored file (if the form had one) and the text fields.
 pub struct ReceivedForm {
@@ -77,13 +36,10 @@ impl ReceivedForm {
         self.fields.get(name).map(String::as_str)
     }
 
-    /// Removes the stored blob of a form whose command was refused. A failure
-    /// here leaves an orphan that the blob sweep removes later.
-    pub async fn discard(&self, blobs: &dyn BlobStore) {
-        if let Some(file) = &self.file
-            && let Err(error) = blobs.delete(&file.key).await
-        {
-            tracing::warn!(key = %file.key, %error, "could not remove the blob of a refused upload; the orphan sweep will");
+    /// Removes the stored blob of a form refused before its command was sent.
+    pub async fn discard(&self, uploads: &Uploads) {
+        if let Some(file) = &self.file {
+            uploads.discard(file).await;
         }
     }
 }
@@ -91,18 +47,18 @@ impl ReceivedForm {
 /// Reads the whole form, streaming its `file` part to `key`.
 pub async fn receive(
     multipart: &mut Multipart,
-    blobs: &dyn BlobStore,
+    uploads: &Uploads,
     key: BlobKey,
     max_bytes: u64,
 ) -> Result<ReceivedForm, ApiError> {
-    receive_unless(multipart, blobs, key, max_bytes, None).await
+    receive_unless(multipart, uploads, key, max_bytes, None).await
 }
 
 /// Like [`receive`], but a form that has a `file` part is refused with
 /// `refuse_file` (when given) before a byte of it is stored.
 pub async fn receive_unless(
     multipart: &mut Multipart,
-    blobs: &dyn BlobStore,
+    uploads: &Uploads,
     key: BlobKey,
     max_bytes: u64,
     refuse_file: Option<ApiError>,
@@ -111,9 +67,9 @@ pub async fn receive_unless(
         file: None,
         fields: HashMap::new(),
     };
-    let outcome = read_parts(multipart, blobs, &key, max_bytes, refuse_file, &mut form).await;
+    let outcome = read_parts(multipart, uploads, &key, max_bytes, refuse_file, &mut form).await;
     if let Err(error) = outcome {
-        form.discard(blobs).await;
+        form.discard(uploads).await;
         return Err(error);
     }
     Ok(form)
@@ -121,7 +77,7 @@ pub async fn receive_unless(
 
 async fn read_parts(
     multipart: &mut Multipart,
-    blobs: &dyn BlobStore,
+    uploads: &Uploads,
     key: &BlobKey,
     max_bytes: u64,
     mut refuse_file: Option<ApiError>,
@@ -136,7 +92,7 @@ async fn read_parts(
             if form.file.is_some() {
                 return Err(ApiError::validation("file", "send exactly one file part"));
             }
-            form.file = Some(store_file(field, blobs, key, max_bytes).await?);
+            form.file = Some(store_file(field, uploads, key, max_bytes).await?);
         } else {
             let text = read_text(field, &name).await?;
             form.fields.insert(name, text);
@@ -147,7 +103,7 @@ async fn read_parts(
 
 async fn store_file(
     mut field: Field<'_>,
-    blobs: &dyn BlobStore,
+    uploads: &Uploads,
     key: &BlobKey,
     max_bytes: u64,
 ) -> Result<StoredUpload, ApiError> {
@@ -179,17 +135,11 @@ async fn store_file(
             }
         }
     };
-    let (stored, ()) = tokio::join!(blobs.put(key, body, max_bytes), pump);
-    let stored = stored?;
-    let sha256 = Sha256Hex::parse(&stored.sha256)
-        .map_err(|_| ApiError::Internal("the blob store returned a malformed digest".into()))?;
-    Ok(StoredUpload {
-        key: key.clone(),
-        file_name,
-        content_type,
-        size: stored.size,
-        sha256,
-    })
+    let (stored, ()) = tokio::join!(
+        uploads.store(key.clone(), file_name, content_type, body, max_bytes),
+        pump
+    );
+    Ok(stored?)
 }
 
 async fn read_text(mut field: Field<'_>, name: &str) -> Result<String, ApiError> {

@@ -1,0 +1,29 @@
+//! Dossier's application layer: the only way any aggregate command runs.
+//!
+//! ```text
+//!   edges:    HTTP API (axum)   AMQP intake   blob worker   zip worker
+//!                    \               |             |            /
+//!   application:      commands (one race policy, one metadata builder,
+//!                     one set of metrics), uploads, AppError (the codes)
+//!                                     |
+//!   adapters:          event log · read models · blob store
+//! ```
+//!
+//! - [`commands`]: a domain command in, events in the log out, with the one
+//!   [`RacePolicy`] for a lost optimistic-concurrency race and the one
+//!   [`CommandContext::metadata`] builder.
+//! - [`upload`]: store the bytes, then record them; the one rule for what
+//!   becomes of a blob whose command failed ([`BlobFate`]), and the answer to
+//!   an upload whose read models lag.
+//! - [`error`]: [`AppError`], the contract's codes without any transport;
+//!   each edge maps it once to its own answer.
+//!
+//! Nothing here knows HTTP or AMQP (see docs/adr/0008-application-layer.md).
+
+pub mod commands;
+pub mod error;
+pub mod upload;
+
+pub use commands::{Accepted, CommandContext, Commands, DEFAULT_FRESHNESS_TIMEOUT, RacePolicy};
+pub use error::AppError;
+pub use upload::{BlobFate, RecordedUpload, Recording, StoredUpload, UploadedFile, Uploads};
