@@ -18,10 +18,11 @@ use dossier_domain::{
     Sha256Hex, TenantId, Visibility,
 };
 use dossier_eventlog::db::Pool;
+use dossier_eventlog::follow::checkpoint;
 use dossier_projections::files::{self, Cursor, FileFilter, FileView};
 use dossier_projections::{
     BundlesProjection, FilesProjection, FollowerConfig, Freshness, FreshnessError, Projection,
-    ProjectionError, Runner, RunnerConfig, checkpoint, rebuild,
+    ProjectionError, Runner, RunnerConfig, rebuild,
 };
 use dossier_test_support::db::fresh_database;
 use serde_json::{Value, json};
