@@ -359,9 +359,10 @@ async fn a_relay_waits_for_the_turn_of_one_that_died_mid_window_then_takes_over(
     // This relay waits for the turn instead of publishing beside the other one.
     let relay = harness.spawn_relay(harness.shutdown.subscribe()).await;
     let pool = &harness.pool;
-    eventually("the relay waiting for the other one's turn", || async move {
-        waiting_locks(pool).await > 0
-    })
+    eventually(
+        "the relay waiting for the other one's turn",
+        || async move { waiting_locks(pool).await > 0 },
+    )
     .await;
     assert!(
         take_all(&observer, &queue).await.is_empty(),

@@ -657,10 +657,9 @@ impl BatchSession {
         let finished = tokio::select! {
             finished = &mut running => Some(finished),
             () = stopped(shutdown) => {
-                match tokio::time::timeout(self.options.drain_timeout, &mut running).await {
-                    Ok(finished) => Some(finished),
-                    Err(_) => None,
-                }
+                tokio::time::timeout(self.options.drain_timeout, &mut running)
+                    .await
+                    .ok()
             }
         };
         let mut outcomes = match finished {

@@ -8,7 +8,7 @@
 //! - [`publisher`]: [`ConfirmedPublisher`], publishing with broker confirms;
 //! - [`consumer`]: the consumer loop that survives broker restarts, one delivery
 //!   at a time ([`consume`]) or a window at a time ([`consume_batches`]);
-//! - [`error`]: [`AmqpError`].
+//! - [`error`], [`AmqpError`]: what can go wrong, and whether retrying helps.
 //!
 //! Everything on RabbitMQ is at least once: handlers must be idempotent.
 
