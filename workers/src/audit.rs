@@ -476,15 +476,6 @@ pub async fn record_window(
     Ok(recorded)
 }
 
-/// Writes the audit entry of the event `event_id`, built from the log.
-/// Idempotent: a second call finds the entry and writes nothing.
-pub async fn record(pool: &Pool, event_id: Uuid) -> Result<Recorded, PgError> {
-    Ok(record_window(pool, &[event_id])
-        .await?
-        .remove(&event_id)
-        .unwrap_or(Recorded::NotInLog))
-}
-
 /// Signs the chain heads every `checkpoint_interval` (and once at start-up),
 /// logging each checkpoint so that a copy lives outside the database.
 async fn sign_periodically(pool: Pool, config: AuditConfig, mut shutdown: watch::Receiver<bool>) {
