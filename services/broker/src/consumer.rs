@@ -552,6 +552,7 @@ where
                 broker: broker.clone(),
                 options: options.clone(),
                 dead_letters: None,
+                shutdown: stopping.clone(),
             };
             Box::pin(session.run(channel, consumer, Arc::clone(&handler), stopping))
         },
@@ -566,6 +567,8 @@ struct BatchSession {
     options: BatchOptions,
     /// Where dead-letter copies are published, opened when first needed.
     dead_letters: Option<ConfirmedPublisher>,
+    /// Ends the wait for a dead-letter channel at shutdown.
+    shutdown: watch::Receiver<bool>,
 }
 
 impl BatchSession {
@@ -802,10 +805,9 @@ impl BatchSession {
             Some(publisher) if publisher.is_open() => publisher,
             _ => {
                 // Bounded: a broker that is gone takes this channel with it anyway.
-                let (_, never) = watch::channel(false);
                 tokio::time::timeout(
                     self.broker.options().connect_timeout,
-                    ConfirmedPublisher::open(&self.broker, &never),
+                    ConfirmedPublisher::open(&self.broker, &self.shutdown),
                 )
                 .await
                 .map_err(|_| AmqpError::ConnectTimeout {
