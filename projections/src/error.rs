@@ -2,6 +2,7 @@
 //! runner) should do about it: wait and retry, or stop and fix.
 
 use dossier_domain::codec::DecodeError;
+use dossier_eventlog::follow::FollowError;
 use dossier_eventlog::log::LogError;
 
 /// Why a projection could not apply events, rebuild, or read its checkpoint.
@@ -98,22 +99,19 @@ impl ProjectionError {
     }
 }
 
-/// Connection trouble (class 08), resources (53), operator intervention (57P),
-/// serialization failure or deadlock (40), or a connection that closed: all pass.
+/// The one rule of what passes: see [`dossier_eventlog::db::is_transient`].
 fn transient_pg(error: &tokio_postgres::Error) -> bool {
-    if error.is_closed() {
-        return true;
-    }
-    match error.code() {
-        Some(code) => {
-            let code = code.code();
-            code.starts_with("08")
-                || code.starts_with("53")
-                || code.starts_with("57P")
-                || code.starts_with("40")
+    dossier_eventlog::db::is_transient(error)
+}
+
+/// The runner's own failures (`dossier_eventlog::follow`), in this crate's terms.
+impl From<FollowError> for ProjectionError {
+    fn from(error: FollowError) -> Self {
+        match error {
+            FollowError::Pool(error) => Self::Pool(error),
+            FollowError::Query(error) => Self::Postgres(error),
+            FollowError::Log(error) => Self::Log(error),
         }
-        // No SQLSTATE: an IO error or a timeout talking to the server.
-        None => error.as_db_error().is_none(),
     }
 }
 

@@ -19,11 +19,10 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use dossier_eventlog::db::Pool;
+use dossier_eventlog::follow::checkpoint;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-
-use crate::checkpoint;
 
 /// Why a wait for a position ended without reaching it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -6,17 +6,18 @@
 //!
 //! - [`Projection`]: one read model's reaction to one logged event, applied inside a
 //!   transaction the framework gives it.
-//! - [`Runner`]: follows the log by position (through
-//!   [`dossier_eventlog::log::LogReader`], which never skips a late commit) and applies
-//!   batches of events, committing each batch's effects together with the
-//!   projection's checkpoint, so every event takes effect exactly once, crashes
-//!   included.
+//! - [`Runner`]: the read models as one follower of the log
+//!   ([`dossier_eventlog::follow`], the mechanism the relay and the sealer run on
+//!   too): applies batches of events, committing each batch's effects together
+//!   with every projection's checkpoint, so every event takes effect exactly once,
+//!   crashes included.
 //! - [`Freshness`]: read-your-writes. The command path waits until a projection's
 //!   checkpoint has reached the position of the events it just wrote, in process (a
 //!   `watch` channel of the runner) or across processes (by following the
 //!   `checkpoints` table).
 //! - [`files`]: the files read model (CONTRACT.md "File resource") and its queries.
 //! - [`bundles`]: the bundles read model (`/v1/bundles`) and its queries.
+//! - [`audit`]: the audit trail's queries (`/v1/audit`); the audit worker writes it.
 //! - [`rebuild()`]: builds a read model aside from position 0 and swaps it in while the
 //!   service keeps running; [`registry`] lists every read model for
 //!   `dossier projections rebuild`.
@@ -27,8 +28,8 @@
 //! command and a crash between the two loses them (STYLE.md, known traps). Following
 //! the log by position has no such window.
 
+pub mod audit;
 pub mod bundles;
-pub mod checkpoint;
 pub mod error;
 pub mod files;
 pub mod freshness;

@@ -35,13 +35,13 @@
 use std::collections::HashMap;
 
 use dossier_eventlog::db::Pool;
+use dossier_eventlog::follow::checkpoint;
 use dossier_eventlog::log::{LogFilter, LogReader};
 use futures::StreamExt as _;
 use tokio_postgres::Transaction;
 use tokio_postgres::binary_copy::BinaryCopyOutStream;
 use tokio_postgres::types::{FromSql, Type};
 
-use crate::checkpoint;
 use crate::error::ProjectionError;
 use crate::projection::{
     BulkBuild, BulkTarget, Projection, RawEvent, quote_identifier as quote, validate,

@@ -11,8 +11,9 @@ use dossier_domain::{
     BlobKey, CustomerId, DisplayName, FileEvent, FileId, Origin, TenantId, Visibility,
 };
 use dossier_eventlog::db::Pool;
+use dossier_eventlog::follow::checkpoint;
 use dossier_projections::rebuild::{RebuildOptions, rebuild_with_options};
-use dossier_projections::{FilesProjection, ProjectionError, RebuildReport, checkpoint};
+use dossier_projections::{FilesProjection, ProjectionError, RebuildReport};
 use dossier_test_support::db::fresh_database;
 use serde_json::{Value, json};
 use uuid::Uuid;

@@ -17,12 +17,13 @@ use common::{
 };
 use dossier_domain::{BlobKey, DisplayName, FileEvent, FileId, Origin, Visibility};
 use dossier_eventlog::db::Pool;
+use dossier_eventlog::follow::checkpoint;
 use dossier_eventlog::log::LoggedEvent;
 use dossier_projections::files::{self, Cursor, FileFilter, FileView};
 use dossier_projections::rebuild::rebuild_with_progress;
 use dossier_projections::{
     BundlesProjection, FilesProjection, FollowerConfig, Freshness, FreshnessError, Projection,
-    ProjectionError, Runner, RunnerConfig, checkpoint, rebuild,
+    ProjectionError, Runner, RunnerConfig, rebuild,
 };
 use dossier_test_support::db::fresh_database;
 use serde_json::{Value, json};

@@ -4,16 +4,22 @@
 //! # The trail
 //!
 //! The worker consumes `dossier.workers.audit`, which receives every event the
-//! relay publishes. For each delivery it:
+//! relay publishes, a window at a time ([`dossier_broker::consume_batches`]: up
+//! to the prefetch, or what has arrived within [`AuditConfig::window`] of the
+//! first). For each window it:
 //!
-//! 1. reads the event id from the message (the Event JSON's `id`, else the
-//!    `message_id`); a message with neither is rejected and dead-lettered;
-//! 2. looks the event up **in the log** and builds the entry from the log row,
+//! 1. reads the event id from each message (the Event JSON's `id`, else the
+//!    `message_id`); a message with neither is dead-lettered on its own, with
+//!    the reason in a header, and the rest of the window goes on;
+//! 2. looks the events up **in the log** and builds each entry from the log row,
 //!    never from the message: whoever can publish to `dossier.events` still
 //!    cannot write the audit trail. An id the log does not have is dead-lettered;
-//! 3. inserts one `audit_trail` row, `ON CONFLICT (event_id) DO NOTHING`, so a
-//!    redelivery changes nothing, and acks only after that commit. Postgres
-//!    trouble is retried with backoff; at shutdown the message goes back.
+//! 3. inserts the window's `audit_trail` rows in ONE transaction, `ON CONFLICT
+//!    (event_id) DO NOTHING`, so a redelivery changes nothing, and acks the
+//!    window together only after that commit. Postgres trouble is retried with
+//!    backoff; at shutdown the messages go back. Should the database refuse a
+//!    row for good, the window is written entry by entry so that only the
+//!    culprit is dead-lettered.
 //!
 //! Every event becomes one entry: every accepted command and every download
 //! (staff, portal, and each file of a bundle, since a download records one event
@@ -27,28 +33,28 @@
 //!
 //! # Sealing
 //!
-//! Next to the consumer, the worker runs the [`Sealer`] (following the log by
-//! position, so appends are never serialized for it) and signs the chain heads
-//! every [`AuditConfig::checkpoint_interval`]; each new checkpoint is also
-//! written to the service log, which is one copy outside the database.
+//! Next to the consumer, the worker runs the [`Sealer`] (a follower of the log
+//! on the runner every follower uses, so appends are never serialized for it)
+//! and signs the chain heads every [`AuditConfig::checkpoint_interval`]; each new
+//! checkpoint is also written to the service log, which is one copy outside the
+//! database.
 //!
-//! # Reading
-//!
-//! [`query`] answers `GET /v1/audit` (one tenant, newest first, keyset cursor);
-//! [`wait_until_complete`] gives that endpoint read-your-writes.
+//! `GET /v1/audit` reads the trail through `dossier_projections::audit`, where
+//! the other queries live.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use dossier_broker::{self, AUDIT_QUEUE, AmqpError, Broker, ConsumerOptions, Incoming, Outcome};
+use dossier_broker::{self, AUDIT_QUEUE, AmqpError, BatchOptions, BatchOutcome, Broker, Incoming};
 use dossier_domain::upcast;
 use dossier_eventlog::chain::{self, Sealer};
 use dossier_eventlog::db::Pool;
+use dossier_eventlog::follow::RunnerConfig;
 use dossier_eventlog::log::LogReader;
 use dossier_runtime::config::Secret;
 use dossier_runtime::retry::Backoff;
 use dossier_runtime::shutdown::sleep_or_stop;
-use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::watch;
 use tokio_postgres::types::ToSql;
@@ -79,12 +85,12 @@ const NOT_DETAILS: &[&str] = &["tenant", "customer_id", "file_id", "blob_key"];
 /// The aggregate type of files in the log.
 const FILE_AGGREGATE: &str = "file";
 
-/// The event of an audit entry, by id, and the customer named by the upload of
-/// the file it concerns (a rename does not name it; the upload is the file's
-/// first event). The file is the aggregate of a file event, else the payload's
-/// `file_id` (a download).
-const READ_EVENT: &str = "\
-    SELECT e.position, e.tenant, e.aggregate_type, e.aggregate_id, e.event_type, \
+/// The events of a window's audit entries, by id, and for each the customer
+/// named by the upload of the file it concerns (a rename does not name it; the
+/// upload is the file's first event). The file is the aggregate of a file event,
+/// else the payload's `file_id` (a download).
+const READ_EVENTS: &str = "\
+    SELECT e.id, e.position, e.tenant, e.aggregate_type, e.aggregate_id, e.event_type, \
            e.event_version, e.recorded_at, e.actor, e.payload, \
            (SELECT upload.payload->>'customer_id' FROM events AS upload \
             WHERE upload.aggregate_type = 'file' \
@@ -92,17 +98,18 @@ const READ_EVENT: &str = "\
                                              THEN e.aggregate_id \
                                              ELSE e.payload->>'file_id' END \
               AND upload.sequence = 1 AND upload.tenant = e.tenant) AS upload_customer \
-    FROM events AS e WHERE e.id = $1";
+    FROM events AS e WHERE e.id = ANY($1)";
 
-/// One entry; a redelivered event finds its entry there and writes nothing.
-const INSERT_ENTRY: &str = "\
+/// A window's entries in one statement; a redelivered event finds its entry
+/// there and writes nothing. Answers the ids it wrote.
+const INSERT_ENTRIES: &str = "\
     INSERT INTO audit_trail (event_id, position, tenant, at, actor, action, aggregate_type, \
                              aggregate_id, event_type, file_id, customer_id, details) \
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
-    ON CONFLICT (event_id) DO NOTHING";
-
-/// How many of a tenant's newest events [`wait_until_complete`] checks.
-const COMPLETENESS_WINDOW: i64 = 200;
+    SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::timestamptz[], $5::text[], \
+                         $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], \
+                         $11::text[], $12::jsonb[]) \
+    ON CONFLICT (event_id) DO NOTHING \
+    RETURNING event_id";
 
 /// The readable action of an event (see [`ACTIONS`]).
 pub fn action_for(aggregate_type: &str, event_type: &str) -> String {
@@ -115,33 +122,17 @@ pub fn action_for(aggregate_type: &str, event_type: &str) -> String {
         )
 }
 
-/// One entry of the audit trail, as `GET /v1/audit` shows it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct AuditEntry {
-    /// The event's log position (the cross-reference to `GET /v1/events`).
-    pub position: i64,
-    /// When it happened.
-    pub at: DateTime<Utc>,
-    /// Who did it.
-    pub actor: String,
-    /// What, e.g. `file.downloaded`.
-    pub action: String,
-    /// The file concerned, if any.
-    pub file_id: Option<String>,
-    /// The customer concerned, if any.
-    pub customer_id: Option<String>,
-    /// Everything else the event says.
-    pub details: Value,
-}
-
 /// How the audit worker runs.
 #[derive(Debug, Clone)]
 pub struct AuditConfig {
-    /// Deliveries handled at once.
+    /// Deliveries prefetched, and the most written in one transaction.
     pub prefetch: u16,
+    /// How long after the first delivery of a window to wait for more before
+    /// writing what has arrived.
+    pub window: Duration,
     /// Between retries of a Postgres failure.
     pub retry: Backoff,
-    /// How long handlers may finish at shutdown.
+    /// How long a window in flight may finish at shutdown.
     pub drain_timeout: Duration,
     /// Pause of the sealer when the log has nothing new.
     pub seal_poll: Duration,
@@ -156,6 +147,7 @@ impl AuditConfig {
     pub fn new(checkpoint_key: Secret) -> Self {
         Self {
             prefetch: 16,
+            window: Duration::from_millis(25),
             retry: Backoff {
                 initial: Duration::from_millis(200),
                 max: Duration::from_secs(30),
@@ -179,37 +171,49 @@ pub async fn run(
     config: AuditConfig,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), AmqpError> {
-    let options = ConsumerOptions {
+    let options = BatchOptions {
         prefetch: config.prefetch,
+        window: config.window,
         drain_timeout: config.drain_timeout,
     };
     let handler_pool = pool.clone();
     let retry = config.retry;
     let handler_shutdown = shutdown.clone();
-    let consuming = dossier_broker::consume_with(
+    let consuming = dossier_broker::consume_batches(
         &broker,
         AUDIT_QUEUE,
         options,
-        move |incoming| {
+        move |batch| {
             let pool = handler_pool.clone();
             let stopping = handler_shutdown.clone();
-            async move { handle(&pool, &incoming, retry, stopping).await }
+            async move { handle_window(&pool, &batch, retry, stopping).await }
         },
         shutdown.clone(),
     );
-    let sealing = seal_continuously(
-        Sealer::reading_from(pool.clone(), log),
-        config.clone(),
-        shutdown.clone(),
-    );
+    let sealer = Sealer::reading_from(pool.clone(), log).with_config(RunnerConfig {
+        idle_poll: config.seal_poll,
+        backoff: config.retry,
+        ..RunnerConfig::default()
+    });
+    let seal_shutdown = shutdown.clone();
+    let sealing = async move {
+        if let Err(error) = sealer.run(seal_shutdown).await {
+            tracing::error!(
+                error = %error,
+                "the sealer stopped; new events stay unsealed until the cause is fixed and the \
+                 process restarted (the audit trail is still written)"
+            );
+        }
+    };
     let signing = sign_periodically(pool, config, shutdown);
     let background = async {
         tokio::join!(sealing, signing);
     };
     tokio::pin!(consuming, background);
-    // The sealer and the signer only end at shutdown. The consumer ends then too,
-    // or earlier with a permanent error, which stops the worker (a sealing batch
-    // in flight is rolled back, and the next sealer repeats it).
+    // The sealer and the signer only end at shutdown (the sealer earlier on a
+    // failure it cannot retry). The consumer ends then too, or earlier with a
+    // permanent error, which stops the worker (a sealing batch in flight is
+    // rolled back, and the next sealer repeats it).
     tokio::select! {
         consumed = &mut consuming => {
             if consumed.is_ok() {
@@ -221,56 +225,116 @@ pub async fn run(
     }
 }
 
-/// One delivery: see the module docs.
-async fn handle(
-    pool: &Pool,
-    incoming: &Incoming,
-    retry: Backoff,
-    mut stopping: watch::Receiver<bool>,
-) -> Outcome {
-    let from_body = serde_json::from_slice::<Value>(&incoming.body)
+/// The event id a message names: the Event JSON's `id`, else its `message_id`.
+fn event_id_of(message: &Incoming) -> Option<Uuid> {
+    let from_body = serde_json::from_slice::<Value>(&message.body)
         .ok()
         .and_then(|body| body.get("id")?.as_str().map(str::to_owned));
-    let Some(event_id) = from_body
-        .or_else(|| incoming.message_id().map(str::to_owned))
+    from_body
+        .or_else(|| message.message_id().map(str::to_owned))
         .and_then(|id| Uuid::parse_str(&id).ok())
-    else {
-        metrics::counter!("dossier_worker_failures_total", "worker" => "audit", "reason" => "unparseable")
-            .increment(1);
-        tracing::warn!("a message on the audit queue names no event id; dead-lettering it");
-        return Outcome::Reject;
-    };
+}
+
+/// One window: see the module docs. One outcome per message, in order.
+async fn handle_window(
+    pool: &Pool,
+    batch: &[Incoming],
+    retry: Backoff,
+    mut stopping: watch::Receiver<bool>,
+) -> Vec<BatchOutcome> {
+    let mut outcomes = vec![BatchOutcome::Retry; batch.len()];
+    let mut named: Vec<(usize, Uuid)> = Vec::with_capacity(batch.len());
+    for (i, message) in batch.iter().enumerate() {
+        match event_id_of(message) {
+            Some(id) => named.push((i, id)),
+            None => {
+                failure("unparseable");
+                outcomes[i] = BatchOutcome::DeadLetter {
+                    reason: "the message names no event: its body has no Event `id` and its \
+                             message_id is not an event id"
+                        .to_owned(),
+                };
+            }
+        }
+    }
+    if named.is_empty() {
+        return outcomes;
+    }
+    let mut ids: Vec<Uuid> = named.iter().map(|(_, id)| *id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+
     let mut failures = 0u32;
     loop {
-        match record(pool, event_id).await {
-            Ok(Recorded::Written | Recorded::AlreadyThere) => return Outcome::Ack,
-            Ok(Recorded::NotInLog) => {
-                metrics::counter!("dossier_worker_failures_total", "worker" => "audit", "reason" => "not_in_log")
-                    .increment(1);
-                tracing::warn!(%event_id, "the audit queue names an event the log does not have; dead-lettering it");
-                return Outcome::Reject;
+        match record_window(pool, &ids).await {
+            Ok(recorded) => {
+                for (i, id) in named {
+                    outcomes[i] = outcome_of(id, recorded.get(&id).copied());
+                }
+                return outcomes;
             }
-            Err(error) => {
+            Err(error) if error.is_transient() => {
                 let delay = retry.delay(failures);
                 failures = failures.saturating_add(1);
-                metrics::counter!("dossier_worker_failures_total", "worker" => "audit", "reason" => "postgres")
-                    .increment(1);
+                failure("postgres");
                 tracing::warn!(
-                    %event_id,
+                    events = ids.len(),
                     error = %error,
                     attempt = failures,
                     retry_in_ms = delay.as_millis() as u64,
-                    "writing an audit entry failed; retrying until it works"
+                    "writing a window of audit entries failed; retrying until it works"
                 );
                 if sleep_or_stop(delay, &mut stopping).await {
-                    return Outcome::Retry;
+                    // Retry: the messages go back to the queue.
+                    return outcomes;
                 }
+            }
+            Err(error) => {
+                // The database refuses something of this window for good: write
+                // each entry on its own, so that only the culprit is dead-lettered.
+                tracing::warn!(
+                    events = ids.len(),
+                    error = %error,
+                    "the database refused a window of audit entries; writing them one by one"
+                );
+                for (i, id) in named {
+                    outcomes[i] = match record_window(pool, &[id]).await {
+                        Ok(recorded) => outcome_of(id, recorded.get(&id).copied()),
+                        Err(error) if error.is_transient() => BatchOutcome::Retry,
+                        Err(error) => {
+                            failure("refused");
+                            BatchOutcome::DeadLetter {
+                                reason: format!(
+                                    "the database refuses the audit entry of event {id}: {error}"
+                                ),
+                            }
+                        }
+                    };
+                }
+                return outcomes;
             }
         }
     }
 }
 
-/// What [`record`] did.
+fn outcome_of(event_id: Uuid, recorded: Option<Recorded>) -> BatchOutcome {
+    match recorded {
+        Some(Recorded::Written | Recorded::AlreadyThere) => BatchOutcome::Ack,
+        Some(Recorded::NotInLog) | None => {
+            failure("not_in_log");
+            BatchOutcome::DeadLetter {
+                reason: format!("the log has no event {event_id}"),
+            }
+        }
+    }
+}
+
+fn failure(reason: &'static str) {
+    metrics::counter!("dossier_worker_failures_total", "worker" => "audit", "reason" => reason)
+        .increment(1);
+}
+
+/// What [`record_window`] did with one event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Recorded {
     /// A new entry.
@@ -281,110 +345,135 @@ pub enum Recorded {
     NotInLog,
 }
 
-/// Writes the audit entry of the event `event_id`, built from the log.
-/// Idempotent: a second call finds the entry and writes nothing.
-pub async fn record(pool: &Pool, event_id: Uuid) -> Result<Recorded, PgError> {
-    let client = pool.get().await?;
-    // The event, and the customer its file's upload named: one round trip.
-    let statement = client.prepare_cached(READ_EVENT).await?;
-    let row = client.query_opt(&statement, &[&event_id]).await?;
-    let Some(row) = row else {
-        return Ok(Recorded::NotInLog);
-    };
-    let position: i64 = row.try_get("position")?;
-    let tenant: String = row.try_get("tenant")?;
-    let aggregate_type: String = row.try_get("aggregate_type")?;
-    let aggregate_id: String = row.try_get("aggregate_id")?;
-    let event_type: String = row.try_get("event_type")?;
-    let event_version: String = row.try_get("event_version")?;
-    let at: DateTime<Utc> = row.try_get("recorded_at")?;
-    let actor: String = row.try_get("actor")?;
-    let payload: Value = row.try_get("payload")?;
-    let upload_customer: Option<String> = row.try_get("upload_customer")?;
+/// One entry, as built from the log.
+struct Entry {
+    event_id: Uuid,
+    position: i64,
+    tenant: String,
+    at: DateTime<Utc>,
+    actor: String,
+    action: String,
+    aggregate_type: String,
+    aggregate_id: String,
+    event_type: String,
+    file_id: Option<String>,
+    customer_id: Option<String>,
+    details: Value,
+}
 
-    let payload = upcast::upcast(&event_type, &event_version, payload);
-    let text = |key: &str| payload.get(key).and_then(Value::as_str).map(str::to_owned);
-    let file_id = if aggregate_type == FILE_AGGREGATE {
-        Some(aggregate_id.clone())
-    } else {
-        text("file_id")
-    };
-    let customer_id = text("customer_id").or(upload_customer);
-    let details = match payload {
-        Value::Object(mut map) => {
-            for key in NOT_DETAILS {
-                map.remove(*key);
+impl Entry {
+    fn from_row(row: &tokio_postgres::Row) -> Result<Self, tokio_postgres::Error> {
+        let aggregate_type: String = row.try_get("aggregate_type")?;
+        let aggregate_id: String = row.try_get("aggregate_id")?;
+        let event_type: String = row.try_get("event_type")?;
+        let event_version: String = row.try_get("event_version")?;
+        let payload: Value = row.try_get("payload")?;
+        let upload_customer: Option<String> = row.try_get("upload_customer")?;
+
+        let payload = upcast::upcast(&event_type, &event_version, payload);
+        let text = |key: &str| payload.get(key).and_then(Value::as_str).map(str::to_owned);
+        let file_id = if aggregate_type == FILE_AGGREGATE {
+            Some(aggregate_id.clone())
+        } else {
+            text("file_id")
+        };
+        let customer_id = text("customer_id").or(upload_customer);
+        let details = match payload {
+            Value::Object(mut map) => {
+                for key in NOT_DETAILS {
+                    map.remove(*key);
+                }
+                Value::Object(map)
             }
-            Value::Object(map)
-        }
-        Value::Null => Value::Object(serde_json::Map::new()),
-        other => other,
-    };
-    let action = action_for(&aggregate_type, &event_type);
-    let statement = client.prepare_cached(INSERT_ENTRY).await?;
-    let written = client
-        .execute(
-            &statement,
-            &[
-                &event_id,
-                &position,
-                &tenant,
-                &at,
-                &actor,
-                &action,
-                &aggregate_type,
-                &aggregate_id,
-                &event_type,
-                &file_id,
-                &customer_id,
-                &details,
-            ],
-        )
-        .await?;
-    if written == 1 {
-        metrics::counter!("dossier_audit_entries_total").increment(1);
-        tracing::debug!(%event_id, position, %tenant, %action, "audit entry written");
-        Ok(Recorded::Written)
-    } else {
-        Ok(Recorded::AlreadyThere)
+            Value::Null => Value::Object(serde_json::Map::new()),
+            other => other,
+        };
+        Ok(Self {
+            event_id: row.try_get("id")?,
+            position: row.try_get("position")?,
+            tenant: row.try_get("tenant")?,
+            at: row.try_get("recorded_at")?,
+            actor: row.try_get("actor")?,
+            action: action_for(&aggregate_type, &event_type),
+            aggregate_type,
+            aggregate_id,
+            event_type,
+            file_id,
+            customer_id,
+            details,
+        })
     }
 }
 
-/// Seals the log as it grows, until shutdown. Failures are logged and retried
-/// with backoff: an unsealed tail is only a delay, never a loss.
-async fn seal_continuously(
-    mut sealer: Sealer,
-    config: AuditConfig,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let mut failures = 0u32;
-    loop {
-        if *shutdown.borrow() {
-            return;
-        }
-        let pause = match sealer.step().await {
-            Ok(progress) if progress.more => continue,
-            Ok(_) => {
-                failures = 0;
-                config.seal_poll
-            }
-            Err(error) => {
-                let delay = config.retry.delay(failures);
-                failures = failures.saturating_add(1);
-                metrics::counter!("dossier_worker_failures_total", "worker" => "audit", "reason" => "seal")
-                    .increment(1);
-                tracing::warn!(
-                    error = %error,
-                    retry_in_ms = delay.as_millis() as u64,
-                    "sealing the log failed; new events stay unsealed until it works"
-                );
-                delay
-            }
-        };
-        if sleep_or_stop(pause, &mut shutdown).await {
-            return;
-        }
+/// Writes the audit entries of the events `event_ids`, built from the log, in
+/// one transaction (one read, one insert). Idempotent: an entry that is there
+/// already is left alone.
+pub async fn record_window(
+    pool: &Pool,
+    event_ids: &[Uuid],
+) -> Result<HashMap<Uuid, Recorded>, PgError> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let statement = tx.prepare_cached(READ_EVENTS).await?;
+    let rows = tx.query(&statement, &[&event_ids]).await?;
+    let entries = rows
+        .iter()
+        .map(Entry::from_row)
+        .collect::<Result<Vec<_>, _>>()?;
+
+    let column = |f: &dyn Fn(&Entry) -> String| entries.iter().map(f).collect::<Vec<_>>();
+    let ids: Vec<Uuid> = entries.iter().map(|e| e.event_id).collect();
+    let positions: Vec<i64> = entries.iter().map(|e| e.position).collect();
+    let ats: Vec<DateTime<Utc>> = entries.iter().map(|e| e.at).collect();
+    let tenants = column(&|e| e.tenant.clone());
+    let actors = column(&|e| e.actor.clone());
+    let actions = column(&|e| e.action.clone());
+    let aggregate_types = column(&|e| e.aggregate_type.clone());
+    let aggregate_ids = column(&|e| e.aggregate_id.clone());
+    let event_types = column(&|e| e.event_type.clone());
+    let file_ids: Vec<Option<String>> = entries.iter().map(|e| e.file_id.clone()).collect();
+    let customer_ids: Vec<Option<String>> = entries.iter().map(|e| e.customer_id.clone()).collect();
+    let details: Vec<Value> = entries.iter().map(|e| e.details.clone()).collect();
+    let params: [&(dyn ToSql + Sync); 12] = [
+        &ids,
+        &positions,
+        &tenants,
+        &ats,
+        &actors,
+        &actions,
+        &aggregate_types,
+        &aggregate_ids,
+        &event_types,
+        &file_ids,
+        &customer_ids,
+        &details,
+    ];
+    let statement = tx.prepare_cached(INSERT_ENTRIES).await?;
+    let written: Vec<Uuid> = tx
+        .query(&statement, &params)
+        .await?
+        .iter()
+        .map(|row| row.try_get(0))
+        .collect::<Result<_, _>>()?;
+    tx.commit().await?;
+
+    metrics::counter!("dossier_audit_entries_total").increment(written.len() as u64);
+    let mut recorded: HashMap<Uuid, Recorded> = event_ids
+        .iter()
+        .map(|id| (*id, Recorded::NotInLog))
+        .collect();
+    for entry in &entries {
+        recorded.insert(entry.event_id, Recorded::AlreadyThere);
     }
+    for id in &written {
+        recorded.insert(*id, Recorded::Written);
+    }
+    tracing::debug!(
+        events = event_ids.len(),
+        written = written.len(),
+        "audit entries written"
+    );
+    Ok(recorded)
 }
 
 /// Signs the chain heads every `checkpoint_interval` (and once at start-up),
@@ -416,166 +505,6 @@ async fn sign_periodically(pool: Pool, config: AuditConfig, mut shutdown: watch:
     }
 }
 
-/// Which entries [`query`] returns.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct AuditFilter {
-    /// Only entries about this customer.
-    pub customer_id: Option<String>,
-    /// Only entries about this file.
-    pub file_id: Option<String>,
-    /// Only entries at or after this time.
-    pub from: Option<DateTime<Utc>>,
-    /// Only entries at or before this time.
-    pub to: Option<DateTime<Utc>>,
-    /// At most this many (the caller bounds it).
-    pub limit: i64,
-    /// Only entries before this position (the cursor).
-    pub before: Option<i64>,
-}
-
-/// One page of the trail.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct AuditPage {
-    /// Newest first.
-    pub items: Vec<AuditEntry>,
-    /// The cursor of the next page, `None` on the last.
-    pub next_cursor: Option<String>,
-}
-
-/// The cursor that continues after `position` (opaque to clients).
-pub fn encode_cursor(position: i64) -> String {
-    format!("p{position}")
-}
-
-/// The position a cursor continues before; `None` for a cursor this service did
-/// not give out.
-pub fn decode_cursor(cursor: &str) -> Option<i64> {
-    cursor
-        .strip_prefix('p')?
-        .parse::<i64>()
-        .ok()
-        .filter(|p| *p > 0)
-}
-
-/// One page of `tenant`'s audit trail, newest first. Every query filters by
-/// tenant: another tenant's entries are never seen.
-pub async fn query(pool: &Pool, tenant: &str, filter: &AuditFilter) -> Result<AuditPage, PgError> {
-    let limit = filter.limit.max(1);
-    let fetch = limit + 1;
-    let mut sql = String::from(
-        "SELECT position, at, actor, action, file_id, customer_id, details \
-         FROM audit_trail WHERE tenant = $1",
-    );
-    let mut params: Vec<&(dyn ToSql + Sync)> = vec![&tenant];
-    if let Some(customer_id) = &filter.customer_id {
-        params.push(customer_id);
-        sql.push_str(&format!(" AND customer_id = ${}", params.len()));
-    }
-    if let Some(file_id) = &filter.file_id {
-        params.push(file_id);
-        sql.push_str(&format!(" AND file_id = ${}", params.len()));
-    }
-    if let Some(from) = &filter.from {
-        params.push(from);
-        sql.push_str(&format!(" AND at >= ${}", params.len()));
-    }
-    if let Some(to) = &filter.to {
-        params.push(to);
-        sql.push_str(&format!(" AND at <= ${}", params.len()));
-    }
-    if let Some(before) = &filter.before {
-        params.push(before);
-        sql.push_str(&format!(" AND position < ${}", params.len()));
-    }
-    params.push(&fetch);
-    sql.push_str(&format!(" ORDER BY position DESC LIMIT ${}", params.len()));
-
-    let client = pool.get().await?;
-    let rows = client.query(&sql, &params).await?;
-    let mut items = rows
-        .iter()
-        .map(|row| {
-            Ok(AuditEntry {
-                position: row.try_get("position")?,
-                at: row.try_get("at")?,
-                actor: row.try_get("actor")?,
-                action: row.try_get("action")?,
-                file_id: row.try_get("file_id")?,
-                customer_id: row.try_get("customer_id")?,
-                details: row.try_get("details")?,
-            })
-        })
-        .collect::<Result<Vec<_>, tokio_postgres::Error>>()?;
-    let next_cursor = if items.len() as i64 > limit {
-        items.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
-        items.last().map(|entry| encode_cursor(entry.position))
-    } else {
-        None
-    };
-    Ok(AuditPage { items, next_cursor })
-}
-
-/// Read-your-writes for the trail: waits (at most `timeout`) until each of the
-/// tenant's newest events that were in the log when the call began has its
-/// entry. Answers whether it got there; on `false` the caller answers with what
-/// there is (the worker lags or is not running anywhere).
-///
-/// Only the newest [`COMPLETENESS_WINDOW`] events are checked, so the cost is
-/// bounded and an old entry that never came (a dead-lettered message) does not
-/// slow every request down.
-pub async fn wait_until_complete(
-    pool: &Pool,
-    tenant: &str,
-    timeout: Duration,
-) -> Result<bool, PgError> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    let head: Option<i64> = pool
-        .get()
-        .await?
-        .query_one(
-            "SELECT max(position) FROM events WHERE tenant = $1",
-            &[&tenant],
-        )
-        .await?
-        .try_get(0)?;
-    let Some(head) = head else {
-        return Ok(true);
-    };
-    let mut pause = Duration::from_millis(5);
-    loop {
-        // A connection per look, so that waiting requests do not hold the pool.
-        let client = pool.get().await?;
-        let statement = client
-            .prepare_cached(
-                "SELECT count(*) FROM ( \
-                     SELECT position FROM events WHERE tenant = $1 AND position <= $2 \
-                     ORDER BY position DESC LIMIT $3) newest \
-                 WHERE NOT EXISTS (SELECT 1 FROM audit_trail a WHERE a.position = newest.position)",
-            )
-            .await?;
-        let missing: i64 = client
-            .query_one(&statement, &[&tenant, &head, &COMPLETENESS_WINDOW])
-            .await?
-            .try_get(0)?;
-        drop(client);
-        if missing == 0 {
-            return Ok(true);
-        }
-        if tokio::time::Instant::now() >= deadline {
-            tracing::warn!(
-                tenant,
-                missing,
-                head,
-                "the audit trail lags behind the log; answering with what it has (is the \
-                 workers role running?)"
-            );
-            return Ok(false);
-        }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_millis(50));
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -602,14 +531,5 @@ mod tests {
                 "{aggregate}/{event} is listed twice"
             );
         }
-    }
-
-    #[test]
-    fn cursors_round_trip_and_foreign_ones_are_refused() {
-        assert_eq!(decode_cursor(&encode_cursor(42)), Some(42));
-        assert_eq!(decode_cursor("42"), None);
-        assert_eq!(decode_cursor("p0"), None);
-        assert_eq!(decode_cursor("p-1"), None);
-        assert_eq!(decode_cursor("px"), None);
     }
 }

@@ -1,13 +1,16 @@
 //! What runs behind the event log, driven by RabbitMQ:
 //!
 //! - [`relay`]: the outbox relay. The event log is the outbox; the relay follows it
-//!   by position and publishes every event to `dossier.events` with publisher
-//!   confirms, moving its checkpoint only past what the broker confirmed.
+//!   by position (on the runner every log follower uses,
+//!   `dossier_eventlog::follow`) and publishes every event to `dossier.events`
+//!   with publisher confirms, moving its checkpoint only past what the broker
+//!   confirmed.
 //! - [`blob`]: the blob worker. Removes the bytes of deleted files and records that
 //!   it did, sweeps blobs no event refers to, and verifies stored blobs against
 //!   their recorded SHA-256.
-//! - [`audit`]: the audit worker. Writes the audit trail from every event, seals
-//!   the log into per-tenant hash chains and signs their heads.
+//! - [`audit`]: the audit worker. Writes the audit trail from every event, a
+//!   window of deliveries per transaction, seals the log into per-tenant hash
+//!   chains and signs their heads.
 //! - [`zip`]: the zip worker. Streams a requested bundle's files into one ZIP in the
 //!   blob store (bounded memory, ZIP64 when needed) and expires old bundles.
 //!
@@ -75,6 +78,21 @@ pub enum PgError {
     /// The log could not be read.
     #[error(transparent)]
     Log(#[from] dossier_eventlog::log::LogError),
+}
+
+impl PgError {
+    /// Whether waiting and trying again may help (Postgres down or busy), as
+    /// opposed to a statement the database refuses every time.
+    pub fn is_transient(&self) -> bool {
+        use dossier_eventlog::log::LogError;
+        match self {
+            Self::Pool(_) | Self::Log(LogError::Pool(_)) => true,
+            Self::Query(error) | Self::Log(LogError::Query(error)) => {
+                dossier_eventlog::db::is_transient(error)
+            }
+            Self::Log(_) => false,
+        }
+    }
 }
 
 /// An event that a message on `dossier.events` names, as the log has it.

@@ -3,29 +3,34 @@
 //!
 //! The log is the outbox. There is no second table to fill in the command's
 //! transaction, and nothing cqrs-es does after a commit matters (its in-process
-//! queries lose events on a crash; see STYLE.md). The relay:
+//! queries lose events on a crash; see STYLE.md). The relay is a follower of the
+//! log like the read models and the sealer, on the same runner
+//! ([`dossier_eventlog::follow`], checkpoint `relay`); its effect is external:
 //!
-//! 1. reads events after its checkpoint (`checkpoints.name = 'relay'`) through
-//!    [`LogReader`], which never skips an event that commits late;
-//! 2. publishes a window of them, in position order, on one confirm-mode channel
-//!    ([`ConfirmedPublisher`]): routing key `<aggregate>.<event>`
-//!    ([`dossier_broker::routing_key`]), header `tenant`, `message_id` = the event id,
-//!    persistent, body = the contract's Event JSON;
-//! 3. awaits the confirms in order and moves the checkpoint to the last event of
-//!    the confirmed prefix, and only then.
+//! 1. the runner reads events after the checkpoint through [`LogReader`], which
+//!    never skips an event that commits late, and takes the relay's turn;
+//! 2. the relay publishes the window, in position order, on one confirm-mode
+//!    channel ([`ConfirmedPublisher`]): routing key `<aggregate>.<event>`
+//!    ([`dossier_broker::routing_key`]), header `tenant`, `message_id` = the event
+//!    id, persistent, body = the contract's Event JSON;
+//! 3. it awaits the confirms in order and answers the last event of the confirmed
+//!    prefix; the runner moves the checkpoint there, and only there, and commits.
 //!
 //! One channel and position order keep every aggregate's events in order. When the
-//! broker goes away, publishing fails, and the relay builds a new connection with
-//! backoff and starts again from its checkpoint: events published but not confirmed
+//! broker goes away, publishing fails, the relay drops its channel, and the runner
+//! retries with backoff from the checkpoint: events published but not confirmed
 //! are published again (consumers deduplicate by event id); nothing after the
 //! checkpoint can be lost, because the checkpoint never passes an unconfirmed event.
 //!
-//! Several processes may run the relay (`--role relay` on more than one node): a
-//! Postgres advisory lock lets one of them publish while the others stand by, so
-//! the events are not all sent twice. If the leader's session dies, another takes
-//! over from the shared checkpoint; the worst case is a few duplicates.
+//! Several processes may run the relay (`--role relay` on more than one node).
+//! They take turns through the relay's checkpoint: the turn (an advisory lock of
+//! the runner's transaction, [`Effects::External`]) is held from reading the
+//! checkpoint until the new one is committed, so one window is published by one
+//! relay, and the next relay continues after it. If a relay dies, its session and
+//! with it its turn end, and another continues from the shared checkpoint; the
+//! worst case is that the window it had published but not stored goes out again.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use dossier_broker::{
     self, AmqpError, Broker, ConfirmedPublisher, EVENTS_EXCHANGE, HEADER_TENANT, JSON_CONTENT_TYPE,
@@ -33,21 +38,16 @@ use dossier_broker::{
 };
 use dossier_eventlog::db::Pool;
 use dossier_eventlog::eventstore::META_CORRELATION_ID;
-use dossier_eventlog::log::{LogFilter, LogReader, LoggedEvent};
+use dossier_eventlog::follow::{Effects, FollowError, Follower, Halt, Runner, RunnerConfig};
+use dossier_eventlog::log::{LogReader, LoggedEvent};
 use dossier_runtime::retry::Backoff;
-use dossier_runtime::shutdown::{sleep_or_stop, stopped};
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use tokio::sync::watch;
-
-use crate::PgError;
+use tokio_postgres::Transaction;
 
 /// The relay's row in `checkpoints`.
 pub const CHECKPOINT_NAME: &str = "relay";
-
-/// Key of the advisory lock that makes one relay the publisher ("relay" in ASCII,
-/// recognisable in `pg_locks`).
-const LEADER_LOCK_KEY: i64 = 0x0072_656c_6179;
 
 /// How the relay paces itself.
 #[derive(Debug, Clone)]
@@ -58,11 +58,8 @@ pub struct RelayConfig {
     pub idle_poll: Duration,
     /// Between retries after a failure (broker or Postgres).
     pub backoff: Backoff,
-    /// How often a standby relay tries to become the publisher, and how often the
-    /// publisher checks that it still holds its lock.
-    pub leader_check: Duration,
-    /// How often the backlog gauge is refreshed.
-    pub backlog_interval: Duration,
+    /// How often the lag gauges are refreshed.
+    pub lag_interval: Duration,
 }
 
 impl Default for RelayConfig {
@@ -71,14 +68,13 @@ impl Default for RelayConfig {
             batch_size: 256,
             idle_poll: Duration::from_millis(50),
             backoff: Backoff::DEFAULT,
-            leader_check: Duration::from_secs(5),
-            backlog_interval: Duration::from_secs(1),
+            lag_interval: Duration::from_secs(1),
         }
     }
 }
 
-/// Why the relay stopped. Everything transient (broker down, Postgres down) is
-/// retried inside; these are the problems retrying cannot fix.
+/// Why the relay could not go on. [`run`] retries the transient ones inside
+/// (broker down, Postgres down) and stops on the others.
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
     /// An event cannot become an AMQP message at all (a routing key over 255
@@ -95,6 +91,22 @@ pub enum RelayError {
     /// The broker configuration is unusable (an invalid URL).
     #[error("the relay cannot use RabbitMQ: {0}")]
     Broker(#[source] AmqpError),
+    /// RabbitMQ did not take an event (down, restarting, slow). Transient: the
+    /// relay publishes again from its checkpoint.
+    #[error("publishing the event at position {position} failed: {source}")]
+    Publish {
+        /// The event's log position.
+        position: i64,
+        /// Why.
+        #[source]
+        source: PublishError,
+    },
+    /// No channel to publish on could be opened. Transient.
+    #[error("the relay has no RabbitMQ channel: {0}")]
+    Channel(#[source] AmqpError),
+    /// Postgres or the log. Transient unless the log itself is unreadable.
+    #[error(transparent)]
+    Follow(#[from] FollowError),
 }
 
 /// Why one event could not be published.
@@ -131,7 +143,8 @@ pub async fn run(
     run_with(pool, log, broker, RelayConfig::default(), shutdown).await
 }
 
-/// Runs the relay until `shutdown` turns `true` (see the module docs).
+/// Runs the relay until `shutdown` turns `true` (see the module docs). Answers
+/// `Err` only for what retrying cannot fix.
 #[tracing::instrument(name = "relay", skip_all)]
 pub async fn run_with(
     pool: Pool,
@@ -140,270 +153,131 @@ pub async fn run_with(
     config: RelayConfig,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), RelayError> {
-    let mut stopping = shutdown.clone();
-    let mut relay = Relay {
-        pool: pool.clone(),
-        reader: log,
-        config,
-        checkpoint: 0,
+    let follower = Relay {
+        broker,
         publisher: None,
-        failures: 0,
-        backlog_refreshed: None,
+        shutdown: shutdown.clone(),
     };
-    loop {
-        let Some(leader) = Leader::acquire(&pool, &relay.config, &shutdown).await else {
-            return Ok(());
-        };
-        let outcome = tokio::select! {
-            outcome = relay.publish_while_leader(&broker, &leader, &shutdown) => outcome,
-            () = stopped(&mut stopping) => Ok(Led::Shutdown),
-        };
-        if let Some(publisher) = relay.publisher.take() {
-            publisher.close().await;
-        }
-        leader.release().await;
-        match outcome? {
-            Led::Shutdown => {
-                tracing::info!(checkpoint = relay.checkpoint, "relay stopped");
-                return Ok(());
-            }
-            Led::LostLeadership => {
-                tracing::warn!(
-                    "the relay lost its Postgres session and with it the publisher lock; \
-                     standing by until it can take the lock again"
-                );
-            }
-        }
-    }
+    let config = RunnerConfig {
+        batch_size: config.batch_size,
+        idle_poll: config.idle_poll,
+        backoff: config.backoff,
+        lag_interval: config.lag_interval,
+    };
+    let runner = Runner::new(pool, follower, config).reading_from(log);
+    tracing::info!(
+        "relay publishing the log from its checkpoint, taking turns with any other relay"
+    );
+    runner.run(shutdown).await
 }
 
-enum Led {
-    Shutdown,
-    LostLeadership,
-}
-
-struct Relay {
-    pool: Pool,
-    reader: LogReader,
-    config: RelayConfig,
-    /// The position of the last event the broker confirmed (in memory; the stored
-    /// checkpoint may lag behind it after a failed update, never run ahead).
-    checkpoint: i64,
+/// The relay as a log follower: publishes each window and answers the confirmed
+/// prefix.
+pub struct Relay {
+    broker: Broker,
+    /// The confirm-mode channel, kept across windows; dropped after any failure.
     publisher: Option<ConfirmedPublisher>,
-    failures: u32,
-    backlog_refreshed: Option<Instant>,
+    shutdown: watch::Receiver<bool>,
 }
 
 impl Relay {
-    /// The publishing loop of the lock holder.
-    async fn publish_while_leader(
-        &mut self,
-        broker: &Broker,
-        leader: &Leader,
-        shutdown: &watch::Receiver<bool>,
-    ) -> Result<Led, RelayError> {
-        let mut stopping = shutdown.clone();
-        self.checkpoint = loop {
-            match load_checkpoint(&self.pool).await {
-                Ok(position) => break position,
-                Err(error) => {
-                    if self
-                        .pause_after_failure(
-                            "checkpoint",
-                            "reading the relay checkpoint",
-                            &error.to_string(),
-                            &mut stopping,
-                        )
-                        .await
-                    {
-                        return Ok(Led::Shutdown);
-                    }
-                }
+    /// Drops the channel after a failure; a confirm that never came means a
+    /// connection that looks alive but is not: rebuild that too.
+    async fn drop_publisher(&mut self, error: &PublishError) {
+        if let Some(publisher) = self.publisher.take() {
+            if matches!(error, PublishError::Amqp(AmqpError::ConfirmTimeout(_))) {
+                self.broker.invalidate(publisher.connection());
             }
-        };
-        tracing::info!(
-            checkpoint = self.checkpoint,
-            "relay publishing from its checkpoint"
-        );
-        let mut leadership_checked = Instant::now();
-        loop {
-            if *stopping.borrow() {
-                return Ok(Led::Shutdown);
-            }
-            if leadership_checked.elapsed() >= self.config.leader_check {
-                if !leader.still_held().await {
-                    return Ok(Led::LostLeadership);
-                }
-                leadership_checked = Instant::now();
-            }
-            let publisher = match self.publisher.take() {
-                Some(publisher) if publisher.is_open() => publisher,
-                previous => {
-                    if previous.is_some() {
-                        tracing::warn!(
-                            checkpoint = self.checkpoint,
-                            "the relay's RabbitMQ channel closed; reopening and resuming from the checkpoint"
-                        );
-                    }
-                    match ConfirmedPublisher::open(broker, shutdown).await {
-                        Ok(publisher) => publisher,
-                        Err(AmqpError::ShuttingDown) => return Ok(Led::Shutdown),
-                        Err(error) if error.is_permanent() => {
-                            return Err(RelayError::Broker(error));
-                        }
-                        Err(error) => {
-                            if self
-                                .pause_after_failure(
-                                    "channel",
-                                    "opening a publisher channel",
-                                    &error.to_string(),
-                                    &mut stopping,
-                                )
-                                .await
-                            {
-                                return Ok(Led::Shutdown);
-                            }
-                            continue;
-                        }
-                    }
-                }
-            };
-            self.publisher = Some(publisher);
-
-            let events = match self
-                .reader
-                .read(
-                    self.checkpoint,
-                    self.config.batch_size,
-                    &LogFilter::default(),
-                )
-                .await
-            {
-                Ok(events) => events,
-                Err(error) => {
-                    if self
-                        .pause_after_failure(
-                            "log",
-                            "reading the event log",
-                            &error.to_string(),
-                            &mut stopping,
-                        )
-                        .await
-                    {
-                        return Ok(Led::Shutdown);
-                    }
-                    continue;
-                }
-            };
-            self.refresh_backlog().await;
-            if events.is_empty() {
-                self.failures = 0;
-                if sleep_or_stop(self.config.idle_poll, &mut stopping).await {
-                    return Ok(Led::Shutdown);
-                }
-                continue;
-            }
-
-            let Some(publisher) = self.publisher.as_ref() else {
-                continue;
-            };
-            let published = publish_window(publisher, &events).await;
-            if let Some(position) = published.confirmed_up_to {
-                metrics::counter!("dossier_relay_events_published_total")
-                    .increment(published.confirmed_count);
-                self.checkpoint = position;
-                if let Err(error) = store_checkpoint(&self.pool, position).await {
-                    // The broker has these events; the next successful store covers
-                    // them. A crash before that only republishes them.
-                    metrics::counter!("dossier_relay_failures_total", "reason" => "checkpoint_store")
-                        .increment(1);
-                    tracing::warn!(
-                        error = %error,
-                        position,
-                        "could not store the relay checkpoint; a restart would publish some events again"
-                    );
-                }
-                metrics::gauge!("dossier_relay_checkpoint").set(position as f64);
-            }
-            match published.error {
-                None => self.failures = 0,
-                Some((position, error)) if error.is_permanent() => {
-                    metrics::counter!("dossier_relay_failures_total", "reason" => "unpublishable")
-                        .increment(1);
-                    tracing::error!(
-                        position,
-                        error = %error,
-                        "the relay stops: an event cannot be published, and skipping it would lose it downstream"
-                    );
-                    return Err(RelayError::Unpublishable {
-                        position,
-                        source: error,
-                    });
-                }
-                Some((position, error)) => {
-                    // Everything after the checkpoint is sent again on a fresh channel.
-                    if let Some(publisher) = self.publisher.take() {
-                        if matches!(error, PublishError::Amqp(AmqpError::ConfirmTimeout(_))) {
-                            // Silent for too long: the connection may be half-dead.
-                            broker.invalidate(publisher.connection());
-                        }
-                        publisher.close().await;
-                    }
-                    tracing::debug!(position, "publishing failed at this position");
-                    if self
-                        .pause_after_failure(
-                            "publish",
-                            "publishing to RabbitMQ (resuming from the checkpoint; some events may be published twice)",
-                            &error.to_string(),
-                            &mut stopping,
-                        )
-                        .await
-                    {
-                        return Ok(Led::Shutdown);
-                    }
-                }
-            }
+            publisher.close().await;
         }
     }
+}
 
-    /// Logs and counts a failure, then waits the backoff; answers whether shutdown
-    /// came first.
-    async fn pause_after_failure(
-        &mut self,
-        reason: &'static str,
-        doing: &'static str,
-        error: &str,
-        stopping: &mut watch::Receiver<bool>,
-    ) -> bool {
-        let delay = self.config.backoff.delay(self.failures);
-        self.failures = self.failures.saturating_add(1);
-        metrics::counter!("dossier_relay_failures_total", "reason" => reason).increment(1);
-        tracing::warn!(
-            error = %error,
-            checkpoint = self.checkpoint,
-            attempt = self.failures,
-            retry_in_ms = delay.as_millis() as u64,
-            "relay failed {doing}; events wait in the log and nothing is lost"
-        );
-        sleep_or_stop(delay, stopping).await
+impl Follower for Relay {
+    type Error = RelayError;
+    const EFFECTS: Effects = Effects::External;
+
+    fn checkpoints(&self) -> Vec<&'static str> {
+        vec![CHECKPOINT_NAME]
     }
 
-    /// Sets the backlog gauge (events between the checkpoint and the log head) at
-    /// most once per `backlog_interval`.
-    async fn refresh_backlog(&mut self) {
+    /// Opens the channel before the turn is taken, so that no transaction stays
+    /// open while the broker is away.
+    async fn prepare(&mut self) -> Result<(), RelayError> {
         if self
-            .backlog_refreshed
-            .is_some_and(|at| at.elapsed() < self.config.backlog_interval)
+            .publisher
+            .as_ref()
+            .is_some_and(ConfirmedPublisher::is_open)
         {
-            return;
+            return Ok(());
         }
-        self.backlog_refreshed = Some(Instant::now());
-        match log_head(&self.pool).await {
-            Ok(head) => {
-                let backlog = (head - self.checkpoint).max(0);
-                metrics::gauge!("dossier_relay_backlog_events").set(backlog as f64);
+        if let Some(closed) = self.publisher.take() {
+            tracing::warn!(
+                "the relay's RabbitMQ channel closed; reopening and resuming from the checkpoint"
+            );
+            closed.close().await;
+        }
+        match ConfirmedPublisher::open(&self.broker, &self.shutdown).await {
+            Ok(publisher) => {
+                self.publisher = Some(publisher);
+                Ok(())
             }
-            Err(error) => tracing::debug!(error = %error, "could not measure the relay backlog"),
+            Err(error) if error.is_permanent() => Err(RelayError::Broker(error)),
+            Err(error) => Err(RelayError::Channel(error)),
+        }
+    }
+
+    async fn apply(
+        &mut self,
+        _tx: &Transaction<'_>,
+        events: &[LoggedEvent],
+        from: &[i64],
+    ) -> Result<Vec<i64>, Halt<RelayError>> {
+        let Some(publisher) = self.publisher.as_ref() else {
+            return Err(Halt::rollback(RelayError::Channel(AmqpError::ShuttingDown)));
+        };
+        let published = publish_window(publisher, events).await;
+        let confirmed = vec![published.confirmed_up_to.unwrap_or(from[0])];
+        match published.error {
+            None => Ok(confirmed),
+            Some((position, source)) if source.is_permanent() => {
+                tracing::error!(
+                    position,
+                    error = %source,
+                    "the relay stops: an event cannot be published, and skipping it would lose it downstream"
+                );
+                Err(Halt::keep(
+                    confirmed,
+                    RelayError::Unpublishable { position, source },
+                ))
+            }
+            Some((position, source)) => {
+                // Everything after the confirmed prefix is sent again on a fresh
+                // channel, from the checkpoint.
+                self.drop_publisher(&source).await;
+                Err(Halt::keep(
+                    confirmed,
+                    RelayError::Publish { position, source },
+                ))
+            }
+        }
+    }
+
+    fn is_transient(error: &RelayError) -> bool {
+        match error {
+            RelayError::Unpublishable { .. } | RelayError::Broker(_) => false,
+            RelayError::Publish { .. } | RelayError::Channel(_) => true,
+            RelayError::Follow(error) => error.is_transient(),
+        }
+    }
+
+    fn kind(error: &RelayError) -> &'static str {
+        match error {
+            RelayError::Unpublishable { .. } => "unpublishable",
+            RelayError::Broker(_) => "broker",
+            RelayError::Publish { .. } => "publish",
+            RelayError::Channel(_) => "channel",
+            RelayError::Follow(_) => "postgres",
         }
     }
 }
@@ -500,132 +374,4 @@ pub fn message_for(
         properties = properties.with_correlation_id(correlation_id);
     }
     Ok((routing_key, properties, body))
-}
-
-/// The publisher lock: a session-level advisory lock on a connection taken out of
-/// the pool for as long as the relay publishes. Dropping that connection releases
-/// the lock, also when the process dies.
-struct Leader {
-    client: deadpool_postgres::ClientWrapper,
-}
-
-impl Leader {
-    /// Waits until this process holds the lock; `None` on shutdown.
-    async fn acquire(
-        pool: &Pool,
-        config: &RelayConfig,
-        shutdown: &watch::Receiver<bool>,
-    ) -> Option<Self> {
-        let mut stopping = shutdown.clone();
-        let mut announced = false;
-        let mut failures = 0u32;
-        loop {
-            if *stopping.borrow() {
-                return None;
-            }
-            let wait = match Self::try_acquire(pool).await {
-                Ok(Some(leader)) => {
-                    tracing::info!("this process is the relay's publisher");
-                    return Some(leader);
-                }
-                Ok(None) => {
-                    if !announced {
-                        tracing::info!(
-                            "another process publishes the log; this relay stands by and takes over if it stops"
-                        );
-                        announced = true;
-                    }
-                    failures = 0;
-                    config.leader_check
-                }
-                Err(error) => {
-                    let delay = config.backoff.delay(failures);
-                    failures = failures.saturating_add(1);
-                    metrics::counter!("dossier_relay_failures_total", "reason" => "leader_lock")
-                        .increment(1);
-                    tracing::warn!(
-                        error = %error,
-                        retry_in_ms = delay.as_millis() as u64,
-                        "the relay cannot reach Postgres; events wait in the log"
-                    );
-                    delay
-                }
-            };
-            if sleep_or_stop(wait, &mut stopping).await {
-                return None;
-            }
-        }
-    }
-
-    async fn try_acquire(pool: &Pool) -> Result<Option<Self>, PgError> {
-        let client = pool.get().await?;
-        let held: bool = client
-            .query_one("SELECT pg_try_advisory_lock($1)", &[&LEADER_LOCK_KEY])
-            .await?
-            .try_get(0)?;
-        if held {
-            // Out of the pool: a pooled connection would keep the lock after we
-            // hand it back, for whoever borrows it next.
-            Ok(Some(Self {
-                client: deadpool_postgres::Object::take(client),
-            }))
-        } else {
-            Ok(None)
-        }
-    }
-
-    /// Whether the lock's session is still alive (and so the lock still held).
-    async fn still_held(&self) -> bool {
-        self.client.simple_query("SELECT 1").await.is_ok()
-    }
-
-    /// Releases the lock by ending its session.
-    async fn release(self) {
-        let _ = self
-            .client
-            .query_one("SELECT pg_advisory_unlock($1)", &[&LEADER_LOCK_KEY])
-            .await;
-        drop(self.client);
-    }
-}
-
-/// The relay's stored checkpoint, creating its row at 0 if it has none.
-pub async fn load_checkpoint(pool: &Pool) -> Result<i64, PgError> {
-    let client = pool.get().await?;
-    client
-        .execute(
-            "INSERT INTO checkpoints (name, position) VALUES ($1, 0) ON CONFLICT (name) DO NOTHING",
-            &[&CHECKPOINT_NAME],
-        )
-        .await?;
-    let row = client
-        .query_one(
-            "SELECT position FROM checkpoints WHERE name = $1",
-            &[&CHECKPOINT_NAME],
-        )
-        .await?;
-    Ok(row.try_get(0)?)
-}
-
-/// Moves the stored checkpoint forward to `position` (never back: a standby that
-/// took over and a leader that has not noticed yet cannot undo each other).
-async fn store_checkpoint(pool: &Pool, position: i64) -> Result<(), PgError> {
-    let client = pool.get().await?;
-    client
-        .execute(
-            "UPDATE checkpoints SET position = GREATEST(position, $2), updated_at = now() \
-             WHERE name = $1",
-            &[&CHECKPOINT_NAME, &position],
-        )
-        .await?;
-    Ok(())
-}
-
-/// The highest position in the log (0 when empty).
-async fn log_head(pool: &Pool) -> Result<i64, PgError> {
-    let client = pool.get().await?;
-    let row = client
-        .query_one("SELECT COALESCE(max(position), 0) FROM events", &[])
-        .await?;
-    Ok(row.try_get(0)?)
 }

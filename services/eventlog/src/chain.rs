@@ -13,13 +13,14 @@
 //! # Sealing without serializing writers
 //!
 //! Appends are not touched: the [`Sealer`] follows the log behind the writers,
-//! in position order, through [`LogReader`] (which never skips a late commit),
-//! like a projection. Per batch, in one transaction, it writes one
-//! `event_hashes` row per event, moves each tenant's `chain_heads` row and its
-//! own checkpoint (`checkpoints.name = 'sealer'`). The checkpoint row is locked
-//! for the batch, so sealers in several processes take turns and never fork a
-//! chain. Writers of all tenants keep appending in parallel; the cost is that
-//! the newest events are unsealed for a moment.
+//! in position order, as one more follower of the log (`crate::follow`: the
+//! runner every follower uses, reading through [`LogReader`], which never skips
+//! a late commit). Per batch, in one transaction, it writes one `event_hashes`
+//! row per event, moves each tenant's `chain_heads` row and its own checkpoint
+//! (`checkpoints.name = 'sealer'`). The checkpoint row is locked for the batch,
+//! so sealers in several processes take turns and never fork a chain, and one
+//! takes over from where another stopped. Writers of all tenants keep appending
+//! in parallel; the cost is that the newest events are unsealed for a moment.
 //!
 //! # Checkpoints
 //!
@@ -50,8 +51,13 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
+use tokio::sync::watch;
+
 use crate::db::{Pool, pg_detail};
-use crate::log::{EVENT_COLUMNS, LogError, LogFilter, LogReader, LoggedEvent};
+use crate::follow::{
+    Effects, FollowError, Follower, Halt, Progress, Runner, RunnerConfig, checkpoint,
+};
+use crate::log::{EVENT_COLUMNS, LogError, LogReader, LoggedEvent};
 
 /// The `prev_hash` of a tenant's first event.
 pub const GENESIS: [u8; 32] = [0; 32];
@@ -98,16 +104,19 @@ impl ChainError {
         match self {
             Self::Pool(_) | Self::Log(LogError::Pool(_)) => true,
             Self::Query(error) | Self::Log(LogError::Query(error)) => {
-                error.is_closed()
-                    || error.code().is_none_or(|code| {
-                        let code = code.code();
-                        code.starts_with("08")
-                            || code.starts_with("53")
-                            || code.starts_with("57P")
-                            || code.starts_with("40")
-                    })
+                crate::db::is_transient(error)
             }
             Self::Log(_) | Self::Malformed(_) => false,
+        }
+    }
+}
+
+impl From<FollowError> for ChainError {
+    fn from(error: FollowError) -> Self {
+        match error {
+            FollowError::Pool(error) => Self::Pool(error),
+            FollowError::Query(error) => Self::Query(error),
+            FollowError::Log(error) => Self::Log(error),
         }
     }
 }
@@ -180,24 +189,109 @@ fn to_hash(bytes: Vec<u8>, what: &str) -> Result<[u8; 32], ChainError> {
         .map_err(|_| ChainError::Malformed(format!("{what} is {} bytes, not 32", bytes.len())))
 }
 
-/// What one [`Sealer::step`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SealProgress {
-    /// Events sealed by this step.
-    pub sealed: usize,
-    /// The sealer's checkpoint after the step.
-    pub position: i64,
-    /// Whether there is probably more to seal right away.
-    pub more: bool,
+/// The sealer as a log follower: per batch, in the runner's transaction, one
+/// `event_hashes` row per event and each tenant's moved `chain_heads` row (see
+/// the module docs). Run it through [`Sealer`].
+#[derive(Debug, Default)]
+pub struct Seal;
+
+impl Follower for Seal {
+    type Error = ChainError;
+    const EFFECTS: Effects = Effects::InTransaction;
+
+    fn checkpoints(&self) -> Vec<&'static str> {
+        vec![SEALER_CHECKPOINT]
+    }
+
+    async fn apply(
+        &mut self,
+        tx: &tokio_postgres::Transaction<'_>,
+        events: &[LoggedEvent],
+        _from: &[i64],
+    ) -> Result<Vec<i64>, Halt<ChainError>> {
+        seal(tx, events).await.map_err(Halt::rollback)?;
+        let last = events.last().map_or(0, |event| event.position);
+        metrics::counter!("dossier_chain_events_sealed_total").increment(events.len() as u64);
+        Ok(vec![last])
+    }
+
+    fn is_transient(error: &ChainError) -> bool {
+        error.is_transient()
+    }
+
+    fn kind(error: &ChainError) -> &'static str {
+        match error {
+            ChainError::Pool(_) => "pool",
+            ChainError::Query(_) => "postgres",
+            ChainError::Log(_) => "log",
+            ChainError::Malformed(_) => "malformed",
+        }
+    }
 }
 
-/// Follows the log and seals every event into its tenant's chain (see the
-/// module docs). Keep one per process and call [`Self::step`] repeatedly.
+/// Writes the seals of `events` and moves their tenants' chain heads, in `tx`.
+async fn seal(
+    tx: &tokio_postgres::Transaction<'_>,
+    events: &[LoggedEvent],
+) -> Result<(), ChainError> {
+    let mut tenants: Vec<String> = events.iter().map(|e| e.tenant.clone()).collect();
+    tenants.sort();
+    tenants.dedup();
+    let mut heads: HashMap<String, (i64, [u8; 32])> = HashMap::new();
+    for row in tx
+        .query(
+            "SELECT tenant, seq, hash FROM chain_heads WHERE tenant = ANY($1)",
+            &[&tenants],
+        )
+        .await?
+    {
+        let hash = to_hash(row.try_get("hash")?, "a chain head's hash")?;
+        heads.insert(row.try_get("tenant")?, (row.try_get("seq")?, hash));
+    }
+
+    let mut positions = Vec::with_capacity(events.len());
+    let mut owners = Vec::with_capacity(events.len());
+    let mut seqs = Vec::with_capacity(events.len());
+    let mut hashes: Vec<Vec<u8>> = Vec::with_capacity(events.len());
+    let mut prevs: Vec<Vec<u8>> = Vec::with_capacity(events.len());
+    let mut moved: HashMap<String, (i64, i64, [u8; 32])> = HashMap::new();
+    for event in events {
+        let (seq, prev) = heads.get(&event.tenant).copied().unwrap_or((0, GENESIS));
+        let hash = chain_hash(&prev, event);
+        positions.push(event.position);
+        owners.push(event.tenant.clone());
+        seqs.push(seq + 1);
+        hashes.push(hash.to_vec());
+        prevs.push(prev.to_vec());
+        heads.insert(event.tenant.clone(), (seq + 1, hash));
+        moved.insert(event.tenant.clone(), (seq + 1, event.position, hash));
+    }
+    tx.execute(
+        "INSERT INTO event_hashes (position, tenant, seq, hash, prev_hash) \
+         SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bytea[], $5::bytea[])",
+        &[&positions, &owners, &seqs, &hashes, &prevs],
+    )
+    .await?;
+    for (tenant, (seq, position, hash)) in &moved {
+        tx.execute(
+            "INSERT INTO chain_heads (tenant, seq, position, hash) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (tenant) DO UPDATE \
+             SET seq = EXCLUDED.seq, position = EXCLUDED.position, hash = EXCLUDED.hash, \
+                 updated_at = now()",
+            &[tenant, seq, position, &hash.as_slice()],
+        )
+        .await?;
+    }
+    tracing::debug!(count = events.len(), "sealed events");
+    Ok(())
+}
+
+/// Follows the log and seals every event into its tenant's chain: the
+/// [`Runner`] of [`Seal`] (checkpoint `sealer`, turns with other processes'
+/// sealers through it). Keep one per process.
 #[derive(Debug)]
 pub struct Sealer {
-    pool: Pool,
-    reader: LogReader,
-    position: Option<i64>,
+    runner: Runner<Seal>,
 }
 
 impl Sealer {
@@ -210,158 +304,43 @@ impl Sealer {
     /// A sealer that reads the log through `reader`, a clone of the process's
     /// one reader (it shares the safe watermark, see [`LogReader`]).
     pub fn reading_from(pool: Pool, reader: LogReader) -> Self {
+        let config = RunnerConfig {
+            batch_size: SEAL_BATCH,
+            ..RunnerConfig::default()
+        };
         Self {
-            pool,
-            reader,
-            position: None,
+            runner: Runner::new(pool, Seal, config).reading_from(reader),
         }
     }
 
+    /// Paces it by `config` (poll, backoff, batch size).
+    pub fn with_config(mut self, config: RunnerConfig) -> Self {
+        self.runner = self.runner.with_config(config);
+        self
+    }
+
     /// Seals at most one batch of events after the sealer's checkpoint.
-    pub async fn step(&mut self) -> Result<SealProgress, ChainError> {
-        let after = match self.position {
-            Some(position) => position,
-            None => self.load_checkpoint().await?,
-        };
-        let events = self
-            .reader
-            .read(after, SEAL_BATCH, &LogFilter::default())
-            .await?;
-        let Some(last) = events.last().map(|event| event.position) else {
-            return Ok(SealProgress {
-                sealed: 0,
-                position: after,
-                more: false,
-            });
-        };
-
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        let committed = lock_checkpoint(&tx).await?;
-        if committed != after {
-            // Another process sealed meanwhile: continue from what it committed.
-            self.position = Some(committed);
-            return Ok(SealProgress {
-                sealed: 0,
-                position: committed,
-                more: true,
-            });
-        }
-
-        let mut tenants: Vec<String> = events.iter().map(|e| e.tenant.clone()).collect();
-        tenants.sort();
-        tenants.dedup();
-        let mut heads: HashMap<String, (i64, [u8; 32])> = HashMap::new();
-        for row in tx
-            .query(
-                "SELECT tenant, seq, hash FROM chain_heads WHERE tenant = ANY($1)",
-                &[&tenants],
-            )
-            .await?
-        {
-            let hash = to_hash(row.try_get("hash")?, "a chain head's hash")?;
-            heads.insert(row.try_get("tenant")?, (row.try_get("seq")?, hash));
-        }
-
-        let mut positions = Vec::with_capacity(events.len());
-        let mut owners = Vec::with_capacity(events.len());
-        let mut seqs = Vec::with_capacity(events.len());
-        let mut hashes: Vec<Vec<u8>> = Vec::with_capacity(events.len());
-        let mut prevs: Vec<Vec<u8>> = Vec::with_capacity(events.len());
-        let mut moved: HashMap<String, (i64, i64, [u8; 32])> = HashMap::new();
-        for event in &events {
-            let (seq, prev) = heads.get(&event.tenant).copied().unwrap_or((0, GENESIS));
-            let hash = chain_hash(&prev, event);
-            positions.push(event.position);
-            owners.push(event.tenant.clone());
-            seqs.push(seq + 1);
-            hashes.push(hash.to_vec());
-            prevs.push(prev.to_vec());
-            heads.insert(event.tenant.clone(), (seq + 1, hash));
-            moved.insert(event.tenant.clone(), (seq + 1, event.position, hash));
-        }
-        tx.execute(
-            "INSERT INTO event_hashes (position, tenant, seq, hash, prev_hash) \
-             SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bytea[], $5::bytea[])",
-            &[&positions, &owners, &seqs, &hashes, &prevs],
-        )
-        .await?;
-        for (tenant, (seq, position, hash)) in &moved {
-            tx.execute(
-                "INSERT INTO chain_heads (tenant, seq, position, hash) VALUES ($1, $2, $3, $4) \
-                 ON CONFLICT (tenant) DO UPDATE \
-                 SET seq = EXCLUDED.seq, position = EXCLUDED.position, hash = EXCLUDED.hash, \
-                     updated_at = now()",
-                &[tenant, seq, position, &hash.as_slice()],
-            )
-            .await?;
-        }
-        tx.execute(
-            "UPDATE checkpoints SET position = $2, updated_at = now() WHERE name = $1",
-            &[&SEALER_CHECKPOINT, &last],
-        )
-        .await?;
-        tx.commit().await?;
-        self.position = Some(last);
-        metrics::counter!("dossier_chain_events_sealed_total").increment(events.len() as u64);
-        metrics::gauge!("dossier_chain_sealed_position").set(last as f64);
-        tracing::debug!(count = events.len(), position = last, "sealed events");
-        Ok(SealProgress {
-            sealed: events.len(),
-            position: last,
-            more: events.len() as i64 >= SEAL_BATCH,
-        })
+    pub async fn step(&mut self) -> Result<Progress, ChainError> {
+        self.runner.step().await
     }
 
     /// Seals everything that is safe to read now; answers the checkpoint.
     pub async fn catch_up(&mut self) -> Result<i64, ChainError> {
-        loop {
-            let progress = self.step().await?;
-            if !progress.more {
-                return Ok(progress.position);
-            }
-        }
+        self.runner.catch_up().await
     }
 
-    async fn load_checkpoint(&mut self) -> Result<i64, ChainError> {
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        let position = lock_checkpoint(&tx).await?;
-        tx.commit().await?;
-        self.position = Some(position);
-        Ok(position)
+    /// Seals as the log grows until `shutdown` turns `true`; an `Err` only for
+    /// a failure retrying cannot fix (see [`Runner::run`]).
+    pub async fn run(self, shutdown: watch::Receiver<bool>) -> Result<(), ChainError> {
+        self.runner.run(shutdown).await
     }
-}
-
-/// Locks the sealer's checkpoint row until `tx` ends (creating it at 0).
-async fn lock_checkpoint(tx: &tokio_postgres::Transaction<'_>) -> Result<i64, ChainError> {
-    tx.execute(
-        "INSERT INTO checkpoints (name, position) VALUES ($1, 0) ON CONFLICT (name) DO NOTHING",
-        &[&SEALER_CHECKPOINT],
-    )
-    .await?;
-    let row = tx
-        .query_one(
-            "SELECT position FROM checkpoints WHERE name = $1 FOR UPDATE",
-            &[&SEALER_CHECKPOINT],
-        )
-        .await?;
-    Ok(row.try_get(0)?)
 }
 
 /// How far the sealer has got (0 before it first ran).
 pub async fn sealed_position(pool: &Pool) -> Result<i64, ChainError> {
-    let client = pool.get().await?;
-    let row = client
-        .query_opt(
-            "SELECT position FROM checkpoints WHERE name = $1",
-            &[&SEALER_CHECKPOINT],
-        )
-        .await?;
-    Ok(match row {
-        Some(row) => row.try_get(0)?,
-        None => 0,
-    })
+    Ok(checkpoint::read(pool, SEALER_CHECKPOINT)
+        .await?
+        .unwrap_or(0))
 }
 
 /// A signed statement about the head of one tenant's chain.

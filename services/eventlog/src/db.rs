@@ -160,6 +160,28 @@ pub fn pg_detail(error: &tokio_postgres::Error) -> String {
     }
 }
 
+/// Whether a failed statement may work when tried again: the connection is gone
+/// or was never made, the server is short of resources (53), an operator
+/// intervened (57P), or a serialization failure or deadlock (40). Everything else
+/// (a constraint, a type, a syntax error) fails the same way every time. The one
+/// rule for every follower and worker.
+pub fn is_transient(error: &tokio_postgres::Error) -> bool {
+    if error.is_closed() {
+        return true;
+    }
+    match error.code() {
+        Some(code) => {
+            let code = code.code();
+            code.starts_with("08")
+                || code.starts_with("53")
+                || code.starts_with("57P")
+                || code.starts_with("40")
+        }
+        // No SQLSTATE: an IO error or a timeout talking to the server.
+        None => true,
+    }
+}
+
 /// Connects to the database named in `url` (creating it first if it does not
 /// exist) and returns a pool of at most `max_size` connections (at least one).
 ///

@@ -1,6 +1,7 @@
 //! `GET /v1/audit`: the audit trail of the caller's tenant, for staff and
 //! auditors (customers get 403). Written by the audit worker
-//! (`dossier_workers::audit`) from every event of the log.
+//! (`dossier_workers::audit`) from every event of the log; read through
+//! `dossier_projections::audit`.
 
 use std::time::Duration;
 
@@ -8,7 +9,7 @@ use axum::extract::{RawQuery, State};
 use axum::routing::get;
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
-use dossier_workers::audit::{self, AuditEntry, AuditFilter};
+use dossier_projections::audit::{self, AuditEntry, AuditFilter};
 use serde::Serialize;
 
 use crate::auth::StaffOrAuditor;
