@@ -29,7 +29,7 @@ use dossier_api::auth::jwt::{self, Claims, Role};
 use dossier_api::startup::Application;
 use dossier_blobstore::{self as blob, BlobStore, BlobStoreSpec, S3Options};
 use dossier_eventlog::db::Pool;
-use dossier_runtime::config::Settings;
+use dossier_runtime::config::{ConfigError, Settings};
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -138,6 +138,15 @@ pub async fn s3_store(bucket: &str) -> Arc<dyn BlobStore> {
 
 /// Settings for a test: defaults, a database of its own, a free port.
 pub fn settings(database_url: &str, overrides: &[(&str, &str)]) -> Settings {
+    try_settings(database_url, overrides).expect("test settings are valid")
+}
+
+/// Settings for a Dossier of the harness: defaults, `database_url`, a free
+/// port of 127.0.0.1, [`SECRET`], then `overrides`.
+pub fn try_settings(
+    database_url: &str,
+    overrides: &[(&str, &str)],
+) -> Result<Settings, ConfigError> {
     let mut vars: HashMap<String, String> = HashMap::from([
         ("DOSSIER_DATABASE_URL".into(), database_url.to_owned()),
         ("DOSSIER_HTTP_ADDR".into(), "127.0.0.1:0".into()),
@@ -146,7 +155,7 @@ pub fn settings(database_url: &str, overrides: &[(&str, &str)]) -> Settings {
     for (k, v) in overrides {
         vars.insert((*k).to_owned(), (*v).to_owned());
     }
-    Settings::from_lookup(|var| vars.get(var).cloned()).expect("test settings are valid")
+    Settings::from_lookup(|var| vars.get(var).cloned())
 }
 
 /// The real [`Application`], in this process, on a free port of 127.0.0.1.
