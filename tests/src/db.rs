@@ -1,5 +1,7 @@
 //! Each test gets its own, migrated Postgres database on the server of
-//! `DOSSIER_TEST_DATABASE_URL`; databases of earlier runs are dropped.
+//! `DOSSIER_TEST_DATABASE_URL`; databases of earlier runs are dropped. The
+//! benchmark makes its databases the same way ([`Database`]), with names of its
+//! own, and removes each one again when its scenario ends.
 use dossier_eventlog::db::{DbError, Pool, connect, migrate};
 
 /// Environment variable naming the Postgres server tests use; the database
@@ -53,6 +55,64 @@ pub async fn fresh_database() -> Result<(Pool, String), DbError> {
     Ok((pool, url))
 }
 
+/// A database of its own on a Postgres server, created and migrated by
+/// [`Database::create`], dropped again by [`Database::remove`] (the benchmark's
+/// way; tests keep theirs for looking at, see [`fresh_database`]).
+pub struct Database {
+    /// Its URL, for a second pool or a child process.
+    pub url: String,
+    /// A pool of the size asked for.
+    pub pool: Pool,
+    name: String,
+    server: String,
+}
+
+impl Database {
+    /// Creates the database `name` on the server of `server_url` (whatever
+    /// database that URL names), migrates it, and opens a pool of `pool_size`.
+    pub async fn create(server_url: &str, name: &str, pool_size: usize) -> Result<Self, DbError> {
+        let url = with_database_name(server_url, name);
+        let pool = connect(&url, pool_size).await?;
+        migrate(&pool).await?;
+        Ok(Self {
+            url,
+            pool,
+            name: name.to_owned(),
+            server: server_url.to_owned(),
+        })
+    }
+
+    /// The database's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Another pool on the same database, e.g. one connection per client.
+    pub async fn pool(&self, size: usize) -> Result<Pool, DbError> {
+        connect(&self.url, size).await
+    }
+
+    /// Drops the database, whoever is still connected to it.
+    pub async fn remove(self) -> Result<(), tokio_postgres::Error> {
+        self.pool.close();
+        let (client, connection) = tokio_postgres::connect(
+            &with_database_name(&self.server, "postgres"),
+            tokio_postgres::NoTls,
+        )
+        .await?;
+        let driver = tokio::spawn(connection);
+        let dropped = client
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+                self.name
+            ))
+            .await;
+        drop(client);
+        let _ = driver.await;
+        dropped
+    }
+}
+
 /// Drops `dossier_test_<secs>_…` databases older than [`KEEP_FOR_SECS`];
 /// best effort (a database still in use by another run is kept).
 async fn drop_old_test_databases() {
@@ -89,7 +149,7 @@ async fn drop_old_test_databases() {
 
 /// Replaces the database name (the path) of a `postgres://` URL, keeping any
 /// query string.
-pub(crate) fn with_database_name(url: &str, name: &str) -> String {
+pub fn with_database_name(url: &str, name: &str) -> String {
     let (base, query) = match url.split_once('?') {
         Some((base, query)) => (base, Some(query)),
         None => (url, None),
@@ -104,6 +164,7 @@ pub(crate) fn with_database_name(url: &str, name: &str) -> String {
         None => format!("{base}/{name}"),
     }
 }
+
 #[cfg(test)]
 mod tests {
     use super::*;

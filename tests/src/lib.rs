@@ -4,31 +4,55 @@
 //! S3 bucket on a real S3 server over HTTP (s3s-fs, one per test process, on a
 //! runtime of its own so it outlives any single test), and the real
 //! [`Application`] listening on a free port. Requests go through reqwest,
-//! like any client's.
+//! like any client's; [`client::Client`] speaks the contract for a test, and
+//! [`wait::eventually`] is how a test waits for something to happen.
+//!
+//! The benchmark stands on the same pieces: [`db::Database`], [`s3`],
+//! [`rabbit::TestVhost`], [`AppServer`], [`token`] and [`process`].
 
+pub mod client;
 pub mod db;
 pub mod postgres;
+pub mod process;
 pub mod proxy;
 pub mod rabbit;
 pub mod s3;
 pub mod upstream;
+pub mod wait;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use crate::rabbit::TestVhost;
 use dossier_api::auth::jwt::{self, Claims, Role};
 use dossier_api::startup::Application;
 use dossier_blobstore::{self as blob, BlobStore, BlobStoreSpec, S3Options};
 use dossier_eventlog::db::Pool;
-use dossier_runtime::config::Settings;
-use reqwest::multipart::{Form, Part};
+use dossier_runtime::config::{ConfigError, Settings};
 use serde_json::Value;
 use uuid::Uuid;
 
+/// The JWT secret of every Dossier the harness starts (tests and benchmark).
 pub const SECRET: &str = "test-secret-for-dossier-end-to-end-tests";
+
+/// A bearer token signed with [`SECRET`], valid for `ttl` from now.
+pub fn token(tenant: &str, role: Role, sub: &str, customer: Option<&str>, ttl: Duration) -> String {
+    let now = chrono::Utc::now().timestamp();
+    jwt::issue(
+        SECRET.as_bytes(),
+        &Claims {
+            sub: sub.to_owned(),
+            tenant: tenant.to_owned(),
+            role,
+            customer: customer.map(str::to_owned),
+            exp: now + i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX / 2),
+            iat: Some(now),
+        },
+    )
+}
 
 /// The S3 server every test of this process shares (each with its own bucket).
 pub struct SharedS3 {
@@ -100,24 +124,31 @@ pub fn s3_server() -> &'static SharedS3 {
     })
 }
 
+impl SharedS3 {
+    /// The blob store options for `bucket` on this server.
+    pub fn options(&self, bucket: &str) -> S3Options {
+        s3::bucket_options(&self.endpoint, &self.access_key, &self.secret_key, bucket)
+    }
+}
+
 /// A fresh bucket on the shared S3 server, opened through aws-sdk-s3.
 pub async fn s3_store(bucket: &str) -> Arc<dyn BlobStore> {
-    let s3 = s3_server();
-    blob::open(&BlobStoreSpec::S3(S3Options {
-        bucket: bucket.to_owned(),
-        prefix: None,
-        endpoint: Some(s3.endpoint.clone()),
-        region: "us-east-1".to_owned(),
-        access_key: Some(s3.access_key.clone()),
-        secret_key: Some(s3.secret_key.clone()),
-        create_bucket_if_missing: true,
-    }))
-    .await
-    .expect("the test bucket opens")
+    blob::open(&BlobStoreSpec::S3(s3_server().options(bucket)))
+        .await
+        .expect("the test bucket opens")
 }
 
 /// Settings for a test: defaults, a database of its own, a free port.
 pub fn settings(database_url: &str, overrides: &[(&str, &str)]) -> Settings {
+    try_settings(database_url, overrides).expect("test settings are valid")
+}
+
+/// Settings for a Dossier of the harness: defaults, `database_url`, a free
+/// port of 127.0.0.1, [`SECRET`], then `overrides`.
+pub fn try_settings(
+    database_url: &str,
+    overrides: &[(&str, &str)],
+) -> Result<Settings, ConfigError> {
     let mut vars: HashMap<String, String> = HashMap::from([
         ("DOSSIER_DATABASE_URL".into(), database_url.to_owned()),
         ("DOSSIER_HTTP_ADDR".into(), "127.0.0.1:0".into()),
@@ -126,7 +157,80 @@ pub fn settings(database_url: &str, overrides: &[(&str, &str)]) -> Settings {
     for (k, v) in overrides {
         vars.insert((*k).to_owned(), (*v).to_owned());
     }
-    Settings::from_lookup(|var| vars.get(var).cloned()).expect("test settings are valid")
+    Settings::from_lookup(|var| vars.get(var).cloned())
+}
+
+/// The real [`Application`], in this process, on a free port of 127.0.0.1.
+pub struct AppServer {
+    /// `http://127.0.0.1:<port>`.
+    pub address: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl AppServer {
+    /// Builds the application from `settings` on `blobs` and runs it until
+    /// [`Self::stop`]; it must run the api role.
+    pub async fn start(settings: Settings, blobs: Arc<dyn BlobStore>) -> anyhow::Result<Self> {
+        let app = Application::build_with_blobs(settings, blobs).await?;
+        let address = app
+            .http_address()
+            .ok_or_else(|| anyhow::anyhow!("the application runs no api role"))?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(app.run_until_stopped(async move {
+            let _ = stopped.await;
+        }));
+        Ok(Self {
+            address: format!("http://{address}"),
+            stop: Some(stop),
+            task: Some(task),
+        })
+    }
+
+    /// `address` + `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.address)
+    }
+
+    /// Waits until `/readyz` answers 2xx: every backing service reachable and
+    /// the RabbitMQ topology declared.
+    pub async fn wait_until_ready(
+        &self,
+        client: &reqwest::Client,
+        patience: Duration,
+    ) -> Result<(), wait::TimedOut> {
+        wait_until_ready(client, &self.address, patience).await
+    }
+
+    /// Stops the application gracefully (it stops taking work and finishes what
+    /// is in flight) and reports how it ended; a second call does nothing.
+    pub async fn stop(&mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match self.task.take() {
+            Some(task) => task.await?,
+            None => Ok(()),
+        }
+    }
+}
+
+/// Waits until `GET {address}/readyz` answers 2xx (any Dossier, in this
+/// process or a child).
+pub async fn wait_until_ready(
+    client: &reqwest::Client,
+    address: &str,
+    patience: Duration,
+) -> Result<(), wait::TimedOut> {
+    let url = format!("{address}/readyz");
+    wait::Wait::new(format!("{url} to answer 2xx"))
+        .timeout(patience)
+        .until(async || match client.get(&url).send().await {
+            Ok(response) if response.status().is_success() => Ok(()),
+            Ok(response) => Err(response.status().to_string()),
+            Err(error) => Err(error.to_string()),
+        })
+        .await
 }
 
 pub struct TestApp {
@@ -138,8 +242,7 @@ pub struct TestApp {
     pub database_url: String,
     pub blobs: Arc<dyn BlobStore>,
     pub bucket: String,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    server: AppServer,
 }
 
 impl TestApp {
@@ -170,61 +273,63 @@ impl TestApp {
         let mut all: Vec<(&str, &str)> = vec![("DOSSIER_AMQP_URL", vhost.url())];
         all.extend_from_slice(overrides);
         let settings = settings(&database_url, &all);
-        let app = Application::build_with_blobs(settings, blobs.clone())
+        let server = AppServer::start(settings, blobs.clone())
             .await
             .expect("the application starts");
-        let address = format!(
-            "http://{}",
-            app.http_address().expect("the api role listens")
-        );
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(app.run_until_stopped(async move {
-            let _ = stopped.await;
-        }));
         Self {
-            address,
+            address: server.address.clone(),
             vhost,
             client: reqwest::Client::new(),
             pool,
             database_url,
             blobs,
             bucket,
-            stop: Some(stop),
-            task: Some(task),
+            server,
         }
     }
 
     /// Waits for `/readyz`: every backing service reachable and the RabbitMQ
     /// topology declared, so a test's own clients find the exchanges.
     pub async fn wait_until_ready(&self) {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        loop {
-            let ready = self
-                .client
-                .get(self.url("/readyz"))
-                .send()
-                .await
-                .is_ok_and(|r| r.status().is_success());
-            if ready {
-                return;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the application did not become ready"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        if let Err(timed_out) = self
+            .server
+            .wait_until_ready(&self.client, wait::DEFAULT_TIMEOUT)
+            .await
+        {
+            panic!("the application did not become ready: {timed_out}");
         }
     }
 
     /// Stops the application gracefully and reports how it ended.
     pub async fn stop(mut self) -> anyhow::Result<()> {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        match self.task.take() {
-            Some(task) => task.await?,
-            None => Ok(()),
-        }
+        self.shutdown().await
+    }
+
+    /// Stops the application gracefully but keeps what it ran on (database,
+    /// vhost, bucket) for looking at: once this returns, every delivery its
+    /// consumers took is settled (acked, rejected, or back in its queue) and
+    /// nothing of it writes any more. A second call does nothing.
+    pub async fn shutdown(&mut self) -> anyhow::Result<()> {
+        self.server.stop().await
+    }
+
+    /// A client of the contract for whoever holds `token`.
+    pub fn api(&self, token: &str) -> client::Client {
+        client::Client::new(self.client.clone(), &self.address, token)
+    }
+
+    /// A Dossier child process (`exe args...`, which must run
+    /// [`process::serve_from_env`]) on this test's database, vhost and bucket.
+    pub fn serve_command<S: AsRef<std::ffi::OsStr>>(
+        &self,
+        exe: impl AsRef<std::ffi::OsStr>,
+        args: impl IntoIterator<Item = S>,
+    ) -> process::ServeCommand {
+        let s3 = s3_server();
+        process::ServeCommand::new(exe, args)
+            .database(&self.database_url)
+            .amqp(self.vhost.url())
+            .s3_bucket(&s3.endpoint, &s3.access_key, &s3.secret_key, &self.bucket)
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -232,18 +337,7 @@ impl TestApp {
     }
 
     pub fn token(&self, tenant: &str, role: Role, sub: &str, customer: Option<&str>) -> String {
-        let now = chrono::Utc::now().timestamp();
-        jwt::issue(
-            SECRET.as_bytes(),
-            &Claims {
-                sub: sub.to_owned(),
-                tenant: tenant.to_owned(),
-                role,
-                customer: customer.map(str::to_owned),
-                exp: now + 3600,
-                iat: Some(now),
-            },
-        )
+        token(tenant, role, sub, customer, Duration::from_secs(3600))
     }
 
     pub fn staff(&self, tenant: &str) -> String {
@@ -272,23 +366,17 @@ impl TestApp {
         bytes: Vec<u8>,
         fields: &[(&str, &str)],
     ) -> reqwest::Response {
-        let mut form = Form::new().part(
-            "file",
-            Part::bytes(bytes)
-                .file_name(file_name.to_owned())
-                .mime_str("application/pdf")
-                .expect("a valid mime type"),
-        );
-        for (k, v) in fields {
-            form = form.text((*k).to_owned(), (*v).to_owned());
-        }
-        self.client
-            .post(self.url(&format!("/v1/customers/{customer}/files")))
-            .bearer_auth(token)
-            .multipart(form)
-            .send()
-            .await
-            .expect("the upload request is answered")
+        let upload = client::Upload {
+            name: None,
+            file_name: file_name.to_owned(),
+            content_type: "application/pdf".to_owned(),
+            bytes,
+            fields: fields
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        };
+        self.api(token).post_upload(customer, &upload).await
     }
 
     /// Uploads and returns the created File, asserting 201.
@@ -312,12 +400,7 @@ impl TestApp {
     }
 
     pub async fn get(&self, token: &str, path: &str) -> reqwest::Response {
-        self.client
-            .get(self.url(path))
-            .bearer_auth(token)
-            .send()
-            .await
-            .expect("the request is answered")
+        self.api(token).get(path).await
     }
 
     pub async fn send_json(
@@ -327,13 +410,7 @@ impl TestApp {
         path: &str,
         body: Value,
     ) -> reqwest::Response {
-        self.client
-            .request(method, self.url(path))
-            .bearer_auth(token)
-            .json(&body)
-            .send()
-            .await
-            .expect("the request is answered")
+        self.api(token).send_json(method, path, body).await
     }
 
     pub async fn delete(&self, token: &str, path: &str) -> reqwest::Response {

@@ -13,9 +13,13 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use dossier_blobstore::{
+    self as blob, BlobError, BlobStore, BlobStoreSpec, S3BlobStore, S3Options,
+};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder as ConnBuilder;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -105,7 +109,59 @@ pub async fn spawn_with_credentials(
     })
 }
 
+/// Starts a server on a free port of 127.0.0.1 storing under a new directory
+/// `dossier-<purpose>-<uuid>` of the system's temporary directory;
+/// [`S3Dev::remove`] stops it and removes the directory again.
+pub async fn spawn_temporary(purpose: &str) -> anyhow::Result<S3Dev> {
+    let root = std::env::temp_dir().join(format!(
+        "dossier-{purpose}-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
+    spawn(root, SocketAddr::from(([127, 0, 0, 1], 0))).await
+}
+
+/// The blob store options for `bucket` on the server at `endpoint` (region
+/// [`DEV_REGION`], path-style, created if missing), with explicit credentials.
+pub fn bucket_options(
+    endpoint: &str,
+    access_key: &str,
+    secret_key: &str,
+    bucket: &str,
+) -> S3Options {
+    S3Options {
+        bucket: bucket.to_owned(),
+        prefix: None,
+        endpoint: Some(endpoint.to_owned()),
+        region: DEV_REGION.to_owned(),
+        access_key: Some(access_key.to_owned()),
+        secret_key: Some(secret_key.to_owned()),
+        create_bucket_if_missing: true,
+    }
+}
+
 impl S3Dev {
+    /// The blob store options for `bucket` on this server.
+    pub fn options(&self, bucket: &str) -> S3Options {
+        bucket_options(&self.endpoint, &self.access_key, &self.secret_key, bucket)
+    }
+
+    /// The blob store on `bucket` of this server (the bucket is created).
+    pub async fn store(&self, bucket: &str) -> Result<Arc<dyn BlobStore>, BlobError> {
+        blob::open(&BlobStoreSpec::S3(self.options(bucket))).await
+    }
+
+    /// The same as the S3 adapter itself, for its raw `aws-sdk-s3` client.
+    pub async fn direct(&self, bucket: &str) -> Result<S3BlobStore, BlobError> {
+        S3BlobStore::open(self.options(bucket)).await
+    }
+
+    /// [`Self::shutdown`], then removes the server's directory with every bucket.
+    pub async fn remove(self) -> std::io::Result<()> {
+        let root = self.root.clone();
+        self.shutdown().await;
+        std::fs::remove_dir_all(root)
+    }
+
     /// Creates a bucket by creating its directory (s3s-fs keeps one
     /// directory per bucket). Idempotent.
     pub fn create_bucket_dir(&self, bucket: &str) -> anyhow::Result<PathBuf> {

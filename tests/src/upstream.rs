@@ -3,7 +3,7 @@
 //! own queue, and read what Dossier publishes to `dossier.events`.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions,
@@ -12,6 +12,8 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use serde_json::Value;
+
+use crate::wait::Wait;
 
 /// A connection to the test's vhost with one channel in confirm mode.
 pub struct Upstream {
@@ -188,62 +190,69 @@ impl Upstream {
             .expect("confirmed");
     }
 
+    /// One message from `queue` (acked), if one is there now.
+    async fn get_one(&self, queue: &str) -> Option<Received> {
+        let message = self
+            .channel
+            .basic_get(queue.into(), BasicGetOptions::default())
+            .await
+            .expect("basic.get")?;
+        let delivery = message.delivery;
+        delivery.ack(BasicAckOptions::default()).await.expect("ack");
+        Some(Received {
+            routing_key: delivery.routing_key.as_str().to_owned(),
+            properties: delivery.properties.clone(),
+            body: delivery.data.clone(),
+        })
+    }
+
     /// Waits for `count` messages on `queue` (acking them), or panics after `timeout`.
     pub async fn take(&self, queue: &str, count: usize, timeout: Duration) -> Vec<Received> {
-        let deadline = Instant::now() + timeout;
         let mut received = Vec::new();
-        while received.len() < count {
-            assert!(
-                Instant::now() < deadline,
-                "only {} of {count} messages arrived on {queue} within {timeout:?}",
-                received.len()
-            );
-            match self
-                .channel
-                .basic_get(queue.into(), BasicGetOptions::default())
-                .await
-                .expect("basic.get")
-            {
-                Some(message) => {
-                    let delivery = message.delivery;
-                    delivery.ack(BasicAckOptions::default()).await.expect("ack");
-                    received.push(Received {
-                        routing_key: delivery.routing_key.as_str().to_owned(),
-                        properties: delivery.properties.clone(),
-                        body: delivery.data.clone(),
-                    });
+        Wait::new(format!("{count} messages on {queue}"))
+            .timeout(timeout)
+            .interval(Duration::from_millis(20))
+            .expect(async || {
+                while received.len() < count {
+                    match self.get_one(queue).await {
+                        Some(message) => received.push(message),
+                        None => break,
+                    }
                 }
-                None => tokio::time::sleep(Duration::from_millis(20)).await,
-            }
+                if received.len() >= count {
+                    Ok(())
+                } else {
+                    Err(format!("{} arrived", received.len()))
+                }
+            })
+            .await;
+        received
+    }
+
+    /// Everything on `queue` now (acked). That nothing more will arrive is for
+    /// the caller to establish first, by a condition (a consumer stopped, a
+    /// checkpoint reached), never by waiting a while.
+    pub async fn take_available(&self, queue: &str) -> Vec<Received> {
+        let mut received = Vec::new();
+        while let Some(message) = self.get_one(queue).await {
+            received.push(message);
         }
         received
     }
 
-    /// Everything on `queue` that arrives within `quiet` of the last message.
-    pub async fn drain(&self, queue: &str, quiet: Duration) -> Vec<Received> {
-        let mut received = Vec::new();
-        let mut last = Instant::now();
-        while last.elapsed() < quiet {
-            match self
-                .channel
-                .basic_get(queue.into(), BasicGetOptions::default())
-                .await
-                .expect("basic.get")
-            {
-                Some(message) => {
-                    let delivery = message.delivery;
-                    delivery.ack(BasicAckOptions::default()).await.expect("ack");
-                    received.push(Received {
-                        routing_key: delivery.routing_key.as_str().to_owned(),
-                        properties: delivery.properties.clone(),
-                        body: delivery.data.clone(),
-                    });
-                    last = Instant::now();
-                }
-                None => tokio::time::sleep(Duration::from_millis(20)).await,
-            }
-        }
-        received
+    /// Messages ready on `queue` now and its consumers, as the broker answers a
+    /// passive declare (unacknowledged deliveries are not counted).
+    pub async fn queue_depth(&self, queue: &str) -> (u32, u32) {
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let declared = self
+            .channel
+            .queue_declare(queue.into(), passive, FieldTable::default())
+            .await
+            .expect("the queue exists");
+        (declared.message_count(), declared.consumer_count())
     }
 
     /// Waits for the replies to `commands`, by correlation id.

@@ -5,8 +5,10 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
+use dossier_broker::INTAKE_QUEUE;
 use dossier_test_support::TestApp;
 use dossier_test_support::upstream::{Command, Upstream};
+use dossier_test_support::wait::eventually;
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -49,25 +51,18 @@ async fn an_upstream_upload_is_listed_with_its_metadata_and_bytes_and_answered_o
     assert!(reply["position"].as_i64().unwrap() > 0);
     let file_id = reply["file_id"].as_str().unwrap();
 
-    let staff = app.staff("acme");
-    let file: Value = app
-        .get(&staff, &format!("/v1/files/{file_id}"))
-        .await
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(file["customer_id"], "cust-9");
-    assert_eq!(file["name"], "Bank statement");
-    assert_eq!(file["file_name"], "statement.pdf");
-    assert_eq!(file["content_type"], "application/pdf");
-    assert_eq!(file["visibility"], "portal");
-    assert_eq!(file["origin"], "contract");
-    assert_eq!(file["contract_id"], "k-12");
-    assert_eq!(file["size"], bytes.len());
-    let content = app
-        .get(&staff, &format!("/v1/files/{file_id}/content"))
-        .await;
-    assert_eq!(content.bytes().await.unwrap().as_ref(), bytes.as_slice());
+    let staff = app.api(&app.staff("acme"));
+    let file = staff.file(file_id).await;
+    assert_eq!(file.customer_id, "cust-9");
+    assert_eq!(file.name, "Bank statement");
+    assert_eq!(file.file_name, "statement.pdf");
+    assert_eq!(file.content_type, "application/pdf");
+    assert_eq!(file.visibility, "portal");
+    assert_eq!(file.origin, "contract");
+    assert_eq!(file.contract_id.as_deref(), Some("k-12"));
+    assert_eq!(file.size, bytes.len() as u64);
+    let content = staff.download(file_id).await;
+    assert_eq!(content.bytes, bytes);
 
     let client = app.pool.get().await.unwrap();
     let actor: String = client
@@ -209,11 +204,18 @@ async fn three_kinds_of_poison_land_in_the_dead_letter_queue_exactly_once_each()
     );
     assert!(reasons.iter().any(|r| r.contains("tenant")), "{reasons:?}");
     assert!(reasons.iter().any(|r| r.contains("JSON")), "{reasons:?}");
-    // Exactly once: nothing more arrives, and nothing is redelivered.
-    let more = upstream
-        .drain("dossier.commands.dead", Duration::from_secs(2))
-        .await;
+    // Exactly once: nothing more arrives, and nothing is redelivered. Once
+    // Dossier has stopped, every delivery its intake took is settled (handled,
+    // or back in the intake's queue), so what is in both queues now is final.
+    let mut app = app;
+    app.shutdown().await.expect("a graceful stop");
+    let more = upstream.take_available("dossier.commands.dead").await;
     assert!(more.is_empty(), "dead-lettered more than once: {more:?}");
+    assert_eq!(
+        upstream.queue_depth(INTAKE_QUEUE).await.0,
+        0,
+        "nothing waits to be delivered again"
+    );
     assert_eq!(event_count(&app).await, 0);
 }
 
@@ -270,17 +272,13 @@ async fn after_a_delete_the_blob_is_gone_from_the_store() {
     assert_eq!(app.blob_keys().await.len(), 1);
     app.delete(&staff, &format!("/v1/files/{id}?confirm=true"))
         .await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !app.blob_keys().await.is_empty() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the blob was not purged"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually("the blob purged from the store", async || {
+        let keys = app.blob_keys().await;
+        if keys.is_empty() { Ok(()) } else { Err(keys) }
+    })
+    .await;
     // And the purge is recorded in the log, once.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
+    eventually("one BlobPurged event", async || {
         let client = app.pool.get().await.unwrap();
         let purged: i64 = client
             .query_one(
@@ -290,12 +288,9 @@ async fn after_a_delete_the_blob_is_gone_from_the_store() {
             .await
             .unwrap()
             .get(0);
-        if purged == 1 {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "no BlobPurged event");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        if purged == 1 { Ok(()) } else { Err(purged) }
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -335,26 +330,13 @@ async fn nothing_is_lost_or_doubled_when_the_broker_drops_every_connection_mid_w
     let downstream = Upstream::connect(app.vhost.url()).await;
 
     // Every upload lands exactly once in the read model.
-    let staff = app.staff("acme");
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    let names = loop {
-        let page: Value = app
-            .get(&staff, "/v1/customers/cust-1/files?limit=500")
-            .await
-            .json()
-            .await
-            .unwrap();
-        let names: Vec<String> = page["items"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|f| f["name"].as_str().unwrap().to_owned())
-            .collect();
-        if names.len() >= 200 || std::time::Instant::now() > deadline {
-            break names;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let staff = app.api(&app.staff("acme"));
+    let page = staff
+        .list_until("cust-1", "limit=500", "every upload listed", |page| {
+            page.items.len() >= 200
+        })
+        .await;
+    let names: Vec<String> = page.items.into_iter().map(|f| f.name).collect();
     let unique: HashSet<&String> = names.iter().collect();
     assert_eq!(names.len(), 200, "every upload listed once");
     assert_eq!(unique.len(), 200);
@@ -371,21 +353,21 @@ async fn nothing_is_lost_or_doubled_when_the_broker_drops_every_connection_mid_w
     assert_eq!(ids.len(), 200);
     // The downstream queue is not exclusive, so it outlived the dropped connections.
     let mut published: HashMap<String, usize> = HashMap::new();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while !ids.iter().all(|id| published.contains_key(id)) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "only {} of {} events reached dossier.events",
-            published.len(),
-            ids.len()
-        );
-        for message in downstream
-            .drain(&events_queue, Duration::from_millis(300))
-            .await
-        {
+    eventually("every event of the log on dossier.events", async || {
+        for message in downstream.take_available(&events_queue).await {
             *published.entry(message.message_id().unwrap()).or_default() += 1;
         }
-    }
+        let arrived = ids.iter().filter(|id| published.contains_key(*id)).count();
+        if arrived == ids.len() {
+            Ok(())
+        } else {
+            Err(format!(
+                "only {arrived} of {} events reached dossier.events",
+                ids.len()
+            ))
+        }
+    })
+    .await;
     assert!(
         published.keys().all(|id| ids.contains(id)),
         "only the log's events are published"

@@ -3,13 +3,14 @@
 //! real Postgres, RabbitMQ and S3.
 
 use std::collections::BTreeSet;
-use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use dossier_api::auth::jwt::Role;
 use dossier_eventlog::chain::{self, ProblemKind, Sealer};
 use dossier_projections::registry;
 use dossier_projections::replay::{self, ReplayFilter};
+use dossier_test_support::client::Upload;
+use dossier_test_support::wait::eventually;
 use dossier_test_support::{TestApp, error_code};
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -81,26 +82,39 @@ async fn upload_as(
     name: &str,
     visibility: &str,
 ) -> String {
-    let response = app
-        .upload(
-            token,
-            customer,
-            "document.pdf",
-            name.as_bytes().to_vec(),
-            &[("name", name), ("visibility", visibility)],
-        )
-        .await;
-    assert_eq!(response.status(), 201);
-    let file: Value = response.json().await.unwrap();
-    file["id"].as_str().unwrap().to_owned()
+    let upload = Upload::new(name, name.as_bytes().to_vec()).field("visibility", visibility);
+    app.api(token).upload_file(customer, &upload).await.id
 }
 
-/// A moment strictly between what happened before and what happens after.
-async fn moment() -> DateTime<Utc> {
-    tokio::time::sleep(Duration::from_millis(30)).await;
-    let now = Utc::now();
-    tokio::time::sleep(Duration::from_millis(30)).await;
-    now
+/// A moment strictly between what happened before and what happens after, on
+/// the clock the log's times come from: later than a clock reading taken when
+/// everything before had been answered (and so recorded), and passed by the
+/// clock before this returns, so that anything after is recorded later.
+async fn moment(app: &TestApp) -> DateTime<Utc> {
+    let client = app.pool.get().await.unwrap();
+    let clock = async || -> DateTime<Utc> {
+        client
+            .query_one("SELECT clock_timestamp()", &[])
+            .await
+            .unwrap()
+            .get(0)
+    };
+    let everything_before = clock().await;
+    let moment = eventually("the clock to pass what happened before", async || {
+        let now = clock().await;
+        if now > everything_before {
+            Ok(now)
+        } else {
+            Err(now)
+        }
+    })
+    .await;
+    eventually("the clock to pass the moment", async || {
+        let now = clock().await;
+        if now > moment { Ok(()) } else { Err(now) }
+    })
+    .await;
+    moment
 }
 
 async fn replay_lines(app: &TestApp, filter: &ReplayFilter) -> Vec<Value> {
@@ -245,7 +259,7 @@ async fn the_audit_trail_is_per_tenant_filters_pages_and_refuses_customers() {
         );
         upload_as(&app, &globex, "cust-0", &format!("G{i}"), "internal").await;
     }
-    let before_rename = moment().await;
+    let before_rename = moment(&app).await;
     app.send_json(
         Method::PATCH,
         &acme,
@@ -411,7 +425,7 @@ async fn the_raw_log_is_the_tenants_own_in_log_order_paged_by_position() {
 async fn replay_prints_the_log_and_as_of_shows_the_list_before_and_after_a_rename_and_a_delete() {
     let app = spawn().await;
     let staff = app.staff("acme");
-    let before_all = moment().await;
+    let before_all = moment(&app).await;
     let a = upload_as(&app, &staff, "cust-1", "Old name", "portal").await;
     let b = upload_as(&app, &staff, "cust-1", "Second", "internal").await;
     let c = upload_as(&app, &staff, "cust-2", "Someone else's", "internal").await;
@@ -425,7 +439,7 @@ async fn replay_prints_the_log_and_as_of_shows_the_list_before_and_after_a_renam
     .await;
     let downloaded = app.get(&staff, &format!("/v1/files/{a}/content")).await;
     assert_eq!(downloaded.status(), 200);
-    let before_rename = moment().await;
+    let before_rename = moment(&app).await;
     app.send_json(
         Method::PATCH,
         &staff,
@@ -433,14 +447,14 @@ async fn replay_prints_the_log_and_as_of_shows_the_list_before_and_after_a_renam
         json!({"name": "New name"}),
     )
     .await;
-    let before_delete = moment().await;
+    let before_delete = moment(&app).await;
     assert_eq!(
         app.delete(&staff, &format!("/v1/files/{b}?confirm=true"))
             .await
             .status(),
         204
     );
-    let after_delete = moment().await;
+    let after_delete = moment(&app).await;
 
     // The whole log, as the contract's Events, in position order.
     let all = replay_lines(&app, &ReplayFilter::default()).await;
@@ -705,14 +719,18 @@ async fn the_running_service_seals_the_log_and_signs_its_heads() {
     let app = spawn().await;
     upload_as(&app, &app.staff("acme"), "cust-1", "Doc", "internal").await;
     let head = *positions_of(&app, "acme").await.last().unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while chain::sealed_position(&app.pool).await.unwrap() < head {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the sealer runs in the workers role"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(
+        "the sealer, which runs in the workers role, at the log head",
+        async || {
+            let sealed = chain::sealed_position(&app.pool).await.unwrap();
+            if sealed >= head {
+                Ok(())
+            } else {
+                Err(format!("sealed up to {sealed} of {head}"))
+            }
+        },
+    )
+    .await;
     let report = chain::verify(&app.pool, "acme", KEY.as_bytes(), &[])
         .await
         .unwrap();
@@ -819,23 +837,20 @@ async fn a_v1_upload_without_contract_id_is_read_through_the_upcaster_everywhere
     // The files projection reads it (it was not written through the command path,
     // so poll until the projector got there).
     let staff = app.staff("acme");
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let listed = loop {
+    let listed = eventually("the projection applies a v1 upload", async || {
         let listed: Value = app
             .get(&staff, "/v1/customers/cust-9/files")
             .await
             .json()
             .await
             .unwrap();
-        if !listed["items"].as_array().unwrap().is_empty() {
-            break listed;
+        if listed["items"].as_array().unwrap().is_empty() {
+            Err(listed)
+        } else {
+            Ok(listed)
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the projection applies a v1 upload"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    })
+    .await;
     assert_eq!(listed["items"][0]["contract_id"], Value::Null);
     assert_eq!(listed["items"][0]["name"], "From the old days");
 
@@ -904,40 +919,9 @@ async fn each_file_of_a_downloaded_bundle_is_in_the_audit_trail() {
     let bob = app.token("acme", Role::Staff, "bob", None);
     let first = upload_as(&app, &alice, "cust-1", "First", "internal").await;
     let second = upload_as(&app, &alice, "cust-2", "Second", "internal").await;
-    let requested = app
-        .send_json(
-            Method::POST,
-            &bob,
-            "/v1/bundles",
-            json!({"file_ids": [first, second]}),
-        )
-        .await;
-    assert_eq!(requested.status(), 202);
-    let bundle: Value = requested.json().await.unwrap();
-    let bundle_id = bundle["id"].as_str().unwrap().to_owned();
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        let status: Value = app
-            .get(&bob, &format!("/v1/bundles/{bundle_id}"))
-            .await
-            .json()
-            .await
-            .unwrap();
-        if status["status"] == "ready" {
-            break;
-        }
-        assert_ne!(status["status"], "failed", "{status}");
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the bundle gets ready"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let content = app
-        .get(&bob, &format!("/v1/bundles/{bundle_id}/content"))
-        .await;
-    assert_eq!(content.status(), 200);
-    let _ = content.bytes().await.unwrap();
+    let bob_api = app.api(&bob);
+    let bundle_id = bob_api.bundle(&[&first, &second]).await.id;
+    bob_api.bundle_content(&bundle_id).await;
 
     let auditor = app.auditor("acme");
     for (file, customer) in [(&first, "cust-1"), (&second, "cust-2")] {

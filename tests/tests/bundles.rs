@@ -3,15 +3,19 @@
 //! and Info-ZIP's `unzip -t` where it is installed).
 
 use std::io::{Cursor, Read};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Datelike as _, Timelike as _, Utc};
-use dossier_broker::Broker;
-use dossier_test_support::{SECRET, TestApp, error_code, s3_server};
+use dossier_broker::{Broker, ZIP_QUEUE};
+use dossier_test_support::client::{BundleStatus, Client, FileView, Upload};
+use dossier_test_support::process::ServeProcess;
+use dossier_test_support::wait::{Wait, eventually};
+use dossier_test_support::{TestApp, error_code};
 use dossier_workers::zip::{ZipWorkerConfig, ZipWorkerError};
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
 use reqwest::Method;
-use reqwest::multipart::{Form, Part};
 use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
 use tokio::sync::watch;
@@ -33,100 +37,29 @@ fn sha256(bytes: &[u8]) -> String {
 
 /// Uploads with an explicit file name and content type; answers the File.
 async fn upload(
-    app: &TestApp,
-    token: &str,
+    api: &Client,
     customer: &str,
     name: &str,
     file_name: &str,
     content_type: &str,
     bytes: Vec<u8>,
-) -> Value {
-    let form = Form::new().text("name", name.to_owned()).part(
-        "file",
-        Part::bytes(bytes)
-            .file_name(file_name.to_owned())
-            .mime_str(content_type)
-            .unwrap(),
-    );
-    let response = app
-        .client
-        .post(app.url(&format!("/v1/customers/{customer}/files")))
-        .bearer_auth(token)
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 201, "upload of {file_name}");
-    response.json().await.unwrap()
+) -> FileView {
+    let upload = Upload::new(name, bytes).file(file_name, content_type);
+    api.upload_file(customer, &upload).await
 }
 
-async fn request_bundle(app: &TestApp, token: &str, ids: &[&str]) -> reqwest::Response {
-    app.send_json(
-        Method::POST,
-        token,
-        "/v1/bundles",
-        json!({ "file_ids": ids }),
-    )
-    .await
-}
-
-/// Requests a bundle and answers its id, asserting the contract's 202.
-async fn request_ok(app: &TestApp, token: &str, ids: &[&str]) -> String {
-    let response = request_bundle(app, token, ids).await;
-    assert_eq!(response.status(), 202);
-    let body: Value = response.json().await.unwrap();
-    assert_eq!(body["status"], "pending");
-    body["id"].as_str().unwrap().to_owned()
-}
-
-/// Polls the bundle's status until `done` says so.
-async fn wait_for(
-    app: &TestApp,
-    token: &str,
-    id: &str,
-    timeout: Duration,
-    done: impl Fn(&Value) -> bool,
-) -> Value {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let response = app.get(token, &format!("/v1/bundles/{id}")).await;
-        let status = response.status();
-        let body: Value = response.json().await.unwrap();
-        if status == 200 && done(&body) {
-            return body;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "bundle {id} did not get there in {timeout:?}; last answer {status} {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn wait_until_finished(app: &TestApp, token: &str, id: &str) -> Value {
-    wait_for(app, token, id, Duration::from_secs(120), |body| {
-        body["status"] != "pending"
-    })
-    .await
-}
-
-async fn download(app: &TestApp, token: &str, id: &str) -> Vec<u8> {
-    let response = app.get(token, &format!("/v1/bundles/{id}/content")).await;
-    assert_eq!(response.status(), 200);
-    assert_eq!(response.headers()["content-type"], "application/zip");
-    let length: usize = response.headers()["content-length"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
-    let disposition = response.headers()["content-disposition"].to_str().unwrap();
+/// Downloads a ready bundle's archive, with the contract's headers.
+async fn download(api: &Client, id: &str) -> Vec<u8> {
+    let archive = api.bundle_content(id).await;
+    assert_eq!(archive.header("content-type"), Some("application/zip"));
+    let length: usize = archive.header("content-length").unwrap().parse().unwrap();
+    let disposition = archive.header("content-disposition").unwrap();
     assert!(
         disposition.starts_with("attachment; filename=\"bundle-"),
         "{disposition}"
     );
-    let bytes = response.bytes().await.unwrap().to_vec();
-    assert_eq!(bytes.len(), length);
-    bytes
+    assert_eq!(archive.bytes.len(), length);
+    archive.bytes
 }
 
 /// One entry as a ZIP reader sees it.
@@ -197,8 +130,7 @@ fn unzip_test(bytes: &[u8]) {
 }
 
 /// The DOS date and time a ZIP entry gets for an upload time (UTC, even seconds).
-fn dos_parts(created_at: &Value) -> (u16, u8, u8, u8, u8, u8) {
-    let at: DateTime<Utc> = created_at.as_str().unwrap().parse().unwrap();
+fn dos_parts(at: &DateTime<Utc>) -> (u16, u8, u8, u8, u8, u8) {
     (
         at.year() as u16,
         at.month() as u8,
@@ -254,7 +186,7 @@ struct Case {
 #[tokio::test]
 async fn entries_are_named_by_the_contract_and_hold_the_exact_bytes() {
     let app = TestApp::spawn().await;
-    let staff = app.staff("acme");
+    let staff = app.api(&app.staff("acme"));
     let text = "Invoice line, amount, currency\n"
         .repeat(2_000)
         .into_bytes();
@@ -336,7 +268,6 @@ async fn entries_are_named_by_the_contract_and_hold_the_exact_bytes() {
     for case in &cases {
         files.push(
             upload(
-                &app,
                 &staff,
                 "cust-1",
                 case.name,
@@ -347,17 +278,17 @@ async fn entries_are_named_by_the_contract_and_hold_the_exact_bytes() {
             .await,
         );
     }
-    let ids: Vec<&str> = files.iter().map(|f| f["id"].as_str().unwrap()).collect();
+    let ids: Vec<&str> = files.iter().map(|f| f.id.as_str()).collect();
 
-    let id = request_ok(&app, &staff, &ids).await;
-    let status = wait_until_finished(&app, &staff, &id).await;
-    assert_eq!(status["status"], "ready", "{status}");
-    assert_eq!(status["file_count"], cases.len());
-    assert_eq!(status["files_done"], cases.len());
-    assert!(status.get("error").is_none());
+    let id = staff.request_bundle(&ids).await;
+    let status = staff.bundle_finished(&id).await;
+    assert_eq!(status.status, BundleStatus::Ready, "{status:?}");
+    assert_eq!(status.file_count, cases.len() as u64);
+    assert_eq!(status.files_done, cases.len() as u64);
+    assert!(status.error.is_none());
 
-    let zip = download(&app, &staff, &id).await;
-    assert_eq!(status["size"], zip.len());
+    let zip = download(&staff, &id).await;
+    assert_eq!(status.size, Some(zip.len() as u64));
     unzip_test(&zip);
     let entries = read_zip(&zip);
     assert_eq!(entries.len(), cases.len());
@@ -367,7 +298,7 @@ async fn entries_are_named_by_the_contract_and_hold_the_exact_bytes() {
         assert_eq!(entry.method, case.method, "{}", case.entry);
         assert_eq!(
             entry.modified,
-            dos_parts(&file["created_at"]),
+            dos_parts(&file.created_at),
             "{}",
             case.entry
         );
@@ -400,14 +331,13 @@ async fn entries_are_named_by_the_contract_and_hold_the_exact_bytes() {
 #[tokio::test]
 async fn a_thirty_file_bundle_is_complete_and_valid() {
     let app = TestApp::spawn().await;
-    let staff = app.staff("acme");
+    let staff = app.api(&app.staff("acme"));
     let mut expected = Vec::new();
     let mut ids = Vec::new();
     for n in 0..30 {
         // 30 files, about 12 MiB in all: the archive goes up in S3 multipart parts.
         let bytes = pattern(300_000 + n * 10_007, n);
         let file = upload(
-            &app,
             &staff,
             &format!("cust-{}", n % 3),
             &format!("Document {}", n % 10),
@@ -416,16 +346,16 @@ async fn a_thirty_file_bundle_is_complete_and_valid() {
             bytes.clone(),
         )
         .await;
-        ids.push(file["id"].as_str().unwrap().to_owned());
+        ids.push(file.id.clone());
         expected.push(sha256(&bytes));
     }
     let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
-    let id = request_ok(&app, &staff, &ids).await;
-    let status = wait_until_finished(&app, &staff, &id).await;
-    assert_eq!(status["status"], "ready", "{status}");
-    assert_eq!(status["files_done"], 30);
+    let id = staff.request_bundle(&ids).await;
+    let status = staff.bundle_finished(&id).await;
+    assert_eq!(status.status, BundleStatus::Ready, "{status:?}");
+    assert_eq!(status.files_done, 30);
 
-    let zip = download(&app, &staff, &id).await;
+    let zip = download(&staff, &id).await;
     unzip_test(&zip);
     let entries = read_zip(&zip);
     assert_eq!(entries.len(), 30);
@@ -444,10 +374,9 @@ async fn a_thirty_file_bundle_is_complete_and_valid() {
 #[tokio::test]
 async fn another_tenant_gets_404_for_status_and_content() {
     let app = TestApp::spawn().await;
-    let acme = app.staff("acme");
-    let globex = app.staff("globex");
+    let acme = app.api(&app.staff("acme"));
+    let globex = app.api(&app.staff("globex"));
     let file = upload(
-        &app,
         &acme,
         "cust-1",
         "Contract",
@@ -456,15 +385,15 @@ async fn another_tenant_gets_404_for_status_and_content() {
         pattern(1_000, 1),
     )
     .await;
-    let file_id = file["id"].as_str().unwrap();
-    let id = request_ok(&app, &acme, &[file_id]).await;
-    wait_until_finished(&app, &acme, &id).await;
+    let file_id = file.id.as_str();
+    let id = acme.request_bundle(&[file_id]).await;
+    acme.bundle_finished(&id).await;
 
     for path in [
         format!("/v1/bundles/{id}"),
         format!("/v1/bundles/{id}/content"),
     ] {
-        let response = app.get(&globex, &path).await;
+        let response = globex.get(&path).await;
         assert_eq!(response.status(), 404, "{path}");
         assert_eq!(error_code(response).await, "not_found");
     }
@@ -475,18 +404,15 @@ async fn another_tenant_gets_404_for_status_and_content() {
         format!("/v1/bundles/{unknown}/content"),
         "/v1/bundles/not-a-uuid".to_owned(),
     ] {
-        assert_eq!(app.get(&acme, &path).await.status(), 404, "{path}");
+        assert_eq!(acme.get(&path).await.status(), 404, "{path}");
     }
     // Another tenant's file cannot go into a bundle: like an unknown file.
-    let response = request_bundle(&app, &globex, &[file_id]).await;
+    let response = globex.post_bundle(&[file_id]).await;
     assert_eq!(response.status(), 404);
     assert_eq!(error_code(response).await, "not_found");
     // Customers and auditors have no bundles.
-    let customer = app.customer("acme", "cust-1");
-    assert_eq!(
-        request_bundle(&app, &customer, &[file_id]).await.status(),
-        403
-    );
+    let customer = app.api(&app.customer("acme", "cust-1"));
+    assert_eq!(customer.post_bundle(&[file_id]).await.status(), 403);
     assert_eq!(
         app.get(&app.auditor("acme"), &format!("/v1/bundles/{id}"))
             .await
@@ -495,7 +421,7 @@ async fn another_tenant_gets_404_for_status_and_content() {
     );
     // The owner still gets it.
     assert_eq!(
-        app.get(&acme, &format!("/v1/bundles/{id}/content"))
+        acme.get(&format!("/v1/bundles/{id}/content"))
             .await
             .status(),
         200
@@ -505,9 +431,8 @@ async fn another_tenant_gets_404_for_status_and_content() {
 #[tokio::test]
 async fn content_before_ready_is_409_bundle_not_ready() {
     let app = TestApp::spawn_with(&[NO_WORKERS]).await;
-    let staff = app.staff("acme");
+    let staff = app.api(&app.staff("acme"));
     let file = upload(
-        &app,
         &staff,
         "cust-1",
         "Contract",
@@ -516,11 +441,11 @@ async fn content_before_ready_is_409_bundle_not_ready() {
         pattern(1_000, 1),
     )
     .await;
-    let id = request_ok(&app, &staff, &[file["id"].as_str().unwrap()]).await;
+    let id = staff.request_bundle(&[file.id.as_str()]).await;
 
     // Read your writes: the status shows the request at once.
-    let status: Value = app
-        .get(&staff, &format!("/v1/bundles/{id}"))
+    let status: Value = staff
+        .get(&format!("/v1/bundles/{id}"))
         .await
         .json()
         .await
@@ -529,16 +454,17 @@ async fn content_before_ready_is_409_bundle_not_ready() {
         status,
         json!({"id": id, "status": "pending", "file_count": 1, "files_done": 0})
     );
-    let response = app.get(&staff, &format!("/v1/bundles/{id}/content")).await;
+    let response = staff.get(&format!("/v1/bundles/{id}/content")).await;
     assert_eq!(response.status(), 409);
     assert_eq!(error_code(response).await, "bundle_not_ready");
 
     // Once a worker comes, it is built.
     let (stop, worker) = start_zip_worker(&app, ZipWorkerConfig::default());
-    let status = wait_until_finished(&app, &staff, &id).await;
-    assert_eq!(status["status"], "ready");
+    let status = staff.bundle_finished(&id).await;
+    assert_eq!(status.status, BundleStatus::Ready);
     assert_eq!(
-        app.get(&staff, &format!("/v1/bundles/{id}/content"))
+        staff
+            .get(&format!("/v1/bundles/{id}/content"))
             .await
             .status(),
         200
@@ -550,11 +476,10 @@ async fn content_before_ready_is_409_bundle_not_ready() {
 #[tokio::test]
 async fn a_file_deleted_after_the_request_fails_the_bundle_cleanly() {
     let app = TestApp::spawn_with(&[NO_WORKERS]).await;
-    let staff = app.staff("acme");
+    let staff = app.api(&app.staff("acme"));
     let mut ids = Vec::new();
     for n in 0..3 {
         let file = upload(
-            &app,
             &staff,
             "cust-1",
             &format!("File {n}"),
@@ -563,30 +488,30 @@ async fn a_file_deleted_after_the_request_fails_the_bundle_cleanly() {
             pattern(50_000, n),
         )
         .await;
-        ids.push(file["id"].as_str().unwrap().to_owned());
+        ids.push(file.id.clone());
     }
     let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-    let id = request_ok(&app, &staff, &refs).await;
+    let id = staff.request_bundle(&refs).await;
     let deleted = &ids[1];
     assert_eq!(
-        app.delete(&staff, &format!("/v1/files/{deleted}?confirm=true"))
+        app.delete(staff.token(), &format!("/v1/files/{deleted}?confirm=true"))
             .await
             .status(),
         204
     );
 
     let (stop, worker) = start_zip_worker(&app, ZipWorkerConfig::default());
-    let status = wait_until_finished(&app, &staff, &id).await;
-    assert_eq!(status["status"], "failed", "{status}");
-    let error = status["error"].as_str().unwrap();
+    let status = staff.bundle_finished(&id).await;
+    assert_eq!(status.status, BundleStatus::Failed, "{status:?}");
+    let error = status.error.as_deref().unwrap();
     assert!(
         error.contains(deleted.as_str()) && error.contains("deleted"),
         "the error names the deleted file: {error}"
     );
-    assert!(status.get("size").is_none());
+    assert!(status.size.is_none());
 
     // No archive at all, not a partial one.
-    let response = app.get(&staff, &format!("/v1/bundles/{id}/content")).await;
+    let response = staff.get(&format!("/v1/bundles/{id}/content")).await;
     assert_eq!(response.status(), 409);
     assert_eq!(error_code(response).await, "bundle_not_ready");
     let bundles: Vec<String> = app
@@ -603,9 +528,8 @@ async fn a_file_deleted_after_the_request_fails_the_bundle_cleanly() {
 #[tokio::test]
 async fn a_missing_blob_fails_the_bundle_instead_of_leaving_a_partial_archive() {
     let app = TestApp::spawn_with(&[NO_WORKERS]).await;
-    let staff = app.staff("acme");
+    let staff = app.api(&app.staff("acme"));
     let kept = upload(
-        &app,
         &staff,
         "cust-1",
         "Kept",
@@ -615,7 +539,6 @@ async fn a_missing_blob_fails_the_bundle_instead_of_leaving_a_partial_archive() 
     )
     .await;
     let lost = upload(
-        &app,
         &staff,
         "cust-1",
         "Lost",
@@ -624,18 +547,18 @@ async fn a_missing_blob_fails_the_bundle_instead_of_leaving_a_partial_archive() 
         pattern(20_000, 2),
     )
     .await;
-    let lost_id = lost["id"].as_str().unwrap();
+    let lost_id = lost.id.as_str();
     app.blobs
         .delete(&dossier_domain::BlobKey::from_recorded(format!(
             "acme/cust-1/{lost_id}"
         )))
         .await
         .unwrap();
-    let id = request_ok(&app, &staff, &[kept["id"].as_str().unwrap(), lost_id]).await;
+    let id = staff.request_bundle(&[kept.id.as_str(), lost_id]).await;
     let (stop, worker) = start_zip_worker(&app, ZipWorkerConfig::default());
-    let status = wait_until_finished(&app, &staff, &id).await;
-    assert_eq!(status["status"], "failed");
-    let error = status["error"].as_str().unwrap();
+    let status = staff.bundle_finished(&id).await;
+    assert_eq!(status.status, BundleStatus::Failed);
+    let error = status.error.as_deref().unwrap();
     assert!(
         error.contains(lost_id) && error.contains("missing"),
         "{error}"
@@ -654,11 +577,10 @@ async fn a_missing_blob_fails_the_bundle_instead_of_leaving_a_partial_archive() 
 #[tokio::test]
 async fn progress_is_recorded_while_the_archive_is_built() {
     let app = TestApp::spawn_with(&[NO_WORKERS]).await;
-    let staff = app.staff("acme");
+    let staff = app.api(&app.staff("acme"));
     let mut ids = Vec::new();
     for n in 0..5 {
         let file = upload(
-            &app,
             &staff,
             "cust-1",
             &format!("Part {n}"),
@@ -667,19 +589,16 @@ async fn progress_is_recorded_while_the_archive_is_built() {
             pattern(100_000, n),
         )
         .await;
-        ids.push(file["id"].as_str().unwrap().to_owned());
+        ids.push(file.id.clone());
     }
     let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-    let id = request_ok(&app, &staff, &refs).await;
+    let id = staff.request_bundle(&refs).await;
     let config = ZipWorkerConfig {
         progress_interval: Duration::ZERO,
         ..ZipWorkerConfig::default()
     };
     let (stop, worker) = start_zip_worker(&app, config);
-    assert_eq!(
-        wait_until_finished(&app, &staff, &id).await["status"],
-        "ready"
-    );
+    assert_eq!(staff.bundle_finished(&id).await.status, BundleStatus::Ready);
 
     let events = bundle_events(&app, &id).await;
     let progress: Vec<u64> = events
@@ -701,11 +620,10 @@ async fn progress_is_recorded_while_the_archive_is_built() {
 #[tokio::test]
 async fn requests_over_a_limit_are_refused_naming_the_limit() {
     let app = TestApp::spawn_with(&[("DOSSIER_BUNDLE_MAX_BYTES", "1000")]).await;
-    let staff = app.staff("acme");
+    let staff = app.api(&app.staff("acme"));
     let mut ids = Vec::new();
     for n in 0..2 {
         let file = upload(
-            &app,
             &staff,
             "cust-1",
             &format!("Half {n}"),
@@ -714,10 +632,10 @@ async fn requests_over_a_limit_are_refused_naming_the_limit() {
             pattern(600, n),
         )
         .await;
-        ids.push(file["id"].as_str().unwrap().to_owned());
+        ids.push(file.id.clone());
     }
     // 1,200 bytes in all, over the limit of 1,000.
-    let response = request_bundle(&app, &staff, &[&ids[0], &ids[1]]).await;
+    let response = staff.post_bundle(&[&ids[0], &ids[1]]).await;
     assert_eq!(response.status(), 422);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"]["code"], "validation_failed");
@@ -727,14 +645,14 @@ async fn requests_over_a_limit_are_refused_naming_the_limit() {
         "{message}"
     );
     // One file is within it (and the same id twice is one entry).
-    request_ok(&app, &staff, &[&ids[0], &ids[0]]).await;
+    staff.request_bundle(&[&ids[0], &ids[0]]).await;
 
     // 1,001 files: over the contract's 1,000.
     let many: Vec<String> = (0..1001)
         .map(|_| uuid::Uuid::now_v7().to_string())
         .collect();
     let many: Vec<&str> = many.iter().map(String::as_str).collect();
-    let response = request_bundle(&app, &staff, &many).await;
+    let response = staff.post_bundle(&many).await;
     assert_eq!(response.status(), 422);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"]["code"], "validation_failed");
@@ -748,24 +666,23 @@ async fn requests_over_a_limit_are_refused_naming_the_limit() {
         json!({"file_ids": ["not-a-uuid"]}),
         json!({}),
     ] {
-        let response = app
-            .send_json(Method::POST, &staff, "/v1/bundles", body.clone())
+        let response = staff
+            .send_json(Method::POST, "/v1/bundles", body.clone())
             .await;
         assert_eq!(response.status(), 422, "{body}");
         assert_eq!(error_code(response).await, "validation_failed");
     }
     // An unknown file: like any unknown id.
     let unknown = uuid::Uuid::now_v7().to_string();
-    let response = request_bundle(&app, &staff, &[&ids[0], &unknown]).await;
+    let response = staff.post_bundle(&[&ids[0], &unknown]).await;
     assert_eq!(response.status(), 404);
 }
 
 #[tokio::test]
 async fn bundles_expire_and_the_worker_removes_their_archives() {
     let app = TestApp::spawn_with(&[("DOSSIER_BUNDLE_TTL_SECS", "2")]).await;
-    let staff = app.staff("acme");
+    let staff = app.api(&app.staff("acme"));
     let file = upload(
-        &app,
         &staff,
         "cust-1",
         "Contract",
@@ -774,31 +691,37 @@ async fn bundles_expire_and_the_worker_removes_their_archives() {
         pattern(1_000, 1),
     )
     .await;
-    let id = request_ok(&app, &staff, &[file["id"].as_str().unwrap()]).await;
-    let status = wait_until_finished(&app, &staff, &id).await;
-    assert_eq!(status["status"], "ready");
-    let expires_at: DateTime<Utc> = status["expires_at"].as_str().unwrap().parse().unwrap();
+    let id = staff.request_bundle(&[file.id.as_str()]).await;
+    let status = staff.bundle_finished(&id).await;
+    assert_eq!(status.status, BundleStatus::Ready);
+    let expires_at: DateTime<Utc> = status.expires_at.unwrap();
     assert!(expires_at > Utc::now() && expires_at <= Utc::now() + chrono::Duration::seconds(3));
     let archive = format!("acme/_bundles/{id}.zip");
     assert!(app.blob_keys().await.contains(&archive));
 
     // After its TTL the bundle is gone: 404, and the worker removed the archive.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let gone = app.get(&staff, &format!("/v1/bundles/{id}")).await.status() == 404
-            && !app.blob_keys().await.contains(&archive)
-            && bundle_events(&app, &id)
+    Wait::new(format!("bundle {id} to expire"))
+        .timeout(Duration::from_secs(30))
+        .interval(Duration::from_millis(200))
+        .expect(async || {
+            let status = staff.get(&format!("/v1/bundles/{id}")).await.status();
+            let stored = app.blob_keys().await.contains(&archive);
+            let expired = bundle_events(&app, &id)
                 .await
                 .iter()
                 .any(|(event_type, _)| event_type == "BundleExpired");
-        if gone {
-            break;
-        }
-        assert!(Instant::now() < deadline, "bundle {id} did not expire");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+            if status == 404 && !stored && expired {
+                Ok(())
+            } else {
+                Err(format!(
+                    "status {status}, archive stored: {stored}, BundleExpired: {expired}"
+                ))
+            }
+        })
+        .await;
     assert_eq!(
-        app.get(&staff, &format!("/v1/bundles/{id}/content"))
+        staff
+            .get(&format!("/v1/bundles/{id}/content"))
             .await
             .status(),
         404
@@ -808,9 +731,8 @@ async fn bundles_expire_and_the_worker_removes_their_archives() {
 #[tokio::test]
 async fn a_file_deleted_after_the_bundle_was_built_never_leaves_through_it() {
     let app = TestApp::spawn().await;
-    let staff = app.staff("acme");
+    let staff = app.api(&app.staff("acme"));
     let file = upload(
-        &app,
         &staff,
         "cust-1",
         "Contract",
@@ -819,44 +741,49 @@ async fn a_file_deleted_after_the_bundle_was_built_never_leaves_through_it() {
         pattern(1_000, 1),
     )
     .await;
-    let file_id = file["id"].as_str().unwrap();
-    let id = request_ok(&app, &staff, &[file_id]).await;
+    let file_id = file.id.as_str();
+    let id = staff.request_bundle(&[file_id]).await;
+    assert_eq!(staff.bundle_finished(&id).await.status, BundleStatus::Ready);
     assert_eq!(
-        wait_until_finished(&app, &staff, &id).await["status"],
-        "ready"
-    );
-    assert_eq!(
-        app.delete(&staff, &format!("/v1/files/{file_id}?confirm=true"))
+        app.delete(staff.token(), &format!("/v1/files/{file_id}?confirm=true"))
             .await
             .status(),
         204
     );
-    let response = app.get(&staff, &format!("/v1/bundles/{id}/content")).await;
+    let response = staff.get(&format!("/v1/bundles/{id}/content")).await;
     assert_eq!(response.status(), 404);
 }
 
 /// `dossier serve --role workers` as a child process on the test's database,
 /// vhost and bucket.
-fn spawn_worker_process(app: &TestApp, log: &std::path::Path) -> Child {
-    let s3 = s3_server();
-    let log = std::fs::File::create(log).unwrap();
-    Command::new(env!("CARGO_BIN_EXE_dossier-serve"))
-        .env("DOSSIER_ROLES", "workers")
-        .env("DOSSIER_DATABASE_URL", &app.database_url)
-        .env("DOSSIER_AMQP_URL", app.vhost.url())
-        .env("DOSSIER_BLOB_STORE", format!("s3://{}", app.bucket))
-        .env("DOSSIER_S3_ENDPOINT", &s3.endpoint)
-        .env("DOSSIER_S3_REGION", "us-east-1")
-        .env("AWS_ACCESS_KEY_ID", &s3.access_key)
-        .env("AWS_SECRET_ACCESS_KEY", &s3.secret_key)
-        .env("DOSSIER_JWT_SECRET", SECRET)
-        .env("DOSSIER_HTTP_ADDR", "127.0.0.1:0")
+fn spawn_worker_process(app: &TestApp, log: &std::path::Path) -> ServeProcess {
+    app.serve_command(env!("CARGO_BIN_EXE_dossier-serve"), [] as [&str; 0])
+        .roles("workers")
         .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
+        .log_to(log)
+        .unwrap()
         .spawn()
         .expect("the dossier-serve binary starts")
+}
+
+/// The zip worker's queue as the broker sees it now: messages ready for a
+/// consumer, and consumers.
+async fn zip_queue(app: &TestApp) -> (u32, u32) {
+    let connection = lapin::Connection::connect(app.vhost.url(), Default::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let passive = QueueDeclareOptions {
+        passive: true,
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    let queue = channel
+        .queue_declare(ZIP_QUEUE.into(), passive, FieldTable::default())
+        .await
+        .unwrap();
+    let _ = connection.close(200, "looked".into()).await;
+    (queue.message_count(), queue.consumer_count())
 }
 
 /// The peak resident set size of a live process, in KiB (`VmHWM`).
@@ -870,20 +797,14 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
 
 /// Uploads `count` files of `size` bytes ("Scan 0.pdf", …) and requests their
 /// bundle; answers the bundle id and each file's SHA-256.
-async fn scans_bundle(
-    app: &TestApp,
-    token: &str,
-    count: usize,
-    size: usize,
-) -> (String, Vec<String>) {
+async fn scans_bundle(api: &Client, count: usize, size: usize) -> (String, Vec<String>) {
     let mut ids = Vec::new();
     let mut expected = Vec::new();
     for n in 0..count {
         let bytes = pattern(size, n);
         expected.push(sha256(&bytes));
         let file = upload(
-            app,
-            token,
+            api,
             "cust-1",
             &format!("Scan {n}"),
             "scan.pdf",
@@ -891,15 +812,15 @@ async fn scans_bundle(
             bytes,
         )
         .await;
-        ids.push(file["id"].as_str().unwrap().to_owned());
+        ids.push(file.id.clone());
     }
     let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-    (request_ok(app, token, &refs).await, expected)
+    (api.request_bundle(&refs).await, expected)
 }
 
 /// Downloads the bundle and checks every entry against `expected`.
-async fn assert_scans(app: &TestApp, token: &str, id: &str, expected: &[String]) {
-    let zip = download(app, token, id).await;
+async fn assert_scans(api: &Client, id: &str, expected: &[String]) {
+    let zip = download(api, id).await;
     unzip_test(&zip);
     let entries = read_zip(&zip);
     assert_eq!(entries.len(), expected.len());
@@ -912,51 +833,70 @@ async fn assert_scans(app: &TestApp, token: &str, id: &str, expected: &[String])
 #[tokio::test]
 async fn a_worker_killed_mid_bundle_leaves_it_to_another_that_finishes_it() {
     let app = TestApp::spawn_with(&[NO_WORKERS]).await;
-    let staff = app.staff("acme");
+    let staff = app.api(&app.staff("acme"));
     // 8 files of 6 MiB: long enough to build that the first worker dies in the
     // middle, big enough for S3 multipart parts.
-    let (id, expected) = scans_bundle(&app, &staff, 8, 6 * 1024 * 1024).await;
+    let (id, expected) = scans_bundle(&staff, 8, 6 * 1024 * 1024).await;
 
     let logs = std::env::temp_dir().join(format!("dossier-zip-kill-{id}"));
     std::fs::create_dir_all(&logs).unwrap();
     let mut first = spawn_worker_process(&app, &logs.join("first.log"));
     // Kill it as soon as it has recorded progress: in the middle of the archive.
-    let status = wait_for(&app, &staff, &id, Duration::from_secs(180), |body| {
-        body["files_done"].as_u64().unwrap_or(0) >= 1 || body["status"] != "pending"
-    })
-    .await;
-    first.kill().unwrap(); // SIGKILL: no shutdown, no nack, no cleanup
-    first.wait().unwrap();
+    let status = staff
+        .bundle_until(&id, Duration::from_secs(180), |status| {
+            status.files_done >= 1 || status.status != BundleStatus::Pending
+        })
+        .await;
+    first.kill().await; // SIGKILL: no shutdown, no nack, no cleanup
     assert_eq!(
-        status["status"], "pending",
-        "the first worker must be killed mid-bundle (log in {logs:?}): {status}"
+        status.status,
+        BundleStatus::Pending,
+        "the first worker must be killed mid-bundle (log in {logs:?}): {status:?}"
     );
-    let done_at_kill = status["files_done"].as_u64().unwrap();
-    assert!(done_at_kill < 8, "{status}");
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let status: Value = app
-        .get(&staff, &format!("/v1/bundles/{id}"))
+    let done_at_kill = status.files_done;
+    assert!(done_at_kill < 8, "{status:?}");
+    // The broker saw the worker go: the job is back in the queue and nobody
+    // consumes it, so nothing can be finishing the bundle behind our back.
+    eventually(
+        "the killed worker's job back in the zip queue, unconsumed",
+        async || {
+            let (ready, consumers) = zip_queue(&app).await;
+            if ready == 1 && consumers == 0 {
+                Ok(())
+            } else {
+                Err(format!("{ready} ready, {consumers} consumers"))
+            }
+        },
+    )
+    .await;
+    let status: Value = staff
+        .get(&format!("/v1/bundles/{id}"))
         .await
         .json()
         .await
         .unwrap();
     assert_eq!(status["status"], "pending", "nothing finished it: {status}");
     assert_eq!(
-        app.get(&staff, &format!("/v1/bundles/{id}/content"))
+        staff
+            .get(&format!("/v1/bundles/{id}/content"))
             .await
             .status(),
         409
     );
 
     let mut second = spawn_worker_process(&app, &logs.join("second.log"));
-    let status = wait_for(&app, &staff, &id, Duration::from_secs(300), |body| {
-        body["status"] != "pending"
-    })
-    .await;
-    let _ = second.kill();
-    let _ = second.wait();
-    assert_eq!(status["status"], "ready", "(log in {logs:?}): {status}");
-    assert_scans(&app, &staff, &id, &expected).await;
+    let status = staff
+        .bundle_until(&id, Duration::from_secs(300), |status| {
+            status.status != BundleStatus::Pending
+        })
+        .await;
+    second.kill().await;
+    assert_eq!(
+        status.status,
+        BundleStatus::Ready,
+        "(log in {logs:?}): {status:?}"
+    );
+    assert_scans(&staff, &id, &expected).await;
     let events = bundle_events(&app, &id).await;
     assert_eq!(
         events.iter().filter(|(t, _)| t == "BundleReady").count(),
@@ -973,28 +913,36 @@ async fn a_worker_killed_mid_bundle_leaves_it_to_another_that_finishes_it() {
 #[ignore = "uploads and bundles 220 MiB; run on purpose for the memory figure"]
 async fn peak_rss_of_a_worker_process_does_not_grow_with_the_bundle() {
     let app = TestApp::spawn_with(&[NO_WORKERS]).await;
-    let staff = app.staff("acme");
+    let staff = app.api(&app.staff("acme"));
     let logs = std::env::temp_dir().join(format!("dossier-zip-rss-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&logs).unwrap();
     let mut worker = spawn_worker_process(&app, &logs.join("worker.log"));
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let idle = peak_rss_kib(worker.id());
+    // Idle means started and waiting for work: consuming the zip queue.
+    eventually("the worker process consuming the zip queue", async || {
+        zip_queue(&app).await.1 >= 1
+    })
+    .await;
+    let idle = peak_rss_kib(worker.pid());
 
     let mut figures = Vec::new();
     for (count, size) in [(2, 10 * 1024 * 1024), (8, 25 * 1024 * 1024)] {
-        let (id, expected) = scans_bundle(&app, &staff, count, size).await;
+        let (id, expected) = scans_bundle(&staff, count, size).await;
         let started = Instant::now();
-        let status = wait_for(&app, &staff, &id, Duration::from_secs(600), |body| {
-            body["status"] != "pending"
-        })
-        .await;
+        let status = staff
+            .bundle_until(&id, Duration::from_secs(600), |status| {
+                status.status != BundleStatus::Pending
+            })
+            .await;
         let elapsed = started.elapsed();
-        assert_eq!(status["status"], "ready", "(log in {logs:?}): {status}");
-        figures.push((count * size, elapsed, peak_rss_kib(worker.id())));
-        assert_scans(&app, &staff, &id, &expected).await;
+        assert_eq!(
+            status.status,
+            BundleStatus::Ready,
+            "(log in {logs:?}): {status:?}"
+        );
+        figures.push((count * size, elapsed, peak_rss_kib(worker.pid())));
+        assert_scans(&staff, &id, &expected).await;
     }
-    let _ = worker.kill();
-    let _ = worker.wait();
+    worker.kill().await;
     eprintln!("zip worker process (debug build), peak RSS (VmHWM): idle {idle:?} KiB");
     for (bytes, elapsed, peak) in &figures {
         eprintln!(

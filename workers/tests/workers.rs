@@ -26,6 +26,7 @@ use dossier_eventlog::log::LoggedEvent;
 use dossier_projections::{FilesProjection, Runner, RunnerConfig};
 use dossier_runtime::retry::Backoff;
 use dossier_test_support::rabbit::TestVhost;
+use dossier_test_support::wait::eventually;
 use dossier_workers::blob::BlobWorkerConfig;
 use dossier_workers::relay::{self, RelayConfig};
 use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
@@ -35,7 +36,6 @@ use sha2::{Digest as _, Sha256};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-const WAIT: Duration = Duration::from_secs(60);
 const TENANT: &str = "acme";
 const CUSTOMER: &str = "customer-1";
 
@@ -128,8 +128,10 @@ impl Harness {
         tokio::spawn(async move { running.await.map_err(|error| error.to_string()) })
     }
 
-    /// Stops every spawned task, waits for them, and removes the vhost.
-    async fn finish(self, tasks: Vec<Task>) {
+    /// Stops every spawned task and waits for them: once this returns, every
+    /// delivery their consumers took is settled (handled and acked or rejected,
+    /// or back in its queue).
+    async fn stop(&self, tasks: Vec<Task>) {
         let _ = self.shutdown.send(true);
         for task in tasks {
             let ended = tokio::time::timeout(Duration::from_secs(20), task)
@@ -138,6 +140,11 @@ impl Harness {
                 .expect("a task panicked");
             ended.expect("a task failed");
         }
+    }
+
+    /// Stops every spawned task, waits for them, and removes the vhost.
+    async fn finish(self, tasks: Vec<Task>) {
+        self.stop(tasks).await;
         self.broker.close().await;
         self.vhost.cleanup().await.expect("delete vhost");
     }
@@ -327,31 +334,6 @@ async fn relay_checkpoint(pool: &Pool) -> i64 {
         .map_or(0, |row| row.get(0))
 }
 
-/// Polls `check` every 50 ms until it answers `true`, for at most [`WAIT`].
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !check().await {
-        pause_until(deadline, what).await;
-    }
-}
-
-/// One polling pause of a loop that must be done by `deadline`.
-async fn pause_until(deadline: tokio::time::Instant, what: &str) {
-    assert!(
-        tokio::time::Instant::now() < deadline,
-        "timed out waiting for {what}"
-    );
-    tokio::time::sleep(Duration::from_millis(50)).await;
-}
-
-fn deadline() -> tokio::time::Instant {
-    tokio::time::Instant::now() + WAIT
-}
-
 /// Takes every message now in `queue` (auto-ack).
 async fn take_all(channel: &lapin::Channel, queue: &str) -> Vec<lapin::message::Delivery> {
     let mut taken = Vec::new();
@@ -363,6 +345,22 @@ async fn take_all(channel: &lapin::Channel, queue: &str) -> Vec<lapin::message::
         taken.push(message.delivery);
     }
     taken
+}
+
+/// Messages ready in the blob worker's queue (a passive declare).
+async fn blob_queue_depth(channel: &lapin::Channel) -> u32 {
+    channel
+        .queue_declare(
+            BLOB_QUEUE.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap()
+        .message_count()
 }
 
 fn header(properties: &BasicProperties, name: &str) -> Option<String> {
@@ -452,16 +450,25 @@ async fn relay_publishes_every_event_in_order_with_the_tenant_header() {
 
     let observer = harness.observer().await;
     let mut received = Vec::new();
-    let until = deadline();
-    loop {
+    eventually("the three events on the test queue", async || {
         received.extend(take_all(&observer, &queue).await);
         if received.len() >= 3 {
-            break;
+            Ok(())
+        } else {
+            Err(received.len())
         }
-        pause_until(until, "the three events on the test queue").await;
-    }
-    // Anything more would be a duplicate, which the relay has no reason to send here.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    })
+    .await;
+    // Anything more would be a duplicate, which the relay has no reason to send
+    // here. It moves its checkpoint only past confirmed publishes, and the broker
+    // confirms a publish once the message is in the queue: with the checkpoint at
+    // the log head, whatever the relay published is in the test queue now.
+    let head = logged.last().unwrap().position;
+    let pool = &harness.pool;
+    eventually("the checkpoint at the log head", || async move {
+        relay_checkpoint(pool).await == head
+    })
+    .await;
     received.extend(take_all(&observer, &queue).await);
 
     assert_eq!(received.len(), 3, "exactly the three events, once each");
@@ -511,12 +518,6 @@ async fn relay_publishes_every_event_in_order_with_the_tenant_header() {
         .into();
         assert_eq!(keys, expected);
     }
-    let head = logged.last().unwrap().position;
-    let pool = &harness.pool;
-    eventually("the checkpoint at the log head", || async move {
-        relay_checkpoint(pool).await == head
-    })
-    .await;
 
     harness.finish(vec![relay]).await;
 }
@@ -539,16 +540,15 @@ async fn relay_loses_nothing_when_the_connection_is_force_closed() {
         let file_id = FileId::new();
         files.upload(file_id, &key_for(file_id), b"x").await;
     }
-    let until = deadline();
-    while harness
-        .vhost
-        .connection_names()
-        .await
-        .expect("list")
-        .is_empty()
-    {
-        pause_until(until, "the relay's connection in the management API").await;
-    }
+    eventually("the relay's connection in the management API", async || {
+        !harness
+            .vhost
+            .connection_names()
+            .await
+            .expect("list")
+            .is_empty()
+    })
+    .await;
     // Then writers that append as fast as they can while the relay publishes, and
     // the force-close in the middle of that.
     let writers: Vec<_> = (0..WRITERS)
@@ -587,19 +587,21 @@ async fn relay_loses_nothing_when_the_connection_is_force_closed() {
     let observer = harness.observer().await;
     let mut seen = HashSet::new();
     let mut deliveries = 0;
-    let until = deadline();
-    loop {
+    eventually("every event id on the test queue", async || {
         for delivery in take_all(&observer, &queue).await {
             deliveries += 1;
             if let Some(id) = delivery.properties.message_id() {
                 seen.insert(id.to_string());
             }
         }
-        if expected.is_subset(&seen) {
-            break;
+        let missing = expected.difference(&seen).count();
+        if missing == 0 {
+            Ok(())
+        } else {
+            Err(format!("{missing} missing"))
         }
-        pause_until(until, "every event id on the test queue").await;
-    }
+    })
+    .await;
     assert!(
         deliveries >= EVENTS,
         "duplicates are allowed, losses are not"
@@ -678,22 +680,18 @@ async fn deleted_files_blob_is_purged_and_recorded_once(store: Store) {
         .unwrap();
     publisher.close().await;
     let observer = &harness.observer().await;
-    eventually("the blob queue to be empty", || async move {
-        let queue = observer
-            .queue_declare(
-                BLOB_QUEUE.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        queue.message_count() == 0
+    eventually("the blob queue to be empty", async || {
+        blob_queue_depth(observer).await == 0
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Stopped, the worker has settled the second delivery: handled and acked,
+    // or back in its queue, which must then still be empty.
+    harness.stop(vec![relay, worker]).await;
+    assert_eq!(
+        blob_queue_depth(observer).await,
+        0,
+        "the second delivery was handled, not given back"
+    );
     assert_eq!(
         events_of_type(&harness.pool, file_id, "BlobPurged").await,
         1,
@@ -701,7 +699,7 @@ async fn deleted_files_blob_is_purged_and_recorded_once(store: Store) {
     );
     assert!(take_all(observer, BLOB_DEAD_QUEUE).await.is_empty());
 
-    harness.finish(vec![relay, worker]).await;
+    harness.finish(vec![]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -721,16 +719,18 @@ async fn the_blob_worker_consumes_again_after_its_connection_is_force_closed() {
     let relay = harness.spawn_relay();
     let worker = harness.spawn_blob_worker(Arc::clone(&store.blobs));
 
-    let until = deadline();
-    while harness
-        .vhost
-        .connection_names()
-        .await
-        .expect("list")
-        .is_empty()
-    {
-        pause_until(until, "the worker's connection in the management API").await;
-    }
+    eventually(
+        "the worker's connection in the management API",
+        async || {
+            !harness
+                .vhost
+                .connection_names()
+                .await
+                .expect("list")
+                .is_empty()
+        },
+    )
+    .await;
     assert!(
         harness
             .vhost
@@ -781,14 +781,15 @@ async fn an_unparseable_message_is_dead_lettered_not_retried() {
 
     let observer = harness.observer().await;
     let mut dead = Vec::new();
-    let until = deadline();
-    while dead.is_empty() {
+    eventually("the message in the dead-letter queue", async || {
         dead.extend(take_all(&observer, BLOB_DEAD_QUEUE).await);
-        if dead.is_empty() {
-            pause_until(until, "the message in the dead-letter queue").await;
-        }
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+        !dead.is_empty()
+    })
+    .await;
+    // Stopped, the worker has settled every delivery it took: whatever it
+    // dead-lettered is in the dead-letter queue, whatever it gave back is in its
+    // own queue (and must not be, below).
+    harness.stop(vec![worker]).await;
     dead.extend(take_all(&observer, BLOB_DEAD_QUEUE).await);
     assert_eq!(dead.len(), 1, "dead-lettered once");
     let message = &dead[0];
@@ -823,7 +824,7 @@ async fn an_unparseable_message_is_dead_lettered_not_retried() {
     );
     assert!(take_all(&observer, BLOB_QUEUE).await.is_empty());
 
-    harness.finish(vec![worker]).await;
+    harness.finish(vec![]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -860,13 +861,11 @@ async fn a_deletion_the_log_does_not_know_is_dead_lettered_and_deletes_nothing()
 
     let observer = harness.observer().await;
     let mut dead = Vec::new();
-    let until = deadline();
-    while dead.is_empty() {
+    eventually("the forged message in the dead-letter queue", async || {
         dead.extend(take_all(&observer, BLOB_DEAD_QUEUE).await);
-        if dead.is_empty() {
-            pause_until(until, "the forged message in the dead-letter queue").await;
-        }
-    }
+        !dead.is_empty()
+    })
+    .await;
     assert!(
         store.blobs.exists(&key).await.unwrap(),
         "nothing was deleted"

@@ -18,10 +18,13 @@ use aws_sdk_s3::primitives::ByteStream;
 use bytes::Bytes;
 use dossier_api::auth::jwt::Role;
 use dossier_test_support::rabbit::TestVhost;
+use dossier_test_support::wait::Wait;
 use serde_json::{Value, json};
 
 use super::Ctx;
-use super::env::{self, App, BenchDb, S3};
+use dossier_test_support::s3::S3Dev;
+
+use super::env::{self, App, BenchDb};
 use super::report::{Figure, Goal};
 use super::stats::{self, mb_per_s};
 
@@ -30,14 +33,14 @@ const TENANT: &str = "bench-zip";
 const BUCKET: &str = "bench-zip";
 
 pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Figure>> {
-    let s3 = S3::start().await?;
-    let db = BenchDb::create(ctx, 4).await?;
+    let s3 = env::s3().await?;
+    let db = env::database(ctx, 4).await?;
     let vhost = TestVhost::create().await?;
     let dir = env::temp_dir("zip")?;
     let result = measure(ctx, &s3, &db, &vhost, &dir).await;
-    db.drop().await;
+    env::remove_database(db).await;
     let _ = vhost.cleanup().await;
-    s3.stop().await;
+    env::stop_s3(s3).await;
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
@@ -53,7 +56,7 @@ fn content(i: usize, size: usize) -> Bytes {
 
 async fn measure(
     ctx: &Ctx,
-    s3: &S3,
+    s3: &S3Dev,
     db: &BenchDb,
     vhost: &TestVhost,
     dir: &std::path::Path,
@@ -167,6 +170,18 @@ async fn upload(app: &App, token: &str, i: usize, body: Bytes) -> anyhow::Result
         .context("the File has an id")
 }
 
+/// `GET /v1/bundles/{id}`.
+async fn bundle_status(app: &App, token: &str, id: &str) -> anyhow::Result<Value> {
+    Ok(app
+        .client
+        .get(app.url(&format!("/v1/bundles/{id}")))
+        .bearer_auth(token)
+        .send()
+        .await?
+        .json()
+        .await?)
+}
+
 /// Requests the bundle, waits until it is ready and downloads it; `None` when
 /// the build has no bundles. Answers the time taken and the archive's size.
 async fn bundle(app: &App, token: &str, ids: &[String]) -> anyhow::Result<Option<(Duration, u64)>> {
@@ -191,27 +206,22 @@ async fn bundle(app: &App, token: &str, ids: &[String]) -> anyhow::Result<Option
         .as_str()
         .context("the bundle has an id")?
         .to_owned();
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        let status: Value = app
-            .client
-            .get(app.url(&format!("/v1/bundles/{id}")))
-            .bearer_auth(token)
-            .send()
-            .await?
-            .json()
-            .await?;
-        match status["status"].as_str() {
-            Some("ready") => break,
-            Some("failed") => anyhow::bail!("the bundle failed: {status}"),
-            _ => {}
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the bundle was not ready in 5 minutes"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    // A failed bundle or request ends the wait at once, with its error.
+    Wait::new("the bundle to be ready")
+        .timeout(Duration::from_secs(300))
+        .interval(Duration::from_millis(10))
+        .until(async || {
+            let status: Value = match bundle_status(app, token, &id).await {
+                Ok(status) => status,
+                Err(error) => return Ok(Err(error)),
+            };
+            match status["status"].as_str() {
+                Some("ready") => Ok(Ok(())),
+                Some("failed") => Ok(Err(anyhow::anyhow!("the bundle failed: {status}"))),
+                _ => Err(status),
+            }
+        })
+        .await??;
     let mut response = app
         .client
         .get(app.url(&format!("/v1/bundles/{id}/content")))
@@ -231,7 +241,7 @@ async fn bundle(app: &App, token: &str, ids: &[String]) -> anyhow::Result<Option
 }
 
 /// GET of every blob of the tenant, then a PUT of `archive_size` bytes.
-async fn get_and_put(s3: &S3, db: &BenchDb, archive_size: u64) -> anyhow::Result<Duration> {
+async fn get_and_put(s3: &S3Dev, db: &BenchDb, archive_size: u64) -> anyhow::Result<Duration> {
     let keys: Vec<String> = db
         .pool
         .get()

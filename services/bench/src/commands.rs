@@ -48,11 +48,11 @@ const BASELINE_INSERT: &str = "INSERT INTO bench_insert (id, tenant, aggregate_t
     VALUES ($1, $2, 'file', $3, $4, 'FileRenamed', '1', $5, $6, 'bench')";
 
 pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Figure>> {
-    let db = BenchDb::create(ctx, 4).await?;
+    let db = env::database(ctx, 4).await?;
     let vhost = TestVhost::create().await?;
     let blob_dir = env::temp_dir("commands-blobs")?;
     let result = measure(ctx, &db, &vhost, &blob_dir).await;
-    db.drop().await;
+    env::remove_database(db).await;
     let _ = vhost.cleanup().await;
     let _ = std::fs::remove_dir_all(&blob_dir);
     result

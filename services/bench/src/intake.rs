@@ -21,7 +21,9 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
 use super::Ctx;
-use super::env::{App, BenchDb, S3};
+use dossier_test_support::s3::S3Dev;
+
+use super::env::{self, App, BenchDb};
 use super::report::{Figure, Goal};
 
 const SCENARIO: &str = "amqp_intake";
@@ -29,19 +31,19 @@ const TENANT: &str = "bench-intake";
 const WINDOW: usize = 256;
 
 pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Figure>> {
-    let s3 = S3::start().await?;
-    let db = BenchDb::create(ctx, 4).await?;
+    let s3 = env::s3().await?;
+    let db = env::database(ctx, 4).await?;
     let vhost = TestVhost::create().await?;
     let result = measure(ctx, &s3, &db, &vhost).await;
-    db.drop().await;
+    env::remove_database(db).await;
     let _ = vhost.cleanup().await;
-    s3.stop().await;
+    env::stop_s3(s3).await;
     result
 }
 
 async fn measure(
     ctx: &Ctx,
-    s3: &S3,
+    s3: &S3Dev,
     db: &BenchDb,
     vhost: &TestVhost,
 ) -> anyhow::Result<Vec<Figure>> {

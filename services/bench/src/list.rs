@@ -37,10 +37,10 @@ const FILTERS: [&str; 8] = [
 ];
 
 pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Figure>> {
-    let db = BenchDb::create(ctx, 4).await?;
+    let db = env::database(ctx, 4).await?;
     let blob_dir = env::temp_dir("list-blobs")?;
     let result = measure(ctx, &db, &blob_dir).await;
-    db.drop().await;
+    env::remove_database(db).await;
     let _ = std::fs::remove_dir_all(&blob_dir);
     result
 }

@@ -40,7 +40,7 @@ mod with_postgres_es {
     use postgres_es::PostgresEventRepository;
     use uuid::Uuid;
 
-    use super::super::env::BenchDb;
+    use super::super::env::{self, BenchDb};
     use super::super::report::Goal;
     use super::super::seed;
     use super::super::stats;
@@ -67,9 +67,9 @@ mod with_postgres_es {
     type PgesFramework = CqrsFramework<File, PersistedEventStore<PostgresEventRepository, File>>;
 
     pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Figure>> {
-        let db = BenchDb::create(ctx, POOL as usize).await?;
+        let db = env::database(ctx, POOL as usize).await?;
         let result = measure(ctx, &db).await;
-        db.drop().await;
+        env::remove_database(db).await;
         result
     }
 

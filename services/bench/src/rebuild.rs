@@ -16,7 +16,7 @@ use futures::StreamExt as _;
 use serde_json::json;
 
 use super::Ctx;
-use super::env::BenchDb;
+use super::env::{self, BenchDb};
 use super::report::{Figure, Goal};
 use super::seed::{self, Rng};
 
@@ -29,9 +29,9 @@ const READ_ALL: &str = "COPY (SELECT id, position, tenant, aggregate_type, aggre
     FROM events ORDER BY position) TO STDOUT";
 
 pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Figure>> {
-    let db = BenchDb::create(ctx, 4).await?;
+    let db = env::database(ctx, 4).await?;
     let result = measure(ctx, &db).await;
-    db.drop().await;
+    env::remove_database(db).await;
     result
 }
 

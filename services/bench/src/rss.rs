@@ -1,24 +1,28 @@
 //! `upload_rss`: the peak resident memory (`VmHWM`) of a `dossier serve`
 //! process while 32 uploads of 25 MiB arrive at once.
 //!
-//! The server is this binary's `serve` (the same start-up as `dossier serve`), started as a child with the environment
-//! production would give it: its database, its vhost, an `s3://` blob store on
-//! the benchmark's S3 server, and the S3 credentials in `AWS_ACCESS_KEY_ID` /
-//! `AWS_SECRET_ACCESS_KEY` for the child only. The goal is 64 MiB plus 8 MiB
+//! The server is this very binary (`dossier-bench serve`, the start-up of
+//! `dossier serve`, built with the same profile as the benchmark), started as a
+//! child with the environment production would give it: its database, its
+//! vhost, an `s3://` blob store on the benchmark's S3 server, and the S3
+//! credentials in `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` for the child
+//! only. The goal is 64 MiB plus 8 MiB
 //! per upload in flight: one S3 part buffer each (5 MiB), the HTTP side's
 //! buffers, and the S3 store's few spare part buffers for pipelining.
 
-use std::process::Stdio;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use bytes::Bytes;
 use dossier_api::auth::jwt::Role;
+use dossier_test_support::process::ServeCommand;
 use dossier_test_support::rabbit::TestVhost;
+use dossier_test_support::s3::S3Dev;
 
 use super::Ctx;
-use super::env::{self, BenchDb, S3};
+use super::env::{self, BenchDb};
 use super::report::{Figure, Goal};
 use super::stats;
 
@@ -27,24 +31,24 @@ const TENANT: &str = "bench-rss";
 const BUCKET: &str = "bench-rss";
 
 pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Figure>> {
-    let s3 = S3::start().await?;
-    let db = BenchDb::create(ctx, 2).await?;
+    let s3 = env::s3().await?;
+    let db = env::database(ctx, 2).await?;
     let vhost = TestVhost::create().await?;
     let dir = env::temp_dir("rss")?;
     let result = measure(ctx, &s3, &db, &vhost, &dir).await;
-    db.drop().await;
+    env::remove_database(db).await;
     let _ = vhost.cleanup().await;
-    s3.stop().await;
+    env::stop_s3(s3).await;
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
 
 async fn measure(
     ctx: &Ctx,
-    s3: &S3,
+    s3: &S3Dev,
     db: &BenchDb,
     vhost: &TestVhost,
-    dir: &std::path::Path,
+    dir: &Path,
 ) -> anyhow::Result<Vec<Figure>> {
     let uploads = ctx.size(32, 4);
     let size = ctx.size(25 * 1024 * 1024, 2 * 1024 * 1024);
@@ -58,16 +62,11 @@ async fn measure(
         )
     };
 
-    let on_s3 = [
-        ("DOSSIER_BLOB_STORE", format!("s3://{BUCKET}")),
-        ("DOSSIER_S3_ENDPOINT", s3.endpoint().to_owned()),
-        ("DOSSIER_S3_REGION", "us-east-1".to_owned()),
-        // S3 credentials reach the child only, the way production passes them.
-        ("AWS_ACCESS_KEY_ID", s3.access_key().to_owned()),
-        ("AWS_SECRET_ACCESS_KEY", s3.secret_key().to_owned()),
-        ("AWS_EC2_METADATA_DISABLED", "true".to_owned()),
-    ];
-    let (idle, peak) = serve_and_upload(db, vhost, dir, &on_s3, uploads, size).await?;
+    // S3 credentials reach the child only, the way production passes them.
+    let on_s3 = |command: ServeCommand| {
+        command.s3_bucket(&s3.endpoint, &s3.access_key, &s3.secret_key, BUCKET)
+    };
+    let (idle, peak) = serve_and_upload(db, vhost, dir, on_s3, uploads, size).await?;
     let mut figures = vec![
         Figure::new(SCENARIO, metric("S3"), "MiB")
             .ours(peak.peak_mib)
@@ -81,11 +80,8 @@ async fn measure(
     // The same with the directory store (no part buffers): what the S3
     // adapter adds.
     let blob_dir = dir.join("blobs");
-    let on_disk = [(
-        "DOSSIER_BLOB_STORE",
-        format!("file://{}", blob_dir.display()),
-    )];
-    let (idle, peak) = serve_and_upload(db, vhost, dir, &on_disk, uploads, size).await?;
+    let on_disk = |command: ServeCommand| command.blob_dir(&blob_dir);
+    let (idle, peak) = serve_and_upload(db, vhost, dir, on_disk, uploads, size).await?;
     figures.push(
         Figure::new(SCENARIO, metric("file://"), "MiB")
             .ours(peak.peak_mib)
@@ -95,46 +91,35 @@ async fn measure(
     Ok(figures)
 }
 
-/// Starts `dossier serve` with `blob_env`, sends `uploads` uploads of `size`
-/// at once, stops it; answers its memory when idle and after the uploads.
+/// Starts `dossier-bench serve` with the blob store `blobs` sets, sends
+/// `uploads` uploads of `size` at once, stops it; answers its memory when idle
+/// and after the uploads.
 async fn serve_and_upload(
     db: &BenchDb,
     vhost: &TestVhost,
-    dir: &std::path::Path,
-    blob_env: &[(&str, String)],
+    dir: &Path,
+    blobs: impl FnOnce(ServeCommand) -> ServeCommand,
     uploads: usize,
     size: usize,
 ) -> anyhow::Result<(Memory, Memory)> {
     let port = env::free_port()?;
-    // This binary's `serve`: the production start-up (`Application::build`),
-    // so the figure is what `dossier serve` uses, with no build-order games.
     let exe = std::env::current_exe().context("finding the dossier-bench binary")?;
     let log_path = dir.join("server.log");
-    let log = std::fs::File::create(&log_path)?;
-    let mut command = tokio::process::Command::new(exe);
-    command
-        .arg("serve")
+    let command = ServeCommand::new(exe, ["serve"])
         .current_dir(dir)
-        .env("DOSSIER_HTTP_ADDR", format!("127.0.0.1:{port}"))
-        .env("DOSSIER_DATABASE_URL", &db.url)
-        .env("DOSSIER_AMQP_URL", vhost.url())
-        .env("DOSSIER_JWT_SECRET", env::SECRET)
-        .env("DOSSIER_ROLES", "all")
+        .http_addr(&format!("127.0.0.1:{port}"))
+        .database(&db.url)
+        .amqp(vhost.url())
+        .roles("all")
         .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(log))
-        .kill_on_drop(true);
-    for (name, value) in blob_env {
-        command.env(name, value);
-    }
-    let mut child = command.spawn().context("starting dossier serve")?;
-    let pid = child.id().context("the server's pid")?;
+        .log_to(&log_path)?;
+    let mut server = blobs(command).spawn()?;
+    let pid = server.pid();
 
     let result = async {
         let base = format!("http://127.0.0.1:{port}");
         let client = env::http_client();
-        env::wait_ready(&client, &base, Duration::from_secs(60))
+        dossier_test_support::wait_until_ready(&client, &base, Duration::from_secs(60))
             .await
             .with_context(|| format!("see {}", log_path.display()))?;
         let idle = memory(pid)?;
@@ -173,7 +158,7 @@ async fn serve_and_upload(
         anyhow::Ok((idle, after))
     }
     .await;
-    stop(&mut child, pid).await;
+    server.stop(Duration::from_secs(15)).await;
     result
 }
 
@@ -202,20 +187,4 @@ fn memory(pid: u32) -> anyhow::Result<Memory> {
         rss_mib: field("VmRSS:")?,
         peak_mib: field("VmHWM:")?,
     })
-}
-
-/// SIGTERM (a graceful stop), then SIGKILL if it takes too long.
-async fn stop(child: &mut tokio::process::Child, pid: u32) {
-    let terminated = tokio::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .await
-        .is_ok_and(|status| status.success());
-    let stopped = terminated
-        && tokio::time::timeout(Duration::from_secs(15), child.wait())
-            .await
-            .is_ok();
-    if !stopped {
-        let _ = child.kill().await;
-    }
 }

@@ -9,6 +9,7 @@ use chrono::{DateTime, Utc};
 use cqrs_es::persist::SerializedEvent;
 use dossier_eventlog::db::Pool;
 use dossier_eventlog::eventstore::{META_ACTOR, META_TENANT, PgEventStore};
+use dossier_test_support::wait::Wait;
 use futures::SinkExt as _;
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -96,22 +97,26 @@ pub async fn append_uploads(
 
 /// Waits until the files read model shows `count` files of `tenant`.
 pub async fn wait_for_files(pool: &Pool, tenant: &str, count: i64) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        let client = pool.get().await?;
-        let seen: i64 = client
-            .query_one("SELECT count(*) FROM files WHERE tenant = $1", &[&tenant])
-            .await?
-            .get(0);
-        if seen >= count {
-            return Ok(());
-        }
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "the files read model shows {seen} of {count} seeded files after two minutes"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // A failing query ends the wait at once, with its error.
+    Wait::new(format!("the files read model to show {count} seeded files"))
+        .timeout(Duration::from_secs(120))
+        .until(async || {
+            let seen = match files_of(pool, tenant).await {
+                Ok(seen) => seen,
+                Err(error) => return Ok(Err(error)),
+            };
+            if seen >= count { Ok(Ok(())) } else { Err(seen) }
+        })
+        .await?
+}
+
+/// How many files of `tenant` the files read model shows.
+async fn files_of(pool: &Pool, tenant: &str) -> anyhow::Result<i64> {
+    let client = pool.get().await?;
+    Ok(client
+        .query_one("SELECT count(*) FROM files WHERE tenant = $1", &[&tenant])
+        .await?
+        .get(0))
 }
 
 /// Streams `rows` (lines of COPY text format, each ending in `\n`) into

@@ -25,7 +25,9 @@ use dossier_blobstore::s3::PART_SIZE;
 use dossier_test_support::rabbit::TestVhost;
 
 use super::Ctx;
-use super::env::{self, App, BenchDb, S3};
+use dossier_test_support::s3::S3Dev;
+
+use super::env::{self, App, BenchDb};
 use super::report::{Figure, Goal};
 use super::stats::{self, mb_per_s};
 
@@ -33,19 +35,19 @@ const SCENARIO: &str = "upload";
 const TENANT: &str = "bench-upload";
 
 pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Figure>> {
-    let s3 = S3::start().await?;
-    let db = BenchDb::create(ctx, 4).await?;
+    let s3 = env::s3().await?;
+    let db = env::database(ctx, 4).await?;
     let vhost = TestVhost::create().await?;
     let result = measure(ctx, &s3, &db, &vhost).await;
-    db.drop().await;
+    env::remove_database(db).await;
     let _ = vhost.cleanup().await;
-    s3.stop().await;
+    env::stop_s3(s3).await;
     result
 }
 
 async fn measure(
     ctx: &Ctx,
-    s3: &S3,
+    s3: &S3Dev,
     db: &BenchDb,
     vhost: &TestVhost,
 ) -> anyhow::Result<Vec<Figure>> {
@@ -69,7 +71,7 @@ async fn measure(
 }
 
 async fn measure_levels(
-    s3: &S3,
+    s3: &S3Dev,
     app: &Arc<App>,
     size: usize,
     levels: &[(usize, usize)],

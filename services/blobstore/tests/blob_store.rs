@@ -15,6 +15,7 @@ use bytes::Bytes;
 use dossier_blobstore::s3::PART_SIZE;
 use dossier_blobstore::{self as blob, BlobError, BlobStore, BlobStoreSpec, ByteStream, S3Options};
 use dossier_domain::{BlobKey, CustomerId, FileId, TenantId};
+use dossier_test_support::wait::eventually;
 use futures::StreamExt as _;
 use sha2::{Digest as _, Sha256};
 
@@ -168,17 +169,6 @@ async fn read_all(store: &dyn BlobStore, key: &BlobKey) -> Result<(u64, Vec<u8>)
     Ok((object.size, out))
 }
 
-/// Polls `condition` every 20 ms for up to 10 s.
-async fn eventually(what: &str, condition: impl Fn() -> bool) {
-    for _ in 0..500 {
-        if condition() {
-            return;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    panic!("timed out waiting until {what}");
-}
-
 fn assert_no_leftovers(subject: &Subject) {
     let left = (subject.leftovers)();
     assert!(
@@ -328,17 +318,21 @@ mod behaviours {
             let end = (start + 64 * 1024).min(data.len());
             tx.send(Ok(data.slice(start..end))).await.unwrap();
         }
-        eventually("the upload wrote data", || {
-            (s.leftovers)()
-                .iter()
-                .any(|name| name.contains(s.written_marker))
+        eventually("the upload wrote data", async || {
+            let left = (s.leftovers)();
+            if left.iter().any(|name| name.contains(s.written_marker)) {
+                Ok(())
+            } else {
+                Err(left)
+            }
         })
         .await;
 
         upload.abort();
         assert!(upload.await.unwrap_err().is_cancelled());
-        eventually("the cancelled upload is cleaned up", || {
-            (s.leftovers)().is_empty()
+        eventually("the cancelled upload is cleaned up", async || {
+            let left = (s.leftovers)();
+            if left.is_empty() { Ok(()) } else { Err(left) }
         })
         .await;
         assert!(!s.store.exists(&key).await.unwrap());

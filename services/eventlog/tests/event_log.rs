@@ -22,6 +22,7 @@ use dossier_eventlog::eventstore::{
 };
 use dossier_eventlog::log::{LogFilter, LogReader, LoggedEvent};
 use dossier_test_support::db as testing;
+use dossier_test_support::wait::eventually;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -448,7 +449,18 @@ async fn concurrent_appends_of_the_same_sequence_let_exactly_one_win() {
     let winner_or_loser = [event("race", 1, "t1")];
     let first = store.persist_with_commit_delay(&winner_or_loser, Duration::from_millis(300));
     let second = async {
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Meanwhile: once the first has inserted its row (it drew the database's
+        // first position), and before it commits.
+        eventually("the first append's insert", async || {
+            let client = pool.get().await.expect("connection");
+            let drawn: bool = client
+                .query_one("SELECT is_called FROM events_position_seq", &[])
+                .await
+                .expect("the position sequence")
+                .get(0);
+            drawn
+        })
+        .await;
         store
             .persist_returning_positions(&[event("race", 1, "t1")])
             .await
@@ -951,17 +963,11 @@ async fn followers_sharing_a_reader_get_past_a_gap_left_by_an_aborted_append() {
         .await
         .expect("append")[0];
     for reader in [&mut one, &mut other] {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
+        let event = eventually("a follower past the gap", async || {
             let read = reader.read(first, 10, &LogFilter::default()).await.unwrap();
-            if let Some(event) = read.first() {
-                assert_eq!(event.position, later);
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "a follower stayed stuck behind the gap"
-            );
-        }
+            read.into_iter().next()
+        })
+        .await;
+        assert_eq!(event.position, later);
     }
 }

@@ -14,6 +14,8 @@ use std::time::Duration;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::format::{Format, Json, JsonFields};
+use tracing_subscriber::fmt::{MakeWriter, SubscriberBuilder};
 
 /// The log filter when `RUST_LOG` is unset or invalid.
 pub const DEFAULT_LOG_FILTER: &str = "info,dossier=info";
@@ -54,18 +56,13 @@ pub fn init_tracing() {
     static INIT: Once = Once::new();
     INIT.call_once(|| {
         let (filter, rejected) = filter_from_env();
-        let builder = tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr);
         let installed = if std::io::stderr().is_terminal() {
-            builder.try_init()
-        } else {
-            builder
-                .json()
-                .flatten_event(true)
-                .with_current_span(true)
-                .with_span_list(true)
+            tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_writer(std::io::stderr)
                 .try_init()
+        } else {
+            json_logs(filter, std::io::stderr).try_init()
         };
         if installed.is_ok()
             && let Some(spec) = rejected
@@ -77,6 +74,25 @@ pub fn init_tracing() {
             );
         }
     });
+}
+
+/// The JSON log format of [`init_tracing`], writing to `writer`: one object per
+/// line, the event's fields at the top level, the current span's fields under
+/// `span` and every open span under `spans`.
+fn json_logs<W>(
+    filter: EnvFilter,
+    writer: W,
+) -> SubscriberBuilder<JsonFields, Format<Json>, EnvFilter, W>
+where
+    W: for<'writer> MakeWriter<'writer> + Send + Sync + 'static,
+{
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer)
+        .json()
+        .flatten_event(true)
+        .with_current_span(true)
+        .with_span_list(true)
 }
 
 /// Like [`init_tracing`], but for tests: readable logs through the test
@@ -159,12 +175,74 @@ fn spawn_upkeep(handle: PrometheusHandle) {
 mod tests {
     use super::*;
 
+    use std::sync::{Arc, Mutex};
+
     #[test]
     fn init_tracing_twice_is_harmless() {
         init_tracing();
         init_tracing();
         init_test_tracing();
-        tracing::info!("still logging");
+        // No panic, and a global subscriber is in place that still takes the
+        // default filter's events (unless this run's RUST_LOG says otherwise).
+        assert!(tracing::dispatcher::has_been_set());
+        if std::env::var_os(EnvFilter::DEFAULT_ENV).is_none() {
+            assert!(tracing::enabled!(tracing::Level::INFO));
+            assert!(!tracing::enabled!(tracing::Level::DEBUG));
+        }
+    }
+
+    /// Everything written to it, shared with the test.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'writer> MakeWriter<'writer> for Captured {
+        type Writer = Self;
+
+        fn make_writer(&'writer self) -> Self {
+            self.clone()
+        }
+    }
+
+    #[test]
+    fn json_logs_put_event_fields_at_the_top_level_with_the_span_fields() {
+        let captured = Captured::default();
+        let subscriber = json_logs(EnvFilter::new("info"), captured.clone()).finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("relay", tenant = "acme", position = 42_i64);
+            let _entered = span.enter();
+            tracing::info!(message_id = "m-1", "event published");
+            tracing::debug!("below the filter");
+        });
+        let output = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = output.lines().collect();
+        assert_eq!(
+            lines.len(),
+            1,
+            "one JSON object per line, filtered: {output}"
+        );
+        let line: serde_json::Value = serde_json::from_str(lines[0]).expect("JSON");
+        assert_eq!(line["level"], "INFO", "{line}");
+        // The event's fields at the top level, not under "fields".
+        assert_eq!(line["message"], "event published", "{line}");
+        assert_eq!(line["message_id"], "m-1", "{line}");
+        assert!(line.get("fields").is_none(), "{line}");
+        assert!(line["timestamp"].is_string(), "{line}");
+        // The current span and its fields, and the span list.
+        assert_eq!(line["span"]["name"], "relay", "{line}");
+        assert_eq!(line["span"]["tenant"], "acme", "{line}");
+        assert_eq!(line["span"]["position"], 42, "{line}");
+        assert_eq!(line["spans"][0]["tenant"], "acme", "{line}");
     }
 
     #[test]
