@@ -10,13 +10,15 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 scripts/services.sh
 
+# --no-fail-fast: every test binary runs even after one failed, so a run shows
+# all that is broken, not the first of it.
 # cargo test ends with the doc tests of the last crate ("0 passed"); the line
 # printed last here sums every test binary, so a reader of the closing line
 # sees what really ran.
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
-cargo test --workspace "$@" 2>&1 | tee "$log"
+cargo test --workspace --no-fail-fast "$@" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 awk '/^test result:/ {

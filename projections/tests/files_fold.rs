@@ -22,7 +22,7 @@ use dossier_projections::files::{self, FileFilter, FileView};
 use dossier_projections::{FilesProjection, Projection, Runner, RunnerConfig, replay};
 use dossier_test_support::db::fresh_database;
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestRunner};
+use proptest::test_runner::{Config, RngSeed, TestRunner};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use uuid::Uuid;
@@ -39,13 +39,25 @@ const ORIGINS: [Origin; 5] = [
     Origin::System,
 ];
 
+/// The seed of every run unless `PROPTEST_RNG_SEED` picks another: the
+/// coverage checks below ask that the histories reached every interesting
+/// state, which a few dozen random cases reach only most of the time, and a
+/// suite must not fail by luck. Set `PROPTEST_RNG_SEED` to explore others.
+const SEED: u64 = 0x0d05_51e2;
+
 fn config(cases: u32) -> Config {
+    let defaults = Config::default();
+    let rng_seed = match std::env::var("PROPTEST_RNG_SEED") {
+        Ok(_) => defaults.rng_seed,
+        Err(_) => RngSeed::Fixed(SEED),
+    };
     Config {
         cases,
         // Each case is a round of statements against Postgres.
         max_shrink_iters: 200,
         failure_persistence: None,
-        ..Config::default()
+        rng_seed,
+        ..defaults
     }
 }
 

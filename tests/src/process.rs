@@ -26,7 +26,8 @@ pub async fn serve_from_env() -> anyhow::Result<()> {
     dossier_runtime::telemetry::init_tracing();
     let settings = Settings::from_env().context("reading the configuration")?;
     let app = Application::build(settings).await?;
-    app.run_until_stopped(dossier_runtime::shutdown::signal()).await
+    app.run_until_stopped(dossier_runtime::shutdown::signal())
+        .await
 }
 
 /// How to start a Dossier child process: an executable that runs

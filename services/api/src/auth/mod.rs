@@ -66,15 +66,20 @@ impl FromRequestParts<AppState> for Caller {
             .get(axum::http::header::AUTHORIZATION)
             .ok_or_else(|| ApiError(AppError::Unauthorized("missing bearer token".into())))?;
         let token = header.to_str().ok().and_then(bearer_token).ok_or_else(|| {
-            ApiError(AppError::Unauthorized("the Authorization header must be `Bearer <token>`".into()))
+            ApiError(AppError::Unauthorized(
+                "the Authorization header must be `Bearer <token>`".into(),
+            ))
         })?;
         let claims = jwt::verify(state.jwt_secret(), token).map_err(|error| {
             // Every refusal answers the same 401; the log says which it was.
             tracing::info!(%error, "refused a bearer token");
             ApiError(AppError::Unauthorized(format!("invalid token: {error}")))
         })?;
-        let tenant = TenantId::parse(&claims.tenant)
-            .map_err(|_| ApiError(AppError::Unauthorized("invalid token: malformed tenant claim".into())))?;
+        let tenant = TenantId::parse(&claims.tenant).map_err(|_| {
+            ApiError(AppError::Unauthorized(
+                "invalid token: malformed tenant claim".into(),
+            ))
+        })?;
         let customer = match (claims.role, claims.customer.as_deref()) {
             (Role::Customer, Some(raw)) => Some(CustomerId::parse(raw).map_err(|_| {
                 ApiError(AppError::Unauthorized(
