@@ -17,14 +17,13 @@ use anyhow::Context as _;
 use aws_sdk_s3::primitives::ByteStream;
 use bytes::Bytes;
 use dossier_api::auth::jwt::Role;
-use dossier_test_support::rabbit::TestVhost;
 use dossier_test_support::wait::Wait;
 use serde_json::{Value, json};
 
 use super::Ctx;
 use dossier_test_support::s3::S3Dev;
 
-use super::env::{self, App, BenchDb};
+use super::env::{self, App, BenchDb, Stage};
 use super::report::{Figure, Goal};
 use super::stats::{self, mb_per_s};
 
@@ -33,16 +32,7 @@ const TENANT: &str = "bench-zip";
 const BUCKET: &str = "bench-zip";
 
 pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Figure>> {
-    let s3 = env::s3().await?;
-    let db = env::database(ctx, 4).await?;
-    let vhost = TestVhost::create().await?;
-    let dir = env::temp_dir("zip")?;
-    let result = measure(ctx, &s3, &db, &vhost, &dir).await;
-    env::remove_database(db).await;
-    let _ = vhost.cleanup().await;
-    env::stop_s3(s3).await;
-    let _ = std::fs::remove_dir_all(&dir);
-    result
+    Stage::run(ctx, 4, "zip", measure).await
 }
 
 /// The content of file `i`: even ones text, odd ones random bytes.
@@ -54,13 +44,8 @@ fn content(i: usize, size: usize) -> Bytes {
     })
 }
 
-async fn measure(
-    ctx: &Ctx,
-    s3: &S3Dev,
-    db: &BenchDb,
-    vhost: &TestVhost,
-    dir: &std::path::Path,
-) -> anyhow::Result<Vec<Figure>> {
+async fn measure(ctx: &Ctx, stage: &Stage) -> anyhow::Result<Vec<Figure>> {
+    let Stage { s3, db, vhost, dir } = stage;
     let count = ctx.size(100, 10);
     let size = 1024 * 1024;
     let input = (count * size) as u64;

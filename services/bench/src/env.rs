@@ -12,11 +12,13 @@ use std::time::Duration;
 use anyhow::Context as _;
 use dossier_api::auth::jwt::Role;
 use dossier_blobstore::BlobStore;
+use dossier_test_support::rabbit::TestVhost;
 use dossier_test_support::s3::S3Dev;
 use dossier_test_support::{AppServer, db::Database};
 use uuid::Uuid;
 
 use super::Ctx;
+use super::report::Figure;
 
 /// A database of a scenario's own, `dossier_bench_<uuid>`, migrated; removed
 /// again by [`remove_database`].
@@ -52,6 +54,75 @@ pub async fn stop_s3(s3: S3Dev) {
     let root = s3.root.clone();
     if let Err(error) = s3.remove().await {
         eprintln!("bench: could not remove {}: {error}", root.display());
+    }
+}
+
+/// Everything a scenario that runs the whole service stands on: a database of
+/// its own, an S3 server, a RabbitMQ vhost and a scratch directory.
+/// [`Stage::remove`] takes all of it down again.
+pub struct Stage {
+    pub s3: S3Dev,
+    pub db: BenchDb,
+    pub vhost: TestVhost,
+    pub dir: PathBuf,
+}
+
+impl Stage {
+    /// Sets the stage up; what was made before a failing step is removed.
+    pub async fn new(ctx: &Ctx, pool_size: usize, what: &str) -> anyhow::Result<Self> {
+        let s3 = s3().await?;
+        let db = match database(ctx, pool_size).await {
+            Ok(db) => db,
+            Err(error) => {
+                stop_s3(s3).await;
+                return Err(error);
+            }
+        };
+        let vhost = match TestVhost::create().await {
+            Ok(vhost) => vhost,
+            Err(error) => {
+                remove_database(db).await;
+                stop_s3(s3).await;
+                return Err(anyhow::Error::new(error).context("creating a RabbitMQ vhost"));
+            }
+        };
+        let stage = |dir| Self { s3, db, vhost, dir };
+        match temp_dir(what) {
+            Ok(dir) => Ok(stage(dir)),
+            Err(error) => {
+                stage(PathBuf::new()).remove().await;
+                Err(error)
+            }
+        }
+    }
+
+    /// Runs `measure` on a stage of its own, and removes the stage whatever
+    /// `measure` answered.
+    pub async fn run<M>(
+        ctx: &Ctx,
+        pool_size: usize,
+        what: &str,
+        measure: M,
+    ) -> anyhow::Result<Vec<Figure>>
+    where
+        M: AsyncFn(&Ctx, &Stage) -> anyhow::Result<Vec<Figure>>,
+    {
+        let stage = Self::new(ctx, pool_size, what).await?;
+        let result = measure(ctx, &stage).await;
+        stage.remove().await;
+        result
+    }
+
+    /// Removes the database, the vhost, the S3 server and the directory.
+    pub async fn remove(self) {
+        remove_database(self.db).await;
+        if let Err(error) = self.vhost.cleanup().await {
+            eprintln!("bench: could not remove a RabbitMQ vhost: {error}");
+        }
+        stop_s3(self.s3).await;
+        if !self.dir.as_os_str().is_empty() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 

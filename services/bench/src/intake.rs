@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use dossier_broker::{COMMANDS_EXCHANGE, PERSISTENT};
-use dossier_test_support::rabbit::TestVhost;
 use futures::StreamExt as _;
 use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
@@ -21,9 +20,8 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
 use super::Ctx;
-use dossier_test_support::s3::S3Dev;
 
-use super::env::{self, App, BenchDb};
+use super::env::{App, Stage};
 use super::report::{Figure, Goal};
 
 const SCENARIO: &str = "amqp_intake";
@@ -31,24 +29,13 @@ const TENANT: &str = "bench-intake";
 const WINDOW: usize = 256;
 
 pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Figure>> {
-    let s3 = env::s3().await?;
-    let db = env::database(ctx, 4).await?;
-    let vhost = TestVhost::create().await?;
-    let result = measure(ctx, &s3, &db, &vhost).await;
-    env::remove_database(db).await;
-    let _ = vhost.cleanup().await;
-    env::stop_s3(s3).await;
-    result
+    Stage::run(ctx, 4, "intake", measure).await
 }
 
-async fn measure(
-    ctx: &Ctx,
-    s3: &S3Dev,
-    db: &BenchDb,
-    vhost: &TestVhost,
-) -> anyhow::Result<Vec<Figure>> {
+async fn measure(ctx: &Ctx, stage: &Stage) -> anyhow::Result<Vec<Figure>> {
+    let Stage { s3, db, vhost, .. } = stage;
     let count = ctx.size(3000, 100);
-    let body = super::env::text_bytes(1024, 7);
+    let body = crate::env::text_bytes(1024, 7);
 
     let connection = Connection::connect(vhost.url(), ConnectionProperties::default())
         .await

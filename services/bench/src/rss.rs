@@ -19,10 +19,9 @@ use bytes::Bytes;
 use dossier_api::auth::jwt::Role;
 use dossier_test_support::process::ServeCommand;
 use dossier_test_support::rabbit::TestVhost;
-use dossier_test_support::s3::S3Dev;
 
 use super::Ctx;
-use super::env::{self, BenchDb};
+use super::env::{self, BenchDb, Stage};
 use super::report::{Figure, Goal};
 use super::stats;
 
@@ -31,25 +30,11 @@ const TENANT: &str = "bench-rss";
 const BUCKET: &str = "bench-rss";
 
 pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Figure>> {
-    let s3 = env::s3().await?;
-    let db = env::database(ctx, 2).await?;
-    let vhost = TestVhost::create().await?;
-    let dir = env::temp_dir("rss")?;
-    let result = measure(ctx, &s3, &db, &vhost, &dir).await;
-    env::remove_database(db).await;
-    let _ = vhost.cleanup().await;
-    env::stop_s3(s3).await;
-    let _ = std::fs::remove_dir_all(&dir);
-    result
+    Stage::run(ctx, 2, "rss", measure).await
 }
 
-async fn measure(
-    ctx: &Ctx,
-    s3: &S3Dev,
-    db: &BenchDb,
-    vhost: &TestVhost,
-    dir: &Path,
-) -> anyhow::Result<Vec<Figure>> {
+async fn measure(ctx: &Ctx, stage: &Stage) -> anyhow::Result<Vec<Figure>> {
+    let Stage { s3, db, vhost, dir } = stage;
     let uploads = ctx.size(32, 4);
     let size = ctx.size(25 * 1024 * 1024, 2 * 1024 * 1024);
     // The bucket must exist; the server does not create it.

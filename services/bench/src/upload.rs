@@ -22,12 +22,11 @@ use bytes::Bytes;
 use dossier_api::auth::jwt::Role;
 use dossier_blobstore::S3BlobStore;
 use dossier_blobstore::s3::PART_SIZE;
-use dossier_test_support::rabbit::TestVhost;
 
 use super::Ctx;
 use dossier_test_support::s3::S3Dev;
 
-use super::env::{self, App, BenchDb};
+use super::env::{self, App, Stage};
 use super::report::{Figure, Goal};
 use super::stats::{self, mb_per_s};
 
@@ -35,22 +34,11 @@ const SCENARIO: &str = "upload";
 const TENANT: &str = "bench-upload";
 
 pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Figure>> {
-    let s3 = env::s3().await?;
-    let db = env::database(ctx, 4).await?;
-    let vhost = TestVhost::create().await?;
-    let result = measure(ctx, &s3, &db, &vhost).await;
-    env::remove_database(db).await;
-    let _ = vhost.cleanup().await;
-    env::stop_s3(s3).await;
-    result
+    Stage::run(ctx, 4, "upload", measure).await
 }
 
-async fn measure(
-    ctx: &Ctx,
-    s3: &S3Dev,
-    db: &BenchDb,
-    vhost: &TestVhost,
-) -> anyhow::Result<Vec<Figure>> {
+async fn measure(ctx: &Ctx, stage: &Stage) -> anyhow::Result<Vec<Figure>> {
+    let Stage { s3, db, vhost, .. } = stage;
     let size = ctx.size(25 * 1024 * 1024, 2 * 1024 * 1024);
     let levels: [(usize, usize); 2] = [(1, ctx.size(8, 2)), (8, ctx.size(32, 8))];
 
