@@ -26,6 +26,7 @@ use dossier_projections::{
     ProjectionError, Runner, RunnerConfig, rebuild,
 };
 use dossier_test_support::db::fresh_database;
+use dossier_test_support::wait::Wait;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 use tokio_postgres::Transaction;
@@ -106,17 +107,14 @@ fn runner(pool: &Pool) -> Runner {
 
 /// Steps until the runner answers an error (the poison a test put in the log).
 async fn step_until_refused(runner: &mut Runner) -> ProjectionError {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        match runner.step().await {
-            Ok(progress) => assert!(
-                tokio::time::Instant::now() < deadline,
-                "never reached the poison; at {progress:?}"
-            ),
-            Err(error) => return error,
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    Wait::new("the runner to reach the poison")
+        .timeout(WAIT)
+        .interval(Duration::from_millis(5))
+        .expect(async || match runner.step().await {
+            Ok(progress) => Err(progress),
+            Err(error) => Ok(error),
+        })
+        .await
 }
 
 async fn head(pool: &Pool) -> i64 {

@@ -86,8 +86,12 @@ struct Management {
 
 impl Management {
     fn new(addr: &str) -> Self {
+        // A fresh connection per request: the management API closes idle ones
+        // on its own schedule, and a request sent down one it is just closing
+        // fails with an incomplete message. Its calls are few; reuse buys nothing.
         let http = reqwest::Client::builder()
             .timeout(TIMEOUT)
+            .pool_max_idle_per_host(0)
             .build()
             .expect("a reqwest client with a timeout builds");
         Self {
@@ -191,10 +195,35 @@ impl Management {
 
     async fn delete_vhost(&self, vhost: &str) -> Result<(), ManagementError> {
         let path = format!("/api/vhosts/{}", percent_encode(vhost));
-        self.request(reqwest::Method::DELETE, &path, None)
+        one_at_a_time(self.request(reqwest::Method::DELETE, &path, None))
             .await
             .map(drop)
     }
+}
+
+/// Runs a vhost creation or deletion while no other test process on this
+/// machine (nor another test of this one) creates or deletes one. RabbitMQ
+/// 3.10 was seen here to wedge for good, every later vhost creation hanging at
+/// "Making sure data directory", after vhosts were created while others were
+/// being created and deleted; one at a time costs a few milliseconds each.
+/// The lock across processes is a file lock in the temporary directory; if it
+/// cannot be taken, the work runs anyway (the lock only narrows the race).
+async fn one_at_a_time<T>(work: impl std::future::Future<Output = T>) -> T {
+    static IN_PROCESS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _in_process = IN_PROCESS.lock().await;
+    let across_processes = tokio::task::spawn_blocking(|| {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(std::env::temp_dir().join("dossier-test-vhosts.lock"))?;
+        file.lock()?;
+        Ok::<_, std::io::Error>(file)
+    })
+    .await;
+    let answer = work.await;
+    drop(across_processes);
+    answer
 }
 
 /// A virtual host of its own for one test, with `guest` allowed everything.
@@ -222,13 +251,12 @@ impl TestVhost {
         let name = format!("{TEST_VHOST_PREFIX}{}-{}", now_secs(), uuid::Uuid::new_v4());
         let encoded = percent_encode(&name);
         let url = format!("amqp://{USER}:{PASSWORD}@{amqp}/{encoded}");
-        management
-            .request(
-                reqwest::Method::PUT,
-                &format!("/api/vhosts/{encoded}"),
-                Some(serde_json::json!({})),
-            )
-            .await?;
+        one_at_a_time(management.request(
+            reqwest::Method::PUT,
+            &format!("/api/vhosts/{encoded}"),
+            Some(serde_json::json!({})),
+        ))
+        .await?;
         management
             .request(
                 reqwest::Method::PUT,

@@ -12,12 +12,12 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::Duration;
 
 use dossier_api::auth::jwt::{self, Claims, Role};
 use dossier_api::startup::Application;
 use dossier_blobstore::BlobStore;
 use dossier_test_support::upstream::{Command, Upstream};
+use dossier_test_support::wait::eventually;
 use dossier_test_support::{SECRET, TestApp, s3_store, settings};
 use reqwest::multipart::{Form, Part};
 use serde_json::{Value, json};
@@ -155,19 +155,6 @@ impl Projections {
             .await
             .expect("the projections process ends")
             .expect("the projections process stops cleanly");
-    }
-}
-
-/// Polls `check` until it holds, for at most 20 s.
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !check().await {
-        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

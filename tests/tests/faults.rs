@@ -20,17 +20,17 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use dossier_api::auth::jwt::{self, Claims, Role};
-use dossier_api::startup::Application;
+use dossier_api::auth::jwt::Role;
 use dossier_blobstore::{self as blob, BlobStore, BlobStoreSpec, S3Options};
 use dossier_eventlog::chain;
 use dossier_eventlog::db::{self, Pool};
 use dossier_test_support::postgres::PrivatePostgres;
 use dossier_test_support::proxy::FaultyProxy;
 use dossier_test_support::rabbit::TestVhost;
-use dossier_test_support::{SECRET, s3_server, settings};
+use dossier_test_support::wait::Wait;
+use dossier_test_support::{AppServer, s3_server, settings};
 use rand::Rng as _;
 use reqwest::multipart::{Form, Part};
 use serde_json::Value;
@@ -56,12 +56,10 @@ struct Backends {
 }
 
 struct Running {
-    address: String,
+    server: AppServer,
     http: reqwest::Client,
     pool: Pool,
     check_blobs: Arc<dyn BlobStore>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
 impl Running {
@@ -72,80 +70,58 @@ impl Running {
             ("DOSSIER_MAX_FILE_BYTES", "1048576"),
         ];
         let settings = settings(&backends.database_url, &overrides);
-        let app = Application::build_with_blobs(settings, backends.app_blobs.clone())
+        let server = AppServer::start(settings, backends.app_blobs.clone())
             .await
             .expect("the application starts");
-        let address = format!(
-            "http://{}",
-            app.http_address().expect("the api role listens")
-        );
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(app.run_until_stopped(async move {
-            let _ = stopped.await;
-        }));
         let pool = db::connect(&backends.database_url, 8)
             .await
             .expect("a pool for the checks");
         let running = Self {
-            address,
+            server,
             http: reqwest::Client::builder()
                 .timeout(HANG)
                 .build()
                 .expect("a client"),
             pool,
             check_blobs: backends.check_blobs,
-            stop: Some(stop),
-            task,
         };
         running.wait_ready(true).await;
         running
     }
 
     fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.address)
+        self.server.url(path)
     }
 
-    async fn ready(&self) -> bool {
-        self.http
-            .get(self.url("/readyz"))
-            .timeout(Duration::from_secs(10))
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success())
-    }
-
-    /// Waits until `/readyz` says `ready`.
+    /// Waits until `/readyz` says `ready` (2xx) or not.
     async fn wait_ready(&self, ready: bool) {
-        let deadline = Instant::now() + Duration::from_secs(90);
-        while self.ready().await != ready {
-            assert!(
-                Instant::now() < deadline,
-                "/readyz did not say ready={ready} within 90 s"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        Wait::new(format!("/readyz to say ready={ready}"))
+            .timeout(Duration::from_secs(90))
+            .interval(Duration::from_millis(100))
+            .expect(async || {
+                self.http
+                    .get(self.url("/readyz"))
+                    .timeout(Duration::from_secs(10))
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success())
+                    == ready
+            })
+            .await;
     }
 
     async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        let _ = self.task.await;
+        let _ = self.server.stop().await;
     }
 }
 
 fn staff_token() -> String {
-    let now = chrono::Utc::now().timestamp();
-    jwt::issue(
-        SECRET.as_bytes(),
-        &Claims {
-            sub: "staff-faults".to_owned(),
-            tenant: TENANT.to_owned(),
-            role: Role::Staff,
-            customer: None,
-            exp: now + 3600,
-            iat: Some(now),
-        },
+    dossier_test_support::token(
+        TENANT,
+        Role::Staff,
+        "staff-faults",
+        None,
+        Duration::from_secs(3600),
     )
 }
 
@@ -333,15 +309,13 @@ async fn acknowledged(observed: &Mutex<Observed>) -> usize {
 
 /// Waits until at least `n` uploads were acknowledged.
 async fn until_acknowledged(observed: &Mutex<Observed>, n: usize, within: Duration) {
-    let deadline = Instant::now() + within;
-    while acknowledged(observed).await < n {
-        assert!(
-            Instant::now() < deadline,
-            "only {} uploads were acknowledged, waited for {n}",
-            acknowledged(observed).await
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    Wait::new(format!("{n} acknowledged uploads"))
+        .timeout(within)
+        .expect(async || {
+            let seen = acknowledged(observed).await;
+            if seen >= n { Ok(()) } else { Err(seen) }
+        })
+        .await;
 }
 
 /// Runs the load through `fault`: some uploads first, the fault (its outage and
@@ -520,18 +494,19 @@ async fn check_end_state(app: &Running, fault: &str, observed: &Observed) {
         .await
         .expect("the newest position")
         .get(0);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while chain::sealed_position(&app.pool)
-        .await
-        .expect("the sealed position")
-        < newest
-    {
-        assert!(
-            Instant::now() < deadline,
-            "{fault}: the sealer did not catch up with the log"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    Wait::new(format!("{fault}: the sealer to catch up with the log"))
+        .interval(Duration::from_millis(100))
+        .expect(async || {
+            let sealed = chain::sealed_position(&app.pool)
+                .await
+                .expect("the sealed position");
+            if sealed >= newest {
+                Ok(())
+            } else {
+                Err(sealed)
+            }
+        })
+        .await;
     let report = chain::verify(
         &app.pool,
         TENANT,
@@ -591,115 +566,104 @@ async fn direct_bucket() -> (Arc<dyn BlobStore>, Arc<dyn BlobStore>) {
     (store.clone(), store)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn nothing_acknowledged_is_lost_when_postgres_restarts() {
-    let postgres = PrivatePostgres::start().expect("a private Postgres starts");
-    let database_url = postgres.url("dossier_faults");
-    let vhost = TestVhost::create().await.expect("a vhost");
-    let (app_blobs, check_blobs) = direct_bucket().await;
-    let app = Arc::new(
-        Running::start(Backends {
-            database_url,
-            amqp_url: vhost.url().to_owned(),
-            app_blobs,
-            check_blobs,
-        })
-        .await,
-    );
-    let observed = through(
-        &app,
-        async { postgres.stop().expect("Postgres stops") },
-        async { postgres.start_again().expect("Postgres starts again") },
-        true,
-    )
-    .await;
-    check_end_state(&app, "postgres restart", &observed).await;
+/// One fault test: the service on `backends`, the load through `fault` and
+/// `recover`, every check of the end state (with `through_broker`, also that
+/// every event reached the audit trail through RabbitMQ), then a graceful stop.
+async fn fault_test<F, R>(
+    name: &str,
+    backends: Backends,
+    fault: F,
+    recover: R,
+    expect_unready: bool,
+    through_broker: bool,
+) where
+    F: std::future::Future<Output = ()>,
+    R: std::future::Future<Output = ()>,
+{
+    let app = Arc::new(Running::start(backends).await);
+    let observed = through(&app, fault, recover, expect_unready).await;
+    check_end_state(&app, name, &observed).await;
+    if through_broker {
+        check_every_event_went_through_the_broker(&app, name).await;
+    }
     Arc::try_unwrap(app)
         .ok()
         .expect("the load is done")
         .stop()
         .await;
+}
+
+/// A fresh database on the shared Postgres.
+async fn shared_database() -> String {
+    let (pool, database_url) = dossier_test_support::db::fresh_database()
+        .await
+        .expect("a database");
+    drop(pool);
+    database_url
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nothing_acknowledged_is_lost_when_postgres_restarts() {
+    let postgres = PrivatePostgres::start().expect("a private Postgres starts");
+    let vhost = TestVhost::create().await.expect("a vhost");
+    let (app_blobs, check_blobs) = direct_bucket().await;
+    let backends = Backends {
+        database_url: postgres.url("dossier_faults"),
+        amqp_url: vhost.url().to_owned(),
+        app_blobs,
+        check_blobs,
+    };
+    let stop = async { postgres.stop().expect("Postgres stops") };
+    let start = async { postgres.start_again().expect("Postgres starts again") };
+    fault_test("postgres restart", backends, stop, start, true, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn nothing_acknowledged_is_lost_when_s3_is_down() {
-    let (pool, database_url) = dossier_test_support::db::fresh_database()
-        .await
-        .expect("a database");
-    drop(pool);
     let vhost = TestVhost::create().await.expect("a vhost");
     let proxy = FaultyProxy::start(s3_address()).await.expect("a proxy");
     let bucket = format!("f-{}", Uuid::new_v4().simple());
-    let app_blobs = s3_bucket(&format!("http://{}", proxy.address()), &bucket).await;
-    let check_blobs = s3_bucket(&s3_server().endpoint, &bucket).await;
-    let app = Arc::new(
-        Running::start(Backends {
-            database_url,
-            amqp_url: vhost.url().to_owned(),
-            app_blobs,
-            check_blobs,
-        })
-        .await,
-    );
-    let observed = through(&app, proxy.cut(), async { proxy.restore() }, true).await;
-    check_end_state(&app, "s3 outage", &observed).await;
-    Arc::try_unwrap(app)
-        .ok()
-        .expect("the load is done")
-        .stop()
-        .await;
+    let backends = Backends {
+        database_url: shared_database().await,
+        amqp_url: vhost.url().to_owned(),
+        app_blobs: s3_bucket(&format!("http://{}", proxy.address()), &bucket).await,
+        check_blobs: s3_bucket(&s3_server().endpoint, &bucket).await,
+    };
+    let restore = async { proxy.restore() };
+    fault_test("s3 outage", backends, proxy.cut(), restore, true, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn nothing_acknowledged_is_lost_when_rabbitmq_connections_are_closed() {
-    let (pool, database_url) = dossier_test_support::db::fresh_database()
-        .await
-        .expect("a database");
-    drop(pool);
     let vhost = TestVhost::create().await.expect("a vhost");
     let (app_blobs, check_blobs) = direct_bucket().await;
-    let app = Arc::new(
-        Running::start(Backends {
-            database_url,
-            amqp_url: vhost.url().to_owned(),
-            app_blobs,
-            check_blobs,
-        })
-        .await,
-    );
-    let close = async {
-        // A connection shows up in the management API after its statistics
-        // round: close until at least one was closed.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while vhost
-            .close_connections()
-            .await
-            .expect("the management API answers")
-            == 0
-        {
-            assert!(
-                Instant::now() < deadline,
-                "no connection of the vhost to close"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+    let backends = Backends {
+        database_url: shared_database().await,
+        amqp_url: vhost.url().to_owned(),
+        app_blobs,
+        check_blobs,
     };
-    let observed = through(&app, close, async {}, false).await;
-    check_end_state(&app, "rabbitmq connections closed", &observed).await;
-    check_every_event_went_through_the_broker(&app, "rabbitmq connections closed").await;
-    Arc::try_unwrap(app)
-        .ok()
-        .expect("the load is done")
-        .stop()
-        .await;
+    // A connection shows up in the management API after its statistics round:
+    // close until at least one was closed.
+    let close = async {
+        Wait::new("a connection of the vhost to close")
+            .timeout(Duration::from_secs(30))
+            .interval(Duration::from_millis(200))
+            .expect(async || {
+                vhost
+                    .close_connections()
+                    .await
+                    .expect("the management API answers")
+                    > 0
+            })
+            .await;
+    };
+    let name = "rabbitmq connections closed";
+    fault_test(name, backends, close, async {}, false, true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn nothing_acknowledged_is_lost_when_rabbitmq_is_unreachable() {
-    let (pool, database_url) = dossier_test_support::db::fresh_database()
-        .await
-        .expect("a database");
-    drop(pool);
     let vhost = TestVhost::create().await.expect("a vhost");
     let broker: SocketAddr = std::env::var(dossier_test_support::rabbit::AMQP_ADDR_VAR)
         .ok()
@@ -708,31 +672,22 @@ async fn nothing_acknowledged_is_lost_when_rabbitmq_is_unreachable() {
         .parse()
         .expect("the AMQP address is host:port");
     let proxy = FaultyProxy::start(broker).await.expect("a proxy");
-    let amqp_url = format!(
-        "amqp://{}:{}@{}/{}",
-        dossier_test_support::rabbit::USER,
-        dossier_test_support::rabbit::PASSWORD,
-        proxy.address(),
-        dossier_test_support::rabbit::percent_encode(vhost.name())
-    );
     let (app_blobs, check_blobs) = direct_bucket().await;
-    let app = Arc::new(
-        Running::start(Backends {
-            database_url,
-            amqp_url,
-            app_blobs,
-            check_blobs,
-        })
-        .await,
-    );
-    let observed = through(&app, proxy.cut(), async { proxy.restore() }, true).await;
-    check_end_state(&app, "rabbitmq unreachable", &observed).await;
-    check_every_event_went_through_the_broker(&app, "rabbitmq unreachable").await;
-    Arc::try_unwrap(app)
-        .ok()
-        .expect("the load is done")
-        .stop()
-        .await;
+    let backends = Backends {
+        database_url: shared_database().await,
+        amqp_url: format!(
+            "amqp://{}:{}@{}/{}",
+            dossier_test_support::rabbit::USER,
+            dossier_test_support::rabbit::PASSWORD,
+            proxy.address(),
+            dossier_test_support::rabbit::percent_encode(vhost.name())
+        ),
+        app_blobs,
+        check_blobs,
+    };
+    let restore = async { proxy.restore() };
+    let name = "rabbitmq unreachable";
+    fault_test(name, backends, proxy.cut(), restore, true, true).await;
 }
 
 /// The audit worker consumes every event from RabbitMQ: once its trail has an
@@ -740,26 +695,24 @@ async fn nothing_acknowledged_is_lost_when_rabbitmq_is_unreachable() {
 /// the consumers.
 async fn check_every_event_went_through_the_broker(app: &Running, fault: &str) {
     let client = app.pool.get().await.expect("a connection");
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let row = client
-            .query_one(
-                "SELECT (SELECT count(*) FROM events WHERE tenant = $1), (SELECT count(*) FROM audit_trail WHERE tenant = $1)",
-                &[&TENANT],
-            )
-            .await
-            .expect("counts");
-        let (events, audited): (i64, i64) = (row.get(0), row.get(1));
-        if events == audited {
-            println!(
-                "fault {fault}: {events} events, every one through the broker to the audit trail"
-            );
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{fault}: {audited} of {events} events reached the audit trail"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let events = Wait::new(format!("{fault}: every event in the audit trail"))
+        .timeout(Duration::from_secs(90))
+        .interval(Duration::from_millis(200))
+        .expect(async || {
+            let row = client
+                .query_one(
+                    "SELECT (SELECT count(*) FROM events WHERE tenant = $1), (SELECT count(*) FROM audit_trail WHERE tenant = $1)",
+                    &[&TENANT],
+                )
+                .await
+                .expect("counts");
+            let (events, audited): (i64, i64) = (row.get(0), row.get(1));
+            if events == audited {
+                Ok(events)
+            } else {
+                Err(format!("{audited} of {events} events audited"))
+            }
+        })
+        .await;
+    println!("fault {fault}: {events} events, every one through the broker to the audit trail");
 }

@@ -20,6 +20,7 @@ use dossier_eventlog::log::{LogReader, LoggedEvent};
 use dossier_runtime::config::Secret;
 use dossier_runtime::retry::Backoff;
 use dossier_test_support::rabbit::TestVhost;
+use dossier_test_support::wait::Wait;
 use dossier_workers::audit::{self, AuditConfig};
 use dossier_workers::relay::{self, RelayConfig};
 use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
@@ -253,20 +254,13 @@ fn tally(deliveries: &[lapin::message::Delivery]) -> HashMap<String, usize> {
     seen
 }
 
-/// Polls `check` every 20 ms until it answers `true`, for at most [`WAIT`].
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+/// Waits until `check` answers `true`, looking every 20 ms, for at most [`WAIT`].
+async fn eventually(what: &str, check: impl AsyncFnMut() -> bool) {
+    Wait::new(what)
+        .timeout(WAIT)
+        .interval(Duration::from_millis(20))
+        .expect(check)
+        .await;
 }
 
 // ---------------------------------------------------------------------------
@@ -459,15 +453,14 @@ async fn the_audit_worker_writes_a_window_in_one_transaction_and_dead_letters_it
         count(pool, "SELECT count(*) FROM audit_trail").await == 14
     })
     .await;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while dead.len() < 2 {
-        dead.extend(take_all(&observer, AUDIT_DEAD_QUEUE).await);
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the two poison messages never reached the dead-letter queue"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        "the two poison messages in the dead-letter queue",
+        async || {
+            dead.extend(take_all(&observer, AUDIT_DEAD_QUEUE).await);
+            dead.len() >= 2
+        },
+    )
+    .await;
 
     // One transaction wrote the whole window: every row carries its xid. One
     // transaction per event would leave fourteen.

@@ -10,7 +10,6 @@
 // Each test binary uses its own part of this module.
 #![allow(dead_code)]
 
-use std::future::Future;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
@@ -21,6 +20,7 @@ use dossier_domain::{
 };
 use dossier_eventlog::db::Pool;
 use dossier_projections::Runner;
+use dossier_test_support::wait::Wait;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -222,37 +222,30 @@ pub async fn snapshot(pool: &Pool) -> (Vec<Value>, Vec<Value>) {
     (tables.pop().unwrap(), tombstones)
 }
 
-/// Polls `condition` (every few milliseconds) until it holds; fails the test, naming
-/// `what`, after [`WAIT`].
-pub async fn wait_until<F, Fut>(what: &str, mut condition: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !condition().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "waited {WAIT:?} for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+/// Waits (looking every few milliseconds) until `condition` holds; fails the
+/// test, naming `what`, after [`WAIT`].
+pub async fn wait_until(what: &str, condition: impl AsyncFnMut() -> bool) {
+    Wait::new(what)
+        .timeout(WAIT)
+        .interval(Duration::from_millis(5))
+        .expect(condition)
+        .await;
 }
 
 /// Steps until the runner's checkpoint is at or past `position`. (`catch_up` alone
 /// stops at what is safe to read at that moment; other tests' transactions on the
 /// same server can hold the log's watermark back for a moment.)
 pub async fn catch_up_to(runner: &mut Runner, position: i64) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let reached = runner.catch_up().await.expect("the projection applies");
-        if reached >= position {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the runner stayed at {reached}, wanted {position}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    Wait::new(format!("the runner to reach {position}"))
+        .timeout(WAIT)
+        .interval(Duration::from_millis(5))
+        .expect(async || {
+            let reached = runner.catch_up().await.expect("the projection applies");
+            if reached >= position {
+                Ok(())
+            } else {
+                Err(reached)
+            }
+        })
+        .await;
 }

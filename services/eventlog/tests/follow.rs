@@ -10,6 +10,7 @@ use dossier_eventlog::db::Pool;
 use dossier_eventlog::follow::{Effects, RunnerConfig, checkpoint};
 use dossier_eventlog::log::LogReader;
 use dossier_test_support::db::fresh_database;
+use dossier_test_support::wait::Wait;
 
 const TENANTS: [&str; 3] = ["acme", "globex", "initech"];
 
@@ -63,17 +64,18 @@ fn sealer(pool: &Pool, batch_size: i64) -> Sealer {
 /// Catches up until the sealer's checkpoint is at `position`: another
 /// transaction on the shared test server may hold the watermark back a moment.
 async fn seal_up_to(sealer: &mut Sealer, position: i64) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        if sealer.catch_up().await.expect("sealing works") >= position {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the sealer never reached {position}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    Wait::new(format!("the sealer to reach {position}"))
+        .timeout(WAIT)
+        .interval(Duration::from_millis(5))
+        .expect(async || {
+            let sealed = sealer.catch_up().await.expect("sealing works");
+            if sealed >= position {
+                Ok(())
+            } else {
+                Err(sealed)
+            }
+        })
+        .await;
 }
 
 /// Every event is sealed exactly once and every tenant's chain verifies.
@@ -144,23 +146,23 @@ async fn a_second_sealer_takes_over_when_the_first_dies_in_the_middle_of_its_tur
         batch_size: 4,
         ..RunnerConfig::default()
     });
-    let seal = tokio::spawn(async move {
-        seal_up_to(&mut taking_over, head).await;
+    let seal = seal_up_to(&mut taking_over, head);
+    tokio::pin!(seal);
+    let waiting = Wait::new("the second sealer to wait for the first one's turn")
+        .timeout(WAIT)
+        .interval(Duration::from_millis(5));
+    let lock_wait = waiting.expect(async || {
+        count(
+            &pool,
+            "SELECT count(*) FROM pg_locks AS l JOIN pg_stat_activity AS a ON a.pid = l.pid \
+                 WHERE NOT l.granted AND a.datname = current_database()",
+        )
+        .await
+            > 0
     });
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while count(
-        &pool,
-        "SELECT count(*) FROM pg_locks AS l JOIN pg_stat_activity AS a ON a.pid = l.pid \
-         WHERE NOT l.granted AND a.datname = current_database()",
-    )
-    .await
-        == 0
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the second sealer never waited for the first one's turn"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
+    tokio::select! {
+        () = &mut seal => panic!("the second sealer sealed beside the first one's turn"),
+        () = lock_wait => {}
     }
     assert_eq!(
         chain::sealed_position(&pool).await.unwrap(),
@@ -175,8 +177,7 @@ async fn a_second_sealer_takes_over_when_the_first_dies_in_the_middle_of_its_tur
     drop(client);
     tokio::time::timeout(WAIT, seal)
         .await
-        .expect("the second sealer took over")
-        .expect("the second sealer did not panic");
+        .expect("the second sealer took over");
 
     assert_eq!(chain::sealed_position(&pool).await.unwrap(), head);
     assert_sealed_once_and_verified(&pool).await;
