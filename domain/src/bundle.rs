@@ -10,7 +10,11 @@
 //!
 //! - `BundleRequested` says who asked, for which files (id, customer, size as
 //!   recorded at the request) and when. The request is refused above the
-//!   deployment's limits (number of files, total size), naming the limit.
+//!   deployment's limits (number of files, total size), naming the limit, and
+//!   while the tenant has as many bundles pending as the deployment allows
+//!   ([`BundlePolicy::max_pending_per_tenant`], counted through the
+//!   [`PendingBundles`] port), so that one tenant cannot fill the zip
+//!   workers' queue for everyone.
 //! - `BundleProgress` is written by the zip worker while it builds the archive
 //!   (`files_done` only ever grows).
 //! - `BundleReady` records where the archive is, its size and SHA-256, and when
@@ -26,6 +30,10 @@
 //! pure rules, tested without IO.
 
 use std::collections::HashSet;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use cqrs_es::event_sink::EventSink;
@@ -36,13 +44,31 @@ use crate::types::{
     Actor, BlobKey, ContentType, CustomerId, FileId, FileName, Sha256Hex, TenantId,
 };
 
-/// What the deployment allows per bundle.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How many bundles of a tenant are pending (requested, neither ready, failed
+/// nor expired). A port: the application counts them in the log.
+pub trait PendingBundles: Send + Sync {
+    /// The tenant's pending bundles; `Err` (the reason, for the log) when they
+    /// cannot be counted now.
+    fn pending<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+    ) -> Pin<Box<dyn Future<Output = Result<u32, String>> + Send + 'a>>;
+}
+
+/// What the deployment allows per bundle, and per tenant.
+#[derive(Clone)]
 pub struct BundlePolicy {
     /// Most files in one bundle (inclusive).
     pub max_files: usize,
     /// Largest total size of the files of one bundle, in bytes (inclusive).
     pub max_bytes: u64,
+    /// Most bundles one tenant may have pending at once
+    /// (`DOSSIER_MAX_PENDING_BUNDLES_PER_TENANT`); a request beyond it is
+    /// refused with [`BundleError::TooManyPending`].
+    pub max_pending_per_tenant: u32,
+    /// Where pending bundles are counted; `None` counts none (the workers,
+    /// which never request a bundle).
+    pub pending: Option<Arc<dyn PendingBundles>>,
 }
 
 impl BundlePolicy {
@@ -50,6 +76,26 @@ impl BundlePolicy {
     pub const MAX_FILES: usize = 1000;
     /// Default total size: 10 GiB (`DOSSIER_BUNDLE_MAX_BYTES`).
     pub const DEFAULT_MAX_BYTES: u64 = 10 * 1024 * 1024 * 1024;
+    /// Default of `DOSSIER_MAX_PENDING_BUNDLES_PER_TENANT`.
+    pub const DEFAULT_MAX_PENDING_PER_TENANT: u32 = 3;
+
+    /// Refuses a new bundle of `tenant` while it has
+    /// [`Self::max_pending_per_tenant`] pending.
+    pub async fn admit(&self, tenant: &TenantId) -> Result<(), BundleError> {
+        let Some(pending) = &self.pending else {
+            return Ok(());
+        };
+        let count = pending
+            .pending(tenant)
+            .await
+            .map_err(BundleError::PendingUnknown)?;
+        if count >= self.max_pending_per_tenant {
+            return Err(BundleError::TooManyPending {
+                limit: self.max_pending_per_tenant,
+            });
+        }
+        Ok(())
+    }
 }
 
 impl Default for BundlePolicy {
@@ -57,7 +103,20 @@ impl Default for BundlePolicy {
         Self {
             max_files: Self::MAX_FILES,
             max_bytes: Self::DEFAULT_MAX_BYTES,
+            max_pending_per_tenant: Self::DEFAULT_MAX_PENDING_PER_TENANT,
+            pending: None,
         }
+    }
+}
+
+impl fmt::Debug for BundlePolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BundlePolicy")
+            .field("max_files", &self.max_files)
+            .field("max_bytes", &self.max_bytes)
+            .field("max_pending_per_tenant", &self.max_pending_per_tenant)
+            .field("counts_pending", &self.pending.is_some())
+            .finish()
     }
 }
 
@@ -210,6 +269,13 @@ pub enum BundleError {
     Finished,
     #[error("the bundle has expired")]
     Expired,
+    /// The tenant has as many bundles pending as the deployment allows.
+    #[error("{limit} bundles are already being built; ask again once one is ready")]
+    TooManyPending { limit: u32 },
+    /// The pending bundles could not be counted (the log is unavailable);
+    /// the detail is for the log.
+    #[error("the pending bundles could not be counted: {0}")]
+    PendingUnknown(String),
 }
 
 /// Where a bundle stands.
@@ -393,7 +459,12 @@ impl Aggregate for Bundle {
         policy: &Self::Services,
         sink: &EventSink<Self>,
     ) -> Result<(), Self::Error> {
-        for event in self.decide(command, policy)? {
+        let events = self.decide(command, policy)?;
+        // Only a request that passed every other rule counts the pending ones.
+        if let Some(BundleEvent::BundleRequested { tenant, .. }) = events.first() {
+            policy.admit(tenant).await?;
+        }
+        for event in events {
             sink.write(event, self).await;
         }
         Ok(())

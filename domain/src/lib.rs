@@ -17,7 +17,7 @@ pub mod upcast;
 
 pub use bundle::{
     Bundle, BundleArchive, BundleCommand, BundleError, BundleEvent, BundleFile, BundlePolicy,
-    BundleRecord, BundleStatus, EntryCompression, RequestBundle,
+    BundleRecord, BundleStatus, EntryCompression, PendingBundles, RequestBundle,
 };
 pub use download::{
     Download, DownloadChannel, DownloadError, DownloadEvent, DownloadedFile, RecordDownload,

@@ -248,10 +248,29 @@ impl BlobKey {
         Self(format!("{tenant}/{customer}/{file}"))
     }
 
-    /// The key of a bundle archive.
+    /// The key of a bundle archive: `{tenant}/!bundles/{bundle}.zip`. No
+    /// customer id can be [`Self::BUNDLES_SEGMENT`] (`!` is not an identifier
+    /// character), so bundle archives and files never share a folder.
     pub fn for_bundle(tenant: &TenantId, bundle: Uuid) -> Self {
-        Self(format!("{tenant}/_bundles/{bundle}.zip"))
+        Self(format!("{tenant}/{}/{bundle}.zip", Self::BUNDLES_SEGMENT))
     }
+
+    /// Where [`Self::for_bundle`] wrote archives before: `{tenant}/_bundles/
+    /// {bundle}.zip`, a folder a customer called `_bundles` shares. Keys of
+    /// this shape stay readable (events record the key they wrote); only
+    /// clean-up needs to know it.
+    pub fn legacy_bundle(tenant: &TenantId, bundle: Uuid) -> Self {
+        Self(format!(
+            "{tenant}/{}/{bundle}.zip",
+            Self::LEGACY_BUNDLES_SEGMENT
+        ))
+    }
+
+    /// The second segment of every bundle archive's key.
+    pub const BUNDLES_SEGMENT: &'static str = "!bundles";
+    /// The second segment of bundle archives written before
+    /// [`Self::BUNDLES_SEGMENT`]; also a valid customer id.
+    pub const LEGACY_BUNDLES_SEGMENT: &'static str = "_bundles";
 
     /// Re-reads a key recorded in an event (already built by [`Self::for_file`]).
     pub fn from_recorded(raw: impl Into<String>) -> Self {
@@ -505,6 +524,10 @@ mod tests {
     #[test]
     fn blob_keys_are_built_from_ids_only() {
         let tenant = TenantId::parse("acme").unwrap();
+        assert!(
+            CustomerId::parse(BlobKey::BUNDLES_SEGMENT).is_err(),
+            "no customer can share the bundles' folder"
+        );
         let customer = CustomerId::parse("cust-42").unwrap();
         let id = FileId::new();
         assert_eq!(

@@ -15,6 +15,7 @@ fn policy() -> BundlePolicy {
     BundlePolicy {
         max_files: 3,
         max_bytes: 1_000,
+        ..BundlePolicy::default()
     }
 }
 

@@ -426,7 +426,7 @@ impl TestApp {
     pub async fn blob_keys(&self) -> Vec<String> {
         let mut keys: Vec<String> = self
             .blobs
-            .list("")
+            .list_all("")
             .await
             .expect("the bucket lists")
             .into_iter()

@@ -518,7 +518,7 @@ async fn a_file_deleted_after_the_request_fails_the_bundle_cleanly() {
         .blob_keys()
         .await
         .into_iter()
-        .filter(|key| key.contains("/_bundles/"))
+        .filter(|key| key.contains("/!bundles/"))
         .collect();
     assert!(bundles.is_empty(), "{bundles:?}");
     stop.send(true).unwrap();
@@ -526,7 +526,7 @@ async fn a_file_deleted_after_the_request_fails_the_bundle_cleanly() {
 }
 
 #[tokio::test]
-async fn a_missing_blob_fails_the_bundle_instead_of_leaving_a_partial_archive() {
+async fn a_missing_blob_fails_the_bundle_with_a_stable_message_and_no_partial_archive() {
     let app = TestApp::spawn_with(&[NO_WORKERS]).await;
     let staff = app.api(&app.staff("acme"));
     let kept = upload(
@@ -558,16 +558,18 @@ async fn a_missing_blob_fails_the_bundle_instead_of_leaving_a_partial_archive() 
     let (stop, worker) = start_zip_worker(&app, ZipWorkerConfig::default());
     let status = staff.bundle_finished(&id).await;
     assert_eq!(status.status, BundleStatus::Failed);
+    // A stable sentence for the requester; what the store said is for the log.
     let error = status.error.as_deref().unwrap();
+    assert_eq!(error, dossier_workers::zip::UNREADABLE_FILE);
     assert!(
-        error.contains(lost_id) && error.contains("missing"),
+        !error.contains("blob store") && !error.contains("Lost"),
         "{error}"
     );
     assert!(
         !app.blob_keys()
             .await
             .iter()
-            .any(|k| k.contains("/_bundles/")),
+            .any(|k| k.contains("/!bundles/")),
         "nothing was stored"
     );
     stop.send(true).unwrap();
@@ -696,7 +698,7 @@ async fn bundles_expire_and_the_worker_removes_their_archives() {
     assert_eq!(status.status, BundleStatus::Ready);
     let expires_at: DateTime<Utc> = status.expires_at.unwrap();
     assert!(expires_at > Utc::now() && expires_at <= Utc::now() + chrono::Duration::seconds(3));
-    let archive = format!("acme/_bundles/{id}.zip");
+    let archive = format!("acme/!bundles/{id}.zip");
     assert!(app.blob_keys().await.contains(&archive));
 
     // After its TTL the bundle is gone: 404, and the worker removed the archive.
@@ -956,4 +958,149 @@ async fn peak_rss_of_a_worker_process_does_not_grow_with_the_bundle() {
         "the peak grew from {small} KiB to {large} KiB with the bundle"
     );
     let _ = std::fs::remove_dir_all(&logs);
+}
+
+/// The real blob store, with the reads of one tenant's files held until the
+/// test lets them go: that tenant's bundles stay in the zip worker, building.
+struct HeldReads {
+    inner: std::sync::Arc<dyn dossier_blobstore::BlobStore>,
+    held_prefix: String,
+    released: watch::Receiver<bool>,
+}
+
+#[async_trait::async_trait]
+impl dossier_blobstore::BlobStore for HeldReads {
+    async fn put(
+        &self,
+        key: &dossier_domain::BlobKey,
+        body: dossier_blobstore::ByteStream,
+        max_bytes: u64,
+    ) -> Result<dossier_blobstore::StoredBlob, dossier_blobstore::BlobError> {
+        self.inner.put(key, body, max_bytes).await
+    }
+
+    async fn get(
+        &self,
+        key: &dossier_domain::BlobKey,
+    ) -> Result<dossier_blobstore::BlobObject, dossier_blobstore::BlobError> {
+        if key.as_str().starts_with(&self.held_prefix) {
+            let mut released = self.released.clone();
+            let _ = released.wait_for(|released| *released).await;
+        }
+        self.inner.get(key).await
+    }
+
+    async fn delete(
+        &self,
+        key: &dossier_domain::BlobKey,
+    ) -> Result<(), dossier_blobstore::BlobError> {
+        self.inner.delete(key).await
+    }
+
+    async fn exists(
+        &self,
+        key: &dossier_domain::BlobKey,
+    ) -> Result<bool, dossier_blobstore::BlobError> {
+        self.inner.exists(key).await
+    }
+
+    fn list<'a>(&'a self, prefix: &'a str) -> dossier_blobstore::BlobListStream<'a> {
+        self.inner.list(prefix)
+    }
+
+    async fn check(&self) -> Result<(), dossier_blobstore::BlobError> {
+        self.inner.check().await
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{} (reads of {}* held)",
+            self.inner.describe(),
+            self.held_prefix
+        )
+    }
+}
+
+#[tokio::test]
+async fn a_tenant_at_its_pending_bound_gets_429_while_another_tenants_bundle_is_built() {
+    const BOUND: u32 = 2;
+    let app =
+        TestApp::spawn_with(&[NO_WORKERS, ("DOSSIER_MAX_PENDING_BUNDLES_PER_TENANT", "2")]).await;
+    let busy = app.api(&app.staff("busy"));
+    let other = app.api(&app.staff("other"));
+    let mut busy_files = Vec::new();
+    for n in 0..3 {
+        let file = upload(
+            &busy,
+            "cust-1",
+            &format!("Large {n}"),
+            "large.pdf",
+            "application/pdf",
+            pattern(10_000, n),
+        )
+        .await;
+        busy_files.push(file.id);
+    }
+    let other_file = upload(
+        &other,
+        "cust-9",
+        "Small",
+        "small.pdf",
+        "application/pdf",
+        pattern(1_000, 9),
+    )
+    .await;
+
+    // The busy tenant's builds hang in the zip worker (its reads are held),
+    // which runs exactly as `dossier serve` configures it for this bound.
+    let (release, released) = watch::channel(false);
+    let blobs: std::sync::Arc<dyn dossier_blobstore::BlobStore> = std::sync::Arc::new(HeldReads {
+        inner: app.blobs.clone(),
+        held_prefix: "busy/".to_owned(),
+        released,
+    });
+    let config = ZipWorkerConfig::default().with_pending_bound(BOUND);
+    assert!(config.prefetch > BOUND as u16, "{config:?}");
+    let broker = Broker::new(app.vhost.url()).unwrap();
+    let (stop, stopping) = watch::channel(false);
+    let worker = tokio::spawn(dossier_workers::zip::run(
+        app.pool.clone(),
+        broker,
+        blobs,
+        config,
+        stopping,
+    ));
+
+    let first = busy.request_bundle(&[busy_files[0].as_str()]).await;
+    let second = busy.request_bundle(&[busy_files[1].as_str()]).await;
+    let refused = busy.post_bundle(&[busy_files[2].as_str()]).await;
+    assert_eq!(refused.status(), 429);
+    let retry_after = refused
+        .headers()
+        .get("retry-after")
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    assert!(retry_after.is_some_and(|secs| secs > 0), "{retry_after:?}");
+    assert_eq!(error_code(refused).await, "too_many_pending_bundles");
+
+    // Another tenant is not held up: its bundle is built beside them.
+    let ready = other.bundle(&[other_file.id.as_str()]).await;
+    assert_eq!(ready.status, BundleStatus::Ready);
+    for id in [&first, &second] {
+        assert_eq!(
+            busy.bundle_status(id).await.status,
+            BundleStatus::Pending,
+            "{id} is still being built"
+        );
+    }
+
+    // Once the busy tenant's bundles are done, it may ask again.
+    release.send(true).unwrap();
+    for id in [&first, &second] {
+        assert_eq!(busy.bundle_finished(id).await.status, BundleStatus::Ready);
+    }
+    busy.request_bundle(&[busy_files[2].as_str()]).await;
+
+    stop.send(true).unwrap();
+    worker.await.unwrap().unwrap();
 }

@@ -111,7 +111,7 @@ impl Lagging {
     async fn blob_keys(&self) -> Vec<String> {
         let mut keys: Vec<String> = self
             .blobs
-            .list("")
+            .list_all("")
             .await
             .expect("the bucket lists")
             .into_iter()

@@ -471,7 +471,11 @@ async fn check_end_state(app: &Running, fault: &str, observed: &Observed) {
     dossier_workers::sweep_orphans(&app.pool, app.check_blobs.as_ref(), Duration::ZERO)
         .await
         .expect("the orphan sweep runs");
-    let blobs = app.check_blobs.list("").await.expect("the bucket lists");
+    let blobs = app
+        .check_blobs
+        .list_all("")
+        .await
+        .expect("the bucket lists");
     let blob_keys: HashSet<String> = blobs.into_iter().map(|b| b.key).collect();
     for id in &acknowledged {
         assert!(

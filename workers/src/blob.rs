@@ -25,22 +25,36 @@
 //! then the message goes back to the queue, and the broker's delivery limit
 //! bounds the whole.
 //!
-//! # Orphans
+//! # Orphans and lost purges
 //!
 //! An upload streams to the store before its command is recorded; if recording
-//! fails, the blob stays with nothing pointing at it. [`sweep_orphans`] removes
-//! blobs older than a grace period whose file has neither a row in the `files`
-//! read model nor any event in the log (the log decides: a read model that lags or
-//! is being rebuilt cannot make a live blob look orphaned). Bundles
-//! (`<tenant>/_bundles/`) belong to the bundle expiry, and keys of any other shape
-//! are not the sweep's to judge; both are left alone. [`run`] sweeps periodically.
+//! fails, the blob stays with nothing pointing at it. And a `file.deleted`
+//! message can be lost for good (dead-lettered after its delivery limit, or
+//! dropped with a broker's disk): then the file is deleted in the log, has no
+//! `BlobPurged`, and its bytes would stay for ever. [`sweep_orphans`] reconciles
+//! both, for blobs older than a grace period (it asks the log, not a read model:
+//! one that lags or is being rebuilt cannot make a live blob look orphaned):
+//!
+//! - a blob whose file has neither a row in the `files` read model nor any
+//!   event in the log is removed;
+//! - a blob whose file the log says is deleted (for longer than the grace
+//!   period, so a purge in flight stays the blob worker's) goes through the
+//!   blob worker's own purge path ([`PurgePath`]): the blob is removed and
+//!   `BlobPurged` recorded through the application's command path, once.
+//!
+//! The sweep reads the store's listing as a stream, [`SWEEP_CHUNK`] keys at a
+//! time: a store of any size is swept in bounded memory. It judges keys by
+//! their whole shape: `{tenant}/{customer}/{file_id}` is a file (whatever the
+//! customer id, `_bundles` included), `{tenant}/!bundles/…` and the older
+//! `{tenant}/_bundles/{bundle_id}.zip` are bundle archives (the bundle
+//! expiry's), and keys of any other shape are not the sweep's to judge. [`run`]
+//! sweeps periodically.
 //!
 //! # Verifying
 //!
 //! [`verify_blobs`] re-hashes every live file's blob, streaming, and reports
 //! mismatches, missing blobs and unreadable ones (`dossier blobs verify`).
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -72,8 +86,12 @@ const FILE_AGGREGATE: &str = "file";
 /// its blob stored before its event, and a slow one must not lose it.
 pub const DEFAULT_SWEEP_GRACE: Duration = Duration::from_secs(60 * 60);
 
-/// How many keys one sweep query checks at once.
-const SWEEP_CHUNK: usize = 1000;
+/// How many keys one sweep query checks at once, and so the most keys of the
+/// store's listing the sweep holds.
+pub const SWEEP_CHUNK: usize = 1000;
+
+/// Tries of each step of a purge the sweep runs; the next sweep tries again.
+const SWEEP_PURGE_ATTEMPTS: u32 = 3;
 /// Files per page of [`verify_blobs`], and blobs hashed at once.
 const VERIFY_PAGE: i64 = 500;
 const VERIFY_CONCURRENCY: usize = 4;
@@ -199,16 +217,10 @@ impl Purger {
         retry: crate::Retry,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
-        // The worker answers nobody: no read model to wait for.
-        let commands = Commands::new(
-            PgEventStore::new(pool.clone()),
-            FilePolicy::default(),
-            vec![],
-        );
         Self {
+            commands: worker_commands(&pool),
             pool,
             blobs,
-            commands,
             retry,
             shutdown,
         }
@@ -239,13 +251,46 @@ impl Purger {
             tenant = %event.tenant,
             file_id = %event.aggregate_id,
         );
-        self.purge(event.id).instrument(span).await
+        let path = PurgePath {
+            pool: &self.pool,
+            blobs: self.blobs.as_ref(),
+            commands: &self.commands,
+            retry: self.retry,
+            shutdown: &self.shutdown,
+        };
+        path.purge(event.id).instrument(span).await
     }
+}
 
+/// The command path of a worker: it answers nobody, so no read model to wait for.
+fn worker_commands(pool: &Pool) -> Commands {
+    Commands::new(
+        PgEventStore::new(pool.clone()),
+        FilePolicy::default(),
+        vec![],
+    )
+}
+
+/// The one way a deleted file's blob is purged, by the blob worker for a
+/// `file.deleted` message and by the sweep for a deletion whose message was
+/// lost: read the FileDeleted event from the log, remove the blob it names,
+/// record `BlobPurged` through the command path (the aggregate records it once).
+struct PurgePath<'a> {
+    pool: &'a Pool,
+    blobs: &'a dyn BlobStore,
+    commands: &'a Commands,
+    retry: crate::Retry,
+    shutdown: &'a watch::Receiver<bool>,
+}
+
+impl PurgePath<'_> {
+    /// Purges the file the FileDeleted event `event_id` deleted. `Ack` once the
+    /// blob is gone and the purge recorded; `Retry` when a step kept failing;
+    /// `Reject` when the log does not back the event or refuses the record.
     async fn purge(&self, event_id: Uuid) -> Outcome {
         let Some(found) = self
             .until_done("log", "reading the FileDeleted event from the log", || {
-                lookup_deleted(&self.pool, event_id)
+                lookup_deleted(self.pool, event_id)
             })
             .await
         else {
@@ -280,7 +325,7 @@ impl Purger {
         let ctx = CommandContext::new(deleted.tenant.clone(), Actor::new(ACTOR))
             .with_command_id(format!("blob-purge:{}", deleted.event_id))
             .with_correlation_id(deleted.event_id.to_string());
-        let (ctx, commands) = (&ctx, &self.commands);
+        let (ctx, commands) = (&ctx, self.commands);
         let recorded = self
             .until_done(
                 "record",
@@ -311,7 +356,11 @@ impl Purger {
             None => Outcome::Retry,
             Some(Ok(())) => {
                 metrics::counter!("dossier_blob_purges_total").increment(1);
-                tracing::info!(blob_key = %deleted.blob_key, "blob of a deleted file removed and recorded");
+                tracing::info!(
+                    file_id = %deleted.file_id,
+                    tenant = %deleted.tenant,
+                    "blob of a deleted file removed and recorded"
+                );
                 Outcome::Ack
             }
             Some(Err(AppError::Internal(detail))) => {
@@ -349,7 +398,7 @@ impl Purger {
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        crate::retry_until_done("blob", reason, doing, self.retry, &self.shutdown, attempt).await
+        crate::retry_until_done("blob", reason, doing, self.retry, self.shutdown, attempt).await
     }
 }
 
@@ -394,12 +443,18 @@ async fn sweep_periodically(
             () = stopped(&mut shutdown) => return,
         };
         match sweep {
-            Ok(report) if !report.removed.is_empty() || !report.failed.is_empty() => {
+            Ok(report)
+                if !report.removed.is_empty()
+                    || !report.purged.is_empty()
+                    || !report.failed.is_empty() =>
+            {
                 tracing::info!(
                     removed = report.removed.len(),
+                    purged = report.purged.len(),
                     failed = report.failed.len(),
                     listed = report.listed,
-                    "orphan sweep removed blobs no event refers to"
+                    "orphan sweep removed blobs no event refers to, and purged deleted files \
+                     whose purge was lost"
                 );
             }
             Ok(report) => tracing::debug!(
@@ -420,11 +475,16 @@ async fn sweep_periodically(
 pub struct SweepReport {
     /// Blobs in the store.
     pub listed: usize,
-    /// Keys removed.
+    /// Keys of orphans removed.
     pub removed: Vec<String>,
-    /// Keys whose removal failed (the reason is in the log); the next sweep retries.
+    /// Files deleted in the log whose blob was still there (their purge was
+    /// lost): purged through the blob worker's path, `BlobPurged` recorded.
+    pub purged: Vec<Uuid>,
+    /// Keys whose removal or purge failed (the reason is in the log); the next
+    /// sweep retries.
     pub failed: Vec<String>,
-    /// Blobs kept because a file row or an event refers to them.
+    /// Blobs kept because a live file refers to them, or a file deleted too
+    /// recently (its purge is the blob worker's).
     pub referenced: usize,
     /// Blobs kept because they are younger than the grace period (or the store
     /// does not say how old they are).
@@ -435,46 +495,100 @@ pub struct SweepReport {
     pub unknown: usize,
 }
 
-/// What a key in the blob store is.
+/// What a key in the blob store is, by its whole shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum KeyKind {
-    /// `{tenant}/{customer}/{file_id}`.
+    /// `{tenant}/{customer}/{file_id}`, whatever the customer id.
     File(Uuid),
-    /// `{tenant}/_bundles/...`.
+    /// `{tenant}/!bundles/...`, or `{tenant}/_bundles/{bundle_id}.zip` as
+    /// bundle archives were written before.
     Bundle,
     Unknown,
+}
+
+/// The exact text of a UUID as `BlobKey` writes it.
+fn canonical_uuid(text: &str) -> Option<Uuid> {
+    Uuid::parse_str(text)
+        .ok()
+        .filter(|id| id.to_string() == text)
 }
 
 fn classify(key: &str) -> KeyKind {
     let segments: Vec<&str> = key.split('/').collect();
     match segments.as_slice() {
-        [tenant, "_bundles", ..] if !tenant.is_empty() => KeyKind::Bundle,
+        [tenant, folder, ..] if !tenant.is_empty() && *folder == BlobKey::BUNDLES_SEGMENT => {
+            KeyKind::Bundle
+        }
+        // A file's key ends in a bare UUID, an archive's in `.zip`: a customer
+        // called `_bundles` keeps its files.
+        [tenant, folder, archive]
+            if !tenant.is_empty()
+                && *folder == BlobKey::LEGACY_BUNDLES_SEGMENT
+                && archive
+                    .strip_suffix(".zip")
+                    .and_then(canonical_uuid)
+                    .is_some() =>
+        {
+            KeyKind::Bundle
+        }
         [tenant, customer, id] if !tenant.is_empty() && !customer.is_empty() => {
             // Only the exact form BlobKey::for_file writes; anything else is not ours.
-            match Uuid::parse_str(id) {
-                Ok(file_id) if file_id.to_string() == *id => KeyKind::File(file_id),
-                _ => KeyKind::Unknown,
-            }
+            canonical_uuid(id).map_or(KeyKind::Unknown, KeyKind::File)
         }
         _ => KeyKind::Unknown,
     }
 }
 
-/// Removes blobs older than `grace` that no file refers to (see the module docs).
+/// What the log says about the files of one chunk of keys.
+const JUDGE_QUERY: &str = "\
+    SELECT k.id, \
+           EXISTS (SELECT 1 FROM files f WHERE f.id = k.id::uuid) \
+             OR EXISTS (SELECT 1 FROM events e \
+                        WHERE e.aggregate_type = 'file' AND e.aggregate_id = k.id) AS referenced, \
+           d.id AS deletion, \
+           d.recorded_at <= now() - make_interval(secs => $2) AS deletion_settled \
+    FROM unnest($1::text[]) WITH ORDINALITY AS k(id, n) \
+    LEFT JOIN LATERAL ( \
+        SELECT e.id, e.recorded_at FROM events e \
+        WHERE e.aggregate_type = 'file' AND e.aggregate_id = k.id \
+          AND e.event_type = 'FileDeleted' \
+        ORDER BY e.sequence LIMIT 1) d ON true \
+    ORDER BY k.n";
+
+/// Removes orphaned blobs older than `grace`, and purges the blobs of files
+/// deleted (longer than `grace` ago) whose purge was lost (see the module docs).
+/// The listing is read as a stream, [`SWEEP_CHUNK`] keys at a time.
 #[tracing::instrument(skip_all, fields(store = %blobs.describe()))]
 pub async fn sweep_orphans(
     pool: &Pool,
     blobs: &dyn BlobStore,
     grace: Duration,
 ) -> Result<SweepReport, BlobWorkerError> {
-    let listing = blobs.list("").await?;
-    let now = SystemTime::now();
-    let mut report = SweepReport {
-        listed: listing.len(),
-        ..SweepReport::default()
+    // Never asked to stop: a sweep runs to its end (the periodic one is dropped
+    // at shutdown), and the sender must live for the purge's retries to wait.
+    let (_running, shutdown) = watch::channel(false);
+    let commands = worker_commands(pool);
+    let sweep = Sweep {
+        pool,
+        purge: PurgePath {
+            pool,
+            blobs,
+            commands: &commands,
+            retry: crate::Retry {
+                backoff: BlobWorkerConfig::default().retry,
+                attempts: SWEEP_PURGE_ATTEMPTS,
+            },
+            shutdown: &shutdown,
+        },
+        grace,
     };
-    let mut candidates: Vec<(String, Uuid)> = Vec::new();
-    for blob in listing {
+    let now = SystemTime::now();
+    let mut report = SweepReport::default();
+    let mut chunk: Vec<(String, Uuid)> = Vec::with_capacity(SWEEP_CHUNK);
+    let mut listing = blobs.list("");
+    while let Some(blob) = listing.next().await {
+        let blob = blob?;
+        report.listed += 1;
         let file_id = match classify(&blob.key) {
             KeyKind::Bundle => {
                 report.bundles += 1;
@@ -494,54 +608,88 @@ pub async fn sweep_orphans(
             report.fresh += 1;
             continue;
         }
-        candidates.push((blob.key, file_id));
-    }
-
-    let client = pool.get().await.map_err(PgError::from)?;
-    let statement = client
-        .prepare(
-            "SELECT k.id FROM unnest($1::text[]) AS k(id) \
-             WHERE EXISTS (SELECT 1 FROM files f WHERE f.id = k.id::uuid) \
-                OR EXISTS (SELECT 1 FROM events e \
-                           WHERE e.aggregate_type = 'file' AND e.aggregate_id = k.id)",
-        )
-        .await
-        .map_err(PgError::from)?;
-    let mut orphans = Vec::new();
-    for chunk in candidates.chunks(SWEEP_CHUNK) {
-        let ids: Vec<String> = chunk.iter().map(|(_, id)| id.to_string()).collect();
-        let referenced: HashSet<String> = client
-            .query(&statement, &[&ids])
-            .await
-            .map_err(PgError::from)?
-            .iter()
-            .map(|row| row.try_get::<_, String>(0))
-            .collect::<Result<_, _>>()
-            .map_err(PgError::from)?;
-        for (key, id) in chunk {
-            if referenced.contains(&id.to_string()) {
-                report.referenced += 1;
-            } else {
-                orphans.push(key.clone());
-            }
+        chunk.push((blob.key, file_id));
+        if chunk.len() == SWEEP_CHUNK {
+            sweep.judge(&mut chunk, &mut report).await?;
         }
     }
-    drop(client);
-
-    for key in orphans {
-        match blobs.delete(&BlobKey::from_recorded(key.clone())).await {
-            Ok(()) => {
-                tracing::info!(blob_key = %key, "removed an orphaned blob no event refers to");
-                report.removed.push(key);
-            }
-            Err(error) => {
-                tracing::warn!(blob_key = %key, error = %error, "could not remove an orphaned blob");
-                report.failed.push(key);
-            }
-        }
-    }
+    sweep.judge(&mut chunk, &mut report).await?;
     metrics::counter!("dossier_blob_orphans_removed_total").increment(report.removed.len() as u64);
+    metrics::counter!("dossier_blob_lost_purges_total").increment(report.purged.len() as u64);
     Ok(report)
+}
+
+/// One sweep: how it asks the log and purges.
+struct Sweep<'a> {
+    pool: &'a Pool,
+    purge: PurgePath<'a>,
+    grace: Duration,
+}
+
+impl Sweep<'_> {
+    /// Asks the log about the files of `chunk` and acts on each; empties it.
+    async fn judge(
+        &self,
+        chunk: &mut Vec<(String, Uuid)>,
+        report: &mut SweepReport,
+    ) -> Result<(), BlobWorkerError> {
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<String> = chunk.iter().map(|(_, id)| id.to_string()).collect();
+        let rows = {
+            let client = self.pool.get().await.map_err(PgError::from)?;
+            client
+                .query(JUDGE_QUERY, &[&ids, &self.grace.as_secs_f64()])
+                .await
+                .map_err(PgError::from)?
+        };
+        if rows.len() != chunk.len() {
+            return Err(BlobWorkerError::Postgres(PgError::Inconsistent(format!(
+                "the sweep asked about {} files and got {} answers",
+                chunk.len(),
+                rows.len()
+            ))));
+        }
+        for ((key, file_id), row) in chunk.drain(..).zip(rows) {
+            let referenced: bool = row.try_get("referenced").map_err(PgError::from)?;
+            let deletion: Option<Uuid> = row.try_get("deletion").map_err(PgError::from)?;
+            let settled: Option<bool> = row.try_get("deletion_settled").map_err(PgError::from)?;
+            let tenant = key.split('/').next().unwrap_or_default().to_owned();
+            match (referenced, deletion, settled) {
+                (false, _, _) => match self
+                    .purge
+                    .blobs
+                    .delete(&BlobKey::from_recorded(key.clone()))
+                    .await
+                {
+                    Ok(()) => {
+                        tracing::info!(%tenant, %file_id, "removed an orphaned blob no event refers to");
+                        report.removed.push(key);
+                    }
+                    Err(error) => {
+                        tracing::warn!(%tenant, %file_id, error = %error, "could not remove an orphaned blob");
+                        report.failed.push(key);
+                    }
+                },
+                (true, Some(event_id), Some(true)) => {
+                    let span = tracing::info_span!(
+                        "lost_purge",
+                        event_id = %event_id,
+                        %tenant,
+                        file_id = %file_id,
+                    );
+                    tracing::warn!(parent: &span, "a deleted file still has its blob (its purge was lost); purging it");
+                    match self.purge.purge(event_id).instrument(span).await {
+                        Outcome::Ack => report.purged.push(file_id),
+                        Outcome::Retry | Outcome::Reject => report.failed.push(key),
+                    }
+                }
+                _ => report.referenced += 1,
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A live file whose blob does not match what the log recorded.
@@ -639,11 +787,11 @@ pub async fn verify_blobs(
                     }
                     problem.actual_sha256 = Some(sha256);
                     problem.actual_size = Some(size);
-                    tracing::warn!(file_id = %problem.file_id, blob_key = %problem.blob_key, "blob does not match its recorded SHA-256 or size");
+                    tracing::warn!(file_id = %problem.file_id, tenant = %problem.tenant, "blob does not match its recorded SHA-256 or size");
                     report.mismatched.push(problem);
                 }
                 Err(BlobError::NotFound) => {
-                    tracing::warn!(file_id = %problem.file_id, blob_key = %problem.blob_key, "a live file's blob is missing");
+                    tracing::warn!(file_id = %problem.file_id, tenant = %problem.tenant, "a live file's blob is missing");
                     report.missing.push(problem);
                 }
                 Err(error) => {
@@ -703,7 +851,17 @@ mod tests {
         assert_eq!(classify(&format!("acme/cust-1/{id}")), KeyKind::File(id));
         assert_eq!(
             classify(&format!("acme/_bundles/{id}.zip")),
+            KeyKind::Bundle,
+            "archives written before the bundles had their own folder"
+        );
+        assert_eq!(
+            classify(BlobKey::for_bundle(&TenantId::parse("acme").unwrap(), id).as_str()),
             KeyKind::Bundle
+        );
+        assert_eq!(
+            classify(&format!("acme/_bundles/{id}")),
+            KeyKind::File(id),
+            "a customer called _bundles has files like any other"
         );
         assert_eq!(classify("acme/cust-1/not-a-uuid"), KeyKind::Unknown);
         assert_eq!(

@@ -51,20 +51,6 @@ pub async fn run_blob_worker(
     blob::run(pool, broker, blobs, BlobWorkerConfig::default(), shutdown).await
 }
 
-/// Runs the zip worker until `shutdown` turns `true`: builds bundles from
-/// `dossier.workers.zip` and expires them `bundle_ttl` after they finished. See
-/// [`zip::run`].
-pub async fn run_zip_worker(
-    pool: Pool,
-    broker: Broker,
-    blobs: Arc<dyn BlobStore>,
-    bundle_ttl: std::time::Duration,
-    shutdown: watch::Receiver<bool>,
-) -> Result<(), zip::ZipWorkerError> {
-    let config = zip::ZipWorkerConfig::with_ttl(bundle_ttl);
-    zip::run(pool, broker, blobs, config, shutdown).await
-}
-
 /// A Postgres failure of a worker: transient (the database is down or busy)
 /// unless the schema is wrong.
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +64,9 @@ pub enum PgError {
     /// The log could not be read.
     #[error(transparent)]
     Log(#[from] dossier_eventlog::log::LogError),
+    /// An answer of the database that cannot be (a bug).
+    #[error("inconsistent answer from Postgres: {0}")]
+    Inconsistent(String),
 }
 
 impl PgError {
@@ -90,7 +79,7 @@ impl PgError {
             Self::Query(error) | Self::Log(LogError::Query(error)) => {
                 dossier_eventlog::db::is_transient(error)
             }
-            Self::Log(_) => false,
+            Self::Log(_) | Self::Inconsistent(_) => false,
         }
     }
 }

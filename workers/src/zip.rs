@@ -16,10 +16,13 @@
 //!    file: a bundle is complete or it is nothing;
 //! 5. it streams the archive ([`archive::build_archive`]: bounded memory, ZIP64
 //!    when needed, every entry's size and SHA-256 checked on the way) under
-//!    `{tenant}/_bundles/{bundle}.zip`, recording `BundleProgress` at most every
+//!    `{tenant}/!bundles/{bundle}.zip` (`BlobKey::for_bundle`), recording `BundleProgress` at most every
 //!    [`ZipWorkerConfig::progress_interval`];
-//! 6. it records `BundleReady` (or `BundleFailed` with the reason, when the files
-//!    cannot make the archive), and only then acks.
+//! 6. it records `BundleReady` (or `BundleFailed` when the files cannot make
+//!    the archive), and only then acks. A failed bundle's `error` is a stable
+//!    sentence for its requester ([`UNREADABLE_FILE`], [`NOT_BUILT`], or the
+//!    ids of files deleted since the request); what went wrong inside goes to
+//!    the service log, naming files and bundle by id only.
 //!
 //! A worker killed anywhere before the ack leaves the message unacknowledged: the
 //! broker gives it to another worker, which starts over (the `put` of the killed
@@ -92,7 +95,9 @@ const PENDING_GRACE: Duration = Duration::from_secs(24 * 60 * 60);
 #[derive(Debug, Clone)]
 pub struct ZipWorkerConfig {
     /// Bundles built at once by this process. Each needs one blocking thread and a
-    /// few MiB of memory, whatever its size.
+    /// few MiB of memory, whatever its size. More than one tenant may have
+    /// pending ([`Self::with_pending_bound`]), so that one tenant's bundles,
+    /// however large, never take every slot.
     pub prefetch: u16,
     /// Between retries of a blob store or Postgres failure.
     pub retry: Backoff,
@@ -126,6 +131,16 @@ impl ZipWorkerConfig {
             expiry_interval: (bundle_ttl / 4)
                 .clamp(Duration::from_secs(1), Duration::from_secs(60)),
         }
+    }
+}
+
+impl ZipWorkerConfig {
+    /// Builds one bundle more at once than a tenant may have pending
+    /// (`DOSSIER_MAX_PENDING_BUNDLES_PER_TENANT`), and at least the default.
+    pub fn with_pending_bound(mut self, max_pending_per_tenant: u32) -> Self {
+        let above = u16::try_from(max_pending_per_tenant.saturating_add(1)).unwrap_or(u16::MAX);
+        self.prefetch = self.prefetch.max(above);
+        self
     }
 }
 
@@ -218,10 +233,46 @@ enum Recorded {
     NotYet,
 }
 
+/// Why a bundle failed: what its requester reads, and what the service log gets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Failure {
+    /// Recorded in `BundleFailed` and shown as the bundle's `error`: a stable
+    /// sentence with ids at most, never a store's or a database's text.
+    public: String,
+    /// For the operator: which entry, what the store said (ids only).
+    detail: String,
+}
+
+/// The `error` of a bundle a file of which could not be read.
+pub const UNREADABLE_FILE: &str = "a file of the bundle could not be read; ask again";
+/// The `error` of a bundle that could not be built for another reason.
+pub const NOT_BUILT: &str = "the bundle could not be built; ask again";
+
+impl Failure {
+    fn new(public: impl Into<String>, detail: impl Into<String>) -> Self {
+        Self {
+            public: public.into(),
+            detail: detail.into(),
+        }
+    }
+
+    /// Why `error` ended a build, said once for every archive error.
+    fn of_archive(error: ArchiveError) -> Result<Self, String> {
+        match error {
+            ArchiveError::Content(detail) => Ok(Self::new(UNREADABLE_FILE, detail)),
+            error @ ArchiveError::TooLarge { .. } => {
+                Ok(Self::new(error.to_string(), error.to_string()))
+            }
+            ArchiveError::Internal(detail) => Ok(Self::new(NOT_BUILT, detail)),
+            ArchiveError::Store(detail) => Err(detail),
+        }
+    }
+}
+
 /// Why a build did not produce an archive.
 enum BuildEnd {
-    /// The bundle cannot be built; record it failed with this reason.
-    Failed(String),
+    /// The bundle cannot be built; record it failed.
+    Failed(Failure),
     /// Try again later (blob store or Postgres trouble).
     Transient(String),
     /// Shutdown: hand the message back.
@@ -322,7 +373,7 @@ impl Zipper {
         };
         match built {
             Ok(archive) => self.finish_ready(&request, archive, started).await,
-            Err(BuildEnd::Failed(reason)) => self.finish_failed(&request, reason).await,
+            Err(BuildEnd::Failed(failure)) => self.finish_failed(&request, failure).await,
             Err(BuildEnd::Stopped) => {
                 tracing::info!(
                     "shutting down in the middle of a bundle; it goes back to the queue"
@@ -332,11 +383,13 @@ impl Zipper {
             Err(BuildEnd::Transient(reason)) => {
                 failure("transient");
                 if deliveries.saturating_add(1) >= DELIVERY_LIMIT.unsigned_abs() {
-                    let reason = format!(
+                    let detail = format!(
                         "the archive could not be built after {} attempts: {reason}",
                         deliveries.saturating_add(1)
                     );
-                    return self.finish_failed(&request, reason).await;
+                    return self
+                        .finish_failed(&request, Failure::new(NOT_BUILT, detail))
+                        .await;
                 }
                 let delay = self.config.retry.delay(deliveries);
                 tracing::warn!(
@@ -364,7 +417,8 @@ impl Zipper {
                 .filter(|id| !live.iter().any(|file| file.id == **id))
                 .map(ToString::to_string)
                 .collect();
-            return Err(BuildEnd::Failed(format!(
+            // Ids only: for the requester as for the log.
+            let reason = format!(
                 "{} deleted after the bundle was requested: {}",
                 if gone.len() == 1 {
                     "a file was"
@@ -372,7 +426,8 @@ impl Zipper {
                     "files were"
                 },
                 gone.join(", ")
-            )));
+            );
+            return Err(BuildEnd::Failed(Failure::new(reason.clone(), reason)));
         }
         let entries = plan_entries(&live);
         let key = BlobKey::for_bundle(&request.tenant, request.bundle_id);
@@ -391,12 +446,9 @@ impl Zipper {
             }
         };
         let (built, ()) = tokio::join!(building, reporting);
-        built.map_err(|error| match error {
-            ArchiveError::Content(reason) => BuildEnd::Failed(reason),
-            ArchiveError::Store(reason) => BuildEnd::Transient(reason),
-            ArchiveError::Internal(reason) => BuildEnd::Failed(format!(
-                "the archive could not be built (an internal error: {reason})"
-            )),
+        built.map_err(|error| match Failure::of_archive(error) {
+            Ok(failure) => BuildEnd::Failed(failure),
+            Err(transient) => BuildEnd::Transient(transient),
         })
     }
 
@@ -485,12 +537,13 @@ impl Zipper {
         }
     }
 
-    async fn finish_failed(&self, request: &Requested, reason: String) -> Outcome {
+    async fn finish_failed(&self, request: &Requested, failure: Failure) -> Outcome {
         let now = Utc::now();
-        tracing::warn!(reason = %reason, "bundle failed");
+        // The span names the tenant and bundle; the detail names entries by id.
+        tracing::warn!(detail = %failure.detail, error = %failure.public, "bundle failed");
         let command = BundleCommand::MarkFailed {
             tenant: request.tenant.clone(),
-            reason,
+            reason: failure.public,
             at: now,
             expires_at: now + self.ttl(),
         };
@@ -620,7 +673,8 @@ pub fn plan_entries(files: &[FileView]) -> Vec<ArchiveEntry> {
         .map(|file| {
             let name = names.claim(&download_name(&file.name, &file.file_name));
             ArchiveEntry {
-                label: format!("file {} ({name})", file.id),
+                // Ids only: the label ends up in the service log.
+                label: format!("file {}", file.id),
                 name,
                 blob_key: file.blob_key.clone(),
                 size: file.size,
@@ -744,15 +798,22 @@ impl Zipper {
     }
 
     async fn expire_one(&self, bundle: &bundles::BundleView, now: DateTime<Utc>) -> bool {
-        let key = bundle
-            .blob_key
-            .clone()
-            .unwrap_or_else(|| BlobKey::for_bundle(&bundle.tenant, bundle.id));
+        // The recorded archive; without one, wherever a build that was never
+        // recorded may have left one (under today's key or the older one).
+        let keys = match &bundle.blob_key {
+            Some(key) => vec![key.clone()],
+            None => vec![
+                BlobKey::for_bundle(&bundle.tenant, bundle.id),
+                BlobKey::legacy_bundle(&bundle.tenant, bundle.id),
+            ],
+        };
         // The archive first: a recorded expiry with the archive still there would
         // never be looked at again.
-        if let Err(error) = self.blobs.delete(&key).await {
-            tracing::warn!(bundle_id = %bundle.id, error = %error, "could not remove an expired bundle's archive");
-            return false;
+        for key in &keys {
+            if let Err(error) = self.blobs.delete(key).await {
+                tracing::warn!(bundle_id = %bundle.id, error = %error, "could not remove an expired bundle's archive");
+                return false;
+            }
         }
         let command = BundleCommand::Expire {
             tenant: bundle.tenant.clone(),
@@ -816,5 +877,30 @@ mod tests {
         );
         assert_eq!(entries[0].compression, EntryCompression::Stored);
         assert_eq!(entries[2].compression, EntryCompression::Deflated);
+        // Labels end up in the service log: ids, never display names.
+        assert!(entries.iter().all(|e| !e.label.contains("nvoice")));
+    }
+
+    #[test]
+    fn the_worker_builds_more_bundles_at_once_than_one_tenant_may_have_pending() {
+        for bound in [1, 2, 3, 10, u32::MAX] {
+            let config = ZipWorkerConfig::default().with_pending_bound(bound);
+            assert!(
+                u32::from(config.prefetch) > bound || config.prefetch == u16::MAX,
+                "{bound}: {config:?}"
+            );
+            assert!(config.prefetch >= ZipWorkerConfig::default().prefetch);
+        }
+    }
+
+    #[test]
+    fn a_failed_bundle_says_a_stable_sentence_and_keeps_the_detail_for_the_log() {
+        let detail = "the content of file 0193 is missing from the blob store";
+        let failure = Failure::of_archive(ArchiveError::Content(detail.into())).unwrap();
+        assert_eq!(failure.public, UNREADABLE_FILE);
+        assert_eq!(failure.detail, detail);
+        let internal = Failure::of_archive(ArchiveError::Internal("thread died".into())).unwrap();
+        assert_eq!(internal.public, NOT_BUILT);
+        assert!(Failure::of_archive(ArchiveError::Store("down".into())).is_err());
     }
 }

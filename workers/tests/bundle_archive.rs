@@ -365,11 +365,8 @@ impl BlobStore for FailingStore {
         self.inner.exists(key).await
     }
 
-    async fn list(
-        &self,
-        prefix: &str,
-    ) -> Result<Vec<dossier_blobstore::BlobListing>, dossier_blobstore::BlobError> {
-        self.inner.list(prefix).await
+    fn list<'a>(&'a self, prefix: &'a str) -> dossier_blobstore::BlobListStream<'a> {
+        self.inner.list(prefix)
     }
 
     async fn check(&self) -> Result<(), dossier_blobstore::BlobError> {

@@ -933,6 +933,10 @@ async fn the_orphan_sweep_removes_old_unreferenced_blobs_only() {
         .unwrap();
 
     assert_eq!(report.removed, vec![orphan_key.as_str().to_owned()]);
+    assert!(
+        report.purged.is_empty(),
+        "a deletion younger than the grace period is the blob worker's"
+    );
     assert!(report.failed.is_empty());
     assert_eq!(report.listed, 5);
     assert_eq!(report.referenced, 2);
@@ -948,6 +952,119 @@ async fn the_orphan_sweep_removes_old_unreferenced_blobs_only() {
         .await
         .unwrap();
     assert!(again.removed.is_empty());
+}
+
+/// A deleted file whose `file.deleted` message was lost (no blob worker ran
+/// when it was deleted, and none ever gets the message): the sweep purges its
+/// blob through the blob worker's path and records `BlobPurged` once.
+async fn a_lost_purge_is_reconciled_by_the_sweep(store: Store) {
+    init_tracing();
+    let (pool, _) = dossier_test_support::db::fresh_database().await.unwrap();
+    let blobs = store.blobs.as_ref();
+    let files = Files::new(pool.clone());
+
+    let deleted = FileId::new();
+    let deleted_key = key_for(deleted);
+    put(blobs, &deleted_key, b"deleted long ago").await;
+    files
+        .upload(deleted, &deleted_key, b"deleted long ago")
+        .await;
+    files.delete(deleted).await;
+    let live = FileId::new();
+    let live_key = key_for(live);
+    put(blobs, &live_key, b"live").await;
+    files.upload(live, &live_key, b"live").await;
+    Runner::new(pool.clone(), FilesProjection, RunnerConfig::default())
+        .catch_up()
+        .await
+        .unwrap();
+
+    // No grace: the deletion is "old enough" for the sweep to take it over.
+    let report = dossier_workers::sweep_orphans(&pool, blobs, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(report.purged, vec![deleted.0], "{report:?}");
+    assert!(report.removed.is_empty(), "{report:?}");
+    assert!(report.failed.is_empty(), "{report:?}");
+    assert_eq!(report.referenced, 1, "the live file stays: {report:?}");
+    assert!(
+        !blobs.exists(&deleted_key).await.unwrap(),
+        "the bytes are gone"
+    );
+    assert!(blobs.exists(&live_key).await.unwrap());
+    assert_eq!(events_of_type(&pool, deleted, "BlobPurged").await, 1);
+    let purged = log(&pool)
+        .await
+        .into_iter()
+        .find(|e| e.event_type == "BlobPurged")
+        .unwrap();
+    assert_eq!(purged.actor, "blob-worker", "the blob worker's own command");
+
+    // Once reconciled there is nothing left to do, and nothing is recorded twice.
+    let again = dossier_workers::sweep_orphans(&pool, blobs, Duration::ZERO)
+        .await
+        .unwrap();
+    assert!(
+        again.purged.is_empty() && again.removed.is_empty(),
+        "{again:?}"
+    );
+    assert_eq!(events_of_type(&pool, deleted, "BlobPurged").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_purge_is_reconciled_by_the_sweep_dir_store() {
+    a_lost_purge_is_reconciled_by_the_sweep(dir_store().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_purge_is_reconciled_by_the_sweep_s3_store() {
+    a_lost_purge_is_reconciled_by_the_sweep(s3_store().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_customer_called_bundles_keeps_its_files_in_the_sweep_and_loses_its_orphans() {
+    init_tracing();
+    let (pool, _) = dossier_test_support::db::fresh_database().await.unwrap();
+    let store = dir_store().await;
+    let blobs = store.blobs.as_ref();
+    let files = Files::new(pool.clone());
+    let bundles_customer = CustomerId::parse("_bundles").unwrap();
+
+    // An upload of customer `_bundles` whose command was never recorded.
+    let orphan = FileId::new();
+    let orphan_key = BlobKey::for_file(&tenant(), &bundles_customer, orphan);
+    put(blobs, &orphan_key, b"orphan of _bundles").await;
+    // A live file of the same customer: referenced, stays.
+    let live = FileId::new();
+    let live_key = BlobKey::for_file(&tenant(), &bundles_customer, live);
+    put(blobs, &live_key, b"live of _bundles").await;
+    files.upload(live, &live_key, b"live of _bundles").await;
+    // Bundle archives, old and new layout: the bundle expiry's, never the sweep's.
+    let bundle = uuid::Uuid::now_v7();
+    let bundle_key = BlobKey::for_bundle(&tenant(), bundle);
+    put(blobs, &bundle_key, b"PK").await;
+    let legacy_key = BlobKey::legacy_bundle(&tenant(), uuid::Uuid::now_v7());
+    put(blobs, &legacy_key, b"PK").await;
+    assert_ne!(
+        bundle_key.as_str().split('/').nth(1),
+        Some(bundles_customer.as_str()),
+        "new archives do not share the customer's folder"
+    );
+
+    let report = dossier_workers::sweep_orphans(&pool, blobs, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(
+        report.removed,
+        vec![orphan_key.as_str().to_owned()],
+        "{report:?}"
+    );
+    assert_eq!(report.referenced, 1, "{report:?}");
+    assert_eq!(report.bundles, 2, "{report:?}");
+    assert!(!blobs.exists(&orphan_key).await.unwrap());
+    for kept in [&live_key, &bundle_key, &legacy_key] {
+        assert!(blobs.exists(kept).await.unwrap(), "{kept} must stay");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

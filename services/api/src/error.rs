@@ -36,6 +36,7 @@ impl ApiError {
             | AppError::BundleNotReady
             | AppError::Conflict
             | AppError::Duplicate => StatusCode::CONFLICT,
+            AppError::TooManyPendingBundles { .. } => StatusCode::TOO_MANY_REQUESTS,
             AppError::Unavailable(_) | AppError::OutcomeUnknown(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -76,7 +77,14 @@ impl IntoResponse for ApiError {
                 message: self.0.to_string(),
             },
         };
-        (status, Json(body)).into_response()
+        let mut response = (status, Json(body)).into_response();
+        if let Some(after) = self.0.retry_after() {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(after.as_secs().max(1)),
+            );
+        }
+        response
     }
 }
 

@@ -12,7 +12,6 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use cqrs_es::Aggregate;
 use dossier_application::{Accepted, AppError, CommandContext, Commands, Recording, Uploads};
@@ -239,7 +238,7 @@ impl Intake {
         let key = BlobKey::for_file(&ctx.tenant, &form.customer_id, file_id);
         // The body moves into one chunk without a copy; the S3 store slices
         // its parts out of it.
-        let chunk = Bytes::from(std::mem::take(&mut message.body));
+        let chunk = std::mem::take(&mut message.body);
         let body: ByteStream = Box::pin(futures::stream::once(async move { Ok(chunk) }));
         let stored = match self
             .uploads

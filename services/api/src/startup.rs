@@ -202,6 +202,10 @@ impl Application {
             bundle_policy: dossier_domain::BundlePolicy {
                 max_files: dossier_domain::BundlePolicy::MAX_FILES,
                 max_bytes: settings.bundle_max_bytes,
+                max_pending_per_tenant: settings.max_pending_bundles_per_tenant,
+                pending: Some(Arc::new(dossier_application::PendingInLog::new(
+                    pool.clone(),
+                ))),
             },
             metrics,
             broker: broker.clone(),
@@ -333,18 +337,20 @@ impl Application {
                     });
                 }
                 {
-                    // ZIP bundles: built streaming, expired after DOSSIER_BUNDLE_TTL_SECS.
-                    let (pool, broker, blobs, ttl, stopping) = (
+                    // ZIP bundles: built streaming, expired after DOSSIER_BUNDLE_TTL_SECS,
+                    // more at once than one tenant may have pending.
+                    let (pool, broker, blobs, stopping) = (
                         pool.clone(),
                         broker.clone(),
                         state.blobs().clone(),
-                        settings.bundle_ttl,
                         shutdown.subscribe(),
                     );
+                    let config =
+                        dossier_workers::zip::ZipWorkerConfig::with_ttl(settings.bundle_ttl)
+                            .with_pending_bound(settings.max_pending_bundles_per_tenant);
                     roles.spawn(async move {
                         let ran =
-                            dossier_workers::run_zip_worker(pool, broker, blobs, ttl, stopping)
-                                .await;
+                            dossier_workers::zip::run(pool, broker, blobs, config, stopping).await;
                         ("zip", ran.context("running the zip worker"))
                     });
                 }

@@ -22,7 +22,8 @@ pub struct Inner {
     pub uploads: Arc<Uploads>,
     pub jwt_secret: Vec<u8>,
     pub max_file_bytes: MaxFileBytes,
-    /// The limits of one bundle (`DOSSIER_BUNDLE_MAX_BYTES`, at most 1000 files).
+    /// The limits of one bundle (`DOSSIER_BUNDLE_MAX_BYTES`, at most 1000 files)
+    /// and of a tenant's pending bundles, which it counts in the log.
     pub bundle_policy: dossier_domain::BundlePolicy,
     pub metrics: PrometheusHandle,
     /// The broker, when this process runs a role that talks to RabbitMQ (for /readyz).
@@ -65,7 +66,7 @@ impl AppState {
     }
 
     pub fn bundle_policy(&self) -> dossier_domain::BundlePolicy {
-        self.0.bundle_policy
+        self.0.bundle_policy.clone()
     }
 
     pub fn metrics(&self) -> &PrometheusHandle {

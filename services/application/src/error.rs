@@ -36,6 +36,13 @@ pub enum AppError {
     FileProtected,
     #[error("the bundle is not ready: it is still being built, or it failed (see its status)")]
     BundleNotReady,
+    /// The tenant has as many bundles pending as the deployment allows; a
+    /// request may succeed once one of them is ready (see
+    /// [`Self::retry_after`]).
+    #[error(
+        "{limit} bundles of your organization are already being built; ask again once one is ready"
+    )]
+    TooManyPendingBundles { limit: u32 },
     /// A concurrent change kept winning the race for the aggregate, past the
     /// retry policy's attempts; or the aggregate is in a state that excludes
     /// the command (it exists already, it is finished). Nothing was recorded.
@@ -80,9 +87,19 @@ impl AppError {
             Self::ConfirmationRequired => "confirmation_required",
             Self::FileProtected => "file_protected",
             Self::BundleNotReady => "bundle_not_ready",
+            Self::TooManyPendingBundles { .. } => "too_many_pending_bundles",
             Self::Conflict | Self::Duplicate => "conflict",
             Self::Unavailable(_) | Self::OutcomeUnknown(_) => "unavailable",
             Self::Internal(_) => "internal",
+        }
+    }
+
+    /// How long a client should wait before it asks again, when that is
+    /// known: a pending bundle usually finishes within seconds.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            Self::TooManyPendingBundles { .. } => Some(PENDING_BUNDLES_RETRY_AFTER),
+            _ => None,
         }
     }
 
@@ -106,6 +123,9 @@ impl AppError {
         )
     }
 }
+
+/// The `Retry-After` of [`AppError::TooManyPendingBundles`].
+pub const PENDING_BUNDLES_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn human_bytes(bytes: u64) -> String {
     const MIB: u64 = 1024 * 1024;
@@ -160,6 +180,8 @@ impl From<BundleError> for AppError {
             | BundleError::DuplicateFile(_)
             | BundleError::TooManyFiles { .. }
             | BundleError::TooLarge { .. } => Self::validation("file_ids", error.to_string()),
+            BundleError::TooManyPending { limit } => Self::TooManyPendingBundles { limit },
+            BundleError::PendingUnknown(detail) => Self::Unavailable(detail),
         }
     }
 }
@@ -221,6 +243,19 @@ mod tests {
         assert_eq!(
             AppError::from(BundleError::NoFiles).code(),
             "validation_failed"
+        );
+    }
+
+    #[test]
+    fn too_many_pending_bundles_is_its_own_code_with_a_retry_after() {
+        let error = AppError::from(BundleError::TooManyPending { limit: 3 });
+        assert_eq!(error.code(), "too_many_pending_bundles");
+        assert!(error.retry_after().is_some());
+        assert!(!error.is_transient());
+        assert!(error.to_string().contains('3'), "{error}");
+        assert!(AppError::NotFound.retry_after().is_none());
+        assert!(
+            AppError::from(BundleError::PendingUnknown("pool timed out".into())).is_transient()
         );
     }
 }

@@ -15,15 +15,19 @@
 //! - [`upload`]: store the bytes, then record them; the one rule for what
 //!   becomes of a blob whose command failed ([`BlobFate`]), and the answer to
 //!   an upload whose read models lag.
+//! - [`bundles`]: the pending bundles of a tenant, counted in the log for the
+//!   bundle aggregate's per-tenant bound.
 //! - [`error`]: [`AppError`], the contract's codes without any transport;
 //!   each edge maps it once to its own answer.
 //!
 //! Nothing here knows HTTP or AMQP (see docs/adr/0008-application-layer.md).
 
+pub mod bundles;
 pub mod commands;
 pub mod error;
 pub mod upload;
 
+pub use bundles::PendingInLog;
 pub use commands::{Accepted, CommandContext, Commands, DEFAULT_FRESHNESS_TIMEOUT, RacePolicy};
 pub use error::AppError;
 pub use upload::{BlobFate, RecordedUpload, Recording, StoredUpload, UploadedFile, Uploads};

@@ -112,6 +112,7 @@ impl BlobFate {
             | AppError::ConfirmationRequired
             | AppError::FileProtected
             | AppError::BundleNotReady
+            | AppError::TooManyPendingBundles { .. }
             // The log refused the append itself (a unique constraint): atomic,
             // so nothing of it is there.
             | AppError::Conflict

@@ -18,7 +18,8 @@ use tokio::io::AsyncWriteExt as _;
 use tokio_util::io::ReaderStream;
 
 use super::{
-    BlobError, BlobListing, BlobObject, BlobStore, ByteStream, StoredBlob, hashing_limited,
+    BlobError, BlobListStream, BlobListing, BlobObject, BlobStore, ByteStream, StoredBlob,
+    hashing_limited, shown_key,
 };
 
 /// Folder under the root for uploads in progress; never part of a key.
@@ -190,9 +191,12 @@ impl BlobStore for DirBlobStore {
         max_bytes: u64,
     ) -> Result<StoredBlob, BlobError> {
         let path = self.path_of(key.as_str())?;
-        let parent = path
-            .parent()
-            .ok_or_else(|| BlobError::Backend(format!("blob key {key} has no parent directory")))?;
+        let parent = path.parent().ok_or_else(|| {
+            BlobError::Backend(format!(
+                "blob key {} has no parent directory",
+                shown_key(key.as_str())
+            ))
+        })?;
         let mut body = hashing_limited(body, max_bytes);
 
         // Recreated if someone cleaned the folder away while we ran.
@@ -203,7 +207,9 @@ impl BlobStore for DirBlobStore {
             path: self.tmp.join(format!("{}.part", uuid::Uuid::new_v4())),
             keep: false,
         };
-        let writing = |e: io::Error| BlobError::backend(format!("writing blob {key}"), &e);
+        let writing = |e: io::Error| {
+            BlobError::backend(format!("writing blob {}", shown_key(key.as_str())), &e)
+        };
         let mut file = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -231,12 +237,16 @@ impl BlobStore for DirBlobStore {
         let file = match fs::File::open(&path).await {
             Ok(file) => file,
             Err(err) if is_absent(&err) => return Err(BlobError::NotFound),
-            Err(err) => return Err(BlobError::backend(format!("opening blob {key}"), &err)),
+            Err(err) => {
+                return Err(BlobError::backend(
+                    format!("opening blob {}", shown_key(key.as_str())),
+                    &err,
+                ));
+            }
         };
-        let metadata = file
-            .metadata()
-            .await
-            .map_err(|e| BlobError::backend(format!("reading blob {key}"), &e))?;
+        let metadata = file.metadata().await.map_err(|e| {
+            BlobError::backend(format!("reading blob {}", shown_key(key.as_str())), &e)
+        })?;
         if !metadata.is_file() {
             // A directory: the prefix of other keys, not a blob.
             return Err(BlobError::NotFound);
@@ -254,7 +264,12 @@ impl BlobStore for DirBlobStore {
         match fs::remove_file(&path).await {
             Ok(()) => {}
             Err(err) if is_absent(&err) => return Ok(()),
-            Err(err) => return Err(BlobError::backend(format!("deleting blob {key}"), &err)),
+            Err(err) => {
+                return Err(BlobError::backend(
+                    format!("deleting blob {}", shown_key(key.as_str())),
+                    &err,
+                ));
+            }
         }
         if let Some(parent) = path.parent() {
             sync_dir(parent).await?;
@@ -267,11 +282,14 @@ impl BlobStore for DirBlobStore {
         match fs::metadata(&path).await {
             Ok(metadata) => Ok(metadata.is_file()),
             Err(err) if is_absent(&err) => Ok(false),
-            Err(err) => Err(BlobError::backend(format!("looking up blob {key}"), &err)),
+            Err(err) => Err(BlobError::backend(
+                format!("looking up blob {}", shown_key(key.as_str())),
+                &err,
+            )),
         }
     }
 
-    async fn list(&self, prefix: &str) -> Result<Vec<BlobListing>, BlobError> {
+    fn list<'a>(&'a self, prefix: &'a str) -> BlobListStream<'a> {
         // Start at the deepest directory the prefix names in full, not at
         // the root: listing one tenant should not walk all the others.
         let (start_dir, start_key) = match prefix.rfind('/') {
@@ -281,55 +299,18 @@ impl BlobStore for DirBlobStore {
                 match self.path_of(dir_part) {
                     Ok(dir) => (dir, format!("{dir_part}/")),
                     // No stored key has such a segment, so nothing matches.
-                    Err(_) => return Ok(Vec::new()),
+                    Err(_) => return Box::pin(futures::stream::empty()),
                 }
             }
         };
-
-        let mut found = Vec::new();
-        let mut pending = vec![(start_dir, start_key)];
-        while let Some((dir, key_prefix)) = pending.pop() {
-            let mut entries = match fs::read_dir(&dir).await {
-                Ok(entries) => entries,
-                Err(err) if is_absent(&err) => continue,
-                Err(err) => {
-                    return Err(BlobError::backend(
-                        format!("listing {}", dir.display()),
-                        &err,
-                    ));
-                }
-            };
-            let listing =
-                |e: io::Error| BlobError::backend(format!("listing {}", dir.display()), &e);
-            while let Some(entry) = entries.next_entry().await.map_err(listing)? {
-                let Ok(name) = entry.file_name().into_string() else {
-                    tracing::warn!(
-                        path = %entry.path().display(),
-                        "skipping a file whose name is not UTF-8; it cannot be a blob key"
-                    );
-                    continue;
-                };
-                if key_prefix.is_empty() && name == TMP_DIR {
-                    continue;
-                }
-                let key = format!("{key_prefix}{name}");
-                let file_type = entry.file_type().await.map_err(listing)?;
-                if file_type.is_dir() {
-                    // Only descend where a matching key can be.
-                    if key.starts_with(prefix) || prefix.starts_with(&key) {
-                        pending.push((entry.path(), format!("{key}/")));
-                    }
-                } else if file_type.is_file() && key.starts_with(prefix) {
-                    let metadata = entry.metadata().await.map_err(listing)?;
-                    found.push(BlobListing {
-                        key,
-                        size: metadata.len(),
-                        last_modified: metadata.modified().ok(),
-                    });
-                }
-            }
-        }
-        Ok(found)
+        let walk = Walk {
+            prefix,
+            open: Vec::new(),
+            next_dir: Some((start_dir, start_key)),
+        };
+        Box::pin(futures::stream::try_unfold(walk, |mut walk| async move {
+            Ok(walk.next().await?.map(|listing| (listing, walk)))
+        }))
     }
 
     async fn check(&self) -> Result<(), BlobError> {
@@ -351,6 +332,73 @@ impl BlobStore for DirBlobStore {
 
     fn describe(&self) -> String {
         format!("file://{}", self.root.display())
+    }
+}
+
+/// A depth-first walk of the directories under a prefix, holding one open
+/// directory per level (never the names of a whole level): what
+/// [`DirBlobStore::list`] streams from.
+struct Walk<'a> {
+    prefix: &'a str,
+    /// The directories being read, deepest last, with the key prefix of each.
+    open: Vec<(fs::ReadDir, String)>,
+    /// A directory to open before reading on.
+    next_dir: Option<(PathBuf, String)>,
+}
+
+impl Walk<'_> {
+    /// The next blob under the prefix, `None` at the end.
+    async fn next(&mut self) -> Result<Option<BlobListing>, BlobError> {
+        loop {
+            if let Some((dir, key_prefix)) = self.next_dir.take() {
+                match fs::read_dir(&dir).await {
+                    Ok(entries) => self.open.push((entries, key_prefix)),
+                    // Removed meanwhile: nothing under it.
+                    Err(err) if is_absent(&err) => {}
+                    Err(err) => {
+                        return Err(BlobError::backend(
+                            format!("listing {}", shown_key(&key_prefix)),
+                            &err,
+                        ));
+                    }
+                }
+                continue;
+            }
+            let Some((entries, key_prefix)) = self.open.last_mut() else {
+                return Ok(None);
+            };
+            let listing =
+                |e: io::Error| BlobError::backend(format!("listing {}", shown_key(key_prefix)), &e);
+            let Some(entry) = entries.next_entry().await.map_err(listing)? else {
+                self.open.pop();
+                continue;
+            };
+            let Ok(name) = entry.file_name().into_string() else {
+                tracing::warn!(
+                    path = %entry.path().display(),
+                    "skipping a file whose name is not UTF-8; it cannot be a blob key"
+                );
+                continue;
+            };
+            if key_prefix.is_empty() && name == TMP_DIR {
+                continue;
+            }
+            let key = format!("{key_prefix}{name}");
+            let file_type = entry.file_type().await.map_err(listing)?;
+            if file_type.is_dir() {
+                // Only descend where a matching key can be.
+                if key.starts_with(self.prefix) || self.prefix.starts_with(&key) {
+                    self.next_dir = Some((entry.path(), format!("{key}/")));
+                }
+            } else if file_type.is_file() && key.starts_with(self.prefix) {
+                let metadata = entry.metadata().await.map_err(listing)?;
+                return Ok(Some(BlobListing {
+                    key,
+                    size: metadata.len(),
+                    last_modified: metadata.modified().ok(),
+                }));
+            }
+        }
     }
 }
 

@@ -72,6 +72,26 @@ pub struct BlobListing {
     pub last_modified: Option<SystemTime>,
 }
 
+/// A key as errors and logs show it: its first and last segments (the tenant
+/// and the file or archive id), every segment between as `…`. A file's key
+/// names its customer (`{tenant}/{customer}/{file_id}`), and an error of the
+/// store must not carry a customer id into the service log.
+pub fn shown_key(key: &str) -> String {
+    let mut segments = key.split('/');
+    let first = segments.next().unwrap_or_default();
+    match segments.next_back() {
+        None => first.to_owned(),
+        Some(last) if segments.next().is_none() => format!("{first}/{last}"),
+        Some(last) => format!("{first}/…/{last}"),
+    }
+}
+
+/// The blobs under a prefix, one at a time: [`BlobStore::list`] reads the
+/// store as the stream is polled (a page of S3 keys, a directory entry), so a
+/// reader of a store of any size holds one page at most.
+pub type BlobListStream<'a> =
+    Pin<Box<dyn Stream<Item = Result<BlobListing, BlobError>> + Send + 'a>>;
+
 /// Why a blob store operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum BlobError {
@@ -141,8 +161,17 @@ pub trait BlobStore: Send + Sync + 'static {
     async fn exists(&self, key: &BlobKey) -> Result<bool, BlobError>;
 
     /// Every blob whose key starts with `prefix` (plain string prefix, `""`
-    /// for all), for the orphan sweep. Pages internally; order unspecified.
-    async fn list(&self, prefix: &str) -> Result<Vec<BlobListing>, BlobError>;
+    /// for all), as a stream read from the store while it is consumed (the
+    /// orphan sweep walks a whole store this way in bounded memory). Order
+    /// unspecified; an error ends the stream.
+    fn list<'a>(&'a self, prefix: &'a str) -> BlobListStream<'a>;
+
+    /// [`Self::list`], collected: only for prefixes known to be small (one
+    /// test's bucket, one tenant's bundles), never for a whole store.
+    async fn list_all(&self, prefix: &str) -> Result<Vec<BlobListing>, BlobError> {
+        use futures::TryStreamExt as _;
+        self.list(prefix).try_collect().await
+    }
 
     /// Readiness probe: the store is reachable and usable.
     async fn check(&self) -> Result<(), BlobError>;
@@ -290,6 +319,15 @@ mod tests {
         .await
         .unwrap_err();
         assert!(matches!(err, BlobError::Body(_)), "{err:?}");
+    }
+
+    #[test]
+    fn shown_keys_keep_ids_and_hide_the_customer() {
+        assert_eq!(shown_key("acme/cust-42/0193-f"), "acme/…/0193-f");
+        assert_eq!(shown_key("acme/!bundles/b.zip"), "acme/…/b.zip");
+        assert_eq!(shown_key("acme/x"), "acme/x");
+        assert_eq!(shown_key("acme"), "acme");
+        assert_eq!(shown_key("acme/"), "acme/");
     }
 
     #[test]

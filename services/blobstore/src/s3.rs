@@ -46,9 +46,11 @@ use bytes::{Bytes, BytesMut};
 use dossier_domain::BlobKey;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use futures::StreamExt as _;
+
 use super::{
-    BlobError, BlobListing, BlobObject, BlobStore, ByteStream, HashingLimited, StoredBlob,
-    hashing_limited,
+    BlobError, BlobListStream, BlobListing, BlobObject, BlobStore, ByteStream, HashingLimited,
+    StoredBlob, hashing_limited, shown_key,
 };
 
 /// Size of one multipart part, and so the memory one upload holds while it
@@ -207,12 +209,31 @@ impl S3BlobStore {
         &self.bucket
     }
 
+    /// A listed object as the caller's key (our prefix stripped); `None` for
+    /// an object outside the prefix.
+    fn listing(&self, object: aws_sdk_s3::types::Object) -> Option<BlobListing> {
+        // The server filtered by prefix already; stripping ours gives back the
+        // caller's key.
+        let key = object.key()?.strip_prefix(self.key_prefix.as_str())?;
+        Some(BlobListing {
+            key: key.to_owned(),
+            size: object
+                .size()
+                .and_then(|s| u64::try_from(s).ok())
+                .unwrap_or(0),
+            last_modified: object
+                .last_modified()
+                .and_then(|t| SystemTime::try_from(*t).ok()),
+        })
+    }
+
     fn object_key(&self, key: &str) -> String {
         format!("{}{key}", self.key_prefix)
     }
 
+    /// Where a key is, for errors: ids only (see [`shown_key`]).
     fn location(&self, key: &str) -> String {
-        format!("s3://{}/{}", self.bucket, self.object_key(key))
+        format!("s3://{}/{}{}", self.bucket, self.key_prefix, shown_key(key))
     }
 
     async fn create_bucket_if_missing(&self, region: &str) -> Result<(), BlobError> {
@@ -811,42 +832,40 @@ impl BlobStore for S3BlobStore {
         }
     }
 
-    async fn list(&self, prefix: &str) -> Result<Vec<BlobListing>, BlobError> {
+    fn list<'a>(&'a self, prefix: &'a str) -> BlobListStream<'a> {
         let full_prefix = self.object_key(prefix);
-        let mut pages = self
+        let pages = self
             .client
             .list_objects_v2()
             .bucket(&self.bucket)
             .prefix(&full_prefix)
             .into_paginator()
             .send();
-        let mut found = Vec::new();
-        while let Some(page) = pages.next().await {
-            let page = page.map_err(|err| {
-                sdk_error(format!("listing s3://{}/{full_prefix}", self.bucket), &err)
-            })?;
-            for object in page.contents() {
-                // The server filtered by prefix already; stripping ours gives
-                // back the caller's key.
-                let Some(key) = object
-                    .key()
-                    .and_then(|k| k.strip_prefix(self.key_prefix.as_str()))
-                else {
-                    continue;
-                };
-                found.push(BlobListing {
-                    key: key.to_owned(),
-                    size: object
-                        .size()
-                        .and_then(|s| u64::try_from(s).ok())
-                        .unwrap_or(0),
-                    last_modified: object
-                        .last_modified()
-                        .and_then(|t| SystemTime::try_from(*t).ok()),
-                });
-            }
-        }
-        Ok(found)
+        // One page (at most 1000 keys) at a time: the next page is asked for
+        // only when this one has been consumed.
+        let pages = futures::stream::unfold(pages, |mut pages| async move {
+            pages.next().await.map(|page| (page, pages))
+        });
+        Box::pin(
+            pages
+                .map(move |page| {
+                    let objects = match page {
+                        Ok(page) => page
+                            .contents
+                            .unwrap_or_default()
+                            .into_iter()
+                            .filter_map(|object| self.listing(object))
+                            .map(Ok)
+                            .collect::<Vec<_>>(),
+                        Err(err) => vec![Err(sdk_error(
+                            format!("listing s3://{}/{full_prefix}", self.bucket),
+                            &err,
+                        ))],
+                    };
+                    futures::stream::iter(objects)
+                })
+                .flatten(),
+        )
     }
 
     async fn check(&self) -> Result<(), BlobError> {

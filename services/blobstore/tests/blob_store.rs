@@ -445,7 +445,7 @@ mod behaviours {
                 .unwrap();
         }
 
-        let mut listed = s.store.list("t1/c1/").await.unwrap();
+        let mut listed = s.store.list_all("t1/c1/").await.unwrap();
         listed.sort_by(|x, y| x.key.cmp(&y.key));
         let mut expected = vec![(a.as_str().to_owned(), 100), (b.as_str().to_owned(), 101)];
         expected.sort();
@@ -461,7 +461,7 @@ mod behaviours {
         let keys = |prefix: &'static str| async move {
             let mut keys: Vec<String> = s
                 .store
-                .list(prefix)
+                .list_all(prefix)
                 .await
                 .unwrap()
                 .into_iter()

@@ -3,14 +3,26 @@
 //! hands a handler a window of deliveries at once and settles them together.
 //! Both reconnect on connection loss and drain on shutdown. Everything on
 //! RabbitMQ is at least once: handlers must be idempotent.
+//!
+//! A handler that panics does not take its delivery down with it: both forms
+//! catch the panic, dead-letter the delivery with [`PANICKED_REASON`] in the
+//! [`crate::REASON_HEADER`] header (a confirmed copy to the queue's dead-letter
+//! queue, or the broker's own dead-lettering if the copy fails), count it in
+//! `dossier_amqp_handler_panics_total{queue}` and keep consuming. Before this, a
+//! panicking handler left its delivery unacknowledged, holding a prefetch slot
+//! until the channel closed, so a few poison messages stopped a queue for
+//! everyone. A window whose batch handler panics is handed over again one
+//! delivery at a time, so that only the delivery that panics is dead-lettered.
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use dossier_runtime::shutdown::{is_stopping, sleep_or_stop, stopped};
-use futures::StreamExt as _;
+use futures::{FutureExt as _, StreamExt as _};
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
     BasicRejectOptions,
@@ -25,6 +37,12 @@ use crate::connection::Broker;
 use crate::error::{AmqpError, short};
 use crate::publisher::ConfirmedPublisher;
 use crate::topology::{DEAD_LETTER_EXCHANGE, REASON_HEADER, consumer_queue};
+
+/// The [`crate::REASON_HEADER`] of a delivery whose handler panicked. It names no
+/// content of the message (a panic's text may quote it); the service log has
+/// the queue, message id and routing key at the same time.
+pub const PANICKED_REASON: &str = "the handler panicked on this message; it was taken out of the queue so that it cannot \
+     block others (see the service log for the queue and message id)";
 
 /// What a consumer's handler decided about one delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,8 +81,9 @@ pub struct Incoming {
     pub redelivered: bool,
     /// Its properties and headers.
     pub properties: BasicProperties,
-    /// Its body.
-    pub body: Vec<u8>,
+    /// Its body (cheap to clone: the consumer keeps a handle to dead-letter
+    /// the message should its handler panic).
+    pub body: Bytes,
 }
 
 impl Incoming {
@@ -85,7 +104,7 @@ impl Incoming {
             routing_key: routing_key.to_string(),
             redelivered,
             properties,
-            body: data,
+            body: Bytes::from(data),
         };
         (incoming, acker)
     }
@@ -184,9 +203,15 @@ where
         |channel, consumer, stopping| {
             let handler = Arc::clone(&handler);
             let queue = queue.to_owned();
+            let panics = PanicPolicy {
+                broker: broker.clone(),
+                queue: queue.clone(),
+                shutdown: stopping.clone(),
+            };
             Box::pin(async move {
                 let mut in_flight = JoinSet::new();
-                let ended = run_session(&queue, consumer, &handler, &mut in_flight, stopping).await;
+                let ended =
+                    run_session(consumer, &handler, &panics, &mut in_flight, stopping).await;
                 if let SessionEnd::Shutdown { consumer_tag } = &ended {
                     // No new deliveries from here on; prefetched ones that no
                     // handler took go back to the queue when the channel closes.
@@ -336,11 +361,20 @@ enum SessionEnd {
     Lost(String),
 }
 
+/// What a per-delivery consumer does with a delivery whose handler panicked:
+/// it copies it to the queue's dead-letter queue with the reason.
+#[derive(Clone)]
+struct PanicPolicy {
+    broker: Broker,
+    queue: String,
+    shutdown: watch::Receiver<bool>,
+}
+
 /// Takes deliveries and spawns their handlers until shutdown or the consumer ends.
 async fn run_session<H, Fut>(
-    queue: &str,
     mut consumer: lapin::Consumer,
     handler: &Arc<H>,
+    panics: &PanicPolicy,
     in_flight: &mut JoinSet<()>,
     mut shutdown: watch::Receiver<bool>,
 ) -> SessionEnd
@@ -355,11 +389,11 @@ where
                 return SessionEnd::Shutdown { consumer_tag: consumer.tag() };
             }
             Some(finished) = in_flight.join_next(), if !in_flight.is_empty() => {
-                report_task_end(queue, finished);
+                report_task_end(&panics.queue, finished);
             }
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => {
-                    in_flight.spawn(handle_delivery(queue.to_owned(), delivery, Arc::clone(handler)));
+                    in_flight.spawn(handle_delivery(panics.clone(), delivery, Arc::clone(handler)));
                 }
                 Some(Err(error)) => return SessionEnd::Lost(error.to_string()),
                 None => return SessionEnd::Lost("the broker cancelled the consumer".to_owned()),
@@ -368,12 +402,25 @@ where
     }
 }
 
-/// Runs the handler on one delivery and settles it by the outcome.
-async fn handle_delivery<H, Fut>(queue: String, delivery: lapin::message::Delivery, handler: Arc<H>)
-where
+/// How one delivery ended: the handler's outcome, or a panic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Settle {
+    Handled(Outcome),
+    Panicked,
+}
+
+/// Runs the handler on one delivery and settles it by the outcome. A panic of
+/// the handler (in the call or in its future) is caught here: the delivery is
+/// dead-lettered with [`PANICKED_REASON`] instead of staying unacknowledged.
+async fn handle_delivery<H, Fut>(
+    panics: PanicPolicy,
+    delivery: lapin::message::Delivery,
+    handler: Arc<H>,
+) where
     H: Fn(Incoming) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Outcome> + Send + 'static,
 {
+    let queue = panics.queue.clone();
     let (incoming, acker) = Incoming::from_delivery(&queue, delivery);
     let redelivered = incoming.redelivered;
     let span = tracing::info_span!(
@@ -384,15 +431,31 @@ where
         redelivered,
     );
     async move {
-        let outcome = handler(incoming).await;
-        let settled = match outcome {
-            Outcome::Ack => acker.ack(BasicAckOptions::default()).await,
-            Outcome::Reject => {
+        // A cheap copy (the body is shared) for dead-lettering after a panic.
+        let kept = incoming.clone();
+        let ran = AssertUnwindSafe(async { handler(incoming).await })
+            .catch_unwind()
+            .await;
+        let settle = match ran {
+            Ok(outcome) => Settle::Handled(outcome),
+            Err(_) => {
+                // The panic's text is not logged: it may quote the message.
+                count_panic(&queue);
+                tracing::error!(
+                    "a message handler panicked; dead-lettering the message so that it holds \
+                     no prefetch slot, and consuming on"
+                );
+                Settle::Panicked
+            }
+        };
+        let settled = match settle {
+            Settle::Handled(Outcome::Ack) => acker.ack(BasicAckOptions::default()).await,
+            Settle::Handled(Outcome::Reject) => {
                 acker
                     .reject(BasicRejectOptions { requeue: false })
                     .await
             }
-            Outcome::Retry => {
+            Settle::Handled(Outcome::Retry) => {
                 acker
                     .nack(BasicNackOptions {
                         multiple: false,
@@ -400,12 +463,35 @@ where
                     })
                     .await
             }
+            Settle::Panicked => {
+                let mut dead_letters =
+                    DeadLetters::new(panics.broker.clone(), &queue, panics.shutdown.clone());
+                let copied = dead_letters.copy(&kept, PANICKED_REASON).await;
+                dead_letters.close().await;
+                match copied {
+                    Ok(()) => acker.ack(BasicAckOptions::default()).await,
+                    Err(error) => {
+                        tracing::warn!(
+                            error = %error,
+                            "could not copy the message to the dead-letter queue; rejecting it \
+                             instead (the broker dead-letters it without the reason)"
+                        );
+                        acker
+                            .reject(BasicRejectOptions { requeue: false })
+                            .await
+                    }
+                }
+            }
         };
-        metrics::counter!("dossier_amqp_deliveries_total", "queue" => queue.clone(), "outcome" => outcome.label())
+        let label = match settle {
+            Settle::Handled(outcome) => outcome.label(),
+            Settle::Panicked => "panicked",
+        };
+        metrics::counter!("dossier_amqp_deliveries_total", "queue" => queue.clone(), "outcome" => label)
             .increment(1);
         match settled {
             Ok(true) => {
-                if outcome == Outcome::Reject {
+                if settle == Settle::Handled(Outcome::Reject) {
                     tracing::warn!("message rejected: dead-lettered for an operator to look at");
                 }
             }
@@ -413,7 +499,7 @@ where
                 metrics::counter!("dossier_amqp_ack_failures_total", "queue" => queue.clone())
                     .increment(1);
                 tracing::warn!(
-                    outcome = outcome.label(),
+                    outcome = label,
                     "could not settle the message (its channel is gone); the broker will redeliver it"
                 );
             }
@@ -423,16 +509,21 @@ where
     .await;
 }
 
+fn count_panic(queue: &str) {
+    metrics::counter!("dossier_amqp_handler_panics_total", "queue" => queue.to_owned())
+        .increment(1);
+}
+
+/// Handler panics are caught inside the task; a task that still panics did so
+/// while settling, and its message is redelivered once the channel closes.
 fn report_task_end(queue: &str, finished: Result<(), tokio::task::JoinError>) {
     if let Err(error) = finished
         && error.is_panic()
     {
-        metrics::counter!("dossier_amqp_handler_panics_total", "queue" => queue.to_owned())
-            .increment(1);
+        count_panic(queue);
         tracing::error!(
             queue,
-            "a message handler panicked; the message stays unacknowledged and will be redelivered \
-             (and dead-lettered after the delivery limit)"
+            "settling a message panicked; it stays unacknowledged until the channel closes"
         );
     }
 }
@@ -524,7 +615,9 @@ impl Default for BatchOptions {
 /// delivery in order: every `Ack` of the window in one `basic.ack` (multiple),
 /// after the handler returned, so after its effect committed; each `Retry` and
 /// `DeadLetter` on its own. A handler that answers too few outcomes gets `Retry`
-/// for the missing ones; one that panics gets `Retry` for all.
+/// for the missing ones. A window whose handler panics is handed to it again
+/// one delivery at a time: a delivery that panics alone is dead-lettered with
+/// [`PANICKED_REASON`], the others are settled by their outcome.
 ///
 /// Batches of one consumer run one after the other. Reconnecting and shutdown
 /// work as in [`consume_with`]. Answers `Ok` after shutdown; an error only for
@@ -549,10 +642,8 @@ where
         |channel, consumer, stopping| {
             let session = BatchSession {
                 queue: queue.to_owned(),
-                broker: broker.clone(),
                 options: options.clone(),
-                dead_letters: None,
-                shutdown: stopping.clone(),
+                dead_letters: DeadLetters::new(broker.clone(), queue, stopping.clone()),
             };
             Box::pin(session.run(channel, consumer, Arc::clone(&handler), stopping))
         },
@@ -563,12 +654,17 @@ where
 /// One consumer's batches, on one channel.
 struct BatchSession {
     queue: String,
-    broker: Broker,
     options: BatchOptions,
-    /// Where dead-letter copies are published, opened when first needed.
-    dead_letters: Option<ConfirmedPublisher>,
-    /// Ends the wait for a dead-letter channel at shutdown.
-    shutdown: watch::Receiver<bool>,
+    /// Where dead-letter copies are published.
+    dead_letters: DeadLetters,
+}
+
+/// How one run of a batch handler ended.
+enum Ran {
+    Answered(Vec<BatchOutcome>),
+    Panicked,
+    /// Shutdown came and the handler did not finish within the drain timeout.
+    Abandoned,
 }
 
 impl BatchSession {
@@ -595,9 +691,7 @@ impl BatchSession {
                 .basic_cancel(consumer_tag.clone(), BasicCancelOptions::default())
                 .await;
         }
-        if let Some(publisher) = self.dead_letters.take() {
-            publisher.close().await;
-        }
+        self.dead_letters.close().await;
         ended
     }
 
@@ -656,39 +750,16 @@ impl BatchSession {
             .unzip();
         let batch: Batch = incoming.into();
         let span = tracing::info_span!("batch", queue = %self.queue, size = batch.len());
-        let mut running = tokio::spawn(handler(Arc::clone(&batch)).instrument(span.clone()));
-        let finished = tokio::select! {
-            finished = &mut running => Some(finished),
-            () = stopped(shutdown) => {
-                tokio::time::timeout(self.options.drain_timeout, &mut running)
-                    .await
-                    .ok()
-            }
-        };
-        let mut outcomes = match finished {
-            Some(Ok(outcomes)) => outcomes,
-            Some(Err(error)) => {
-                if error.is_panic() {
-                    metrics::counter!("dossier_amqp_handler_panics_total", "queue" => self.queue.clone())
-                        .increment(1);
-                    tracing::error!(
-                        queue = %self.queue,
-                        "a batch handler panicked; its messages go back to the queue (and are \
-                         dead-lettered after the delivery limit)"
-                    );
-                }
-                Vec::new()
-            }
-            None => {
-                running.abort();
-                tracing::warn!(
-                    queue = %self.queue,
-                    abandoned = batch.len(),
-                    "a batch did not finish in {:?}; abandoning it, its messages go back to the queue",
-                    self.options.drain_timeout
-                );
-                return;
-            }
+        let mut outcomes = match self
+            .run_handler(Arc::clone(&batch), handler, shutdown, &span)
+            .await
+        {
+            Ran::Answered(outcomes) => outcomes,
+            Ran::Abandoned => return,
+            Ran::Panicked => match self.isolate(&batch, handler, shutdown, &span).await {
+                Some(outcomes) => outcomes,
+                None => return,
+            },
         };
         if outcomes.len() < batch.len() {
             if !outcomes.is_empty() {
@@ -704,6 +775,108 @@ impl BatchSession {
         self.settle(&batch, &ackers, &outcomes)
             .instrument(span)
             .await;
+    }
+
+    /// Runs the handler on `batch` in a task of its own, so that a panic ends
+    /// only that task; at shutdown it waits up to the drain timeout.
+    async fn run_handler<H, Fut>(
+        &self,
+        batch: Batch,
+        handler: &Arc<H>,
+        shutdown: &mut watch::Receiver<bool>,
+        span: &tracing::Span,
+    ) -> Ran
+    where
+        H: Fn(Batch) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Vec<BatchOutcome>> + Send + 'static,
+    {
+        let size = batch.len();
+        let handler = Arc::clone(handler);
+        // The call itself runs in the task too: a handler may panic before it
+        // returns its future.
+        let mut running =
+            tokio::spawn(async move { handler(batch).await }.instrument(span.clone()));
+        let finished = tokio::select! {
+            finished = &mut running => Some(finished),
+            () = stopped(shutdown) => {
+                tokio::time::timeout(self.options.drain_timeout, &mut running)
+                    .await
+                    .ok()
+            }
+        };
+        match finished {
+            Some(Ok(outcomes)) => Ran::Answered(outcomes),
+            Some(Err(error)) if error.is_panic() => {
+                count_panic(&self.queue);
+                // The panic's text is not logged: it may quote a message.
+                tracing::error!(
+                    queue = %self.queue,
+                    size,
+                    "a batch handler panicked"
+                );
+                Ran::Panicked
+            }
+            // Cancelled: only at shutdown, like an abandoned batch.
+            Some(Err(_)) => Ran::Abandoned,
+            None => {
+                running.abort();
+                tracing::warn!(
+                    queue = %self.queue,
+                    abandoned = size,
+                    "a batch did not finish in {:?}; abandoning it, its messages go back to the queue",
+                    self.options.drain_timeout
+                );
+                Ran::Abandoned
+            }
+        }
+    }
+
+    /// After a panic: hands the window's deliveries over one at a time, so
+    /// that only a delivery that panics on its own is dead-lettered. `None` when
+    /// shutdown abandoned it (every message goes back to the queue).
+    async fn isolate<H, Fut>(
+        &self,
+        batch: &Batch,
+        handler: &Arc<H>,
+        shutdown: &mut watch::Receiver<bool>,
+        span: &tracing::Span,
+    ) -> Option<Vec<BatchOutcome>>
+    where
+        H: Fn(Batch) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Vec<BatchOutcome>> + Send + 'static,
+    {
+        let panicked = || BatchOutcome::DeadLetter {
+            reason: PANICKED_REASON.to_owned(),
+        };
+        if batch.len() == 1 {
+            return Some(vec![panicked()]);
+        }
+        tracing::info!(
+            queue = %self.queue,
+            size = batch.len(),
+            "handing the window over again one message at a time, to find the one that panics"
+        );
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for message in batch.iter() {
+            let single: Batch = Arc::from(vec![message.clone()]);
+            let outcome = match self.run_handler(single, handler, shutdown, span).await {
+                Ran::Answered(answered) => {
+                    answered.into_iter().next().unwrap_or(BatchOutcome::Retry)
+                }
+                Ran::Panicked => {
+                    tracing::error!(
+                        queue = %self.queue,
+                        message_id = message.message_id().unwrap_or_default(),
+                        routing_key = %message.routing_key,
+                        "this message makes the handler panic; dead-lettering it"
+                    );
+                    panicked()
+                }
+                Ran::Abandoned => return None,
+            };
+            outcomes.push(outcome);
+        }
+        Some(outcomes)
     }
 
     /// Dead letters and retries one by one, then every ack of the window at once.
@@ -736,7 +909,7 @@ impl BatchSession {
                         message_id = batch[i].message_id().unwrap_or_default(),
                         "dead-lettering a message for an operator to look at"
                     );
-                    match self.copy_to_dead_letters(&batch[i], reason).await {
+                    match self.dead_letters.copy(&batch[i], reason).await {
                         Ok(()) => {
                             acked.push(i);
                             continue;
@@ -778,14 +951,32 @@ impl BatchSession {
             );
         }
     }
+}
 
-    /// Publishes a copy of `message` with `reason` to the queue's dead-letter
-    /// queue, confirmed.
-    async fn copy_to_dead_letters(
-        &mut self,
-        message: &Incoming,
-        reason: &str,
-    ) -> Result<(), AmqpError> {
+/// Copies of messages, with a reason, into their queue's dead-letter queue:
+/// the one way both consumer forms dead-letter with a reason.
+struct DeadLetters {
+    broker: Broker,
+    queue: String,
+    /// Opened when first needed, kept while it works.
+    publisher: Option<ConfirmedPublisher>,
+    /// Ends the wait for a channel at shutdown.
+    shutdown: watch::Receiver<bool>,
+}
+
+impl DeadLetters {
+    fn new(broker: Broker, queue: &str, shutdown: watch::Receiver<bool>) -> Self {
+        Self {
+            broker,
+            queue: queue.to_owned(),
+            publisher: None,
+            shutdown,
+        }
+    }
+
+    /// Publishes a copy of `message` with `reason` in [`REASON_HEADER`] to the
+    /// queue's dead-letter queue, confirmed.
+    async fn copy(&mut self, message: &Incoming, reason: &str) -> Result<(), AmqpError> {
         let Some(spec) = consumer_queue(&self.queue) else {
             return Err(AmqpError::NoDeadLetterQueue {
                 queue: self.queue.clone(),
@@ -801,7 +992,7 @@ impl BatchSession {
             AMQPValue::LongString(LongString::from(message.routing_key.clone())),
         );
         let properties = message.properties.clone().with_headers(headers);
-        let publisher = match self.dead_letters.take() {
+        let publisher = match self.publisher.take() {
             Some(publisher) if publisher.is_open() => publisher,
             _ => {
                 // Bounded: a broker that is gone takes this channel with it anyway.
@@ -825,10 +1016,16 @@ impl BatchSession {
             )
             .await;
         if published.is_ok() {
-            self.dead_letters = Some(publisher);
+            self.publisher = Some(publisher);
         } else {
             publisher.close().await;
         }
         published
+    }
+
+    async fn close(&mut self) {
+        if let Some(publisher) = self.publisher.take() {
+            publisher.close().await;
+        }
     }
 }

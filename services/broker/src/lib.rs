@@ -20,8 +20,8 @@ pub mod topology;
 
 pub use connection::{Broker, BrokerOptions};
 pub use consumer::{
-    Batch, BatchOptions, BatchOutcome, ConsumerOptions, Incoming, Outcome, consume,
-    consume_batches, consume_with,
+    Batch, BatchOptions, BatchOutcome, ConsumerOptions, Incoming, Outcome, PANICKED_REASON,
+    consume, consume_batches, consume_with,
 };
 pub use error::{AmqpError, short};
 pub use publisher::{ConfirmedPublisher, PendingConfirm};

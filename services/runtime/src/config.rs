@@ -63,9 +63,11 @@ pub mod vars {
     /// How long an answer waits for the read models to show its own change, in
     /// milliseconds (read your writes).
     pub const FRESHNESS_TIMEOUT_MS: &str = "DOSSIER_FRESHNESS_TIMEOUT_MS";
+    /// Most bundles one tenant may have pending at once.
+    pub const MAX_PENDING_BUNDLES_PER_TENANT: &str = "DOSSIER_MAX_PENDING_BUNDLES_PER_TENANT";
 
     /// Every variable above, in the order of the contract.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 14] = [
         HTTP_ADDR,
         DATABASE_URL,
         AMQP_URL,
@@ -79,6 +81,7 @@ pub mod vars {
         BUNDLE_MAX_BYTES,
         CHECKPOINT_KEY,
         FRESHNESS_TIMEOUT_MS,
+        MAX_PENDING_BUNDLES_PER_TENANT,
     ];
 }
 
@@ -98,6 +101,8 @@ pub const DEFAULT_MAX_FILE_BYTES: u64 = 26_214_400;
 pub const DEFAULT_BUNDLE_TTL_SECS: u64 = 86_400;
 /// Default of `DOSSIER_FRESHNESS_TIMEOUT_MS`: ten seconds.
 pub const DEFAULT_FRESHNESS_TIMEOUT_MS: u64 = 10_000;
+/// Default of `DOSSIER_MAX_PENDING_BUNDLES_PER_TENANT`.
+pub const DEFAULT_MAX_PENDING_BUNDLES_PER_TENANT: u32 = 3;
 /// Default of `DOSSIER_BUNDLE_MAX_BYTES`: 10 GiB.
 pub const DEFAULT_BUNDLE_MAX_BYTES: u64 = 10 * 1024 * 1024 * 1024;
 
@@ -167,6 +172,12 @@ pub struct Settings {
     /// (`DOSSIER_FRESHNESS_TIMEOUT_MS`); past it, the answer says the lists lag.
     #[arg(long = "freshness-timeout-ms", env = vars::FRESHNESS_TIMEOUT_MS, default_value = "10000", value_parser = millis)]
     pub freshness_timeout: Duration,
+    /// Most bundles one tenant may have pending at once
+    /// (`DOSSIER_MAX_PENDING_BUNDLES_PER_TENANT`); beyond it a request answers
+    /// `429 too_many_pending_bundles`. The zip worker builds one more than this
+    /// at once, so one tenant never takes every slot.
+    #[arg(long, env = vars::MAX_PENDING_BUNDLES_PER_TENANT, default_value_t = DEFAULT_MAX_PENDING_BUNDLES_PER_TENANT, value_parser = positive_u32)]
+    pub max_pending_bundles_per_tenant: u32,
 }
 
 impl Settings {
@@ -873,6 +884,11 @@ fn positive(value: &str) -> Result<u64, String> {
     }
 }
 
+fn positive_u32(value: &str) -> Result<u32, String> {
+    positive(value)
+        .and_then(|n| u32::try_from(n).map_err(|_| format!("must be at most {}", u32::MAX)))
+}
+
 fn seconds(value: &str) -> Result<Duration, String> {
     positive(value).map(Duration::from_secs)
 }
@@ -921,6 +937,7 @@ mod tests {
         assert_eq!(s.bundle_ttl.as_secs(), DEFAULT_BUNDLE_TTL_SECS);
         assert_eq!(s.bundle_max_bytes, 10_737_418_240);
         assert_eq!(s.freshness_timeout, Duration::from_secs(10));
+        assert_eq!(s.max_pending_bundles_per_tenant, 3);
         assert_eq!(s.checkpoint_key.expose(), DEV_CHECKPOINT_KEY);
         assert!(s.checkpoint_key_is_default());
     }
@@ -950,8 +967,10 @@ mod tests {
             (vars::BUNDLE_TTL_SECS, "60"),
             (vars::BUNDLE_MAX_BYTES, "2048"),
             (vars::CHECKPOINT_KEY, "k"),
+            (vars::MAX_PENDING_BUNDLES_PER_TENANT, "7"),
         ])
         .unwrap();
+        assert_eq!(s.max_pending_bundles_per_tenant, 7);
         assert_eq!(s.http_addr, "0.0.0.0:9000".parse().unwrap());
         assert_eq!(s.database_url, "postgresql://u:p@db:5433/x");
         assert_eq!(s.amqp_url, "amqps://mq/vh");
@@ -1040,6 +1059,8 @@ mod tests {
             (vars::ROLES, ","),
             (vars::BUNDLE_TTL_SECS, "1h"),
             (vars::BUNDLE_MAX_BYTES, "18446744073709551616"),
+            (vars::MAX_PENDING_BUNDLES_PER_TENANT, "0"),
+            (vars::MAX_PENDING_BUNDLES_PER_TENANT, "4294967296"),
         ];
         for (var, value) in cases {
             assert_eq!(error_var(&[(var, value)]), *var, "{var}={value:?}");

@@ -90,11 +90,17 @@ pub struct BuiltArchive {
 /// Why no archive was stored. In every case nothing is left under the key.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ArchiveError {
-    /// The files cannot make this archive as they are (a blob is missing or
-    /// does not match its record, the archive is over its limit): trying again
-    /// gives the same answer. The message is for people.
+    /// A file cannot go into the archive as it is (its blob is missing or does
+    /// not match its record): trying again gives the same answer. The message
+    /// names the entry by its label (ids only) and is for the service log.
     #[error("{0}")]
     Content(String),
+    /// The archive would be larger than the store allows.
+    #[error("the archive would be larger than its limit of {limit} bytes")]
+    TooLarge {
+        /// The limit, in bytes.
+        limit: u64,
+    },
     /// The blob store failed while reading or writing: trying again may work.
     #[error("{0}")]
     Store(String),
@@ -179,9 +185,7 @@ pub async fn build_archive(
 
 fn put_failure(error: BlobError) -> ArchiveError {
     match error {
-        BlobError::TooLarge { limit } => ArchiveError::Content(format!(
-            "the archive would be larger than its limit of {limit} bytes"
-        )),
+        BlobError::TooLarge { limit } => ArchiveError::TooLarge { limit },
         error => ArchiveError::Store(format!("storing the archive failed: {error}")),
     }
 }
