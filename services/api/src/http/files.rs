@@ -3,7 +3,7 @@
 //! Each handler parses its input into domain types, runs one command (or a
 //! query on the files read model) and answers the contract's File resource.
 
-use axum::extract::{DefaultBodyLimit, Multipart, Path, RawQuery, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse as _, Response};
 use axum::routing::{get, post};
@@ -22,17 +22,22 @@ use crate::auth::Staff;
 use crate::error::{ApiError, AppError};
 use crate::http::download;
 use crate::http::params::{JsonBody, QueryPairs};
-use crate::http::upload;
+use crate::http::upload::{self, FormBody, FormSpec};
 use crate::state::AppState;
+
+/// The fields of a staff upload (CONTRACT.md).
+const UPLOAD_FORM: FormSpec = FormSpec {
+    text_fields: &["name", "visibility", "origin", "contract_id"],
+    takes_file: true,
+};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
         .route(
             "/v1/customers/{customer_id}/files",
-            // Our own streaming limit answers oversized uploads, not axum's 2 MB default.
-            post(upload_file)
-                .layer(DefaultBodyLimit::disable())
-                .get(list_files),
+            // The form's own limits answer (upload.rs), not axum's 2 MB default:
+            // the form body is read by the upload path, never buffered.
+            post(upload_file).get(list_files),
         )
         .route(
             "/v1/files/{id}",
@@ -70,13 +75,13 @@ pub async fn upload_file(
     State(app): State<AppState>,
     Staff(caller): Staff,
     Path(customer_id): Path<String>,
-    mut multipart: Multipart,
+    body: FormBody,
 ) -> Result<Response, ApiError> {
     let customer = CustomerId::parse(&customer_id)?;
     let file_id = FileId::new();
     let key = BlobKey::for_file(&caller.tenant, &customer, file_id);
     let limit = app.max_file_bytes().0;
-    let form = upload::receive(&mut multipart, app.uploads(), key, limit).await?;
+    let form = upload::receive(body, &UPLOAD_FORM, app.uploads(), key, limit).await?;
 
     let (file, recording) = match upload_recording(&form, &caller.tenant, customer, file_id) {
         Ok(parsed) => parsed,
