@@ -194,6 +194,7 @@ impl Application {
         };
         let state = AppState::new(Inner {
             pool: pool.clone(),
+            log: log.clone(),
             blobs,
             commands,
             uploads,

@@ -334,8 +334,37 @@ pub struct DeleteResults {
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct DeleteResult {
     id: String,
-    /// `deleted`, `protected` or `not_found`
+    /// `deleted`, `protected`, `not_found`, or, retryable with the same id:
+    /// `conflict` (a concurrent change kept winning the race) and
+    /// `unavailable` (a backing service failed for this file; it may or may
+    /// not be deleted: a retry answers `deleted`, or `not_found` if it was)
     status: &'static str,
+}
+
+/// What became of one file of a bulk delete. Every file gets its own: a
+/// failure of one never hides what became of the others.
+fn delete_status(outcome: &Result<dossier_application::Accepted, AppError>) -> &'static str {
+    match outcome {
+        Ok(_) => "deleted",
+        Err(AppError::NotFound) => "not_found",
+        Err(AppError::FileProtected) => "protected",
+        Err(AppError::Conflict | AppError::Duplicate) => "conflict",
+        // A backing service failed (or a bug): the id may be sent again.
+        Err(
+            AppError::Unavailable(_)
+            | AppError::OutcomeUnknown(_)
+            | AppError::Internal(_)
+            // None of these can answer a confirmed delete by staff; should
+            // one ever, the file is not known to be deleted either.
+            | AppError::Unauthorized(_)
+            | AppError::Forbidden(_)
+            | AppError::PortalUploadDisabled
+            | AppError::FileTooLarge { .. }
+            | AppError::Validation(_)
+            | AppError::ConfirmationRequired
+            | AppError::BundleNotReady,
+        ) => "unavailable",
+    }
 }
 
 /// At most this many ids in one bulk delete.
@@ -362,26 +391,32 @@ pub async fn delete_files(
     let mut results = Vec::with_capacity(body.file_ids.len());
     let mut last_position = 0;
     for raw in body.file_ids {
-        let outcome = match FileId::parse(&raw) {
-            Err(_) => Err(AppError::NotFound),
-            Ok(id) => {
-                let command = FileCommand::Delete {
-                    tenant: caller.tenant.clone(),
-                    confirmed: true,
-                    at: Utc::now(),
-                };
-                app.commands().file_no_wait(&ctx, id, command).await
-            }
+        let Ok(id) = FileId::parse(&raw) else {
+            results.push(DeleteResult {
+                id: raw,
+                status: "not_found",
+            });
+            continue;
         };
-        let status = match outcome {
-            Ok(accepted) => {
-                last_position = last_position.max(accepted.position);
-                "deleted"
-            }
-            Err(AppError::NotFound) => "not_found",
-            Err(AppError::FileProtected) => "protected",
-            Err(other) => return Err(other.into()),
+        let command = FileCommand::Delete {
+            tenant: caller.tenant.clone(),
+            confirmed: true,
+            at: Utc::now(),
         };
+        let outcome = app.commands().file_no_wait(&ctx, id, command).await;
+        let status = delete_status(&outcome);
+        match &outcome {
+            Ok(accepted) => last_position = last_position.max(accepted.position),
+            Err(error) if matches!(status, "unavailable" | "conflict") => tracing::warn!(
+                tenant = %caller.tenant,
+                file_id = %id,
+                status,
+                error = %error,
+                detail = error.detail().unwrap_or_default(),
+                "a file of a bulk delete could not be deleted now; the others go on"
+            ),
+            Err(_) => {}
+        }
         results.push(DeleteResult { id: raw, status });
     }
     app.commands().await_read_models(last_position).await;
