@@ -194,6 +194,7 @@ impl Application {
         };
         let state = AppState::new(Inner {
             pool: pool.clone(),
+            log: log.clone(),
             blobs,
             commands,
             uploads,
@@ -266,13 +267,12 @@ impl Application {
 
         if let Some(listener) = listener {
             let router = crate::http::router(state.clone());
+            let limits = crate::http::serve::Limits::from_settings(&settings);
             let mut stopping = shutdown.subscribe();
-            tracing::info!(address = %listener.local_addr()?, "HTTP API listening");
+            tracing::info!(address = %listener.local_addr()?, ?limits, "HTTP API listening");
             roles.spawn(async move {
-                let served = axum::serve(listener, router)
-                    .with_graceful_shutdown(async move {
-                        let _ = stopping.wait_for(|stop| *stop).await;
-                    })
+                let stop = async move { dossier_runtime::shutdown::stopped(&mut stopping).await };
+                let served = crate::http::serve::serve(listener, router, limits, stop)
                     .await
                     .context("serving HTTP");
                 ("api", served)

@@ -7,6 +7,7 @@ use dossier_blobstore::BlobStore;
 use dossier_broker::Broker;
 use dossier_domain::MaxFileBytes;
 use dossier_eventlog::db::Pool;
+use dossier_eventlog::log::LogReader;
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use dossier_application::{Commands, Uploads};
@@ -16,6 +17,9 @@ pub struct AppState(Arc<Inner>);
 
 pub struct Inner {
     pub pool: Pool,
+    /// The process's one reader of the log (shared with the read models, the
+    /// relay and the sealer: clones share the safe watermark).
+    pub log: LogReader,
     pub blobs: Arc<dyn BlobStore>,
     pub commands: Arc<Commands>,
     /// Store the bytes, then record them: shared with the AMQP intake.
@@ -37,6 +41,11 @@ impl AppState {
 
     pub fn pool(&self) -> &Pool {
         &self.0.pool
+    }
+
+    /// The process's one reader of the log, for `GET /v1/events`.
+    pub fn log(&self) -> &LogReader {
+        &self.0.log
     }
 
     pub fn blobs(&self) -> &Arc<dyn BlobStore> {

@@ -314,19 +314,24 @@ impl BlobStore for DirBlobStore {
     }
 
     async fn check(&self) -> Result<(), BlobError> {
-        // Writing a probe file catches what a stat would not: a full or
-        // read-only file system, or a root replaced by something else.
-        let probe = TempFile {
-            path: self.tmp.join(format!("probe-{}", uuid::Uuid::new_v4())),
-            keep: false,
-        };
-        fs::create_dir_all(&self.tmp)
+        // Read-only, because readiness is polled all the time: the root is
+        // still a directory we may write to. A full disk is not seen here; an
+        // upload meets it and answers 503 with nothing stored.
+        let root = fs::metadata(&self.root)
             .await
-            .map_err(|e| BlobError::backend(format!("creating {}", self.tmp.display()), &e))?;
-        fs::write(&probe.path, b"ok")
-            .await
-            .map_err(|e| BlobError::backend(format!("writing to {}", self.tmp.display()), &e))?;
-        drop(probe);
+            .map_err(|e| BlobError::backend(format!("reading {}", self.root.display()), &e))?;
+        if !root.is_dir() {
+            return Err(BlobError::Backend(format!(
+                "{} is not a directory",
+                self.root.display()
+            )));
+        }
+        if root.permissions().readonly() {
+            return Err(BlobError::Backend(format!(
+                "{} is read-only",
+                self.root.display()
+            )));
+        }
         Ok(())
     }
 

@@ -554,6 +554,30 @@ async fn dir_store_refuses_keys_that_would_leave_its_root() {
 }
 
 #[tokio::test]
+async fn dir_store_readiness_check_only_reads_and_fails_on_a_read_only_root() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let subject = dir_subject().await;
+    let root = subject._dir.0.join("blobs");
+    let tmp = root.join(".tmp");
+    let before = std::fs::metadata(&tmp).unwrap().modified().unwrap();
+    for _ in 0..3 {
+        subject.store.check().await.unwrap();
+    }
+    // Nothing was written and removed again: the folder did not change.
+    assert_eq!(std::fs::metadata(&tmp).unwrap().modified().unwrap(), before);
+    assert_no_leftovers(&subject);
+
+    let mut permissions = std::fs::metadata(&root).unwrap().permissions();
+    permissions.set_mode(0o555);
+    std::fs::set_permissions(&root, permissions.clone()).unwrap();
+    let err = subject.store.check().await.unwrap_err();
+    permissions.set_mode(0o755);
+    std::fs::set_permissions(&root, permissions).unwrap();
+    assert!(matches!(err, BlobError::Backend(_)), "{err:?}");
+    subject.store.check().await.unwrap();
+}
+
+#[tokio::test]
 async fn s3_store_without_its_bucket_fails_its_readiness_check() {
     let dir = TempDir::new("s3");
     let server = dossier_test_support::s3::spawn(dir.0.join("s3"), "127.0.0.1:0".parse().unwrap())

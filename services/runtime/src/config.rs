@@ -38,6 +38,12 @@ use clap::{Args, FromArgMatches, ValueEnum};
 pub mod vars {
     /// Where the HTTP API listens (`IP:port`).
     pub const HTTP_ADDR: &str = "DOSSIER_HTTP_ADDR";
+    /// How long a client may take to send a request's headers, in seconds.
+    pub const HTTP_HEADER_TIMEOUT_SECS: &str = "DOSSIER_HTTP_HEADER_TIMEOUT_SECS";
+    /// How long a request body may send nothing before it is cut off, in seconds.
+    pub const HTTP_BODY_IDLE_TIMEOUT_SECS: &str = "DOSSIER_HTTP_BODY_IDLE_TIMEOUT_SECS";
+    /// How many HTTP connections are served at once.
+    pub const HTTP_MAX_CONNECTIONS: &str = "DOSSIER_HTTP_MAX_CONNECTIONS";
     /// Postgres connection URL.
     pub const DATABASE_URL: &str = "DOSSIER_DATABASE_URL";
     /// RabbitMQ connection URL.
@@ -66,9 +72,13 @@ pub mod vars {
     /// Most bundles one tenant may have pending at once.
     pub const MAX_PENDING_BUNDLES_PER_TENANT: &str = "DOSSIER_MAX_PENDING_BUNDLES_PER_TENANT";
 
-    /// Every variable above, in the order of the contract.
-    pub const ALL: [&str; 14] = [
+    /// Every variable above, in the order of the contract (the HTTP edge's
+    /// limits next to its address).
+    pub const ALL: &[&str] = &[
         HTTP_ADDR,
+        HTTP_HEADER_TIMEOUT_SECS,
+        HTTP_BODY_IDLE_TIMEOUT_SECS,
+        HTTP_MAX_CONNECTIONS,
         DATABASE_URL,
         AMQP_URL,
         BLOB_STORE,
@@ -87,6 +97,12 @@ pub mod vars {
 
 /// Default of `DOSSIER_HTTP_ADDR`.
 pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:8080";
+/// Default of `DOSSIER_HTTP_HEADER_TIMEOUT_SECS` (contract rule 14).
+pub const DEFAULT_HTTP_HEADER_TIMEOUT_SECS: u64 = 30;
+/// Default of `DOSSIER_HTTP_BODY_IDLE_TIMEOUT_SECS` (contract rule 14).
+pub const DEFAULT_HTTP_BODY_IDLE_TIMEOUT_SECS: u64 = 60;
+/// Default of `DOSSIER_HTTP_MAX_CONNECTIONS`.
+pub const DEFAULT_HTTP_MAX_CONNECTIONS: usize = 1024;
 /// Default of `DOSSIER_DATABASE_URL`.
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/dossier";
 /// Default of `DOSSIER_AMQP_URL`.
@@ -129,6 +145,21 @@ pub struct Settings {
     /// Where the HTTP API listens (`DOSSIER_HTTP_ADDR`).
     #[arg(long, env = vars::HTTP_ADDR, default_value = DEFAULT_HTTP_ADDR, value_parser = socket_addr)]
     pub http_addr: SocketAddr,
+    /// How long a client may take to send a request's headers, from the moment
+    /// the server waits for them (a new connection, or a kept-alive one between
+    /// requests); past it the connection is closed
+    /// (`DOSSIER_HTTP_HEADER_TIMEOUT_SECS`).
+    #[arg(long = "http-header-timeout-secs", env = vars::HTTP_HEADER_TIMEOUT_SECS, default_value = "30", value_parser = seconds)]
+    pub http_header_timeout: Duration,
+    /// How long a request body may send nothing while the server reads it;
+    /// past it the request is cut off and nothing of it is stored
+    /// (`DOSSIER_HTTP_BODY_IDLE_TIMEOUT_SECS`).
+    #[arg(long = "http-body-idle-timeout-secs", env = vars::HTTP_BODY_IDLE_TIMEOUT_SECS, default_value = "60", value_parser = seconds)]
+    pub http_body_idle_timeout: Duration,
+    /// How many HTTP connections are served at once; further clients wait
+    /// in the listen backlog until one closes (`DOSSIER_HTTP_MAX_CONNECTIONS`).
+    #[arg(long, env = vars::HTTP_MAX_CONNECTIONS, default_value_t = DEFAULT_HTTP_MAX_CONNECTIONS, value_parser = connection_count)]
+    pub http_max_connections: usize,
     /// Postgres URL for the event log and read models (`DOSSIER_DATABASE_URL`).
     /// `sslmode` and `sslrootcert` choose TLS (see [`PostgresUrl`]).
     #[arg(long, env = vars::DATABASE_URL, default_value = DEFAULT_DATABASE_URL, value_parser = postgres_url)]
@@ -209,7 +240,7 @@ impl Settings {
             Err(dotenvy::Error::Io(err)) => return Err(ConfigError::DotEnvIo(err)),
             Err(_) => return Err(ConfigError::DotEnvSyntax),
         }
-        for var in vars::ALL {
+        for &var in vars::ALL {
             if let Err(std::env::VarError::NotUnicode(_)) = std::env::var(var) {
                 return Err(ConfigError::NotUnicode { var });
             }
@@ -309,6 +340,9 @@ impl fmt::Debug for Settings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Settings")
             .field("http_addr", &self.http_addr)
+            .field("http_header_timeout", &self.http_header_timeout)
+            .field("http_body_idle_timeout", &self.http_body_idle_timeout)
+            .field("http_max_connections", &self.http_max_connections)
             .field("database_url", &redact_url(&self.database_url))
             .field("amqp_url", &redact_url(&self.amqp_url))
             .field("blob_store", &self.blob_store)
@@ -462,7 +496,7 @@ impl ConfigError {
                 .get_arguments()
                 .find(|arg| arg.to_string() == shown)
                 .and_then(|arg| arg.get_env().and_then(OsStr::to_str))
-                .and_then(|env| vars::ALL.into_iter().find(|var| *var == env))
+                .and_then(|env| vars::ALL.iter().copied().find(|&var| var == env))
         });
         match (var, text(ContextKind::InvalidValue)) {
             (Some(var), Some(value)) => {
@@ -889,6 +923,16 @@ fn positive_u32(value: &str) -> Result<u32, String> {
         .and_then(|n| u32::try_from(n).map_err(|_| format!("must be at most {}", u32::MAX)))
 }
 
+fn connection_count(value: &str) -> Result<usize, String> {
+    positive(value).and_then(|n| {
+        // A semaphore holds at most `usize::MAX >> 3` permits.
+        usize::try_from(n)
+            .ok()
+            .filter(|&n| n <= tokio::sync::Semaphore::MAX_PERMITS)
+            .ok_or_else(|| "is far beyond any number of connections one process can hold".into())
+    })
+}
+
 fn seconds(value: &str) -> Result<Duration, String> {
     positive(value).map(Duration::from_secs)
 }
@@ -921,6 +965,17 @@ mod tests {
     fn defaults_match_the_contract() {
         let s = parse(&[]).unwrap();
         assert_eq!(s.http_addr, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(s.http_header_timeout, Duration::from_secs(30));
+        assert_eq!(
+            s.http_header_timeout.as_secs(),
+            DEFAULT_HTTP_HEADER_TIMEOUT_SECS
+        );
+        assert_eq!(s.http_body_idle_timeout, Duration::from_secs(60));
+        assert_eq!(
+            s.http_body_idle_timeout.as_secs(),
+            DEFAULT_HTTP_BODY_IDLE_TIMEOUT_SECS
+        );
+        assert_eq!(s.http_max_connections, 1024);
         assert_eq!(s.database_url, "postgres://postgres@127.0.0.1:5432/dossier");
         assert_eq!(s.amqp_url, "amqp://guest:guest@127.0.0.1:5672/%2f");
         assert_eq!(
@@ -956,6 +1011,9 @@ mod tests {
     fn every_variable_is_read() {
         let s = parse(&[
             (vars::HTTP_ADDR, "0.0.0.0:9000"),
+            (vars::HTTP_HEADER_TIMEOUT_SECS, "5"),
+            (vars::HTTP_BODY_IDLE_TIMEOUT_SECS, "7"),
+            (vars::HTTP_MAX_CONNECTIONS, "3"),
             (vars::DATABASE_URL, "postgresql://u:p@db:5433/x"),
             (vars::AMQP_URL, "amqps://mq/vh"),
             (vars::BLOB_STORE, "s3://dossier/tenant-files/"),
@@ -972,6 +1030,9 @@ mod tests {
         .unwrap();
         assert_eq!(s.max_pending_bundles_per_tenant, 7);
         assert_eq!(s.http_addr, "0.0.0.0:9000".parse().unwrap());
+        assert_eq!(s.http_header_timeout, Duration::from_secs(5));
+        assert_eq!(s.http_body_idle_timeout, Duration::from_secs(7));
+        assert_eq!(s.http_max_connections, 3);
         assert_eq!(s.database_url, "postgresql://u:p@db:5433/x");
         assert_eq!(s.amqp_url, "amqps://mq/vh");
         assert_eq!(
@@ -1038,6 +1099,11 @@ mod tests {
         let cases: &[(&str, &str)] = &[
             (vars::HTTP_ADDR, "localhost:8080"),
             (vars::HTTP_ADDR, "127.0.0.1"),
+            (vars::HTTP_HEADER_TIMEOUT_SECS, "0"),
+            (vars::HTTP_HEADER_TIMEOUT_SECS, "30s"),
+            (vars::HTTP_BODY_IDLE_TIMEOUT_SECS, "0"),
+            (vars::HTTP_MAX_CONNECTIONS, "0"),
+            (vars::HTTP_MAX_CONNECTIONS, "18446744073709551615"),
             (vars::DATABASE_URL, "mysql://root@localhost/x"),
             (vars::DATABASE_URL, "postgres://"),
             (vars::DATABASE_URL, "postgres://h/db?sslmode=verify-full"),

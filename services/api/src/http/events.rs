@@ -1,11 +1,13 @@
 //! `GET /v1/events`: the raw log of the caller's tenant, for auditors, in log
-//! order and paged by position. Read through the log reader, so a page never
-//! skips an event that commits late; never another tenant's events.
+//! order and paged by position. Read through the process's one log reader
+//! (shared with every follower, so its safe watermark is worked out once for
+//! all of them), so a page never skips an event that commits late; never
+//! another tenant's events.
 
 use axum::extract::{RawQuery, State};
 use axum::routing::get;
 use axum::{Json, Router};
-use dossier_eventlog::log::{LogFilter, LogReader, LoggedEvent};
+use dossier_eventlog::log::{LogFilter, LoggedEvent};
 use serde::Serialize;
 
 use crate::auth::Auditor;
@@ -52,7 +54,10 @@ pub async fn list_events(
         tenant: Some(caller.tenant.to_string()),
         ..LogFilter::default()
     };
-    let items = LogReader::new(app.pool().clone())
+    // A clone is a handle on the same reader: it shares the safe watermark.
+    let items = app
+        .log()
+        .clone()
         .read(after, limit, &filter)
         .await
         .map_err(|e| ApiError(AppError::Unavailable(e.to_string())))?;

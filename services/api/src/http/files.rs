@@ -3,7 +3,7 @@
 //! Each handler parses its input into domain types, runs one command (or a
 //! query on the files read model) and answers the contract's File resource.
 
-use axum::extract::{DefaultBodyLimit, Multipart, Path, RawQuery, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse as _, Response};
 use axum::routing::{get, post};
@@ -22,17 +22,22 @@ use crate::auth::Staff;
 use crate::error::{ApiError, AppError};
 use crate::http::download;
 use crate::http::params::{JsonBody, QueryPairs};
-use crate::http::upload;
+use crate::http::upload::{self, FormBody, FormSpec};
 use crate::state::AppState;
+
+/// The fields of a staff upload (CONTRACT.md).
+const UPLOAD_FORM: FormSpec = FormSpec {
+    text_fields: &["name", "visibility", "origin", "contract_id"],
+    takes_file: true,
+};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
         .route(
             "/v1/customers/{customer_id}/files",
-            // Our own streaming limit answers oversized uploads, not axum's 2 MB default.
-            post(upload_file)
-                .layer(DefaultBodyLimit::disable())
-                .get(list_files),
+            // The form's own limits answer (upload.rs), not axum's 2 MB default:
+            // the form body is read by the upload path, never buffered.
+            post(upload_file).get(list_files),
         )
         .route(
             "/v1/files/{id}",
@@ -70,13 +75,13 @@ pub async fn upload_file(
     State(app): State<AppState>,
     Staff(caller): Staff,
     Path(customer_id): Path<String>,
-    mut multipart: Multipart,
+    body: FormBody,
 ) -> Result<Response, ApiError> {
     let customer = CustomerId::parse(&customer_id)?;
     let file_id = FileId::new();
     let key = BlobKey::for_file(&caller.tenant, &customer, file_id);
     let limit = app.max_file_bytes().0;
-    let form = upload::receive(&mut multipart, app.uploads(), key, limit).await?;
+    let form = upload::receive(body, &UPLOAD_FORM, app.uploads(), key, limit).await?;
 
     let (file, recording) = match upload_recording(&form, &caller.tenant, customer, file_id) {
         Ok(parsed) => parsed,
@@ -329,8 +334,38 @@ pub struct DeleteResults {
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct DeleteResult {
     id: String,
-    /// `deleted`, `protected` or `not_found`
+    /// `deleted`, `protected`, `not_found`, or, retryable with the same id:
+    /// `conflict` (a concurrent change kept winning the race) and
+    /// `unavailable` (a backing service failed for this file; it may or may
+    /// not be deleted: a retry answers `deleted`, or `not_found` if it was)
     status: &'static str,
+}
+
+/// What became of one file of a bulk delete. Every file gets its own: a
+/// failure of one never hides what became of the others.
+fn delete_status(outcome: &Result<dossier_application::Accepted, AppError>) -> &'static str {
+    match outcome {
+        Ok(_) => "deleted",
+        Err(AppError::NotFound) => "not_found",
+        Err(AppError::FileProtected) => "protected",
+        Err(AppError::Conflict | AppError::Duplicate) => "conflict",
+        // A backing service failed (or a bug): the id may be sent again.
+        Err(
+            AppError::Unavailable(_)
+            | AppError::OutcomeUnknown(_)
+            | AppError::Internal(_)
+            // None of these can answer a confirmed delete by staff; should
+            // one ever, the file is not known to be deleted either.
+            | AppError::Unauthorized(_)
+            | AppError::Forbidden(_)
+            | AppError::PortalUploadDisabled
+            | AppError::FileTooLarge { .. }
+            | AppError::Validation(_)
+            | AppError::ConfirmationRequired
+            | AppError::BundleNotReady
+            | AppError::TooManyPendingBundles { .. },
+        ) => "unavailable",
+    }
 }
 
 /// At most this many ids in one bulk delete.
@@ -357,26 +392,32 @@ pub async fn delete_files(
     let mut results = Vec::with_capacity(body.file_ids.len());
     let mut last_position = 0;
     for raw in body.file_ids {
-        let outcome = match FileId::parse(&raw) {
-            Err(_) => Err(AppError::NotFound),
-            Ok(id) => {
-                let command = FileCommand::Delete {
-                    tenant: caller.tenant.clone(),
-                    confirmed: true,
-                    at: Utc::now(),
-                };
-                app.commands().file_no_wait(&ctx, id, command).await
-            }
+        let Ok(id) = FileId::parse(&raw) else {
+            results.push(DeleteResult {
+                id: raw,
+                status: "not_found",
+            });
+            continue;
         };
-        let status = match outcome {
-            Ok(accepted) => {
-                last_position = last_position.max(accepted.position);
-                "deleted"
-            }
-            Err(AppError::NotFound) => "not_found",
-            Err(AppError::FileProtected) => "protected",
-            Err(other) => return Err(other.into()),
+        let command = FileCommand::Delete {
+            tenant: caller.tenant.clone(),
+            confirmed: true,
+            at: Utc::now(),
         };
+        let outcome = app.commands().file_no_wait(&ctx, id, command).await;
+        let status = delete_status(&outcome);
+        match &outcome {
+            Ok(accepted) => last_position = last_position.max(accepted.position),
+            Err(error) if matches!(status, "unavailable" | "conflict") => tracing::warn!(
+                tenant = %caller.tenant,
+                file_id = %id,
+                status,
+                error = %error,
+                detail = error.detail().unwrap_or_default(),
+                "a file of a bulk delete could not be deleted now; the others go on"
+            ),
+            Err(_) => {}
+        }
         results.push(DeleteResult { id: raw, status });
     }
     app.commands().await_read_models(last_position).await;

@@ -13,6 +13,10 @@ pub async fn healthz() -> &'static str {
     "ok"
 }
 
+/// The answer of `/readyz`: whether every backing service is reachable, and
+/// each check by its stable name. It is unauthenticated, so it never carries
+/// a backend's error text (bucket, endpoint, directory, broker host): that
+/// goes to the log.
 #[derive(Serialize)]
 struct Readiness {
     ready: bool,
@@ -21,23 +25,26 @@ struct Readiness {
 
 #[derive(Serialize)]
 struct Check {
+    /// `postgres`, `rabbitmq` or `blob_store`.
     name: &'static str,
     ok: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<String>,
 }
 
 impl Check {
-    fn from_result(name: &'static str, result: Result<(), String>) -> Self {
+    /// The check's answer; a failure's detail is logged, never answered.
+    fn logged(name: &'static str, result: Result<(), String>) -> Self {
+        if let Err(detail) = &result {
+            tracing::warn!(check = name, %detail, "readiness check failed: /readyz answers 503");
+        }
         Self {
             name,
             ok: result.is_ok(),
-            error: result.err(),
         }
     }
 }
 
-/// `GET /readyz`: Postgres, RabbitMQ and the blob store are reachable.
+/// `GET /readyz`: Postgres, RabbitMQ (when this process talks to it) and the
+/// blob store are reachable. Every check only reads.
 pub async fn readyz(State(app): State<AppState>) -> impl IntoResponse {
     let postgres = async {
         let client = app.pool().get().await.map_err(|e| e.to_string())?;
@@ -56,11 +63,11 @@ pub async fn readyz(State(app): State<AppState>) -> impl IntoResponse {
     };
     let (postgres, blobs, broker) = tokio::join!(postgres, blobs, broker);
     let mut checks = vec![
-        Check::from_result("postgres", postgres),
-        Check::from_result("blob_store", blobs),
+        Check::logged("postgres", postgres),
+        Check::logged("blob_store", blobs),
     ];
     if let Some(broker) = broker {
-        checks.push(Check::from_result("rabbitmq", broker));
+        checks.push(Check::logged("rabbitmq", broker));
     }
     let ready = checks.iter().all(|c| c.ok);
     let status = if ready {

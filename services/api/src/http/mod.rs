@@ -12,23 +12,27 @@ pub mod health;
 pub mod openapi;
 pub mod params;
 pub mod portal;
+pub mod serve;
 pub mod tasks;
 pub mod upload;
 
+use std::any::Any;
 use std::time::Instant;
 
 use axum::Router;
 use axum::extract::{MatchedPath, Request};
 use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::response::{IntoResponse as _, Response};
 use axum::routing::get;
+use tower_http::catch_panic::CatchPanicLayer;
 use tracing::Instrument;
 
+use crate::error::{ApiError, AppError};
 use crate::state::AppState;
 
 /// Every route of the API.
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let routes = Router::new()
         .merge(files::routes())
         .merge(bundles::routes())
         .merge(audit::routes())
@@ -39,9 +43,34 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
         .route("/openapi.json", get(openapi::document))
-        .fallback(|| async { crate::error::ApiError(crate::error::AppError::NotFound) })
+        .fallback(|| async { ApiError(AppError::NotFound) });
+    with_edge_layers(routes).with_state(state)
+}
+
+/// Wraps every route of `router` in what the edge puts around each one,
+/// innermost first: a handler that panics answers the contract's `500
+/// internal` (and is logged) instead of taking its connection down, then
+/// request telemetry, which so counts that 500 too. Public so that a test can
+/// put a handler that panics under exactly these layers without the API
+/// shipping such a route.
+pub fn with_edge_layers<S: Clone + Send + Sync + 'static>(router: Router<S>) -> Router<S> {
+    router
+        .layer(CatchPanicLayer::custom(panic_response))
         .layer(middleware::from_fn(observe))
-        .with_state(state)
+}
+
+/// The answer to a handler that panicked: the contract's error body with the
+/// code `internal`; the panic's message goes to the log only.
+pub fn panic_response(panic: Box<dyn Any + Send + 'static>) -> Response {
+    let message = panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("a panic without a message");
+    ApiError(AppError::Internal(format!(
+        "a request handler panicked: {message}"
+    )))
+    .into_response()
 }
 
 /// Request latency and counts by route, and one span per request.

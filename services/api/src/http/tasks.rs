@@ -2,7 +2,7 @@
 //! customers list their own, upload files to them and write in their thread;
 //! each tenant switches portal uploads on or off.
 
-use axum::extract::{DefaultBodyLimit, Multipart, Path, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::Response;
 use axum::routing::{get, post, put};
@@ -22,8 +22,20 @@ use crate::auth::{PortalCustomer, Staff};
 use crate::error::{ApiError, AppError};
 use crate::http::files::created_file;
 use crate::http::params::JsonBody;
-use crate::http::upload::{self, ReceivedForm};
+use crate::http::upload::{self, FormBody, FormSpec, ReceivedForm};
 use crate::state::AppState;
+
+/// The fields of a portal attachment: the file alone.
+const ATTACHMENT_FORM: FormSpec = FormSpec {
+    text_fields: &[],
+    takes_file: true,
+};
+
+/// The fields of a message in a task's thread: its text and an optional file.
+const MESSAGE_FORM: FormSpec = FormSpec {
+    text_fields: &["text"],
+    takes_file: true,
+};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -33,14 +45,12 @@ pub fn routes() -> Router<AppState> {
         )
         .route("/v1/settings", put(put_settings))
         .route("/v1/portal/tasks", get(list_portal_tasks))
+        // The forms' own limits answer (upload.rs), not axum's 2 MB default.
         .route(
             "/v1/portal/tasks/{task_id}/attachments",
-            post(upload_attachment).layer(DefaultBodyLimit::disable()),
+            post(upload_attachment),
         )
-        .route(
-            "/v1/portal/tasks/{task_id}/messages",
-            post(post_message).layer(DefaultBodyLimit::disable()),
-        )
+        .route("/v1/portal/tasks/{task_id}/messages", post(post_message))
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -219,7 +229,7 @@ pub async fn upload_attachment(
     State(app): State<AppState>,
     customer: PortalCustomer,
     Path(task_id): Path<String>,
-    mut multipart: Multipart,
+    body: FormBody,
 ) -> Result<Response, ApiError> {
     let task_id = own_task(&app, &customer, &task_id).await?;
     if !uploads_enabled(&app, &customer).await? {
@@ -227,7 +237,8 @@ pub async fn upload_attachment(
     }
     let file_id = FileId::new();
     let key = BlobKey::for_file(&customer.caller.tenant, &customer.customer, file_id);
-    let form = upload::receive(&mut multipart, app.uploads(), key, app.max_file_bytes().0).await?;
+    let limit = app.max_file_bytes().0;
+    let form = upload::receive(body, &ATTACHMENT_FORM, app.uploads(), key, limit).await?;
     let uploaded = record_customer_upload(&app, &customer, task_id, file_id, &form).await?;
     Ok(created_file(uploaded))
 }
@@ -242,7 +253,7 @@ pub async fn post_message(
     State(app): State<AppState>,
     customer: PortalCustomer,
     Path(task_id): Path<String>,
-    mut multipart: Multipart,
+    body: FormBody,
 ) -> Result<(StatusCode, Json<MessageView>), ApiError> {
     let task_id = own_task(&app, &customer, &task_id).await?;
     // Text alone is always welcome; a file only when the tenant allows uploads.
@@ -251,7 +262,8 @@ pub async fn post_message(
     let file_id = FileId::new();
     let key = BlobKey::for_file(&customer.caller.tenant, &customer.customer, file_id);
     let form = upload::receive_unless(
-        &mut multipart,
+        body,
+        &MESSAGE_FORM,
         app.uploads(),
         key,
         app.max_file_bytes().0,

@@ -1,34 +1,140 @@
-//! Receiving a multipart upload: the `file` part streams straight into the
-//! blob store through the application's upload path (hashed as it goes,
-//! stopped at the size limit); the other parts are small text fields
-//! collected on the side.
+//! Receiving a multipart form, for every multipart route: the `file` part
+//! streams straight into the blob store through the application's upload
+//! path (hashed as it goes, stopped at the size limit); the other parts are
+//! small text fields collected on the side.
 //!
-//! The parts may come in any order, so the blob is written before the form is
-//! known to be valid; [`ReceivedForm::discard`] removes it again when the form
-//! is refused before its command is sent. Once the command is sent, what
-//! becomes of the blob is the upload path's decision
-//! ([`dossier_application::BlobFate`]), not the edge's.
+//! A form is held to what its endpoint names ([`FormSpec`], CONTRACT.md rule
+//! 14), by multer (the parser under axum's `Multipart`, used directly for its
+//! limits) and by the checks here:
+//!
+//! - only the fields the endpoint names, each at most once; any other field
+//!   is refused when its headers arrive, before a byte of it is read;
+//! - at most [`MAX_PARTS`] parts;
+//! - text fields of at most [`MAX_TEXT_FIELD_BYTES`] each;
+//! - the whole body at most the file limit plus [`FORM_OVERHEAD_BYTES`], so
+//!   neither a preamble nor part headers can grow the parser's buffer without
+//!   bound.
+//!
+//! A refused form answers `422 validation_failed` naming the field (`413
+//! file_too_large` for a body past its size), and nothing of it stays: the
+//! parts may come in any order, so the blob may already be written when a
+//! later part is refused, and [`ReceivedForm::discard`] removes it again.
+//! Once the command is sent, what becomes of the blob is the upload path's
+//! decision ([`dossier_application::BlobFate`]), not the edge's.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
-use axum::extract::Multipart;
-use axum::extract::multipart::Field;
+use axum::body::Body;
+use axum::extract::{FromRequest, Request};
+use axum::http::header::CONTENT_TYPE;
 use bytes::Bytes;
 use dossier_application::{StoredUpload, Uploads};
 use dossier_blobstore::ByteStream;
 use dossier_domain::{BlobKey, ContentType, FileName};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use futures::StreamExt as _;
+use multer::{Constraints, Multipart, SizeLimit};
 
-use crate::error::ApiError;
+use crate::error::{ApiError, AppError};
 
-/// Text fields are names, ids and flags: anything larger is not one of ours.
-const MAX_TEXT_FIELD_BYTES: usize = 64 * 1024;
+/// The name of the part that carries a file's bytes.
+pub const FILE_FIELD: &str = "file";
+
+/// The most parts a form may have: every endpoint names fewer fields.
+pub const MAX_PARTS: usize = 8;
+
+/// Text fields are names, ids, flags and messages: anything larger is not
+/// one of ours.
+pub const MAX_TEXT_FIELD_BYTES: u64 = 64 * 1024;
+
+/// What a form may carry besides the file's bytes: the text fields
+/// ([`MAX_PARTS`] × [`MAX_TEXT_FIELD_BYTES`] is 512 KiB), the parts' headers
+/// and boundaries, and what the parser reads ahead of the file's end.
+pub const FORM_OVERHEAD_BYTES: u64 = 2 * 1024 * 1024;
+
+/// The fields a multipart endpoint takes.
+#[derive(Debug, Clone, Copy)]
+pub struct FormSpec {
+    /// Its text fields, each at most once.
+    pub text_fields: &'static [&'static str],
+    /// Whether it takes a [`FILE_FIELD`] part (at most one).
+    pub takes_file: bool,
+}
+
+impl FormSpec {
+    /// The field names the endpoint takes, for messages.
+    fn names(&self) -> String {
+        let mut names: Vec<&str> = Vec::with_capacity(self.text_fields.len() + 1);
+        if self.takes_file {
+            names.push(FILE_FIELD);
+        }
+        names.extend_from_slice(self.text_fields);
+        names
+            .iter()
+            .map(|name| format!("`{name}`"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// The spec's own (static) name of a text field the form sent.
+    fn text_field(&self, name: &str) -> Option<&'static str> {
+        self.text_fields
+            .iter()
+            .copied()
+            .find(|field| *field == name)
+    }
+
+    fn constraints(&self, max_file_bytes: u64) -> Constraints {
+        let mut allowed: Vec<&str> = self.text_fields.to_vec();
+        let mut limits = SizeLimit::new()
+            .whole_stream(max_file_bytes.saturating_add(FORM_OVERHEAD_BYTES))
+            .per_field(MAX_TEXT_FIELD_BYTES);
+        if self.takes_file {
+            allowed.push(FILE_FIELD);
+            // The blob store enforces the file limit itself and answers
+            // `file_too_large`; the whole-stream limit bounds the rest.
+            limits = limits.for_field(FILE_FIELD, u64::MAX);
+        }
+        Constraints::new()
+            .allowed_fields(allowed)
+            .size_limit(limits)
+    }
+}
+
+/// The body of a `multipart/form-data` request, not yet read: the extractor
+/// of every multipart route (so it is the last argument of the handler).
+/// Reading it is [`receive`]'s job, under the endpoint's [`FormSpec`].
+pub struct FormBody {
+    boundary: String,
+    body: Body,
+}
+
+impl<S: Send + Sync> FromRequest<S> for FormBody {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, _state: &S) -> Result<Self, ApiError> {
+        let boundary = request
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|content_type| multer::parse_boundary(content_type).ok())
+            .ok_or_else(|| {
+                ApiError::validation(
+                    "body",
+                    "expected a multipart/form-data body (Content-Type with a boundary)",
+                )
+            })?;
+        Ok(Self {
+            boundary,
+            body: request.into_body(),
+        })
+    }
+}
 
 /// A received form: the stored file (if the form had one) and the text fields.
 pub struct ReceivedForm {
     pub file: Option<StoredUpload>,
-    pub fields: HashMap<String, String>,
+    pub fields: HashMap<&'static str, String>,
 }
 
 impl ReceivedForm {
@@ -44,122 +150,255 @@ impl ReceivedForm {
     }
 }
 
-/// Reads the whole form, streaming its `file` part to `key`.
+/// Reads the whole form under `spec`, streaming its `file` part to `key`.
 pub async fn receive(
-    multipart: &mut Multipart,
+    form: FormBody,
+    spec: &FormSpec,
     uploads: &Uploads,
     key: BlobKey,
     max_bytes: u64,
 ) -> Result<ReceivedForm, ApiError> {
-    receive_unless(multipart, uploads, key, max_bytes, None).await
+    receive_unless(form, spec, uploads, key, max_bytes, None).await
 }
 
 /// Like [`receive`], but a form that has a `file` part is refused with
 /// `refuse_file` (when given) before a byte of it is stored.
 pub async fn receive_unless(
-    multipart: &mut Multipart,
+    form: FormBody,
+    spec: &FormSpec,
     uploads: &Uploads,
     key: BlobKey,
     max_bytes: u64,
     refuse_file: Option<ApiError>,
 ) -> Result<ReceivedForm, ApiError> {
-    let mut form = ReceivedForm {
+    let mut multipart = Multipart::with_constraints(
+        form.body.into_data_stream(),
+        form.boundary,
+        spec.constraints(max_bytes),
+    );
+    let mut received = ReceivedForm {
         file: None,
         fields: HashMap::new(),
     };
-    let outcome = read_parts(multipart, uploads, &key, max_bytes, refuse_file, &mut form).await;
+    let outcome = read_parts(
+        &mut multipart,
+        spec,
+        uploads,
+        &key,
+        max_bytes,
+        refuse_file,
+        &mut received,
+    )
+    .await;
     if let Err(error) = outcome {
-        form.discard(uploads).await;
+        received.discard(uploads).await;
         return Err(error);
     }
-    Ok(form)
+    Ok(received)
 }
 
 async fn read_parts(
-    multipart: &mut Multipart,
+    multipart: &mut Multipart<'static>,
+    spec: &FormSpec,
     uploads: &Uploads,
     key: &BlobKey,
     max_bytes: u64,
     mut refuse_file: Option<ApiError>,
     form: &mut ReceivedForm,
 ) -> Result<(), ApiError> {
-    while let Some(field) = multipart.next_field().await.map_err(malformed)? {
+    let mut parts = 0;
+    while let Some(field) = multipart
+        .next_field()
+        .await
+        .map_err(|error| refusal(error, spec, max_bytes))?
+    {
+        parts += 1;
+        if parts > MAX_PARTS {
+            return Err(ApiError::validation(
+                "body",
+                format!("a form has at most {MAX_PARTS} parts"),
+            ));
+        }
+        // The constraints let only named fields through.
         let name = field.name().unwrap_or_default().to_owned();
-        if name == "file" {
+        if name == FILE_FIELD {
             if let Some(refusal) = refuse_file.take() {
                 return Err(refusal);
             }
             if form.file.is_some() {
                 return Err(ApiError::validation("file", "send exactly one file part"));
             }
-            form.file = Some(store_file(field, uploads, key, max_bytes).await?);
-        } else {
-            let text = read_text(field, &name).await?;
+            form.file = Some(store_file(field, spec, uploads, key, max_bytes).await?);
+        } else if let Some(name) = spec.text_field(&name) {
+            if form.fields.contains_key(name) {
+                return Err(ApiError::validation(name, "is sent more than once"));
+            }
+            let text = read_text(field, spec, name, max_bytes).await?;
             form.fields.insert(name, text);
+        } else {
+            return Err(unknown_field(Some(&name), spec));
         }
     }
     Ok(())
 }
 
 async fn store_file(
-    mut field: Field<'_>,
+    field: multer::Field<'static>,
+    spec: &FormSpec,
     uploads: &Uploads,
     key: &BlobKey,
     max_bytes: u64,
 ) -> Result<StoredUpload, ApiError> {
     let file_name = FileName::parse(field.file_name().unwrap_or_default())
         .map_err(|_| ApiError::validation("file", "the file part needs a file name"))?;
-    let content_type = ContentType::parse(field.content_type())?;
+    let content_type = ContentType::parse(field.content_type().map(|mime| mime.as_ref()))?;
 
-    // The blob store wants an owned stream; the field borrows the request. A
-    // channel of one joins the two inside this task (so a longer one would
-    // buy no parallelism). The chunks are slices of the multipart parser's
-    // buffer, passed on without a copy; the store copies each into its part
-    // buffer at once. Every chunk still waiting keeps a parser buffer alive,
-    // and the parser allocates a new one while it does: with 32 uploads at
-    // once, a channel of four cost about 40 MiB more peak RSS than one.
-    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(1);
-    let body: ByteStream = Box::pin(ReceiverStream::new(rx));
-    let pump = async move {
-        loop {
-            let next = field.chunk().await;
-            let item = match next {
-                Ok(Some(chunk)) => Ok(chunk),
-                Ok(None) => break,
-                Err(error) => Err(std::io::Error::other(error.to_string())),
-            };
-            let failed = item.is_err();
-            // The store stops reading when the limit is passed: stop pumping then.
-            if tx.send(item).await.is_err() || failed {
-                break;
+    // The part streams into the store as it arrives. When reading it fails
+    // (the body stalled, broke off, or broke a limit of the form), the store
+    // sees an I/O error and discards what it wrote; the parser's own error is
+    // kept aside so the answer says what really happened.
+    let failure: Arc<Mutex<Option<multer::Error>>> = Arc::default();
+    let seen = Arc::clone(&failure);
+    let body: ByteStream = Box::pin(field.map(move |item| {
+        item.map_err(|error| {
+            let message = error.to_string();
+            if let Ok(mut slot) = seen.lock() {
+                slot.get_or_insert(error);
             }
+            std::io::Error::other(message)
+        })
+    }));
+    let stored = uploads
+        .store(key.clone(), file_name, content_type, body, max_bytes)
+        .await;
+    match stored {
+        Ok(stored) => Ok(stored),
+        Err(error) => {
+            let parser_error = failure.lock().ok().and_then(|mut slot| slot.take());
+            Err(match parser_error {
+                Some(parser_error) => refusal(parser_error, spec, max_bytes),
+                None => ApiError(error),
+            })
         }
-    };
-    let (stored, ()) = tokio::join!(
-        uploads.store(key.clone(), file_name, content_type, body, max_bytes),
-        pump
-    );
-    Ok(stored?)
-}
-
-async fn read_text(mut field: Field<'_>, name: &str) -> Result<String, ApiError> {
-    let mut buffer = Vec::new();
-    while let Some(chunk) = field.chunk().await.map_err(malformed)? {
-        if buffer.len() + chunk.len() > MAX_TEXT_FIELD_BYTES {
-            return Err(ApiError::validation(
-                "body",
-                format!("the form field `{name}` is longer than {MAX_TEXT_FIELD_BYTES} bytes"),
-            ));
-        }
-        buffer.extend_from_slice(&chunk);
     }
-    String::from_utf8(buffer)
-        .map_err(|_| ApiError::validation("body", format!("the form field `{name}` is not UTF-8")))
 }
 
-fn malformed(error: axum::extract::multipart::MultipartError) -> ApiError {
+async fn read_text(
+    field: multer::Field<'static>,
+    spec: &FormSpec,
+    name: &'static str,
+    max_bytes: u64,
+) -> Result<String, ApiError> {
+    // The constraints stop the field at MAX_TEXT_FIELD_BYTES.
+    let bytes: Bytes = field
+        .bytes()
+        .await
+        .map_err(|error| refusal(error, spec, max_bytes))?;
+    String::from_utf8(bytes.to_vec()).map_err(|_| ApiError::validation(name, "is not UTF-8"))
+}
+
+/// The answer to a form the parser refused.
+fn refusal(error: multer::Error, spec: &FormSpec, max_bytes: u64) -> ApiError {
+    match error {
+        multer::Error::UnknownField { field_name } => unknown_field(field_name.as_deref(), spec),
+        multer::Error::FieldSizeExceeded { limit, field_name } => {
+            let field = field_name
+                .as_deref()
+                .and_then(|name| spec.text_field(name))
+                .unwrap_or("body");
+            ApiError::validation(field, format!("is longer than {limit} bytes"))
+        }
+        // Only a body far past the file limit gets here (the text fields are
+        // bounded on their own): it is too large, whatever it carries.
+        multer::Error::StreamSizeExceeded { .. } => {
+            ApiError(AppError::FileTooLarge { limit: max_bytes })
+        }
+        multer::Error::StreamReadFailed(cause) => ApiError::validation(
+            "body",
+            format!("the request body broke off before the form was complete: {cause}"),
+        ),
+        other => ApiError::validation("body", format!("malformed multipart body: {other}")),
+    }
+}
+
+/// A field the endpoint does not take; its name is the client's text, so it
+/// is quoted and shortened.
+fn unknown_field(name: Option<&str>, spec: &FormSpec) -> ApiError {
+    const SHOWN: usize = 64;
+    let named = match name {
+        None => "a part without a field name".to_owned(),
+        Some(name) if name.chars().count() > SHOWN => {
+            let shown: String = name.chars().take(SHOWN).collect();
+            format!("the form field {shown:?}…")
+        }
+        Some(name) => format!("the form field {name:?}"),
+    };
     ApiError::validation(
         "body",
-        format!("malformed multipart body: {}", error.body_text()),
+        format!(
+            "{named} is not one this endpoint takes (it takes {})",
+            spec.names()
+        ),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SPEC: FormSpec = FormSpec {
+        text_fields: &["name", "visibility"],
+        takes_file: true,
+    };
+
+    fn message(error: &ApiError) -> String {
+        error.0.to_string()
+    }
+
+    #[test]
+    fn an_unknown_field_is_named_and_shortened() {
+        let error = refusal(
+            multer::Error::UnknownField {
+                field_name: Some("colour".into()),
+            },
+            &SPEC,
+            10,
+        );
+        assert_eq!(error.code(), "validation_failed");
+        assert!(
+            message(&error).contains("\"colour\""),
+            "{}",
+            message(&error)
+        );
+        assert!(
+            message(&error).contains("`file`, `name`, `visibility`"),
+            "{}",
+            message(&error)
+        );
+        let long = "x".repeat(10_000);
+        let error = unknown_field(Some(&long), &SPEC);
+        assert!(message(&error).len() < 300, "{}", message(&error));
+        let error = unknown_field(None, &SPEC);
+        assert!(message(&error).contains("without a field name"));
+    }
+
+    #[test]
+    fn an_oversized_text_field_names_the_field() {
+        let error = refusal(
+            multer::Error::FieldSizeExceeded {
+                limit: MAX_TEXT_FIELD_BYTES,
+                field_name: Some("name".into()),
+            },
+            &SPEC,
+            10,
+        );
+        assert_eq!(error.code(), "validation_failed");
+        assert!(message(&error).starts_with("name: "), "{}", message(&error));
+    }
+
+    #[test]
+    fn a_body_past_the_form_limit_is_too_large() {
+        let error = refusal(multer::Error::StreamSizeExceeded { limit: 99 }, &SPEC, 10);
+        assert_eq!(error.status(), axum::http::StatusCode::PAYLOAD_TOO_LARGE);
+    }
 }
