@@ -23,6 +23,9 @@ pub const PASSWORD: &str = "guest";
 /// Generous: a broker busy with many tests creating vhosts with quorum
 /// queues at once answers slowly, and a slow answer is not a failure.
 const TIMEOUT: Duration = Duration::from_secs(90);
+/// How long [`TestVhost::create`] waits for a vhost whose creation request
+/// the management API dropped.
+const VHOST_PATIENCE: Duration = Duration::from_secs(300);
 
 /// Every test vhost's name starts so, then the unix second it was made.
 const TEST_VHOST_PREFIX: &str = "dossier-test-";
@@ -222,13 +225,30 @@ impl TestVhost {
         let name = format!("{TEST_VHOST_PREFIX}{}-{}", now_secs(), uuid::Uuid::new_v4());
         let encoded = percent_encode(&name);
         let url = format!("amqp://{USER}:{PASSWORD}@{amqp}/{encoded}");
-        management
-            .request(
-                reqwest::Method::PUT,
-                &format!("/api/vhosts/{encoded}"),
-                Some(serde_json::json!({})),
-            )
-            .await?;
+        let path = format!("/api/vhosts/{encoded}");
+        match management
+            .request(reqwest::Method::PUT, &path, Some(serde_json::json!({})))
+            .await
+        {
+            Ok(_) => {}
+            // A busy broker can take longer to create a vhost than the
+            // management API waits before it drops the request; the vhost
+            // still comes. Wait for it to be there.
+            Err(ManagementError::Http(error)) => {
+                crate::wait::Wait::new(format!("the vhost {name} to exist ({error})"))
+                    .timeout(VHOST_PATIENCE)
+                    .interval(Duration::from_secs(2))
+                    .until(async || {
+                        management
+                            .request(reqwest::Method::GET, &path, None)
+                            .await
+                            .map(|_| ())
+                    })
+                    .await
+                    .map_err(|_| ManagementError::Http(error))?;
+            }
+            Err(other) => return Err(other),
+        }
         management
             .request(
                 reqwest::Method::PUT,
