@@ -71,11 +71,12 @@ pub fn encode_cursor(position: i64) -> String {
 /// The position a cursor continues before; `None` for a cursor this service did
 /// not give out.
 pub fn decode_cursor(cursor: &str) -> Option<i64> {
-    cursor
-        .strip_prefix('p')?
-        .parse::<i64>()
-        .ok()
-        .filter(|p| *p > 0)
+    let digits = cursor.strip_prefix('p')?;
+    // Exactly what `encode_cursor` writes: digits, no sign, no leading zero.
+    if digits.starts_with('0') || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse::<i64>().ok().filter(|p| *p > 0)
 }
 
 /// One page of `tenant`'s audit trail, newest first. Every query filters by

@@ -16,6 +16,7 @@
 //!   `watch` channel of the runner) or across processes (by following the
 //!   `checkpoints` table).
 //! - [`files`]: the files read model (CONTRACT.md "File resource") and its queries.
+//! - [`cursor`]: the one keyset cursor of the lists kept newest first (files, tasks).
 //! - [`bundles`]: the bundles read model (`/v1/bundles`) and its queries.
 //! - [`audit`]: the audit trail's queries (`/v1/audit`); the audit worker writes it.
 //! - [`rebuild()`]: builds a read model aside from position 0 and swaps it in while the
@@ -30,6 +31,7 @@
 
 pub mod audit;
 pub mod bundles;
+pub mod cursor;
 pub mod error;
 pub mod files;
 pub mod freshness;

@@ -1,19 +1,22 @@
 //! The portal read model: tasks with their message threads, and each tenant's
 //! portal settings. A task's attachments are the live files carrying its id,
-//! read from the files read model ([`crate::files::by_tasks`]).
+//! read from the files read model ([`crate::files::by_tasks`]); a customer sees
+//! only the published ones, and a message's file only when it is one of them
+//! (CONTRACT.md rule 8, [`Audience`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use dossier_domain::{CustomerId, SettingsEvent, TaskEvent, TenantId, codec};
 use dossier_eventlog::db::Pool;
 use dossier_eventlog::log::LoggedEvent;
 use serde::Serialize;
-use tokio_postgres::Transaction;
+use tokio_postgres::{Row, Transaction};
 use uuid::Uuid;
 
+use crate::cursor::{Cursor, Paging};
 use crate::error::ProjectionError;
-use crate::files::{self, FileView, QueryError};
+use crate::files::{self, Audience, FileView, QueryError};
 use crate::projection::{Projection, decode_event};
 
 /// Keeps `tasks`, `task_messages` and `tenant_settings` in step with the log.
@@ -158,17 +161,21 @@ pub async fn task_customer(
             &[&task_id, &tenant.as_str()],
         )
         .await?;
-    row.map(|row| {
-        let raw: String = row.get(0);
-        CustomerId::parse(&raw).map_err(|e| QueryError::Corrupt {
-            column: "customer_id",
-            detail: e.to_string(),
-        })
-    })
-    .transpose()
+    row.map(|row| parse_customer(row.get(0))).transpose()
 }
 
-/// A customer's tasks, oldest first, each with its attachments and thread.
+/// One page of a customer's tasks: `{"items": [Task], "next_cursor": ...}`.
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+#[schema(as = TaskPage)]
+pub struct TaskPage {
+    /// Newest first.
+    pub items: Vec<TaskView>,
+    /// Where the next page starts; `None` on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// A customer's tasks, oldest first, each with its attachments and thread as
+/// staff see them: the staff list.
 pub async fn tasks_of(
     pool: &Pool,
     tenant: &TenantId,
@@ -181,22 +188,119 @@ pub async fn tasks_of(
             &[&tenant.as_str(), &customer.as_str()],
         )
         .await?;
-    let mut tasks: Vec<TaskView> = rows
-        .iter()
-        .map(|row| TaskView {
-            id: row.get(0),
-            customer_id: customer.clone(),
-            title: row.get(1),
-            created_at: row.get(2),
-            attachments: Vec::new(),
-            messages: Vec::new(),
-        })
-        .collect();
+    drop(client);
+    let tasks = rows.iter().map(|row| task_row(row, customer)).collect();
+    with_threads(pool, tenant, Audience::Staff, tasks).await
+}
+
+/// One page of a customer's tasks, newest first (by `created_at`, then id),
+/// each with what `audience` may see of its attachments and thread.
+pub async fn tasks_page(
+    pool: &Pool,
+    tenant: &TenantId,
+    customer: &CustomerId,
+    audience: Audience<'_>,
+    paging: Paging,
+) -> Result<TaskPage, QueryError> {
+    let limit = paging.limit.clamp(1, Paging::MAX_LIMIT);
+    // One more than the page, to know whether there is a next page.
+    let fetch = i64::from(limit) + 1;
+    let cursor_at = paging.cursor.map(|c| c.created_at);
+    let cursor_id = paging.cursor.map(|c| c.id);
+    let client = pool.get().await?;
+    let rows = client
+        .query(
+            "SELECT id, title, created_at FROM tasks WHERE tenant = $1 AND customer_id = $2 \
+               AND ($3::timestamptz IS NULL OR (created_at, id) < ($3::timestamptz, $4::uuid)) \
+             ORDER BY created_at DESC, id DESC LIMIT $5",
+            &[
+                &tenant.as_str(),
+                &customer.as_str(),
+                &cursor_at,
+                &cursor_id,
+                &fetch,
+            ],
+        )
+        .await?;
+    drop(client);
+    let mut tasks: Vec<TaskView> = rows.iter().map(|row| task_row(row, customer)).collect();
+    let next_cursor = if tasks.len() > limit as usize {
+        tasks.truncate(limit as usize);
+        tasks
+            .last()
+            .map(|last| Cursor::after(last.created_at, last.id).encode())
+    } else {
+        None
+    };
+    let items = with_threads(pool, tenant, audience, tasks).await?;
+    Ok(TaskPage { items, next_cursor })
+}
+
+/// One task of `tenant` as staff see it; `None` for an unknown task or
+/// another tenant's.
+pub async fn task(
+    pool: &Pool,
+    tenant: &TenantId,
+    id: Uuid,
+) -> Result<Option<TaskView>, QueryError> {
+    let client = pool.get().await?;
+    let row = client
+        .query_opt(
+            "SELECT id, title, created_at, customer_id FROM tasks WHERE id = $1 AND tenant = $2",
+            &[&id, &tenant.as_str()],
+        )
+        .await?;
+    drop(client);
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let customer = parse_customer(row.get(3))?;
+    let task = task_row(&row, &customer);
+    let mut tasks = with_threads(pool, tenant, Audience::Staff, vec![task]).await?;
+    Ok(tasks.pop())
+}
+
+fn parse_customer(raw: String) -> Result<CustomerId, QueryError> {
+    CustomerId::parse(&raw).map_err(|e| QueryError::Corrupt {
+        column: "customer_id",
+        detail: e.to_string(),
+    })
+}
+
+/// A task without its attachments and thread, from `id, title, created_at`.
+fn task_row(row: &Row, customer: &CustomerId) -> TaskView {
+    TaskView {
+        id: row.get(0),
+        customer_id: customer.clone(),
+        title: row.get(1),
+        created_at: row.get(2),
+        attachments: Vec::new(),
+        messages: Vec::new(),
+    }
+}
+
+/// Fills in each task's attachments and thread, as far as `audience` may see
+/// them (rule 8): for a customer, only published attachments, and a message's
+/// `file_id` only when it names one of them.
+async fn with_threads(
+    pool: &Pool,
+    tenant: &TenantId,
+    audience: Audience<'_>,
+    mut tasks: Vec<TaskView>,
+) -> Result<Vec<TaskView>, QueryError> {
     let ids: Vec<Uuid> = tasks.iter().map(|t| t.id).collect();
     if ids.is_empty() {
         return Ok(tasks);
     }
     let index: HashMap<Uuid, usize> = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+    let mut visible_files = HashSet::new();
+    for file in files::by_tasks(pool, tenant, &ids, audience).await? {
+        if let Some(&i) = file.task_id.as_ref().and_then(|t| index.get(t)) {
+            visible_files.insert(file.id.0);
+            tasks[i].attachments.push(file);
+        }
+    }
+    let client = pool.get().await?;
     let messages = client
         .query(
             "SELECT task_id, id, author, text, at, file_id FROM task_messages \
@@ -206,20 +310,19 @@ pub async fn tasks_of(
         .await?;
     for row in &messages {
         let task_id: Uuid = row.get(0);
+        let file_id: Option<Uuid> = row.get(5);
+        let file_id = match audience {
+            Audience::Staff => file_id,
+            Audience::Customer(_) => file_id.filter(|id| visible_files.contains(id)),
+        };
         if let Some(&i) = index.get(&task_id) {
             tasks[i].messages.push(MessageView {
                 id: row.get(1),
                 author: row.get(2),
                 text: row.get(3),
                 at: row.get(4),
-                file_id: row.get(5),
+                file_id,
             });
-        }
-    }
-    drop(client);
-    for file in files::by_tasks(pool, tenant, &ids).await? {
-        if let Some(&i) = file.task_id.as_ref().and_then(|t| index.get(t)) {
-            tasks[i].attachments.push(file);
         }
     }
     Ok(tasks)

@@ -261,19 +261,57 @@ impl TestApp {
     /// Like [`Self::spawn_with`], without waiting for `/readyz` (for tests of a
     /// backing service that is down).
     pub async fn spawn_unready(overrides: &[(&str, &str)]) -> Self {
+        Self::spawn_unready_on(overrides, None).await
+    }
+
+    /// A whole Dossier whose S3 traffic goes through a proxy the test can
+    /// cut ([`proxy::FaultyProxy::cut`]): the S3 server is unreachable for the
+    /// application only, while [`Self::blobs`] still reaches the bucket.
+    pub async fn spawn_behind_s3_proxy(overrides: &[(&str, &str)]) -> (Self, proxy::FaultyProxy) {
+        let server = s3_server()
+            .endpoint
+            .trim_start_matches("http://")
+            .parse()
+            .expect("the S3 endpoint is host:port");
+        let proxy = proxy::FaultyProxy::start(server)
+            .await
+            .expect("a proxy in front of S3");
+        let endpoint = format!("http://{}", proxy.address());
+        let app = Self::spawn_unready_on(overrides, Some(&endpoint)).await;
+        app.wait_until_ready().await;
+        (app, proxy)
+    }
+
+    /// [`Self::spawn_unready`], the application reaching S3 at `s3_endpoint`
+    /// (the shared server when `None`).
+    async fn spawn_unready_on(overrides: &[(&str, &str)], s3_endpoint: Option<&str>) -> Self {
         dossier_runtime::telemetry::init_test_tracing();
         let (pool, database_url) = crate::db::fresh_database()
             .await
             .expect("a fresh test database");
         let bucket = format!("t-{}", Uuid::new_v4().simple());
         let blobs = s3_store(&bucket).await;
+        let app_blobs = match s3_endpoint {
+            None => blobs.clone(),
+            Some(endpoint) => {
+                let s3 = s3_server();
+                blob::open(&BlobStoreSpec::S3(s3::bucket_options(
+                    endpoint,
+                    &s3.access_key,
+                    &s3.secret_key,
+                    &bucket,
+                )))
+                .await
+                .expect("the test bucket opens through the proxy")
+            }
+        };
         let vhost = TestVhost::create()
             .await
             .expect("a RabbitMQ vhost for the test");
         let mut all: Vec<(&str, &str)> = vec![("DOSSIER_AMQP_URL", vhost.url())];
         all.extend_from_slice(overrides);
         let settings = settings(&database_url, &all);
-        let server = AppServer::start(settings, blobs.clone())
+        let server = AppServer::start(settings, app_blobs)
             .await
             .expect("the application starts");
         Self {

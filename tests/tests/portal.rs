@@ -557,3 +557,262 @@ async fn upstream_task_create_is_idempotent_and_answered() {
     assert_eq!(answer["status"], "rejected");
     assert_eq!(answer["error"]["code"], "validation_failed");
 }
+
+/// The ids of the attachments of each of the customer's tasks in the portal,
+/// and the `file_id` of each message, as the customer sees them.
+async fn portal_task_files(app: &TestApp, customer: &str) -> (Vec<String>, Vec<Value>) {
+    let tasks: Value = app
+        .get(customer, "/v1/portal/tasks")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let task = &tasks["items"][0];
+    let attachments = task["attachments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["id"].as_str().unwrap().to_owned())
+        .collect();
+    let message_files = task["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.get("file_id").cloned().unwrap_or(Value::Null))
+        .collect();
+    (attachments, message_files)
+}
+
+#[tokio::test]
+async fn an_attachment_set_to_internal_leaves_the_portal_task_list_and_comes_back_when_published() {
+    let app = TestApp::spawn().await;
+    let staff = app.staff("acme");
+    let task = create_task(&app, &staff, "cust-1", "Send your payslips").await;
+    let task_id = task["id"].as_str().unwrap();
+    let customer = app.customer("acme", "cust-1");
+    let form = file_form("payslip_may.pdf", b"may".to_vec()).text("text", "May's payslip");
+    let response = portal_post(
+        &app,
+        &customer,
+        &format!("/v1/portal/tasks/{task_id}/messages"),
+        form,
+    )
+    .await;
+    assert_eq!(response.status(), 201);
+    let message: Value = response.json().await.unwrap();
+    let file_id = message["file_id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        portal_task_files(&app, &customer).await,
+        (vec![file_id.clone()], vec![json!(file_id)])
+    );
+
+    publish(&app, &staff, &file_id, "internal").await;
+    let (attachments, message_files) = portal_task_files(&app, &customer).await;
+    assert!(attachments.is_empty(), "an internal file is not listed");
+    assert_eq!(
+        message_files,
+        [Value::Null],
+        "the message keeps its text but no longer names the internal file"
+    );
+    let shown = app
+        .get(&customer, "/v1/portal/tasks")
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        !shown.contains(&file_id) && !shown.contains("payslip_may"),
+        "nothing of the internal file shows: {shown}"
+    );
+    // Staff still see it on the task.
+    let staff_tasks: Value = app
+        .get(&staff, "/v1/customers/cust-1/tasks")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(staff_tasks["items"][0]["attachments"][0]["id"], file_id);
+    assert_eq!(staff_tasks["items"][0]["messages"][0]["file_id"], file_id);
+
+    publish(&app, &staff, &file_id, "portal").await;
+    assert_eq!(
+        portal_task_files(&app, &customer).await,
+        (vec![file_id.clone()], vec![json!(file_id)])
+    );
+}
+
+/// How many downloads the log holds for `file_id`, and its `viewed_at`.
+async fn downloads_and_viewed(app: &TestApp, file_id: &str) -> (i64, Value) {
+    let client = app.pool.get().await.unwrap();
+    let downloads: i64 = client
+        .query_one(
+            "SELECT count(*) FROM events WHERE event_type = 'FileDownloaded' \
+             AND payload::text LIKE '%' || $1 || '%'",
+            &[&file_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let file: Value = app
+        .get(&app.staff("acme"), &format!("/v1/files/{file_id}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    (downloads, file["viewed_at"].clone())
+}
+
+#[tokio::test]
+async fn head_on_a_content_route_records_no_download_and_sets_no_viewed_at() {
+    let app = TestApp::spawn().await;
+    let staff = app.staff("acme");
+    let file = app
+        .upload_ok(&staff, "cust-1", "Lease", b"lease bytes".to_vec())
+        .await;
+    let id = file["id"].as_str().unwrap();
+    publish(&app, &staff, id, "portal").await;
+    let customer = app.customer("acme", "cust-1");
+
+    for (token, path) in [
+        (&staff, format!("/v1/files/{id}/content")),
+        (&customer, format!("/v1/portal/files/{id}/content")),
+    ] {
+        let response = app
+            .client
+            .head(app.url(&path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "HEAD {path}");
+        assert_eq!(
+            response.headers()["content-length"],
+            "11",
+            "HEAD {path} says the size"
+        );
+        assert!(response.headers().contains_key("content-disposition"));
+    }
+    assert_eq!(
+        downloads_and_viewed(&app, id).await,
+        (0, Value::Null),
+        "HEAD records nothing"
+    );
+
+    // A GET does.
+    let response = app
+        .get(&customer, &format!("/v1/portal/files/{id}/content"))
+        .await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.bytes().await.unwrap().as_ref(), b"lease bytes");
+    let (downloads, viewed_at) = downloads_and_viewed(&app, id).await;
+    assert_eq!(downloads, 1);
+    assert!(viewed_at.is_string(), "the GET set viewed_at");
+}
+
+#[tokio::test]
+async fn a_failed_blob_read_answers_503_and_records_no_download_and_no_viewed_at() {
+    let (app, s3) = TestApp::spawn_behind_s3_proxy(&[]).await;
+    let staff = app.staff("acme");
+    let file = app
+        .upload_ok(&staff, "cust-1", "Contract", b"contract".to_vec())
+        .await;
+    let id = file["id"].as_str().unwrap();
+    publish(&app, &staff, id, "portal").await;
+    let customer = app.customer("acme", "cust-1");
+    let staff_path = format!("/v1/files/{id}/content");
+    let portal_path = format!("/v1/portal/files/{id}/content");
+
+    s3.cut().await;
+    for (token, path) in [(&staff, &staff_path), (&customer, &portal_path)] {
+        let response = app.get(token, path).await;
+        assert_eq!(response.status(), 503, "GET {path} while S3 is down");
+        assert_eq!(error_code(response).await, "unavailable");
+    }
+    assert_eq!(
+        downloads_and_viewed(&app, id).await,
+        (0, Value::Null),
+        "no byte left, so nothing is recorded"
+    );
+
+    s3.restore();
+    let response = app.get(&customer, &portal_path).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.bytes().await.unwrap().as_ref(), b"contract");
+    let (downloads, viewed_at) = downloads_and_viewed(&app, id).await;
+    assert_eq!(downloads, 1);
+    assert!(viewed_at.is_string());
+}
+
+/// Follows `path` page by page (`limit` each) as `token`; the ids of every
+/// page, in order.
+async fn pages(app: &TestApp, token: &str, path: &str, limit: u32) -> Vec<Vec<String>> {
+    let mut pages = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let url = match &cursor {
+            Some(cursor) => format!("{path}?limit={limit}&cursor={cursor}"),
+            None => format!("{path}?limit={limit}"),
+        };
+        let response = app.get(token, &url).await;
+        assert_eq!(response.status(), 200, "GET {url}");
+        let page: Value = response.json().await.unwrap();
+        pages.push(
+            page["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|item| item["id"].as_str().unwrap().to_owned())
+                .collect(),
+        );
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => return pages,
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_portal_file_and_task_lists_are_paged_newest_first() {
+    let app = TestApp::spawn().await;
+    let staff = app.staff("acme");
+    let mut files = Vec::new();
+    let mut tasks = Vec::new();
+    for n in 0..5 {
+        let file = app
+            .upload_ok(&staff, "cust-1", &format!("Letter {n}"), vec![n])
+            .await;
+        let id = file["id"].as_str().unwrap().to_owned();
+        publish(&app, &staff, &id, "portal").await;
+        files.push(id);
+        let task = create_task(&app, &staff, "cust-1", &format!("Task {n}")).await;
+        tasks.push(task["id"].as_str().unwrap().to_owned());
+    }
+    // Unpublished files and other customers' tasks stay out of every page.
+    app.upload_ok(&staff, "cust-1", "Internal", b"i".to_vec())
+        .await;
+    create_task(&app, &staff, "cust-2", "Not yours").await;
+    files.reverse();
+    tasks.reverse();
+
+    let customer = app.customer("acme", "cust-1");
+    for (path, newest_first) in [("/v1/portal/files", &files), ("/v1/portal/tasks", &tasks)] {
+        let pages = pages(&app, &customer, path, 2).await;
+        assert_eq!(pages.len(), 3, "{path}: 2 + 2 + 1");
+        assert_eq!(&pages.concat(), newest_first, "{path}");
+        // Without a limit, the default page (50) holds them all.
+        let all: Value = app.get(&customer, path).await.json().await.unwrap();
+        assert_eq!(all["items"].as_array().unwrap().len(), 5, "{path}");
+        assert_eq!(all["next_cursor"], Value::Null, "{path}");
+        for bad in [
+            "limit=0",
+            "limit=501",
+            "limit=x",
+            "cursor=garbage",
+            "cursor=",
+        ] {
+            let response = app.get(&customer, &format!("{path}?{bad}")).await;
+            assert_eq!(response.status(), 422, "{path}?{bad}");
+            assert_eq!(error_code(response).await, "validation_failed");
+        }
+    }
+}

@@ -22,7 +22,6 @@
 //! property test holds this SQL and the fold to the same rows.
 
 pub mod bulk;
-pub mod cursor;
 pub mod fold;
 pub mod query;
 
@@ -33,8 +32,8 @@ use tokio_postgres::Transaction;
 use tokio_postgres::types::{ToSql, Type};
 use uuid::Uuid;
 
-pub use cursor::{Cursor, CursorError};
-pub use query::{FileFilter, FileView, Page, QueryError, by_tasks, get, get_many, list};
+pub use crate::cursor::{Cursor, CursorError};
+pub use query::{Audience, FileFilter, FileView, Page, QueryError, by_tasks, get, get_many, list};
 
 use crate::error::ProjectionError;
 use crate::projection::{BulkBuild, Projection, decode_event};

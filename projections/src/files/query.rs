@@ -19,7 +19,7 @@ use serde::de::{DeserializeOwned, IntoDeserializer};
 use tokio_postgres::Row;
 use uuid::Uuid;
 
-use super::cursor::Cursor;
+use crate::cursor::{Cursor, Paging};
 use crate::error::pg_detail;
 
 /// The contract's File resource, as the read model shows it now. Serializes to
@@ -110,9 +110,9 @@ pub struct FileFilter {
 
 impl FileFilter {
     /// The contract's default page size.
-    pub const DEFAULT_LIMIT: u32 = 50;
+    pub const DEFAULT_LIMIT: u32 = Paging::DEFAULT_LIMIT;
     /// The largest page.
-    pub const MAX_LIMIT: u32 = 500;
+    pub const MAX_LIMIT: u32 = Paging::MAX_LIMIT;
 }
 
 impl Default for FileFilter {
@@ -213,12 +213,52 @@ pub async fn get_many(
     Ok(wanted.iter().filter_map(|id| found.remove(id)).collect())
 }
 
-/// The live files attached to any of `task_ids` (of `tenant`), oldest first:
-/// a task's attachments in the portal.
+/// Whom a query answers (CONTRACT.md rule 8): staff see every file of their
+/// tenant; a customer sees only their own files, and only while the visibility
+/// is one the portal shows ([`Visibility::in_portal`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Audience<'a> {
+    Staff,
+    Customer(&'a CustomerId),
+}
+
+impl Audience<'_> {
+    /// Whether this audience may see `file` (its tenant already checked).
+    pub fn sees(&self, file: &FileView) -> bool {
+        match self {
+            Self::Staff => true,
+            Self::Customer(customer) => {
+                file.customer_id == **customer && file.visibility.in_portal()
+            }
+        }
+    }
+
+    /// The audience's customer, `None` for staff; with [`published`], the SQL
+    /// form of [`Self::sees`].
+    fn customer(&self) -> Option<&str> {
+        match self {
+            Self::Staff => None,
+            Self::Customer(customer) => Some(customer.as_str()),
+        }
+    }
+}
+
+/// The visibilities the portal shows, as stored.
+fn published() -> Vec<&'static str> {
+    Visibility::ALL
+        .iter()
+        .filter(|v| v.in_portal())
+        .map(|v| v.as_str())
+        .collect()
+}
+
+/// The live files attached to any of `task_ids` (of `tenant`) that `audience`
+/// may see, oldest first: a task's attachments.
 pub async fn by_tasks(
     pool: &Pool,
     tenant: &TenantId,
     task_ids: &[Uuid],
+    audience: Audience<'_>,
 ) -> Result<Vec<FileView>, QueryError> {
     if task_ids.is_empty() {
         return Ok(Vec::new());
@@ -227,11 +267,20 @@ pub async fn by_tasks(
     let statement = client
         .prepare_cached(&format!(
             "SELECT {COLUMNS} FROM files WHERE tenant = $1 AND task_id = ANY($2::uuid[]) \
+               AND ($3::text IS NULL OR (customer_id = $3::text AND visibility = ANY($4::text[]))) \
              ORDER BY created_at, id"
         ))
         .await?;
     let rows = client
-        .query(&statement, &[&tenant.as_str(), &task_ids])
+        .query(
+            &statement,
+            &[
+                &tenant.as_str(),
+                &task_ids,
+                &audience.customer(),
+                &published(),
+            ],
+        )
         .await?;
     rows.iter().map(from_row).collect()
 }

@@ -50,14 +50,19 @@ impl ApiError {
     }
 }
 
-#[derive(Serialize)]
-struct ErrorBody<'a> {
+/// Every non-2xx answer (CONTRACT.md "Errors").
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = Error)]
+pub struct ErrorBody<'a> {
     error: ErrorDetail<'a>,
 }
 
-#[derive(Serialize)]
-struct ErrorDetail<'a> {
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail<'a> {
+    /// The contract's stable code, e.g. `not_found`, `validation_failed`.
+    #[schema(example = "not_found")]
     code: &'a str,
+    /// For people: what went wrong (naming the field or the limit) and what to do.
     message: String,
 }
 

@@ -9,11 +9,13 @@ use axum::extract::{RawQuery, State};
 use axum::routing::get;
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
+use dossier_domain::{CustomerId, FileId};
 use dossier_projections::audit::{self, AuditEntry, AuditFilter};
 use serde::Serialize;
 
 use crate::auth::StaffOrAuditor;
-use crate::error::{ApiError, AppError};
+use crate::error::{ApiError, AppError, ErrorBody};
+use crate::http::openapi::schemas::{AuditCursorText, CustomerIdText, TimeOrDate};
 use crate::http::params::QueryPairs;
 use crate::state::AppState;
 
@@ -66,12 +68,14 @@ pub struct AuditPage {
 
 /// `GET /v1/audit`
 #[utoipa::path(get, path = "/v1/audit", tag = "audit",
-    params(("customer_id" = Option<String>, Query), ("file_id" = Option<String>, Query),
-        ("from" = Option<String>, Query, description = "RFC 3339 or YYYY-MM-DD, inclusive"),
-        ("to" = Option<String>, Query, description = "RFC 3339 or YYYY-MM-DD, inclusive"),
-        ("limit" = Option<u32>, Query, description = "1–500, default 50"), ("cursor" = Option<String>, Query)),
+    params(("customer_id" = Option<CustomerIdText>, Query, description = "only this customer's entries"),
+        ("file_id" = Option<String>, Query, format = Uuid, description = "only this file's entries"),
+        ("from" = Option<TimeOrDate>, Query, description = "inclusive; a date is the start of that day (UTC)"),
+        ("to" = Option<TimeOrDate>, Query, description = "inclusive; a date is the end of that day (UTC)"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 500, description = "page size, default 50"),
+        ("cursor" = Option<AuditCursorText>, Query, description = "the `next_cursor` of the previous page")),
     responses((status = 200, description = "The caller's tenant's audit trail, newest first", body = AuditPage),
-              (status = 403, description = "forbidden: customers may not read the trail")))]
+        (status = 422, description = "validation_failed: a malformed filter, limit or cursor", body = ErrorBody)))]
 pub async fn list_audit(
     State(app): State<AppState>,
     StaffOrAuditor(caller): StaffOrAuditor,
@@ -86,8 +90,16 @@ pub async fn list_audit(
         })
         .transpose()?;
     let filter = AuditFilter {
-        customer_id: query.one("customer_id").map(str::to_owned),
-        file_id: query.one("file_id").map(str::to_owned),
+        customer_id: query
+            .one("customer_id")
+            .map(CustomerId::parse)
+            .transpose()?
+            .map(|id| id.as_str().to_owned()),
+        file_id: query
+            .one("file_id")
+            .map(FileId::parse)
+            .transpose()?
+            .map(|id| id.to_string()),
         from: query.time_from("from")?,
         to: query.time_to("to")?,
         limit: query.int("limit", 1, 500)?.unwrap_or(50),

@@ -11,14 +11,12 @@
 
 use std::collections::HashSet;
 
-use axum::body::Body;
-use axum::extract::{Path, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::extract::State;
+use axum::http::{HeaderValue, Method, StatusCode};
 use axum::response::Response;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
-use dossier_domain::naming::content_disposition;
 use dossier_domain::{
     Bundle, BundleCommand, BundleFile, BundleStatus, DownloadChannel, DownloadedFile, FileId,
     RequestBundle,
@@ -29,9 +27,10 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::auth::Staff;
-use crate::error::{ApiError, AppError};
+use crate::error::{ApiError, AppError, ErrorBody};
 use crate::http::download;
-use crate::http::params::JsonBody;
+use crate::http::openapi::schemas::BundleStatusText;
+use crate::http::params::{JsonBody, PathText};
 use crate::state::AppState;
 
 pub fn routes() -> Router<AppState> {
@@ -47,6 +46,7 @@ pub fn routes() -> Router<AppState> {
 pub struct BundleRequest {
     /// 1 to 1000 file ids; the archive's entries follow this order. An id given
     /// twice is one entry.
+    #[schema(min_items = 1, max_items = 1000, value_type = Vec<uuid::Uuid>)]
     file_ids: Vec<String>,
 }
 
@@ -56,6 +56,7 @@ pub struct BundleAccepted {
     #[schema(value_type = String, format = Uuid)]
     id: Uuid,
     /// Always `pending`.
+    #[schema(value_type = String, pattern = "^pending$")]
     status: &'static str,
 }
 
@@ -65,8 +66,7 @@ pub struct BundleAccepted {
 pub struct BundleResource {
     #[schema(value_type = String, format = Uuid)]
     id: Uuid,
-    /// `pending`, `ready` or `failed`.
-    #[schema(example = "pending")]
+    #[schema(value_type = BundleStatusText)]
     status: &'static str,
     file_count: u32,
     /// Entries written so far (all of them once ready).
@@ -127,9 +127,15 @@ fn file_ids(raw: &[String], max_files: usize) -> Result<Vec<FileId>, ApiError> {
 
 /// `POST /v1/bundles`
 #[utoipa::path(post, path = "/v1/bundles", tag = "bundles", request_body = BundleRequest,
-    responses((status = 202, description = "Recorded; the archive is being built", body = BundleAccepted),
-              (status = 404, description = "not_found: a file is unknown, deleted or another tenant's"),
-              (status = 422, description = "validation_failed: no files, a malformed id, or over a bundle limit (the message names it)")))]
+    responses(
+        (status = 202, description = "Recorded; the archive is being built", body = BundleAccepted,
+            links(
+                ("GetBundle" = (operation_id = "bundle_status", parameters(("id" = "$response.body#/id")))),
+                ("GetBundleContent" = (operation_id = "bundle_content", parameters(("id" = "$response.body#/id")))),
+            )),
+        (status = 404, description = "not_found: a file is unknown, deleted or another tenant's", body = ErrorBody),
+        (status = 422, description = "validation_failed: no files, a malformed id, or over a bundle limit (the message names it)", body = ErrorBody),
+        (status = 429, description = "too_many_pending_bundles: the tenant has as many bundles being built as it may; try again once one is done", body = ErrorBody)))]
 pub async fn request_bundle(
     State(app): State<AppState>,
     Staff(caller): Staff,
@@ -191,26 +197,36 @@ async fn visible_bundle(
 }
 
 /// `GET /v1/bundles/{id}`
-#[utoipa::path(get, path = "/v1/bundles/{id}", tag = "bundles", params(("id" = String, Path)),
-    responses((status = 200, body = BundleResource), (status = 404, description = "not_found (also once expired)")))]
+#[utoipa::path(get, path = "/v1/bundles/{id}", tag = "bundles",
+    params(("id" = String, Path, format = Uuid, description = "The bundle's id")),
+    responses(
+        (status = 200, description = "Where the bundle stands", body = BundleResource,
+            links(("GetBundleContent" = (operation_id = "bundle_content", parameters(("id" = "$response.body#/id")))))),
+        (status = 404, description = "not_found: unknown, another tenant's, or expired", body = ErrorBody)))]
 pub async fn bundle_status(
     State(app): State<AppState>,
     Staff(caller): Staff,
-    Path(id): Path<String>,
+    PathText(id): PathText,
 ) -> Result<Json<BundleResource>, ApiError> {
     let bundle = visible_bundle(&app, &caller.tenant, &id).await?;
     Ok(Json(BundleResource::from(&bundle)))
 }
 
 /// `GET /v1/bundles/{id}/content`
-#[utoipa::path(get, path = "/v1/bundles/{id}/content", tag = "bundles", params(("id" = String, Path)),
-    responses((status = 200, description = "The ZIP (application/zip)"),
-              (status = 404, description = "not_found: unknown, another tenant's, expired, or a file of it was deleted since"),
-              (status = 409, description = "bundle_not_ready: pending or failed")))]
+#[utoipa::path(get, path = "/v1/bundles/{id}/content", tag = "bundles",
+    params(("id" = String, Path, format = Uuid, description = "The bundle's id")),
+    responses(
+        (status = 200, description = "The ZIP; a download of every file in it is recorded (HEAD records nothing)",
+            content(("application/zip")),
+            headers(("content-disposition" = String, description = "`attachment` with the bundle's file name"),
+                ("etag" = String, description = "the SHA-256 of the archive, quoted"))),
+        (status = 404, description = "not_found: unknown, another tenant's, expired, or a file of it was deleted since", body = ErrorBody),
+        (status = 409, description = "bundle_not_ready: still pending, or failed (see its status)", body = ErrorBody)))]
 pub async fn bundle_content(
     State(app): State<AppState>,
+    method: Method,
     Staff(caller): Staff,
-    Path(id): Path<String>,
+    PathText(id): PathText,
 ) -> Result<Response, ApiError> {
     let bundle = visible_bundle(&app, &caller.tenant, &id).await?;
     if bundle.status != BundleStatus::Ready {
@@ -233,54 +249,40 @@ pub async fn bundle_content(
         return Err(ApiError(AppError::NotFound));
     }
 
-    let blob = match app.blobs().get(&key).await {
-        Ok(blob) => blob,
+    let opened = match download::open(&app, &method, &key).await {
+        Ok(opened) => opened,
         // Expired and removed between the two reads.
         Err(dossier_blobstore::BlobError::NotFound) => return Err(ApiError(AppError::NotFound)),
         Err(error) => return Err(error.into()),
     };
-    let downloaded = bundle
-        .files
-        .iter()
-        .map(|file| DownloadedFile {
-            file_id: file.file_id,
-            customer_id: file.customer_id.clone(),
-        })
-        .collect();
-    download::record(
-        &app,
-        &caller.context(),
-        DownloadChannel::Bundle,
-        Some(bundle.id),
-        downloaded,
-    )
-    .await?;
-
-    let name = format!(
-        "bundle-{}.zip",
-        bundle.requested_at.format("%Y-%m-%d-%H%M%S")
-    );
-    let disposition = HeaderValue::from_str(&content_disposition(&name)).map_err(|_| {
-        ApiError(AppError::Internal(
-            "a bundle name could not be encoded".into(),
-        ))
-    })?;
-    let etag = bundle
-        .sha256
-        .as_ref()
-        .and_then(|sha256| HeaderValue::from_str(&format!("\"{sha256}\"")).ok());
-    let mut response = Response::builder()
-        .header(header::CONTENT_TYPE, "application/zip")
-        .header(header::CONTENT_LENGTH, blob.size)
-        .header(header::CONTENT_DISPOSITION, disposition)
-        .header(header::X_CONTENT_TYPE_OPTIONS, "nosniff")
-        .header(header::CACHE_CONTROL, "private, no-store");
-    if let Some(etag) = etag {
-        response = response.header(header::ETAG, etag);
+    if opened.sends_bytes() {
+        let downloaded = bundle
+            .files
+            .iter()
+            .map(|file| DownloadedFile {
+                file_id: file.file_id,
+                customer_id: file.customer_id.clone(),
+            })
+            .collect();
+        download::record(
+            &app,
+            &caller.context(),
+            DownloadChannel::Bundle,
+            Some(bundle.id),
+            downloaded,
+        )
+        .await?;
     }
-    response
-        .body(Body::from_stream(blob.body))
-        .map_err(|e| ApiError(AppError::Internal(e.to_string())))
+    let content = download::Content {
+        content_type: HeaderValue::from_static("application/zip"),
+        size: bundle.size,
+        name: format!(
+            "bundle-{}.zip",
+            bundle.requested_at.format("%Y-%m-%d-%H%M%S")
+        ),
+        etag: bundle.sha256.as_ref().map(ToString::to_string),
+    };
+    download::send(opened, content)
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use dossier_eventlog::log::{LogFilter, LoggedEvent};
 use serde::Serialize;
 
 use crate::auth::Auditor;
-use crate::error::{ApiError, AppError};
+use crate::error::{ApiError, AppError, ErrorBody};
 use crate::http::params::QueryPairs;
 use crate::state::AppState;
 
@@ -38,10 +38,10 @@ pub struct EventPage {
 
 /// `GET /v1/events`
 #[utoipa::path(get, path = "/v1/events", tag = "audit",
-    params(("after" = Option<i64>, Query, description = "a position; default 0 (the start)"),
-        ("limit" = Option<u32>, Query, description = "1–1000, default 100")),
+    params(("after" = Option<i64>, Query, minimum = 0, description = "a position; default 0 (the start)"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "page size, default 100")),
     responses((status = 200, description = "The raw log of the caller's tenant, in log order", body = EventPage),
-              (status = 403, description = "forbidden: auditors only")))]
+        (status = 422, description = "validation_failed: a malformed after or limit", body = ErrorBody)))]
 pub async fn list_events(
     State(app): State<AppState>,
     Auditor(caller): Auditor,

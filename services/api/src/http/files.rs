@@ -3,8 +3,8 @@
 //! Each handler parses its input into domain types, runs one command (or a
 //! query on the files read model) and answers the contract's File resource.
 
-use axum::extract::{Path, RawQuery, State};
-use axum::http::StatusCode;
+use axum::extract::{RawQuery, State};
+use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse as _, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -12,16 +12,19 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use dossier_application::{Recording, StoredUpload, UploadedFile};
 use dossier_domain::{
-    BlobKey, ContractId, CustomerId, DisplayName, DownloadChannel, FileCommand, FileId, Origin,
-    Visibility,
+    BlobKey, ContractId, CustomerId, DisplayName, FileCommand, FileId, Origin, Visibility,
 };
-use dossier_projections::files::{self as read_model, Cursor, FileFilter, FileView, Page};
+use dossier_projections::files::{self as read_model, FileFilter, FileView, Page};
 use serde::{Deserialize, Serialize};
 
 use crate::auth::Staff;
-use crate::error::{ApiError, AppError};
-use crate::http::download;
-use crate::http::params::{JsonBody, QueryPairs};
+use crate::error::{ApiError, AppError, ErrorBody};
+use crate::http::download::{self, Door};
+use crate::http::openapi::schemas::{
+    Confirm, ContractIdText, CursorText, CustomerIdText, DeleteStatus, DisplayNameText, OriginText,
+    TimeOrDate, VisibilityText,
+};
+use crate::http::params::{JsonBody, PathText, QueryPairs, json_object};
 use crate::http::upload::{self, FormBody, FormSpec};
 use crate::state::AppState;
 
@@ -67,14 +70,17 @@ pub async fn visible_file(
 
 /// `POST /v1/customers/{customer_id}/files`
 #[utoipa::path(post, path = "/v1/customers/{customer_id}/files", tag = "files",
-    params(("customer_id" = String, Path, description = "The customer's id")),
-    request_body(content_type = "multipart/form-data", description = "`file` (with its file name), `name`, optional `visibility`, `origin`, `contract_id`"),
-    responses((status = 201, description = "The recorded file", body = FileView),
-              (status = 413, description = "file_too_large"), (status = 422, description = "validation_failed")))]
+    params(("customer_id" = CustomerIdText, Path, description = "The customer's id")),
+    request_body(content = UploadForm, content_type = "multipart/form-data"),
+    responses(
+        (status = 201, description = "The recorded file", body = FileView,
+            headers(("dossier-read-models" = String, description = "`lagging` when the lists may not show the file for a moment (CONTRACT.md rule 15)"))),
+        (status = 413, description = "file_too_large: over the size limit (the message names it), or a form over its limits; nothing stored", body = ErrorBody),
+        (status = 422, description = "validation_failed: a field is missing or malformed (the message names it); nothing stored", body = ErrorBody)))]
 pub async fn upload_file(
     State(app): State<AppState>,
     Staff(caller): Staff,
-    Path(customer_id): Path<String>,
+    PathText(customer_id): PathText,
     body: FormBody,
 ) -> Result<Response, ApiError> {
     let customer = CustomerId::parse(&customer_id)?;
@@ -95,6 +101,29 @@ pub async fn upload_file(
         .record(&caller.context(), file, recording)
         .await?;
     Ok(created_file(app.uploads().resource(&recorded).await))
+}
+
+/// The form of `POST /v1/customers/{customer_id}/files`, as [`upload::receive`]
+/// and [`upload_recording`] read it. Only describes it for the OpenAPI document.
+#[derive(utoipa::ToSchema, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub struct UploadForm {
+    /// The content, with its file name (1 to 255 characters, no control
+    /// characters) and content type (`application/octet-stream` if none).
+    #[schema(value_type = String, format = Binary)]
+    file: Vec<u8>,
+    #[schema(value_type = DisplayNameText)]
+    name: String,
+    /// Default `internal`.
+    #[schema(value_type = VisibilityText, required = false)]
+    visibility: String,
+    /// Default `staff_upload`.
+    #[schema(value_type = OriginText, required = false)]
+    origin: String,
+    /// Empty means none.
+    #[schema(required = false, pattern = r"^((?!\.\.?$)[A-Za-z0-9._:@-]{1,128})?$")]
+    contract_id: String,
 }
 
 /// The header of a `201` whose read models had not caught up with the upload
@@ -161,17 +190,21 @@ fn upload_recording(
 
 /// `GET /v1/customers/{customer_id}/files`
 #[utoipa::path(get, path = "/v1/customers/{customer_id}/files", tag = "files",
-    params(("customer_id" = String, Path),
-        ("viewed" = Option<bool>, Query), ("visibility" = Option<Vec<String>>, Query, description = "repeatable"),
-        ("created_from" = Option<String>, Query, description = "RFC 3339 or YYYY-MM-DD, inclusive"),
-        ("created_to" = Option<String>, Query, description = "RFC 3339 or YYYY-MM-DD, inclusive"),
-        ("contract_id" = Option<String>, Query), ("origin" = Option<String>, Query),
-        ("limit" = Option<u32>, Query, description = "1–500, default 50"), ("cursor" = Option<String>, Query)),
-    responses((status = 200, description = "Newest first", body = Page)))]
+    params(("customer_id" = CustomerIdText, Path, description = "The customer's id"),
+        ("viewed" = Option<bool>, Query, description = "only files the customer has (true) or has not (false) opened in the portal"),
+        ("visibility" = Option<Vec<VisibilityText>>, Query, explode, description = "repeatable (or comma-separated); any of them"),
+        ("created_from" = Option<TimeOrDate>, Query, description = "inclusive; a date is the start of that day (UTC)"),
+        ("created_to" = Option<TimeOrDate>, Query, description = "inclusive; a date is the end of that day (UTC)"),
+        ("contract_id" = Option<ContractIdText>, Query), ("origin" = Option<OriginText>, Query),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 500, description = "page size, default 50"),
+        ("cursor" = Option<CursorText>, Query, description = "the `next_cursor` of the previous page")),
+    responses(
+        (status = 200, description = "One page, newest first", body = Page),
+        (status = 422, description = "validation_failed: a malformed customer id, filter, limit or cursor", body = ErrorBody)))]
 pub async fn list_files(
     State(app): State<AppState>,
     Staff(caller): Staff,
-    Path(customer_id): Path<String>,
+    PathText(customer_id): PathText,
     RawQuery(query): RawQuery,
 ) -> Result<Json<Page>, ApiError> {
     let customer = CustomerId::parse(&customer_id)?;
@@ -188,32 +221,32 @@ fn file_filter(query: &QueryPairs) -> Result<FileFilter, ApiError> {
         .into_iter()
         .map(Visibility::parse)
         .collect::<Result<Vec<_>, _>>()?;
-    let cursor = query
-        .one("cursor")
-        .map(|raw| {
-            Cursor::decode(raw)
-                .map_err(|_| ApiError::validation("cursor", "is not a cursor this API gave out"))
-        })
-        .transpose()?;
+    let paging = query.paging()?;
     Ok(FileFilter {
         viewed: query.bool("viewed")?,
         visibility,
         created_from: query.time_from("created_from")?,
         created_to: query.time_to("created_to")?,
-        contract_id: query.one("contract_id").map(str::to_owned),
+        contract_id: query
+            .one("contract_id")
+            .map(ContractId::parse)
+            .transpose()?
+            .map(|id| id.as_str().to_owned()),
         origin: query.one("origin").map(Origin::parse).transpose()?,
-        limit: query.int("limit", 1, 500)?.unwrap_or(50) as u32,
-        cursor,
+        limit: paging.limit,
+        cursor: paging.cursor,
     })
 }
 
 /// `GET /v1/files/{id}`
-#[utoipa::path(get, path = "/v1/files/{id}", tag = "files", params(("id" = String, Path)),
-    responses((status = 200, body = FileView), (status = 404, description = "not_found")))]
+#[utoipa::path(get, path = "/v1/files/{id}", tag = "files",
+    params(("id" = String, Path, format = Uuid, description = "The file's id")),
+    responses((status = 200, description = "The file", body = FileView),
+        (status = 404, description = "not_found: unknown, deleted, or another tenant's", body = ErrorBody)))]
 pub async fn get_file(
     State(app): State<AppState>,
     Staff(caller): Staff,
-    Path(id): Path<String>,
+    PathText(id): PathText,
 ) -> Result<Json<FileView>, ApiError> {
     Ok(Json(
         visible_file(&app, &caller.tenant, file_id(&id)?).await?,
@@ -221,31 +254,44 @@ pub async fn get_file(
 }
 
 /// `GET /v1/files/{id}/content`
-#[utoipa::path(get, path = "/v1/files/{id}/content", tag = "files", params(("id" = String, Path)),
-    responses((status = 200, description = "The exact bytes uploaded, named by Content-Disposition"), (status = 404)))]
+#[utoipa::path(get, path = "/v1/files/{id}/content", tag = "files",
+    params(("id" = String, Path, format = Uuid, description = "The file's id")),
+    responses((status = 200, description = "The exact bytes uploaded, of the recorded content type, named by Content-Disposition; the download is recorded (HEAD records nothing)",
+            content(("*/*")),
+            headers(("content-disposition" = String, description = "`attachment` with `filename` (ASCII) and `filename*` (UTF-8)"),
+                ("etag" = String, description = "the SHA-256 of the bytes, quoted"))),
+        (status = 404, description = "not_found: unknown, deleted, or another tenant's", body = ErrorBody)))]
 pub async fn file_content(
     State(app): State<AppState>,
+    method: Method,
     Staff(caller): Staff,
-    Path(id): Path<String>,
+    PathText(id): PathText,
 ) -> Result<Response, ApiError> {
     let view = visible_file(&app, &caller.tenant, file_id(&id)?).await?;
-    download::respond(&app, &caller.context(), DownloadChannel::Staff, &view).await
+    download::respond(&app, &caller.context(), &method, Door::Staff, &view).await
 }
 
+/// `PATCH /v1/files/{id}` body: what to change; an absent field stays.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EditFile {
+    #[schema(value_type = Option<DisplayNameText>)]
     name: Option<String>,
+    #[schema(value_type = Option<VisibilityText>)]
     visibility: Option<String>,
 }
 
 /// `PATCH /v1/files/{id}`
-#[utoipa::path(patch, path = "/v1/files/{id}", tag = "files", params(("id" = String, Path)),
-    request_body = EditFile, responses((status = 200, body = FileView)))]
+#[utoipa::path(patch, path = "/v1/files/{id}", tag = "files",
+    params(("id" = String, Path, format = Uuid, description = "The file's id")),
+    request_body = EditFile,
+    responses((status = 200, description = "The file as it is now", body = FileView),
+        (status = 404, description = "not_found: unknown, deleted, or another tenant's", body = ErrorBody),
+        (status = 422, description = "validation_failed: a malformed name or visibility", body = ErrorBody)))]
 pub async fn edit_file(
     State(app): State<AppState>,
     Staff(caller): Staff,
-    Path(id): Path<String>,
+    PathText(id): PathText,
     JsonBody(body): JsonBody<EditFile>,
 ) -> Result<Json<FileView>, ApiError> {
     let id = file_id(&id)?;
@@ -262,6 +308,7 @@ pub async fn edit_file(
     Ok(Json(visible_file(&app, &caller.tenant, id).await?))
 }
 
+/// `POST /v1/files/{id}/signature` body (optional).
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SignFile {
@@ -270,20 +317,29 @@ pub struct SignFile {
 }
 
 /// `POST /v1/files/{id}/signature`
-#[utoipa::path(post, path = "/v1/files/{id}/signature", tag = "files", params(("id" = String, Path)),
-    request_body = SignFile, responses((status = 200, body = FileView)))]
+#[utoipa::path(post, path = "/v1/files/{id}/signature", tag = "files",
+    params(("id" = String, Path, format = Uuid, description = "The file's id")),
+    request_body(content = Option<SignFile>, description = "optional: none, or `{}`, means signed now"),
+    responses((status = 200, description = "The file as it is now", body = FileView),
+        (status = 404, description = "not_found: unknown, deleted, or another tenant's", body = ErrorBody),
+        (status = 422, description = "validation_failed: a malformed body", body = ErrorBody)))]
 pub async fn sign_file(
     State(app): State<AppState>,
     Staff(caller): Staff,
-    Path(id): Path<String>,
+    PathText(id): PathText,
     body: Bytes,
 ) -> Result<Json<FileView>, ApiError> {
     let id = file_id(&id)?;
-    // The body is optional: none, or `{}`, means "signed now".
+    // The body is optional: none, `null` or `{}` means "signed now".
     let body: SignFile = if body.iter().all(u8::is_ascii_whitespace) {
         SignFile::default()
     } else {
-        serde_json::from_slice(&body).map_err(|e| ApiError::validation("body", e.to_string()))?
+        match serde_json::from_slice(&body)
+            .map_err(|e| ApiError::validation("body", e.to_string()))?
+        {
+            serde_json::Value::Null => SignFile::default(),
+            value => json_object(value)?,
+        }
     };
     let signed_at = body.signed_at.unwrap_or_else(Utc::now);
     let command = FileCommand::MarkSigned {
@@ -296,13 +352,16 @@ pub async fn sign_file(
 
 /// `DELETE /v1/files/{id}?confirm=true`
 #[utoipa::path(delete, path = "/v1/files/{id}", tag = "files",
-    params(("id" = String, Path), ("confirm" = bool, Query, description = "must be true")),
-    responses((status = 204, description = "Deleted"), (status = 409, description = "file_protected"),
-              (status = 422, description = "confirmation_required")))]
+    params(("id" = String, Path, format = Uuid, description = "The file's id"),
+        ("confirm" = inline(Confirm), Query, description = "must be true: deleting is permanent")),
+    responses((status = 204, description = "Deleted, from every list at once; its bytes are removed"),
+        (status = 404, description = "not_found: unknown, already deleted, or another tenant's", body = ErrorBody),
+        (status = 409, description = "file_protected: a system or product file, never deleted; or conflict", body = ErrorBody),
+        (status = 422, description = "confirmation_required: no `confirm=true`", body = ErrorBody)))]
 pub async fn delete_file(
     State(app): State<AppState>,
     Staff(caller): Staff,
-    Path(id): Path<String>,
+    PathText(id): PathText,
     RawQuery(query): RawQuery,
 ) -> Result<StatusCode, ApiError> {
     let id = file_id(&id)?;
@@ -318,11 +377,16 @@ pub async fn delete_file(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// `POST /v1/files/delete` body.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DeleteFiles {
+    /// 1 to 1000 ids; one that is not a UUID is `not_found`.
+    #[schema(min_items = 1, max_items = 1000)]
     file_ids: Vec<String>,
+    /// Must be true: deleting is permanent (`confirmation_required` otherwise).
     #[serde(default)]
+    #[schema(value_type = Confirm, required = true)]
     confirm: bool,
 }
 
@@ -333,11 +397,13 @@ pub struct DeleteResults {
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct DeleteResult {
+    /// The id as given.
     id: String,
     /// `deleted`, `protected`, `not_found`, or, retryable with the same id:
     /// `conflict` (a concurrent change kept winning the race) and
     /// `unavailable` (a backing service failed for this file; it may or may
     /// not be deleted: a retry answers `deleted`, or `not_found` if it was)
+    #[schema(value_type = DeleteStatus)]
     status: &'static str,
 }
 
@@ -373,7 +439,8 @@ const MAX_BULK_DELETE: usize = 1000;
 
 /// `POST /v1/files/delete`
 #[utoipa::path(post, path = "/v1/files/delete", tag = "files", request_body = DeleteFiles,
-    responses((status = 200, body = DeleteResults), (status = 422, description = "confirmation_required")))]
+    responses((status = 200, description = "What became of each id, in the order given", body = DeleteResults),
+        (status = 422, description = "confirmation_required, or validation_failed: no ids or more than 1000", body = ErrorBody)))]
 pub async fn delete_files(
     State(app): State<AppState>,
     Staff(caller): Staff,

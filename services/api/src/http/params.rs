@@ -3,12 +3,14 @@
 //! rejections would answer plain text).
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{FromRequest, Request};
+use axum::extract::{FromRequest, FromRequestParts, Multipart, Path, Request};
+use axum::http::request::Parts;
 use chrono::{DateTime, NaiveDate, NaiveTime, Utc};
+use dossier_projections::cursor::{Cursor, Paging};
 use percent_encoding::percent_decode_str;
 use serde::de::DeserializeOwned;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, AppError};
 
 /// A query string as ordered pairs; keys may repeat (`visibility=a&visibility=b`).
 pub struct QueryPairs(Vec<(String, String)>);
@@ -23,23 +25,25 @@ impl QueryPairs {
         Ok(Self(pairs))
     }
 
-    /// The last value of `key`, if present and not empty.
+    /// The last value of `key`, if present. An empty value (`key=`) is a
+    /// value like any other, which the typed readers refuse: a parameter is
+    /// either absent or well formed, as the OpenAPI document says.
     pub fn one(&self, key: &str) -> Option<&str> {
         self.0
             .iter()
             .rev()
-            .find(|(k, v)| k == key && !v.is_empty())
+            .find(|(k, _)| k == key)
             .map(|(_, v)| v.as_str())
     }
 
-    /// Every value of `key`, also split at commas (`visibility=portal,internal`).
+    /// Every value of `key`, also split at commas (`visibility=portal,internal`);
+    /// an empty one stays, for the caller's parser to refuse.
     pub fn all(&self, key: &str) -> Vec<&str> {
         self.0
             .iter()
             .filter(|(k, _)| k == key)
             .flat_map(|(_, v)| v.split(','))
             .map(str::trim)
-            .filter(|v| !v.is_empty())
             .collect()
     }
 
@@ -65,6 +69,23 @@ impl QueryPairs {
         }
     }
 
+    /// `limit` (1–500, default 50) and `cursor` of a list kept newest first
+    /// (a customer's files, the portal's lists).
+    pub fn paging(&self) -> Result<Paging, ApiError> {
+        let cursor = self
+            .one("cursor")
+            .map(|raw| {
+                Cursor::decode(raw).map_err(|_| {
+                    ApiError::validation("cursor", "is not a cursor this API gave out")
+                })
+            })
+            .transpose()?;
+        let limit = self
+            .int("limit", 1, i64::from(Paging::MAX_LIMIT))?
+            .map_or(Paging::DEFAULT_LIMIT, |n| n as u32);
+        Ok(Paging { limit, cursor })
+    }
+
     /// RFC 3339, or a plain date: the start of that day (UTC).
     pub fn time_from(&self, key: &'static str) -> Result<Option<DateTime<Utc>>, ApiError> {
         self.one(key)
@@ -84,10 +105,18 @@ impl QueryPairs {
 
 fn decode(raw: &str) -> Result<String, ApiError> {
     let spaced = raw.replace('+', " ");
-    percent_decode_str(&spaced)
+    let decoded = percent_decode_str(&spaced)
         .decode_utf8()
         .map(|s| s.into_owned())
-        .map_err(|_| ApiError::validation("query", "is not valid UTF-8"))
+        .map_err(|_| ApiError::validation("query", "is not valid UTF-8"))?;
+    // No value of ours holds a NUL, and Postgres cannot take one in text.
+    if decoded.contains('\0') {
+        return Err(ApiError::validation(
+            "query",
+            "must not contain NUL characters",
+        ));
+    }
+    Ok(decoded)
 }
 
 fn parse_time(
@@ -103,6 +132,37 @@ fn parse_time(
         .map_err(|_| ApiError::validation(key, "must be an RFC 3339 time or a YYYY-MM-DD date"))
 }
 
+/// A path segment as text. One that does not decode (invalid UTF-8 after
+/// percent-decoding) names nothing: `not_found`, in the contract's error body
+/// (axum's own rejection would answer a plain-text 400).
+pub struct PathText(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for PathText {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<String>::from_request_parts(parts, state).await {
+            Ok(Path(text)) => Ok(Self(text)),
+            Err(_) => Err(ApiError(AppError::NotFound)),
+        }
+    }
+}
+
+/// `Multipart` whose rejection (not `multipart/form-data`, no boundary)
+/// answers the contract's `validation_failed`.
+pub struct Form(pub Multipart);
+
+impl<S: Send + Sync> FromRequest<S> for Form {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        Multipart::from_request(req, state)
+            .await
+            .map(Self)
+            .map_err(|rejection| ApiError::validation("body", rejection.body_text()))
+    }
+}
+
 /// `Json<T>` whose rejections answer the contract's error body.
 pub struct JsonBody<T>(pub T);
 
@@ -114,11 +174,20 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        match axum::Json::<T>::from_request(req, state).await {
-            Ok(axum::Json(value)) => Ok(Self(value)),
+        match axum::Json::<serde_json::Value>::from_request(req, state).await {
+            Ok(axum::Json(value)) => json_object(value).map(Self),
             Err(rejection) => Err(json_rejection(rejection)),
         }
     }
+}
+
+/// A body of ours is a JSON object: serde would also read a struct from an
+/// array of its fields in order (`[null, null]`), which no client means.
+pub fn json_object<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, ApiError> {
+    if !value.is_object() {
+        return Err(ApiError::validation("body", "must be a JSON object"));
+    }
+    serde_json::from_value(value).map_err(|e| ApiError::validation("body", e.to_string()))
 }
 
 fn json_rejection(rejection: JsonRejection) -> ApiError {
@@ -139,7 +208,18 @@ mod tests {
             q.all("visibility"),
             ["portal", "internal", "portal_and_moving"]
         );
-        assert_eq!(q.one("x"), None);
+        assert_eq!(q.one("x"), Some(""), "present, and empty");
+        assert_eq!(q.one("y"), None);
+    }
+
+    #[test]
+    fn an_empty_or_nul_value_is_refused_not_taken_for_absent() {
+        let q = QueryPairs::parse(Some("limit=&viewed=&cursor=&from=")).unwrap();
+        assert!(q.int("limit", 1, 500).is_err());
+        assert!(q.bool("viewed").is_err());
+        assert!(q.paging().is_err());
+        assert!(q.time_from("from").is_err());
+        assert!(QueryPairs::parse(Some("contract_id=a%00b")).is_err());
     }
 
     #[test]

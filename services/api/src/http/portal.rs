@@ -1,19 +1,20 @@
 //! The customer portal: a customer's own published files, opened in the
 //! portal. The customer id comes from the token, never from the URL.
 
-use axum::extract::{Path, State};
+use axum::extract::{RawQuery, State};
+use axum::http::Method;
 use axum::response::Response;
 use axum::routing::get;
 use axum::{Json, Router};
-use chrono::Utc;
-use dossier_domain::{DownloadChannel, FileCommand, Visibility};
-use dossier_projections::files::{self as read_model, FileFilter, FileView};
-use serde::Serialize;
+use dossier_domain::Visibility;
+use dossier_projections::files::{self as read_model, Audience, FileFilter, Page};
 
 use crate::auth::PortalCustomer;
-use crate::error::{ApiError, AppError};
-use crate::http::download;
+use crate::error::{ApiError, AppError, ErrorBody};
+use crate::http::download::{self, Door};
 use crate::http::files::file_id;
+use crate::http::openapi::schemas::CursorText;
+use crate::http::params::{PathText, QueryPairs};
 use crate::state::AppState;
 
 pub fn routes() -> Router<AppState> {
@@ -22,81 +23,64 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/portal/files/{id}/content", get(portal_file_content))
 }
 
-#[derive(Serialize, utoipa::ToSchema)]
-pub struct PortalFiles {
-    items: Vec<FileView>,
-}
-
-/// The visibilities a customer sees.
-const PUBLISHED: [Visibility; 2] = [Visibility::Portal, Visibility::PortalAndMoving];
-
-/// `GET /v1/portal/files`
+/// `GET /v1/portal/files`: one page of the customer's own published files,
+/// newest first.
 #[utoipa::path(get, path = "/v1/portal/files", tag = "portal",
-    responses((status = 200, description = "The customer's own published files, newest first", body = PortalFiles)))]
+    params(("limit" = Option<u32>, Query, minimum = 1, maximum = 500, description = "page size, default 50"),
+        ("cursor" = Option<CursorText>, Query, description = "the `next_cursor` of the previous page")),
+    responses(
+        (status = 200, description = "One page of the customer's own files with visibility portal or portal_and_moving, newest first", body = Page),
+        (status = 422, description = "validation_failed: a malformed limit or cursor", body = ErrorBody)))]
 pub async fn list_portal_files(
     State(app): State<AppState>,
     customer: PortalCustomer,
-) -> Result<Json<PortalFiles>, ApiError> {
-    let mut filter = FileFilter {
-        visibility: PUBLISHED.to_vec(),
-        limit: 500,
+    RawQuery(query): RawQuery,
+) -> Result<Json<Page>, ApiError> {
+    let paging = QueryPairs::parse(query.as_deref())?.paging()?;
+    let filter = FileFilter {
+        // Rule 8: the visibilities the portal shows, and nothing else.
+        visibility: Visibility::ALL
+            .into_iter()
+            .filter(|v| v.in_portal())
+            .collect(),
+        limit: paging.limit,
+        cursor: paging.cursor,
         ..FileFilter::default()
     };
-    let mut items = Vec::new();
-    loop {
-        let page = read_model::list(
-            app.pool(),
-            &customer.caller.tenant,
-            &customer.customer,
-            &filter,
-        )
-        .await
-        .map_err(|e| ApiError(AppError::Unavailable(e.to_string())))?;
-        items.extend(page.items);
-        match page.next_cursor {
-            Some(next) => {
-                filter.cursor = Some(read_model::Cursor::decode(&next).map_err(|_| {
-                    ApiError(AppError::Internal(
-                        "the read model gave out a bad cursor".into(),
-                    ))
-                })?);
-            }
-            None => break,
-        }
-    }
-    Ok(Json(PortalFiles { items }))
+    let page = read_model::list(
+        app.pool(),
+        &customer.caller.tenant,
+        &customer.customer,
+        &filter,
+    )
+    .await
+    .map_err(|e| ApiError(AppError::Unavailable(e.to_string())))?;
+    Ok(Json(page))
 }
 
 /// `GET /v1/portal/files/{id}/content`: streams the file and, on the
-/// customer's first download, records that it was viewed.
-#[utoipa::path(get, path = "/v1/portal/files/{id}/content", tag = "portal", params(("id" = String, Path)),
-    responses((status = 200, description = "The file's bytes; sets viewed_at on the first download"), (status = 404)))]
+/// customer's first download, records that it was viewed (HEAD: neither).
+#[utoipa::path(get, path = "/v1/portal/files/{id}/content", tag = "portal",
+    params(("id" = String, Path, format = Uuid, description = "The file's id")),
+    responses((status = 200, description = "The file's bytes; the download is recorded and the first one sets viewed_at (HEAD records nothing)",
+            content(("*/*")),
+            headers(("content-disposition" = String, description = "`attachment` with `filename` (ASCII) and `filename*` (UTF-8)"),
+                ("etag" = String, description = "the SHA-256 of the bytes, quoted"))),
+        (status = 404, description = "not_found: unknown, not published, another customer's or tenant's", body = ErrorBody)))]
 pub async fn portal_file_content(
     State(app): State<AppState>,
+    method: Method,
     customer: PortalCustomer,
-    Path(id): Path<String>,
+    PathText(id): PathText,
 ) -> Result<Response, ApiError> {
     let id = file_id(&id)?;
     let file = read_model::get(app.pool(), &customer.caller.tenant, id)
         .await
         .map_err(|e| ApiError(AppError::Unavailable(e.to_string())))?
-        .filter(|file| file.customer_id == customer.customer && file.visibility.in_portal())
+        .filter(|file| Audience::Customer(&customer.customer).sees(file))
         .ok_or(ApiError(AppError::NotFound))?;
-    if file.viewed_at.is_none() {
-        let command = FileCommand::MarkViewed {
-            tenant: customer.caller.tenant.clone(),
-            viewer: customer.customer.clone(),
-            at: Utc::now(),
-        };
-        app.commands()
-            .file(&customer.caller.context(), id, command)
-            .await?;
-    }
-    download::respond(
-        &app,
-        &customer.caller.context(),
-        DownloadChannel::Portal,
-        &file,
-    )
-    .await
+    let door = Door::Portal {
+        viewer: &customer.customer,
+    };
+    download::respond(&app, &customer.caller.context(), &method, door, &file).await
 }

@@ -2,7 +2,7 @@
 //! customers list their own, upload files to them and write in their thread;
 //! each tenant switches portal uploads on or off.
 
-use axum::extract::{Path, State};
+use axum::extract::{RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::Response;
 use axum::routing::{get, post, put};
@@ -13,15 +13,16 @@ use dossier_domain::{
     BlobKey, CustomerId, DisplayName, FileId, MessageText, Origin, Settings, SettingsCommand, Task,
     TaskCommand, TaskTitle, Visibility,
 };
-use dossier_projections::files::FileView;
-use dossier_projections::portal::{self, MessageView, TaskView};
+use dossier_projections::files::{Audience, FileView};
+use dossier_projections::portal::{self, MessageView, TaskPage, TaskView};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::auth::{PortalCustomer, Staff};
-use crate::error::{ApiError, AppError};
+use crate::error::{ApiError, AppError, ErrorBody};
 use crate::http::files::created_file;
-use crate::http::params::JsonBody;
+use crate::http::openapi::schemas::{CursorText, CustomerIdText, MessageTextText, TaskTitleText};
+use crate::http::params::{JsonBody, PathText, QueryPairs};
 use crate::http::upload::{self, FormBody, FormSpec, ReceivedForm};
 use crate::state::AppState;
 
@@ -58,10 +59,39 @@ pub struct Tasks {
     items: Vec<TaskView>,
 }
 
+/// `POST /v1/customers/{customer_id}/tasks` body.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewTask {
+    #[schema(value_type = TaskTitleText)]
     title: String,
+}
+
+/// The form of `POST /v1/portal/tasks/{task_id}/messages` (CONTRACT.md: `text`,
+/// optional `file`). Only describes it for the OpenAPI document.
+#[derive(utoipa::ToSchema, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub struct MessageForm {
+    #[schema(value_type = MessageTextText)]
+    text: String,
+    /// The content, with its file name (1 to 255 characters, no control
+    /// characters) and content type (`application/octet-stream` if none).
+    #[schema(value_type = String, format = Binary, required = false)]
+    file: Vec<u8>,
+}
+
+/// The form of `POST /v1/portal/tasks/{task_id}/attachments`. Only describes
+/// it for the OpenAPI document.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttachmentForm {
+    /// The content, with its file name (1 to 255 characters, no control
+    /// characters) and content type (`application/octet-stream` if none).
+    #[schema(value_type = String, format = Binary)]
+    file: Vec<u8>,
 }
 
 fn read_model_error(error: impl std::fmt::Display) -> ApiError {
@@ -70,12 +100,20 @@ fn read_model_error(error: impl std::fmt::Display) -> ApiError {
 
 /// `POST /v1/customers/{customer_id}/tasks`
 #[utoipa::path(post, path = "/v1/customers/{customer_id}/tasks", tag = "tasks",
-    params(("customer_id" = String, Path)), request_body = NewTask,
-    responses((status = 201, body = TaskView), (status = 422, description = "validation_failed")))]
+    params(("customer_id" = CustomerIdText, Path, description = "The customer's id")),
+    request_body = NewTask,
+    responses(
+        (status = 201, description = "The task, with no attachments or messages yet", body = TaskView,
+            links(
+                ("UploadAttachment" = (operation_id = "upload_attachment", parameters(("task_id" = "$response.body#/id")))),
+                ("PostMessage" = (operation_id = "post_message", parameters(("task_id" = "$response.body#/id")))),
+                ("ListTasks" = (operation_id = "list_tasks", parameters(("customer_id" = "$response.body#/customer_id")))),
+            )),
+        (status = 422, description = "validation_failed: a malformed customer id or title", body = ErrorBody)))]
 pub async fn create_task(
     State(app): State<AppState>,
     Staff(caller): Staff,
-    Path(customer_id): Path<String>,
+    PathText(customer_id): PathText,
     JsonBody(body): JsonBody<NewTask>,
 ) -> Result<(StatusCode, Json<TaskView>), ApiError> {
     let customer = CustomerId::parse(&customer_id)?;
@@ -90,11 +128,9 @@ pub async fn create_task(
     app.commands()
         .run::<Task>(&caller.context(), &task_id.to_string(), command, ())
         .await?;
-    let task = portal::tasks_of(app.pool(), &caller.tenant, &customer)
+    let task = portal::task(app.pool(), &caller.tenant, task_id)
         .await
         .map_err(read_model_error)?
-        .into_iter()
-        .find(|task| task.id == task_id)
         .ok_or_else(|| {
             ApiError(AppError::Internal(
                 "a created task is missing from the read model".into(),
@@ -105,11 +141,13 @@ pub async fn create_task(
 
 /// `GET /v1/customers/{customer_id}/tasks`
 #[utoipa::path(get, path = "/v1/customers/{customer_id}/tasks", tag = "tasks",
-    params(("customer_id" = String, Path)), responses((status = 200, body = Tasks)))]
+    params(("customer_id" = CustomerIdText, Path, description = "The customer's id")),
+    responses((status = 200, description = "The customer's tasks, oldest first, with every attachment and message", body = Tasks),
+        (status = 422, description = "validation_failed: a malformed customer id", body = ErrorBody)))]
 pub async fn list_tasks(
     State(app): State<AppState>,
     Staff(caller): Staff,
-    Path(customer_id): Path<String>,
+    PathText(customer_id): PathText,
 ) -> Result<Json<Tasks>, ApiError> {
     let customer = CustomerId::parse(&customer_id)?;
     let items = portal::tasks_of(app.pool(), &caller.tenant, &customer)
@@ -120,15 +158,27 @@ pub async fn list_tasks(
 
 /// `GET /v1/portal/tasks`
 #[utoipa::path(get, path = "/v1/portal/tasks", tag = "portal",
-    responses((status = 200, description = "The customer's own tasks with attachments and messages", body = Tasks)))]
+    params(("limit" = Option<u32>, Query, minimum = 1, maximum = 500, description = "page size, default 50"),
+        ("cursor" = Option<CursorText>, Query, description = "the `next_cursor` of the previous page")),
+    responses(
+        (status = 200, description = "One page of the customer's own tasks, newest first, with their published attachments and their messages", body = TaskPage),
+        (status = 422, description = "validation_failed: a malformed limit or cursor", body = ErrorBody)))]
 pub async fn list_portal_tasks(
     State(app): State<AppState>,
     customer: PortalCustomer,
-) -> Result<Json<Tasks>, ApiError> {
-    let items = portal::tasks_of(app.pool(), &customer.caller.tenant, &customer.customer)
-        .await
-        .map_err(read_model_error)?;
-    Ok(Json(Tasks { items }))
+    RawQuery(query): RawQuery,
+) -> Result<Json<TaskPage>, ApiError> {
+    let paging = QueryPairs::parse(query.as_deref())?.paging()?;
+    let page = portal::tasks_page(
+        app.pool(),
+        &customer.caller.tenant,
+        &customer.customer,
+        Audience::Customer(&customer.customer),
+        paging,
+    )
+    .await
+    .map_err(read_model_error)?;
+    Ok(Json(page))
 }
 
 #[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
@@ -139,7 +189,8 @@ pub struct PortalSettings {
 
 /// `PUT /v1/settings`
 #[utoipa::path(put, path = "/v1/settings", tag = "settings", request_body = PortalSettings,
-    responses((status = 200, body = PortalSettings)))]
+    responses((status = 200, description = "The tenant's settings as they are now", body = PortalSettings),
+        (status = 422, description = "validation_failed: a malformed body", body = ErrorBody)))]
 pub async fn put_settings(
     State(app): State<AppState>,
     Staff(caller): Staff,
@@ -221,14 +272,19 @@ async fn record_customer_upload(
 
 /// `POST /v1/portal/tasks/{task_id}/attachments`
 #[utoipa::path(post, path = "/v1/portal/tasks/{task_id}/attachments", tag = "portal",
-    params(("task_id" = String, Path)),
-    request_body(content_type = "multipart/form-data", description = "`file`"),
-    responses((status = 201, body = FileView), (status = 403, description = "portal_upload_disabled"),
-              (status = 404), (status = 413, description = "file_too_large")))]
+    params(("task_id" = String, Path, format = Uuid, description = "The task's id")),
+    request_body(content = AttachmentForm, content_type = "multipart/form-data"),
+    responses(
+        (status = 201, description = "The recorded file: origin customer_upload, visibility portal, named after the file", body = FileView,
+            headers(("dossier-read-models" = String, description = "`lagging` when the lists may not show the file for a moment (CONTRACT.md rule 15)"))),
+        (status = 403, description = "portal_upload_disabled: the tenant has turned portal uploads off; or forbidden", body = ErrorBody),
+        (status = 404, description = "not_found: unknown task, or another customer's or tenant's", body = ErrorBody),
+        (status = 413, description = "file_too_large: over the size limit (the message names it), or a form over its limits; nothing stored", body = ErrorBody),
+        (status = 422, description = "validation_failed: no file, or a malformed form; nothing stored", body = ErrorBody)))]
 pub async fn upload_attachment(
     State(app): State<AppState>,
     customer: PortalCustomer,
-    Path(task_id): Path<String>,
+    PathText(task_id): PathText,
     body: FormBody,
 ) -> Result<Response, ApiError> {
     let task_id = own_task(&app, &customer, &task_id).await?;
@@ -245,14 +301,18 @@ pub async fn upload_attachment(
 
 /// `POST /v1/portal/tasks/{task_id}/messages`
 #[utoipa::path(post, path = "/v1/portal/tasks/{task_id}/messages", tag = "portal",
-    params(("task_id" = String, Path)),
-    request_body(content_type = "multipart/form-data", description = "`text`, optional `file`"),
-    responses((status = 201, body = MessageView), (status = 403, description = "portal_upload_disabled (with a file)"),
-              (status = 404), (status = 413, description = "file_too_large")))]
+    params(("task_id" = String, Path, format = Uuid, description = "The task's id")),
+    request_body(content = MessageForm, content_type = "multipart/form-data"),
+    responses(
+        (status = 201, description = "The message, in the task's thread; its file is also a task attachment", body = MessageView),
+        (status = 403, description = "portal_upload_disabled: a file while the tenant has turned portal uploads off; or forbidden", body = ErrorBody),
+        (status = 404, description = "not_found: unknown task, or another customer's or tenant's", body = ErrorBody),
+        (status = 413, description = "file_too_large: over the size limit (the message names it), or a form over its limits; nothing stored", body = ErrorBody),
+        (status = 422, description = "validation_failed: no text, or a malformed form; nothing stored", body = ErrorBody)))]
 pub async fn post_message(
     State(app): State<AppState>,
     customer: PortalCustomer,
-    Path(task_id): Path<String>,
+    PathText(task_id): PathText,
     body: FormBody,
 ) -> Result<(StatusCode, Json<MessageView>), ApiError> {
     let task_id = own_task(&app, &customer, &task_id).await?;
@@ -277,11 +337,10 @@ pub async fn post_message(
             return Err(error.into());
         }
     };
-    if text.is_empty() && form.file.is_none() {
-        return Err(ApiError::validation(
-            "text",
-            "is required (or attach a file)",
-        ));
+    // CONTRACT.md: `text`, optional `file`; a file needs a word with it.
+    if text.is_empty() {
+        form.discard(app.uploads()).await;
+        return Err(ApiError::validation("text", "is required"));
     }
     // The file is recorded first: it is a task attachment in its own right.
     let file_id = match &form.file {

@@ -1,12 +1,13 @@
-//! The opaque cursor of the file list: where the previous page ended.
+//! The opaque cursor of the lists kept newest first (a customer's files, a
+//! customer's tasks in the portal): where the previous page ended.
 //!
-//! The list is ordered by `(created_at DESC, id DESC)`, a total order, so the last
+//! Each list is ordered by `(created_at DESC, id DESC)`, a total order, so the last
 //! row of a page pins down exactly where the next one starts (keyset pagination: no
-//! OFFSET, no row skipped or repeated when files are added or deleted in between).
+//! OFFSET, no row skipped or repeated when rows are added or deleted in between).
 //!
 //! Encoding: URL-safe base64 without padding of 25 bytes: a format version (1), the
 //! `created_at` in microseconds since the Unix epoch (big-endian i64, the precision
-//! Postgres keeps), and the file id (16 bytes). Clients must treat it as opaque; the
+//! Postgres keeps), and the row's id (16 bytes). Clients must treat it as opaque; the
 //! version byte lets the format change without misreading old cursors.
 
 use base64::Engine;
@@ -16,14 +17,44 @@ use uuid::Uuid;
 
 const VERSION: u8 = 1;
 const LEN: usize = 1 + 8 + 16;
+/// Rows are created after 1970 and long before 2^58 µs (the year 11103): a
+/// time outside is no row's, and Postgres could not even compare with some.
+/// The bound makes the text form a simple pattern (the OpenAPI document's
+/// `Cursor`): `AQ`, one of `A`–`P`, 30 URL-safe characters, one of `AQgw`.
+const MAX_MICROS: i64 = 1 << 58;
 
-/// Where a page of the file list ended; the next page starts after it.
+/// Where a page of a list ended; the next page starts after it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cursor {
-    /// `created_at` of the last file of the page, truncated to microseconds.
+    /// `created_at` of the last row of the page, truncated to microseconds.
     pub created_at: DateTime<Utc>,
-    /// Id of the last file of the page.
+    /// Id of the last row of the page.
     pub id: Uuid,
+}
+
+/// Which page of a list kept newest first: at most `limit` rows (clamped to
+/// 1..=[`Self::MAX_LIMIT`] by the queries), after `cursor`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Paging {
+    pub limit: u32,
+    pub cursor: Option<Cursor>,
+}
+
+impl Paging {
+    /// The contract's default page size.
+    pub const DEFAULT_LIMIT: u32 = 50;
+    /// The largest page.
+    pub const MAX_LIMIT: u32 = 500;
+}
+
+impl Default for Paging {
+    /// The first page, of the default size.
+    fn default() -> Self {
+        Self {
+            limit: Self::DEFAULT_LIMIT,
+            cursor: None,
+        }
+    }
 }
 
 /// A string that is not a cursor this service gave out (the API answers
@@ -42,7 +73,7 @@ pub enum CursorError {
 }
 
 impl Cursor {
-    /// The cursor that continues after a file with these keys.
+    /// The cursor that continues after a row with these keys.
     pub fn after(created_at: DateTime<Utc>, id: Uuid) -> Self {
         Self { created_at, id }
     }
@@ -66,8 +97,11 @@ impl Cursor {
         }
         let mut micros = [0u8; 8];
         micros.copy_from_slice(&bytes[1..9]);
-        let created_at = DateTime::from_timestamp_micros(i64::from_be_bytes(micros))
-            .ok_or(CursorError::BadTime)?;
+        let micros = i64::from_be_bytes(micros);
+        if !(0..MAX_MICROS).contains(&micros) {
+            return Err(CursorError::BadTime);
+        }
+        let created_at = DateTime::from_timestamp_micros(micros).ok_or(CursorError::BadTime)?;
         let id = Uuid::from_slice(&bytes[9..]).map_err(|_| CursorError::UnknownFormat)?;
         Ok(Self { created_at, id })
     }
@@ -88,6 +122,24 @@ mod tests {
             "URL-safe: {text}"
         );
         assert_eq!(Cursor::decode(&text), Ok(cursor));
+    }
+
+    #[test]
+    fn the_text_form_has_the_documented_shape() {
+        for micros in [0, 1_795_000_000_123_456, MAX_MICROS - 1] {
+            let at = DateTime::from_timestamp_micros(micros).unwrap();
+            for id in [Uuid::nil(), Uuid::max(), Uuid::now_v7()] {
+                let text = Cursor::after(at, id).encode();
+                let chars: Vec<char> = text.chars().collect();
+                assert_eq!(chars.len(), 34, "{text}");
+                assert_eq!(&text[..2], "AQ", "{text}");
+                assert!(('A'..='P').contains(&chars[2]), "{text}");
+                assert!("AQgw".contains(chars[33]), "{text}");
+            }
+        }
+        let before_1970 = DateTime::from_timestamp_micros(-1).unwrap();
+        let text = Cursor::after(before_1970, Uuid::nil()).encode();
+        assert_eq!(Cursor::decode(&text), Err(CursorError::BadTime));
     }
 
     #[test]
