@@ -105,11 +105,8 @@ pub async fn respond(
 ) -> Result<Response, ApiError> {
     let opened = open(app, method, &file.blob_key).await?;
     if opened.sends_bytes() {
-        let downloaded = DownloadedFile {
-            file_id: file.id,
-            customer_id: file.customer_id.clone(),
-        };
-        record(app, ctx, door.channel(), None, vec![downloaded]).await?;
+        // Viewed first, then the download: the trail reads "viewed" before
+        // "downloaded" for the customer's first download, as it always has.
         if let Door::Portal { viewer } = door
             && file.viewed_at.is_none()
         {
@@ -120,6 +117,11 @@ pub async fn respond(
             };
             app.commands().file(ctx, file.id, command).await?;
         }
+        let downloaded = DownloadedFile {
+            file_id: file.id,
+            customer_id: file.customer_id.clone(),
+        };
+        record(app, ctx, door.channel(), None, vec![downloaded]).await?;
     }
     let content_type = HeaderValue::from_str(file.content_type.as_str())
         .unwrap_or_else(|_| HeaderValue::from_static("application/octet-stream"));
