@@ -682,7 +682,9 @@ impl Sweep<'_> {
                     tracing::warn!(parent: &span, "a deleted file still has its blob (its purge was lost); purging it");
                     match self.purge.purge(event_id).instrument(span).await {
                         Outcome::Ack => report.purged.push(file_id),
-                        Outcome::Retry | Outcome::Reject => report.failed.push(key),
+                        Outcome::Retry | Outcome::Reject | Outcome::DeadLetter { .. } => {
+                            report.failed.push(key)
+                        }
                     }
                 }
                 _ => report.referenced += 1,

@@ -16,10 +16,7 @@ use chrono::{DateTime, Utc};
 use cqrs_es::Aggregate;
 use dossier_application::{Accepted, AppError, CommandContext, Commands, Recording, Uploads};
 use dossier_blobstore::ByteStream;
-use dossier_broker::{
-    self, Broker, COMMANDS_DEAD_QUEUE, ConfirmedPublisher, DEAD_LETTER_EXCHANGE, INTAKE_QUEUE,
-    Incoming, Outcome,
-};
+use dossier_broker::{self, Broker, ConfirmedPublisher, INTAKE_QUEUE, Incoming, Outcome};
 use dossier_domain::{
     Actor, BlobKey, ContentType, ContractId, CustomerId, DisplayName, File, FileCommand, FileId,
     FileName, Origin, Task, TaskCommand, TaskTitle, TenantId, Visibility,
@@ -27,7 +24,7 @@ use dossier_domain::{
 use dossier_eventlog::db::Pool;
 use dossier_eventlog::receipts::{self, Receipt};
 use lapin::BasicProperties;
-use lapin::types::{AMQPValue, LongString, ShortString};
+use lapin::types::ShortString;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{Mutex, watch};
@@ -35,9 +32,6 @@ use uuid::Uuid;
 
 /// Messages handled at once (and prefetched) by one intake.
 const PREFETCH: u16 = 16;
-
-/// The header that says why a message was dead-lettered.
-pub const REASON_HEADER: &str = "x-dossier-reason";
 
 /// The actor of a message without an `actor` header.
 const DEFAULT_ACTOR: &str = "upstream";
@@ -109,22 +103,21 @@ impl Intake {
     async fn handle(&self, mut message: Incoming) -> Outcome {
         let envelope = match Envelope::read(&message) {
             Ok(envelope) => envelope,
-            Err(poison) => return self.dead_letter(&message, &poison).await,
+            Err(poison) => return Self::dead_letter(&poison),
         };
-        let receipt = match receipts::find(&self.pool, envelope.tenant.as_str(), &envelope.key)
-            .await
-        {
-            Ok(Some(receipt)) => {
-                metrics::counter!("dossier_intake_duplicates_total").increment(1);
-                receipt
-            }
-            Ok(None) => match self.execute(&envelope, &mut message).await {
-                Ok(receipt) => receipt,
-                Err(Failure::Poison(poison)) => return self.dead_letter(&message, &poison).await,
-                Err(Failure::Transient(detail)) => return self.retry_later(&detail).await,
-            },
-            Err(error) => return self.retry_later(&error.to_string()).await,
-        };
+        let receipt =
+            match receipts::find(&self.pool, envelope.tenant.as_str(), &envelope.key).await {
+                Ok(Some(receipt)) => {
+                    metrics::counter!("dossier_intake_duplicates_total").increment(1);
+                    receipt
+                }
+                Ok(None) => match self.execute(&envelope, &mut message).await {
+                    Ok(receipt) => receipt,
+                    Err(Failure::Poison(poison)) => return Self::dead_letter(&poison),
+                    Err(Failure::Transient(detail)) => return self.retry_later(&detail).await,
+                },
+                Err(error) => return self.retry_later(&error.to_string()).await,
+            };
         metrics::counter!("dossier_intake_commands_total", "routing_key" => message.routing_key.clone(), "status" => receipt_status(&receipt))
             .increment(1);
         match self.reply(&message, &receipt).await {
@@ -353,37 +346,14 @@ impl Intake {
         self.publish("", reply_to.as_str(), properties, &body).await
     }
 
-    /// Copies the message, with a reason header, into `dossier.commands.dead`
-    /// (confirmed), then acks the original: dead-lettered exactly once, with a
-    /// reason an operator can read, never redelivered.
-    async fn dead_letter(&self, message: &Incoming, poison: &Poison) -> Outcome {
+    /// Dead-letters the message with the poison as its reason (the broker's
+    /// consumer copies it, confirmed, into `dossier.commands.dead`): exactly
+    /// once, with a reason an operator can read, never redelivered.
+    fn dead_letter(poison: &Poison) -> Outcome {
         tracing::warn!(reason = %poison, "dead-lettering a command message that cannot be handled");
         metrics::counter!("dossier_intake_dead_lettered_total").increment(1);
-        let mut headers = message.properties.headers().clone().unwrap_or_default();
-        headers.insert(
-            REASON_HEADER.into(),
-            AMQPValue::LongString(LongString::from(poison.to_string())),
-        );
-        headers.insert(
-            "x-original-routing-key".into(),
-            AMQPValue::LongString(LongString::from(message.routing_key.clone())),
-        );
-        let properties = message.properties.clone().with_headers(headers);
-        match self
-            .publish(
-                DEAD_LETTER_EXCHANGE,
-                COMMANDS_DEAD_QUEUE,
-                properties,
-                &message.body,
-            )
-            .await
-        {
-            Ok(()) => Outcome::Ack,
-            // The broker's own dead-lettering still keeps it (without our reason).
-            Err(error) => {
-                tracing::warn!(%error, "could not copy a poison message to the dead-letter queue; rejecting it instead");
-                Outcome::Reject
-            }
+        Outcome::DeadLetter {
+            reason: poison.to_string(),
         }
     }
 

@@ -45,23 +45,32 @@ pub const PANICKED_REASON: &str = "the handler panicked on this message; it was 
      block others (see the service log for the queue and message id)";
 
 /// What a consumer's handler decided about one delivery.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// Done, its effect is durable: acknowledge.
     Ack,
     /// It can never succeed (unparseable, invalid): reject without requeue, so
     /// the broker dead-letters it.
     Reject,
+    /// It can never succeed, and an operator should read why: a confirmed
+    /// copy goes to the queue's dead-letter queue with `reason` in
+    /// [`crate::REASON_HEADER`], then the delivery is acknowledged (rejected,
+    /// so the broker dead-letters it without the reason, if the copy fails).
+    DeadLetter {
+        /// Why, for the operator; ids, never personal data.
+        reason: String,
+    },
     /// It failed for now; the handler already waited its own backoff: nack with
     /// requeue. The queue's delivery limit dead-letters it if this never ends.
     Retry,
 }
 
 impl Outcome {
-    fn label(self) -> &'static str {
+    fn label(&self) -> &'static str {
         match self {
             Self::Ack => "ack",
             Self::Reject => "reject",
+            Self::DeadLetter { .. } => "dead_letter",
             Self::Retry => "retry",
         }
     }
@@ -402,13 +411,6 @@ where
     }
 }
 
-/// How one delivery ended: the handler's outcome, or a panic.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Settle {
-    Handled(Outcome),
-    Panicked,
-}
-
 /// Runs the handler on one delivery and settles it by the outcome. A panic of
 /// the handler (in the call or in its future) is caught here: the delivery is
 /// dead-lettered with [`PANICKED_REASON`] instead of staying unacknowledged.
@@ -431,13 +433,16 @@ async fn handle_delivery<H, Fut>(
         redelivered,
     );
     async move {
-        // A cheap copy (the body is shared) for dead-lettering after a panic.
+        // A cheap copy (the body is shared) for dead-lettering it afterwards.
         let kept = incoming.clone();
         let ran = AssertUnwindSafe(async { handler(incoming).await })
             .catch_unwind()
             .await;
-        let settle = match ran {
-            Ok(outcome) => Settle::Handled(outcome),
+        let (outcome, label) = match ran {
+            Ok(outcome) => {
+                let label = outcome.label();
+                (outcome, label)
+            }
             Err(_) => {
                 // The panic's text is not logged: it may quote the message.
                 count_panic(&queue);
@@ -445,17 +450,19 @@ async fn handle_delivery<H, Fut>(
                     "a message handler panicked; dead-lettering the message so that it holds \
                      no prefetch slot, and consuming on"
                 );
-                Settle::Panicked
+                let reason = PANICKED_REASON.to_owned();
+                (Outcome::DeadLetter { reason }, "panicked")
             }
         };
-        let settled = match settle {
-            Settle::Handled(Outcome::Ack) => acker.ack(BasicAckOptions::default()).await,
-            Settle::Handled(Outcome::Reject) => {
+        let rejected = outcome == Outcome::Reject;
+        let settled = match outcome {
+            Outcome::Ack => acker.ack(BasicAckOptions::default()).await,
+            Outcome::Reject => {
                 acker
                     .reject(BasicRejectOptions { requeue: false })
                     .await
             }
-            Settle::Handled(Outcome::Retry) => {
+            Outcome::Retry => {
                 acker
                     .nack(BasicNackOptions {
                         multiple: false,
@@ -463,10 +470,10 @@ async fn handle_delivery<H, Fut>(
                     })
                     .await
             }
-            Settle::Panicked => {
+            Outcome::DeadLetter { reason } => {
                 let mut dead_letters =
                     DeadLetters::new(panics.broker.clone(), &queue, panics.shutdown.clone());
-                let copied = dead_letters.copy(&kept, PANICKED_REASON).await;
+                let copied = dead_letters.copy(&kept, &reason).await;
                 dead_letters.close().await;
                 match copied {
                     Ok(()) => acker.ack(BasicAckOptions::default()).await,
@@ -483,15 +490,11 @@ async fn handle_delivery<H, Fut>(
                 }
             }
         };
-        let label = match settle {
-            Settle::Handled(outcome) => outcome.label(),
-            Settle::Panicked => "panicked",
-        };
         metrics::counter!("dossier_amqp_deliveries_total", "queue" => queue.clone(), "outcome" => label)
             .increment(1);
         match settled {
             Ok(true) => {
-                if settle == Settle::Handled(Outcome::Reject) {
+                if rejected {
                     tracing::warn!("message rejected: dead-lettered for an operator to look at");
                 }
             }
