@@ -333,6 +333,37 @@ pub async fn close_vhost_connections(vhost: &str) -> Result<usize, ManagementErr
     Management::from_env().close_connections(vhost).await
 }
 
+/// The quick pauses tests retry with: 50 ms growing to 500 ms.
+pub fn fast_backoff() -> dossier_runtime::retry::Backoff {
+    dossier_runtime::retry::Backoff {
+        initial: Duration::from_millis(50),
+        max: Duration::from_millis(500),
+    }
+}
+
+/// A [`dossier_broker::Broker`] on `vhost` with test-sized timeouts and
+/// [`fast_backoff`], named `connection_name`, connected once so that the
+/// topology (exchanges, queues and their dead-letter queues) is declared
+/// before a test binds or consumes anything.
+pub async fn test_broker(vhost: &TestVhost, connection_name: &str) -> dossier_broker::Broker {
+    let broker = dossier_broker::Broker::with_options(
+        vhost.url(),
+        dossier_broker::BrokerOptions {
+            connection_name: connection_name.to_owned(),
+            connect_timeout: Duration::from_secs(5),
+            backoff: fast_backoff(),
+            confirm_timeout: Duration::from_secs(10),
+            ..dossier_broker::BrokerOptions::default()
+        },
+    )
+    .expect("broker options for a test vhost");
+    broker
+        .connect(&tokio::sync::watch::channel(false).1)
+        .await
+        .expect("the test broker connects and declares the topology");
+    broker
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

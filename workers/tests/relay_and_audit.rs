@@ -12,14 +12,13 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use dossier_broker::{
-    AUDIT_DEAD_QUEUE, Broker, BrokerOptions, ConfirmedPublisher, EVENTS_EXCHANGE, REASON_HEADER,
+    AUDIT_DEAD_QUEUE, Broker, ConfirmedPublisher, EVENTS_EXCHANGE, REASON_HEADER,
 };
 use dossier_eventlog::db::Pool;
 use dossier_eventlog::follow::{Effects, checkpoint};
 use dossier_eventlog::log::{LogReader, LoggedEvent};
 use dossier_runtime::config::Secret;
-use dossier_runtime::retry::Backoff;
-use dossier_test_support::rabbit::TestVhost;
+use dossier_test_support::rabbit::{TestVhost, fast_backoff, test_broker};
 use dossier_test_support::wait::Wait;
 use dossier_workers::audit::{self, AuditConfig};
 use dossier_workers::relay::{self, RelayConfig};
@@ -44,13 +43,6 @@ struct Harness {
 /// A spawned role; its error as text.
 type Task = JoinHandle<Result<(), String>>;
 
-fn fast_backoff() -> Backoff {
-    Backoff {
-        initial: Duration::from_millis(50),
-        max: Duration::from_millis(500),
-    }
-}
-
 impl Harness {
     async fn new() -> Self {
         let _ = tracing_subscriber::fmt()
@@ -64,22 +56,7 @@ impl Harness {
             .await
             .expect("test database");
         let vhost = TestVhost::create().await.expect("test vhost");
-        let broker = Broker::with_options(
-            vhost.url(),
-            BrokerOptions {
-                connection_name: "dossier-relay-audit-test".to_owned(),
-                connect_timeout: Duration::from_secs(5),
-                backoff: fast_backoff(),
-                confirm_timeout: Duration::from_secs(10),
-                ..BrokerOptions::default()
-            },
-        )
-        .expect("broker");
-        // The topology, so that queues exist before anything runs.
-        broker
-            .connect(&watch::channel(false).1)
-            .await
-            .expect("connect");
+        let broker = test_broker(&vhost, "dossier-relay-audit-test").await;
         let (shutdown, _) = watch::channel(false);
         Self {
             pool,

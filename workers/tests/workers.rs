@@ -14,7 +14,7 @@ use cqrs_es::persist::PersistedEventStore;
 use cqrs_es::{AggregateError, CqrsFramework};
 use dossier_blobstore::{self as blob, BlobStore, BlobStoreSpec, ByteStream, S3Options};
 use dossier_broker::{
-    self, BLOB_DEAD_QUEUE, BLOB_QUEUE, Broker, BrokerOptions, ConfirmedPublisher, EVENTS_EXCHANGE,
+    self, BLOB_DEAD_QUEUE, BLOB_QUEUE, Broker, ConfirmedPublisher, EVENTS_EXCHANGE,
 };
 use dossier_domain::{
     BlobKey, ContentType, CustomerId, DisplayName, File, FileCommand, FileId, FileName, FilePolicy,
@@ -24,8 +24,7 @@ use dossier_eventlog::db::Pool;
 use dossier_eventlog::eventstore::{self, PgEventStore};
 use dossier_eventlog::log::LoggedEvent;
 use dossier_projections::{FilesProjection, Runner, RunnerConfig};
-use dossier_runtime::retry::Backoff;
-use dossier_test_support::rabbit::TestVhost;
+use dossier_test_support::rabbit::{TestVhost, fast_backoff, test_broker};
 use dossier_test_support::wait::eventually;
 use dossier_workers::blob::BlobWorkerConfig;
 use dossier_workers::relay::{self, RelayConfig};
@@ -69,22 +68,7 @@ impl Harness {
             .await
             .expect("test database");
         let vhost = TestVhost::create().await.expect("test vhost");
-        let broker = Broker::with_options(
-            vhost.url(),
-            BrokerOptions {
-                connection_name: "dossier-workers-test".to_owned(),
-                connect_timeout: Duration::from_secs(5),
-                backoff: fast_backoff(),
-                confirm_timeout: Duration::from_secs(10),
-                ..BrokerOptions::default()
-            },
-        )
-        .expect("broker");
-        // The topology, so that test queues can be bound before anything runs.
-        broker
-            .connect(&watch::channel(false).1)
-            .await
-            .expect("connect");
+        let broker = test_broker(&vhost, "dossier-workers-test").await;
         let (shutdown, _) = watch::channel(false);
         Self {
             pool,
@@ -196,13 +180,6 @@ impl Harness {
 
 /// A spawned role; its error as text.
 type Task = JoinHandle<Result<(), String>>;
-
-fn fast_backoff() -> Backoff {
-    Backoff {
-        initial: Duration::from_millis(50),
-        max: Duration::from_millis(500),
-    }
-}
 
 /// Files through cqrs-es on the real event store, as the application runs them.
 struct Files {

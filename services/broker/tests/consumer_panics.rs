@@ -8,11 +8,9 @@ use std::time::Duration;
 
 use dossier_broker::{
     AUDIT_DEAD_QUEUE, AUDIT_QUEUE, BLOB_DEAD_QUEUE, BLOB_QUEUE, BatchOptions, BatchOutcome, Broker,
-    BrokerOptions, ConfirmedPublisher, ConsumerOptions, EVENTS_EXCHANGE, Outcome, PANICKED_REASON,
-    REASON_HEADER,
+    ConfirmedPublisher, ConsumerOptions, EVENTS_EXCHANGE, Outcome, PANICKED_REASON, REASON_HEADER,
 };
-use dossier_runtime::retry::Backoff;
-use dossier_test_support::rabbit::TestVhost;
+use dossier_test_support::rabbit::{TestVhost, test_broker};
 use dossier_test_support::wait::eventually;
 use lapin::options::BasicGetOptions;
 use lapin::types::AMQPValue;
@@ -30,24 +28,7 @@ struct Harness {
 impl Harness {
     async fn new() -> Self {
         let vhost = TestVhost::create().await.expect("a vhost for the test");
-        let broker = Broker::with_options(
-            vhost.url(),
-            BrokerOptions {
-                connection_name: "dossier-consumer-panics-test".to_owned(),
-                connect_timeout: Duration::from_secs(5),
-                backoff: Backoff {
-                    initial: Duration::from_millis(50),
-                    max: Duration::from_millis(500),
-                },
-                ..BrokerOptions::default()
-            },
-        )
-        .expect("broker");
-        // Declares the topology: the queues and their dead-letter queues.
-        broker
-            .connect(&watch::channel(false).1)
-            .await
-            .expect("connect");
+        let broker = test_broker(&vhost, "dossier-consumer-panics-test").await;
         let (shutdown, _) = watch::channel(false);
         Self {
             vhost,
