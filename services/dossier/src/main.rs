@@ -93,6 +93,7 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve { role } => {
             telemetry::init_tracing();
+            telemetry::log_panics_without_their_messages();
             if let Some(components) = role {
                 settings.components = components;
             }

@@ -76,6 +76,28 @@ pub fn init_tracing() {
     });
 }
 
+/// Makes every panic of the process one log line saying where it happened,
+/// without its message: a message can quote what the code was handed (a file
+/// name, a customer id), and the service's logs carry ids, never personal
+/// data. The default hook would print the message to stderr. For `dossier
+/// serve`; tests keep the default hook, whose messages explain a failure.
+pub fn log_panics_without_their_messages() {
+    std::panic::set_hook(Box::new(log_panic));
+}
+
+fn log_panic(info: &std::panic::PanicHookInfo<'_>) {
+    let location = info
+        .location()
+        .map(|at| format!("{}:{}", at.file(), at.line()))
+        .unwrap_or_else(|| "unknown".to_owned());
+    let thread = std::thread::current();
+    tracing::error!(
+        %location,
+        thread = thread.name().unwrap_or("unnamed"),
+        "a thread panicked; its message is left out of the log (it may quote personal data)"
+    );
+}
+
 /// The JSON log format of [`init_tracing`], writing to `writer`: one object per
 /// line, the event's fields at the top level, the current span's fields under
 /// `span` and every open span under `spans`.
