@@ -816,3 +816,77 @@ async fn the_portal_file_and_task_lists_are_paged_newest_first() {
         }
     }
 }
+
+#[tokio::test]
+async fn staff_reply_in_a_tasks_thread_and_the_customer_sees_the_reply_and_its_file() {
+    let app = TestApp::spawn().await;
+    let staff = app.staff("acme");
+    let customer = app.customer("acme", "cust-1");
+    let task = create_task(&app, &staff, "cust-1", "Send your bank statements").await;
+    let task_id = task["id"].as_str().unwrap();
+    let path = format!("/v1/tasks/{task_id}/messages");
+
+    // The customer writes, staff answer with a form to fill in.
+    let question = Form::new().text("text", "Which months do you need?");
+    let response = portal_post(
+        &app,
+        &customer,
+        &format!("/v1/portal/tasks/{task_id}/messages"),
+        question,
+    )
+    .await;
+    assert_eq!(response.status(), 201);
+    let answer = file_form("statement_request.pdf", b"pdf bytes".to_vec())
+        .text("text", "January to March, please use this form");
+    let response = portal_post(&app, &staff, &path, answer).await;
+    assert_eq!(response.status(), 201);
+    let message: Value = response.json().await.unwrap();
+    assert_eq!(message["author"], "staff-1");
+    let file_id = message["file_id"]
+        .as_str()
+        .expect("the reply carries its file")
+        .to_owned();
+
+    // The customer sees the whole thread, in order, and the staff file among
+    // the task's attachments, published to the portal.
+    let tasks: Value = app
+        .get(&customer, "/v1/portal/tasks")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let mine = &tasks["items"][0];
+    let thread: Vec<(&str, &str)> = mine["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["author"].as_str().unwrap(), m["text"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        thread,
+        [
+            ("user-cust-1", "Which months do you need?"),
+            ("staff-1", "January to March, please use this form"),
+        ]
+    );
+    let attachment = &mine["attachments"][0];
+    assert_eq!(attachment["id"], file_id.as_str());
+    assert_eq!(attachment["name"], "statement_request");
+    assert_eq!(attachment["origin"], "staff_upload");
+    assert_eq!(attachment["visibility"], "portal");
+    let download = app
+        .get(&customer, &format!("/v1/portal/files/{file_id}/content"))
+        .await;
+    assert_eq!(download.status(), 200);
+    assert_eq!(download.bytes().await.unwrap().as_ref(), b"pdf bytes");
+
+    // Only staff of the task's own tenant write there.
+    let as_customer = portal_post(&app, &customer, &path, Form::new().text("text", "hi")).await;
+    assert_eq!(as_customer.status(), 403);
+    let other_tenant = app.staff("globex");
+    let elsewhere = portal_post(&app, &other_tenant, &path, Form::new().text("text", "hi")).await;
+    assert_eq!(elsewhere.status(), 404);
+    let unknown = format!("/v1/tasks/{}/messages", uuid::Uuid::new_v4());
+    let nowhere = portal_post(&app, &staff, &unknown, Form::new().text("text", "hi")).await;
+    assert_eq!(nowhere.status(), 404);
+}

@@ -49,6 +49,7 @@ use crate::http::{audit, events, files, portal, tasks};
         tasks::put_settings,
         tasks::upload_attachment,
         tasks::post_message,
+        tasks::post_staff_message,
     ),
     components(schemas(ErrorBody, schemas::CustomerIdText, schemas::ContractIdText,
         schemas::DisplayNameText, schemas::TaskTitleText, schemas::MessageTextText,
@@ -386,6 +387,6 @@ mod tests {
                 }
             }
         }
-        assert_eq!(operations, 21);
+        assert_eq!(operations, 22);
     }
 }

@@ -18,7 +18,7 @@ use dossier_projections::portal::{self, MessageView, TaskPage, TaskView};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::auth::{PortalCustomer, Staff};
+use crate::auth::{Caller, PortalCustomer, Staff};
 use crate::error::{ApiError, AppError, ErrorBody};
 use crate::http::files::created_file;
 use crate::http::openapi::schemas::{CursorText, CustomerIdText, MessageTextText, TaskTitleText};
@@ -52,6 +52,7 @@ pub fn routes() -> Router<AppState> {
             post(upload_attachment),
         )
         .route("/v1/portal/tasks/{task_id}/messages", post(post_message))
+        .route("/v1/tasks/{task_id}/messages", post(post_staff_message))
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -230,12 +231,25 @@ async fn uploads_enabled(app: &AppState, customer: &PortalCustomer) -> Result<bo
         .map_err(read_model_error)
 }
 
-/// Records the stored `file` part of a portal form as a customer upload on
-/// the task. Refused before the command (no file), the blob is removed here;
-/// after that, the upload path decides ([`dossier_application::BlobFate`]).
-async fn record_customer_upload(
+/// Who writes in a task's thread or adds to its attachments: the task's
+/// customer in the portal, or staff of the tenant in the console.
+struct TaskAuthor<'a> {
+    caller: &'a Caller,
+    /// The task's customer (the files belong to them).
+    customer: CustomerId,
+    /// Set when the customer writes: the aggregate checks the task is theirs.
+    as_customer: Option<CustomerId>,
+    /// `customer_upload` from the portal, `staff_upload` from staff.
+    origin: Origin,
+}
+
+/// Records the stored `file` part of a form as a task attachment the
+/// customer sees (visibility `portal`). Refused before the command (no file),
+/// the blob is removed here; after that, the upload path decides
+/// ([`dossier_application::BlobFate`]).
+async fn record_task_upload(
     app: &AppState,
-    customer: &PortalCustomer,
+    author: &TaskAuthor<'_>,
     task_id: Uuid,
     file_id: FileId,
     form: &ReceivedForm,
@@ -254,18 +268,18 @@ async fn record_customer_upload(
         }
     };
     let recording = Recording {
-        tenant: customer.caller.tenant.clone(),
+        tenant: author.caller.tenant.clone(),
         file_id,
-        customer_id: customer.customer.clone(),
+        customer_id: author.customer.clone(),
         name,
         visibility: Visibility::Portal,
-        origin: Origin::CustomerUpload,
+        origin: author.origin,
         contract_id: None,
         task_id: Some(task_id),
     };
     let recorded = app
         .uploads()
-        .record(&customer.caller.context(), file, recording)
+        .record(&author.caller.context(), file, recording)
         .await?;
     Ok(app.uploads().resource(&recorded).await)
 }
@@ -295,7 +309,13 @@ pub async fn upload_attachment(
     let key = BlobKey::for_file(&customer.caller.tenant, &customer.customer, file_id);
     let limit = app.max_file_bytes().0;
     let form = upload::receive(body, &ATTACHMENT_FORM, app.uploads(), key, limit).await?;
-    let uploaded = record_customer_upload(&app, &customer, task_id, file_id, &form).await?;
+    let author = TaskAuthor {
+        caller: &customer.caller,
+        customer: customer.customer.clone(),
+        as_customer: Some(customer.customer.clone()),
+        origin: Origin::CustomerUpload,
+    };
+    let uploaded = record_task_upload(&app, &author, task_id, file_id, &form).await?;
     Ok(created_file(uploaded))
 }
 
@@ -319,8 +339,58 @@ pub async fn post_message(
     // Text alone is always welcome; a file only when the tenant allows uploads.
     let refuse_file = (!uploads_enabled(&app, &customer).await?)
         .then_some(ApiError(AppError::PortalUploadDisabled));
+    let author = TaskAuthor {
+        caller: &customer.caller,
+        customer: customer.customer.clone(),
+        as_customer: Some(customer.customer.clone()),
+        origin: Origin::CustomerUpload,
+    };
+    post_in_thread(&app, &author, task_id, body, refuse_file).await
+}
+
+/// `POST /v1/tasks/{task_id}/messages`: staff write in a task's thread (the
+/// thread is two-way); a file with the message is a task attachment the
+/// customer sees. The portal upload switch is the customer's, not staff's.
+#[utoipa::path(post, path = "/v1/tasks/{task_id}/messages", tag = "tasks",
+    params(("task_id" = String, Path, format = Uuid, description = "The task's id")),
+    request_body(content = MessageForm, content_type = "multipart/form-data"),
+    responses(
+        (status = 201, description = "The message, in the task's thread; its file is also a task attachment, shown in the portal", body = MessageView),
+        (status = 404, description = "not_found: unknown task, or another tenant's", body = ErrorBody),
+        (status = 413, description = "file_too_large: over the size limit (the message names it), or a form over its limits; nothing stored", body = ErrorBody),
+        (status = 422, description = "validation_failed: no text, or a malformed form; nothing stored", body = ErrorBody)))]
+pub async fn post_staff_message(
+    State(app): State<AppState>,
+    Staff(caller): Staff,
+    PathText(task_id): PathText,
+    body: FormBody,
+) -> Result<(StatusCode, Json<MessageView>), ApiError> {
+    let task_id = Uuid::parse_str(&task_id).map_err(|_| ApiError(AppError::NotFound))?;
+    let customer = portal::task_customer(app.pool(), &caller.tenant, task_id)
+        .await
+        .map_err(read_model_error)?
+        .ok_or(ApiError(AppError::NotFound))?;
+    let author = TaskAuthor {
+        caller: &caller,
+        customer,
+        as_customer: None,
+        origin: Origin::StaffUpload,
+    };
+    post_in_thread(&app, &author, task_id, body, None).await
+}
+
+/// Writes `author`'s message, with the form's file as a task attachment
+/// (recorded first: it is an attachment in its own right), in the thread of
+/// `task_id`. A form with a file is refused with `refuse_file` when given.
+async fn post_in_thread(
+    app: &AppState,
+    author: &TaskAuthor<'_>,
+    task_id: Uuid,
+    body: FormBody,
+    refuse_file: Option<ApiError>,
+) -> Result<(StatusCode, Json<MessageView>), ApiError> {
     let file_id = FileId::new();
-    let key = BlobKey::for_file(&customer.caller.tenant, &customer.customer, file_id);
+    let key = BlobKey::for_file(&author.caller.tenant, &author.customer, file_id);
     let form = upload::receive_unless(
         body,
         &MESSAGE_FORM,
@@ -342,11 +412,10 @@ pub async fn post_message(
         form.discard(app.uploads()).await;
         return Err(ApiError::validation("text", "is required"));
     }
-    // The file is recorded first: it is a task attachment in its own right.
     let file_id = match &form.file {
         None => None,
         Some(_) => Some(
-            record_customer_upload(&app, &customer, task_id, file_id, &form)
+            record_task_upload(app, author, task_id, file_id, &form)
                 .await?
                 .file
                 .id,
@@ -355,27 +424,22 @@ pub async fn post_message(
     let message_id = Uuid::now_v7();
     let at = Utc::now();
     let command = TaskCommand::PostMessage {
-        tenant: customer.caller.tenant.clone(),
-        as_customer: Some(customer.customer.clone()),
+        tenant: author.caller.tenant.clone(),
+        as_customer: author.as_customer.clone(),
         message_id,
-        author: customer.caller.actor(),
+        author: author.caller.actor(),
         text: text.clone(),
         file_id,
         at,
     };
     app.commands()
-        .run::<Task>(
-            &customer.caller.context(),
-            &task_id.to_string(),
-            command,
-            (),
-        )
+        .run::<Task>(&author.caller.context(), &task_id.to_string(), command, ())
         .await?;
     Ok((
         StatusCode::CREATED,
         Json(MessageView {
             id: message_id,
-            author: customer.caller.sub.clone(),
+            author: author.caller.sub.clone(),
             text: text.as_str().to_owned(),
             at,
             file_id: file_id.map(|id| id.0),
