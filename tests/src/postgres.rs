@@ -4,10 +4,28 @@
 //!
 //! `initdb` and `postgres` refuse to run as root, so as root (CI) they run as
 //! the `postgres` user through `runuser`, on a directory handed to that user.
+//! A [`Setup`] adds what a test needs beyond the defaults (TLS: certificate
+//! files, `ssl` settings and a `pg_hba.conf` of its own).
 
 use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+/// What a private server has beyond the defaults (trust for every local
+/// connection, no TLS).
+#[derive(Debug, Clone, Default)]
+pub struct Setup {
+    /// Files written into the server's directory ([`PrivatePostgres::path`])
+    /// before it starts, readable by their owner only (as Postgres demands of
+    /// a key): `(name, contents)`.
+    pub files: Vec<(String, Vec<u8>)>,
+    /// Server settings, `name=value`; `{dir}` stands for the server's
+    /// directory (`ssl_cert_file={dir}/server.crt`).
+    pub settings: Vec<String>,
+    /// A `pg_hba.conf` in place of `initdb`'s.
+    pub hba: Option<String>,
+}
 
 /// A running private server; stopped and removed on drop.
 #[derive(Debug)]
@@ -15,22 +33,40 @@ pub struct PrivatePostgres {
     bin: PathBuf,
     root: PathBuf,
     port: u16,
+    settings: Vec<String>,
 }
 
 impl PrivatePostgres {
     /// `initdb` into a fresh directory and start the server on a free port.
     pub fn start() -> anyhow::Result<Self> {
+        Self::start_with(Setup::default())
+    }
+
+    /// [`Self::start`], with `setup` in place before the server first starts.
+    pub fn start_with(setup: Setup) -> anyhow::Result<Self> {
         let bin = server_binaries()?;
         let root =
             std::env::temp_dir().join(format!("dossier-pg-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&root)?;
-        if is_root() {
-            run(Command::new("chown")
-                .args(["-R", "postgres:postgres"])
-                .arg(&root))?;
+        for (name, contents) in &setup.files {
+            let file = root.join(name);
+            std::fs::write(&file, contents)?;
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))?;
         }
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let server = Self { bin, root, port };
+        let dir = root.display().to_string();
+        let settings = setup
+            .settings
+            .iter()
+            .map(|setting| setting.replace("{dir}", &dir))
+            .collect();
+        let server = Self {
+            bin,
+            root,
+            port,
+            settings,
+        };
+        server.give_to_owner(&server.root)?;
         server.as_owner(server.bin.join("initdb"), |c| {
             c.arg("-D").arg(server.data()).args([
                 "-A",
@@ -42,8 +78,18 @@ impl PrivatePostgres {
                 "UTF8",
             ]);
         })?;
+        if let Some(hba) = &setup.hba {
+            let file = server.data().join("pg_hba.conf");
+            std::fs::write(&file, hba)?;
+            server.give_to_owner(&file)?;
+        }
         server.start_again()?;
         Ok(server)
+    }
+
+    /// `name` in the server's directory (a file of its [`Setup`]).
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.root.join(name)
     }
 
     /// A URL for database `name` on this server.
@@ -59,11 +105,15 @@ impl PrivatePostgres {
 
     /// Starts the stopped server again on the same port and directory.
     pub fn start_again(&self) -> anyhow::Result<()> {
-        let options = format!(
+        let mut options = format!(
             "-p {} -c listen_addresses=127.0.0.1 -k {} -c fsync=off -c max_connections=200",
             self.port,
             self.root.display()
         );
+        for setting in &self.settings {
+            options.push_str(" -c ");
+            options.push_str(setting);
+        }
         let log = self.root.join("postgres.log");
         self.as_owner(self.bin.join("pg_ctl"), |c| {
             c.arg("-D")
@@ -82,6 +132,17 @@ impl PrivatePostgres {
         self.as_owner(self.bin.join("pg_ctl"), |c| {
             c.arg("-D").arg(self.data()).args(args);
         })
+    }
+
+    /// Hands `path` (and what it holds) to the server's user when the tests
+    /// run as root.
+    fn give_to_owner(&self, path: &Path) -> anyhow::Result<()> {
+        if is_root() {
+            run(Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(path))?;
+        }
+        Ok(())
     }
 
     fn as_owner(&self, program: PathBuf, args: impl FnOnce(&mut Command)) -> anyhow::Result<()> {

@@ -1,21 +1,14 @@
 //! TLS to Postgres: `sslmode` and `sslrootcert` in `DOSSIER_DATABASE_URL`.
 //!
 //! The shared Postgres of the other tests may have no TLS, so each test here
-//! starts a private one: Debian's server binaries (`/usr/lib/postgresql/*/bin`,
-//! installed by scripts/services.sh), a cluster in a temporary directory, a
-//! certificate authority and server certificate made here with rcgen, a free
-//! port on 127.0.0.1. The test stops it and removes the directory when it ends;
-//! the shared server is never touched.
+//! starts a private one (the harness' `PrivatePostgres`) with a certificate
+//! authority and server certificate made here with rcgen. The test stops it
+//! and removes its directory when it ends; the shared server is never touched.
 
 use std::fs;
-use std::net::TcpListener;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use dossier_eventlog::db::{self, DbError};
+use dossier_test_support::postgres::{PrivatePostgres, Setup};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 
 /// `sslmode=require` and `prefer` talk TLS to a server whose certificate chains
@@ -23,8 +16,8 @@ use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, 
 /// trust it, and without `sslmode` no TLS is attempted at all.
 #[tokio::test]
 async fn sslmode_require_and_prefer_use_tls_verified_against_sslrootcert() {
-    let server = PrivatePostgres::start(Tls::On);
-    let ca = server.ca_file().display().to_string();
+    let server = private_postgres(Tls::On);
+    let ca = server.path("ca.crt").display().to_string();
 
     // The database does not exist yet: it is created through the maintenance
     // connection, over TLS too (the server refuses anything else).
@@ -71,7 +64,7 @@ async fn sslmode_require_and_prefer_use_tls_verified_against_sslrootcert() {
 /// parse error), while `prefer` and no `sslmode` connect in plain text.
 #[tokio::test]
 async fn sslmode_require_fails_with_a_tls_error_when_the_server_has_no_tls() {
-    let server = PrivatePostgres::start(Tls::Off);
+    let server = private_postgres(Tls::Off);
 
     let refused = db::connect(&server.url("dossier?sslmode=require"), 1)
         .await
@@ -129,203 +122,37 @@ enum Tls {
     Off,
 }
 
-/// A Postgres server of one test: its own cluster, port and certificate.
-struct PrivatePostgres {
-    root: PathBuf,
-    bin: PathBuf,
-    port: u16,
-    server: Child,
-    /// The user the server runs as when the test runs as root (Postgres
-    /// refuses to run as root).
-    run_as: Option<(u32, u32)>,
-}
-
-impl PrivatePostgres {
-    /// Creates the cluster, starts the server and waits until it accepts
-    /// connections. With [`Tls::On`] the server takes TLS connections only.
-    fn start(tls: Tls) -> Self {
-        let bin = server_binaries();
-        let run_as = postgres_user_if_root();
-        let root = std::env::temp_dir().join(format!("dossier-pg-{}", uuid::Uuid::new_v4()));
-        fs::create_dir(&root).unwrap();
-        let data = root.join("data");
-        let port = free_port();
-
-        if tls == Tls::On {
-            write_certificates(&root);
-        }
-        give_to(&root, run_as);
-        let mut initdb = Command::new(bin.join("initdb"));
-        initdb
-            .args([
-                "--auth=trust",
-                "--username=postgres",
-                "--encoding=UTF8",
-                "--no-sync",
-            ])
-            .arg("--pgdata")
-            .arg(&data);
-        let output = as_user(&mut initdb, run_as, &root).output().unwrap();
-        assert!(
-            output.status.success(),
-            "initdb failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let hba = match tls {
-            Tls::On => {
-                "hostssl all all 127.0.0.1/32 trust\nhostnossl all all 127.0.0.1/32 reject\n"
+/// A private server of one test (the harness'); with [`Tls::On`] it takes
+/// TLS connections only, with a certificate signed by the CA in `ca.crt`.
+fn private_postgres(tls: Tls) -> PrivatePostgres {
+    let setup = match tls {
+        Tls::Off => Setup::default(),
+        Tls::On => {
+            let (ca, cert, key) = certificates();
+            Setup {
+                files: vec![
+                    ("ca.crt".to_owned(), ca.into_bytes()),
+                    ("server.crt".to_owned(), cert.into_bytes()),
+                    ("server.key".to_owned(), key.into_bytes()),
+                ],
+                settings: vec![
+                    "ssl=on".to_owned(),
+                    "ssl_cert_file={dir}/server.crt".to_owned(),
+                    "ssl_key_file={dir}/server.key".to_owned(),
+                ],
+                hba: Some(
+                    "hostssl all all 127.0.0.1/32 trust\nhostnossl all all 127.0.0.1/32 reject\n"
+                        .to_owned(),
+                ),
             }
-            Tls::Off => "host all all 127.0.0.1/32 trust\n",
-        };
-        fs::write(data.join("pg_hba.conf"), hba).unwrap();
-        give_to(&data.join("pg_hba.conf"), run_as);
-
-        let log = fs::File::create(root.join("server.log")).unwrap();
-        let mut postgres = Command::new(bin.join("postgres"));
-        postgres
-            .arg("-D")
-            .arg(&data)
-            .args(["-c", "listen_addresses=127.0.0.1"])
-            .args(["-c", &format!("port={port}")])
-            .args(["-c", &format!("unix_socket_directories={}", root.display())])
-            .args(["-c", "fsync=off"])
-            .args(["-c", if tls == Tls::On { "ssl=on" } else { "ssl=off" }]);
-        if tls == Tls::On {
-            postgres
-                .args([
-                    "-c",
-                    &format!("ssl_cert_file={}", root.join("server.crt").display()),
-                ])
-                .args([
-                    "-c",
-                    &format!("ssl_key_file={}", root.join("server.key").display()),
-                ]);
         }
-        let server = as_user(&mut postgres, run_as, &root)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let mut this = Self {
-            root,
-            bin,
-            port,
-            server,
-            run_as,
-        };
-        this.wait_until_ready();
-        this
-    }
-
-    /// `postgres://postgres@127.0.0.1:<port>/<rest>`.
-    fn url(&self, rest: &str) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/{rest}", self.port)
-    }
-
-    /// The PEM file of the CA that signed the server's certificate.
-    fn ca_file(&self) -> PathBuf {
-        self.root.join("ca.crt")
-    }
-
-    fn wait_until_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = self.server.try_wait().unwrap() {
-                panic!(
-                    "the private Postgres exited ({status}): {}",
-                    fs::read_to_string(self.root.join("server.log")).unwrap_or_default()
-                );
-            }
-            let ready = Command::new(self.bin.join("pg_isready"))
-                .args(["-q", "-h", "127.0.0.1", "-p", &self.port.to_string()])
-                .status()
-                .unwrap();
-            if ready.success() {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the private Postgres did not accept connections within a minute"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
+    };
+    PrivatePostgres::start_with(setup).expect("a private Postgres starts")
 }
 
-impl Drop for PrivatePostgres {
-    fn drop(&mut self) {
-        let mut stop = Command::new(self.bin.join("pg_ctl"));
-        stop.args(["stop", "-m", "immediate", "-w", "-D"])
-            .arg(self.root.join("data"));
-        let stopped = as_user(&mut stop, self.run_as, &self.root)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|status| status.success());
-        if !stopped {
-            let _ = self.server.kill();
-        }
-        let _ = self.server.wait();
-        let _ = fs::remove_dir_all(&self.root);
-    }
-}
-
-/// The newest Debian server binaries.
-fn server_binaries() -> PathBuf {
-    let mut versions: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
-        .expect("Postgres server binaries under /usr/lib/postgresql (scripts/services.sh installs them)")
-        .filter_map(Result::ok)
-        .filter_map(|entry| {
-            let version = entry.file_name().to_str()?.parse().ok()?;
-            let bin = entry.path().join("bin");
-            bin.join("initdb").exists().then_some((version, bin))
-        })
-        .collect();
-    versions.sort();
-    versions
-        .pop()
-        .expect("an initdb under /usr/lib/postgresql/*/bin")
-        .1
-}
-
-/// The uid and gid of the `postgres` user when this test runs as root.
-fn postgres_user_if_root() -> Option<(u32, u32)> {
-    // Linux: /proc/self belongs to the process's effective user.
-    if fs::metadata("/proc/self").unwrap().uid() != 0 {
-        return None;
-    }
-    let passwd = fs::read_to_string("/etc/passwd").unwrap();
-    let line = passwd
-        .lines()
-        .find(|line| line.starts_with("postgres:"))
-        .expect("a postgres user to run the private server as (Postgres refuses root)");
-    let fields: Vec<&str> = line.split(':').collect();
-    Some((fields[2].parse().unwrap(), fields[3].parse().unwrap()))
-}
-
-/// `command` run as `user` (if any), from `dir`.
-fn as_user<'a>(command: &'a mut Command, user: Option<(u32, u32)>, dir: &Path) -> &'a mut Command {
-    if let Some((uid, gid)) = user {
-        command.uid(uid).gid(gid);
-    }
-    command.current_dir(dir)
-}
-
-/// Makes `path` (and, for a directory, what it holds) the server user's.
-fn give_to(path: &Path, user: Option<(u32, u32)>) {
-    let Some((uid, gid)) = user else { return };
-    std::os::unix::fs::chown(path, Some(uid), Some(gid)).unwrap();
-    if path.is_dir() {
-        for entry in fs::read_dir(path).unwrap() {
-            give_to(&entry.unwrap().path(), user);
-        }
-    }
-}
-
-/// A CA (`ca.crt`) and a server certificate for 127.0.0.1 and localhost
-/// signed by it (`server.crt`, `server.key`, the key readable by its owner only,
-/// as Postgres demands).
-fn write_certificates(dir: &Path) {
+/// A CA and a server certificate for 127.0.0.1 and localhost signed by it, in
+/// PEM: `(ca, server certificate, server key)`.
+fn certificates() -> (String, String, String) {
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca_params
@@ -340,19 +167,5 @@ fn write_certificates(dir: &Path) {
         .distinguished_name
         .push(DnType::CommonName, "dossier test postgres");
     let cert = params.signed_by(&key, &ca).unwrap();
-
-    fs::write(dir.join("ca.crt"), ca.pem()).unwrap();
-    fs::write(dir.join("server.crt"), cert.pem()).unwrap();
-    let key_file = dir.join("server.key");
-    fs::write(&key_file, key.serialize_pem()).unwrap();
-    fs::set_permissions(&key_file, fs::Permissions::from_mode(0o600)).unwrap();
-}
-
-/// A port nothing listens on right now.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    (ca.pem(), cert.pem(), key.serialize_pem())
 }
