@@ -462,17 +462,37 @@ impl TestApp {
 
     /// The ids of every blob in this test's bucket.
     pub async fn blob_keys(&self) -> Vec<String> {
-        let mut keys: Vec<String> = self
-            .blobs
-            .list_all("")
-            .await
-            .expect("the bucket lists")
-            .into_iter()
-            .map(|b| b.key)
-            .collect();
-        keys.sort();
-        keys
+        blob_keys(self.blobs.as_ref()).await
     }
+
+    /// `POST {path}` with a multipart `form`.
+    pub async fn post_form(
+        &self,
+        token: &str,
+        path: &str,
+        form: reqwest::multipart::Form,
+    ) -> reqwest::Response {
+        self.client
+            .post(self.url(path))
+            .bearer_auth(token)
+            .multipart(form)
+            .send()
+            .await
+            .expect("the request is answered")
+    }
+}
+
+/// Every key in `blobs`, sorted: what "nothing stored" checks look at.
+pub async fn blob_keys(blobs: &dyn BlobStore) -> Vec<String> {
+    let mut keys: Vec<String> = blobs
+        .list_all("")
+        .await
+        .expect("the bucket lists")
+        .into_iter()
+        .map(|blob| blob.key)
+        .collect();
+    keys.sort();
+    keys
 }
 
 /// Asserts the contract's error body and returns its code.

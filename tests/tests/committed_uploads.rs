@@ -109,16 +109,7 @@ impl Lagging {
     }
 
     async fn blob_keys(&self) -> Vec<String> {
-        let mut keys: Vec<String> = self
-            .blobs
-            .list_all("")
-            .await
-            .expect("the bucket lists")
-            .into_iter()
-            .map(|blob| blob.key)
-            .collect();
-        keys.sort();
-        keys
+        dossier_test_support::blob_keys(self.blobs.as_ref()).await
     }
 }
 

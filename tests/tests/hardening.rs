@@ -198,13 +198,7 @@ impl Edge {
     }
 
     async fn blob_keys(&self) -> Vec<String> {
-        self.blobs
-            .list_all("")
-            .await
-            .expect("the store lists")
-            .into_iter()
-            .map(|listing| listing.key)
-            .collect()
+        dossier_test_support::blob_keys(self.blobs.as_ref()).await
     }
 
     async fn stop(mut self) {

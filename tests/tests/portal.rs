@@ -32,16 +32,6 @@ async fn create_task(app: &TestApp, staff: &str, customer: &str, title: &str) ->
     response.json().await.unwrap()
 }
 
-async fn portal_post(app: &TestApp, token: &str, path: &str, form: Form) -> reqwest::Response {
-    app.client
-        .post(app.url(path))
-        .bearer_auth(token)
-        .multipart(form)
-        .send()
-        .await
-        .unwrap()
-}
-
 fn file_form(name: &str, bytes: Vec<u8>) -> Form {
     Form::new().part(
         "file",
@@ -225,13 +215,13 @@ async fn task_and_message_uploads_are_attachments_and_show_in_the_staff_list() {
     assert_eq!(task["attachments"], json!([]));
 
     let customer = app.customer("acme", "cust-1");
-    let response = portal_post(
-        &app,
-        &customer,
-        &format!("/v1/portal/tasks/{task_id}/attachments"),
-        file_form("statement_march.png", b"png bytes".to_vec()),
-    )
-    .await;
+    let response = app
+        .post_form(
+            &customer,
+            &format!("/v1/portal/tasks/{task_id}/attachments"),
+            file_form("statement_march.png", b"png bytes".to_vec()),
+        )
+        .await;
     assert_eq!(response.status(), 201);
     let attachment: Value = response.json().await.unwrap();
     assert_eq!(attachment["name"], "statement_march");
@@ -242,13 +232,13 @@ async fn task_and_message_uploads_are_attachments_and_show_in_the_staff_list() {
 
     let form =
         file_form("signed_form.pdf", b"pdf bytes".to_vec()).text("text", "Here is the signed form");
-    let response = portal_post(
-        &app,
-        &customer,
-        &format!("/v1/portal/tasks/{task_id}/messages"),
-        form,
-    )
-    .await;
+    let response = app
+        .post_form(
+            &customer,
+            &format!("/v1/portal/tasks/{task_id}/messages"),
+            form,
+        )
+        .await;
     assert_eq!(response.status(), 201);
     let message: Value = response.json().await.unwrap();
     assert_eq!(message["text"], "Here is the signed form");
@@ -259,13 +249,13 @@ async fn task_and_message_uploads_are_attachments_and_show_in_the_staff_list() {
         .to_owned();
 
     let text_only = Form::new().text("text", "Anything else?");
-    let response = portal_post(
-        &app,
-        &customer,
-        &format!("/v1/portal/tasks/{task_id}/messages"),
-        text_only,
-    )
-    .await;
+    let response = app
+        .post_form(
+            &customer,
+            &format!("/v1/portal/tasks/{task_id}/messages"),
+            text_only,
+        )
+        .await;
     assert_eq!(response.status(), 201);
 
     // The customer's task shows both files as attachments and the thread in order.
@@ -325,22 +315,22 @@ async fn customers_can_never_delete_and_never_touch_another_customers_task() {
     let task_id = theirs["id"].as_str().unwrap();
     let customer = app.customer("acme", "cust-1");
 
-    let response = portal_post(
-        &app,
-        &customer,
-        &format!("/v1/portal/tasks/{task_id}/attachments"),
-        file_form("a.png", b"a".to_vec()),
-    )
-    .await;
+    let response = app
+        .post_form(
+            &customer,
+            &format!("/v1/portal/tasks/{task_id}/attachments"),
+            file_form("a.png", b"a".to_vec()),
+        )
+        .await;
     assert_eq!(response.status(), 404);
     assert_eq!(error_code(response).await, "not_found");
-    let response = portal_post(
-        &app,
-        &customer,
-        &format!("/v1/portal/tasks/{task_id}/messages"),
-        Form::new().text("text", "hi"),
-    )
-    .await;
+    let response = app
+        .post_form(
+            &customer,
+            &format!("/v1/portal/tasks/{task_id}/messages"),
+            Form::new().text("text", "hi"),
+        )
+        .await;
     assert_eq!(response.status(), 404);
     assert!(app.blob_keys().await.is_empty(), "nothing was stored");
     let tasks: Value = app
@@ -416,34 +406,30 @@ async fn the_upload_switch_is_per_tenant_and_refuses_with_nothing_stored() {
 
     let acme_customer = app.customer("acme", "cust-1");
     let acme_path = format!("/v1/portal/tasks/{}", acme_task["id"].as_str().unwrap());
-    let response = portal_post(
-        &app,
-        &acme_customer,
-        &format!("{acme_path}/attachments"),
-        file_form("a.png", b"a".to_vec()),
-    )
-    .await;
+    let response = app
+        .post_form(
+            &acme_customer,
+            &format!("{acme_path}/attachments"),
+            file_form("a.png", b"a".to_vec()),
+        )
+        .await;
     assert_eq!(response.status(), 403);
     assert_eq!(error_code(response).await, "portal_upload_disabled");
     let with_file = file_form("b.png", b"b".to_vec()).text("text", "see attached");
-    let response = portal_post(
-        &app,
-        &acme_customer,
-        &format!("{acme_path}/messages"),
-        with_file,
-    )
-    .await;
+    let response = app
+        .post_form(&acme_customer, &format!("{acme_path}/messages"), with_file)
+        .await;
     assert_eq!(response.status(), 403);
     assert_eq!(error_code(response).await, "portal_upload_disabled");
     assert!(app.blob_keys().await.is_empty(), "nothing was stored");
     // Writing without a file still works.
-    let response = portal_post(
-        &app,
-        &acme_customer,
-        &format!("{acme_path}/messages"),
-        Form::new().text("text", "I cannot upload"),
-    )
-    .await;
+    let response = app
+        .post_form(
+            &acme_customer,
+            &format!("{acme_path}/messages"),
+            Form::new().text("text", "I cannot upload"),
+        )
+        .await;
     assert_eq!(response.status(), 201);
 
     // Globex's switch is untouched.
@@ -452,13 +438,13 @@ async fn the_upload_switch_is_per_tenant_and_refuses_with_nothing_stored() {
         "/v1/portal/tasks/{}/attachments",
         globex_task["id"].as_str().unwrap()
     );
-    let response = portal_post(
-        &app,
-        &globex_customer,
-        &globex_path,
-        file_form("c.png", b"c".to_vec()),
-    )
-    .await;
+    let response = app
+        .post_form(
+            &globex_customer,
+            &globex_path,
+            file_form("c.png", b"c".to_vec()),
+        )
+        .await;
     assert_eq!(response.status(), 201);
 
     // Switched on again, acme's customers upload again.
@@ -469,13 +455,13 @@ async fn the_upload_switch_is_per_tenant_and_refuses_with_nothing_stored() {
         json!({"portal_uploads_enabled": true}),
     )
     .await;
-    let response = portal_post(
-        &app,
-        &acme_customer,
-        &format!("{acme_path}/attachments"),
-        file_form("d.png", b"d".to_vec()),
-    )
-    .await;
+    let response = app
+        .post_form(
+            &acme_customer,
+            &format!("{acme_path}/attachments"),
+            file_form("d.png", b"d".to_vec()),
+        )
+        .await;
     assert_eq!(response.status(), 201);
 }
 
@@ -486,17 +472,19 @@ async fn an_oversized_portal_upload_answers_413_with_nothing_stored() {
     let task = create_task(&app, &staff, "cust-1", "Upload please").await;
     let customer = app.customer("acme", "cust-1");
     let path = format!("/v1/portal/tasks/{}", task["id"].as_str().unwrap());
-    let response = portal_post(
-        &app,
-        &customer,
-        &format!("{path}/attachments"),
-        file_form("big.png", vec![1; 1025]),
-    )
-    .await;
+    let response = app
+        .post_form(
+            &customer,
+            &format!("{path}/attachments"),
+            file_form("big.png", vec![1; 1025]),
+        )
+        .await;
     assert_eq!(response.status(), 413);
     assert_eq!(error_code(response).await, "file_too_large");
     let form = file_form("big.png", vec![1; 1025]).text("text", "too big");
-    let response = portal_post(&app, &customer, &format!("{path}/messages"), form).await;
+    let response = app
+        .post_form(&customer, &format!("{path}/messages"), form)
+        .await;
     assert_eq!(response.status(), 413);
     assert!(app.blob_keys().await.is_empty());
     let tasks: Value = app
@@ -507,13 +495,13 @@ async fn an_oversized_portal_upload_answers_413_with_nothing_stored() {
         .unwrap();
     assert_eq!(tasks["items"][0]["attachments"], json!([]));
     assert_eq!(tasks["items"][0]["messages"], json!([]));
-    let response = portal_post(
-        &app,
-        &customer,
-        &format!("{path}/attachments"),
-        file_form("ok.png", vec![1; 1024]),
-    )
-    .await;
+    let response = app
+        .post_form(
+            &customer,
+            &format!("{path}/attachments"),
+            file_form("ok.png", vec![1; 1024]),
+        )
+        .await;
     assert_eq!(response.status(), 201);
 }
 
@@ -591,13 +579,13 @@ async fn an_attachment_set_to_internal_leaves_the_portal_task_list_and_comes_bac
     let task_id = task["id"].as_str().unwrap();
     let customer = app.customer("acme", "cust-1");
     let form = file_form("payslip_may.pdf", b"may".to_vec()).text("text", "May's payslip");
-    let response = portal_post(
-        &app,
-        &customer,
-        &format!("/v1/portal/tasks/{task_id}/messages"),
-        form,
-    )
-    .await;
+    let response = app
+        .post_form(
+            &customer,
+            &format!("/v1/portal/tasks/{task_id}/messages"),
+            form,
+        )
+        .await;
     assert_eq!(response.status(), 201);
     let message: Value = response.json().await.unwrap();
     let file_id = message["file_id"].as_str().unwrap().to_owned();
@@ -828,17 +816,17 @@ async fn staff_reply_in_a_tasks_thread_and_the_customer_sees_the_reply_and_its_f
 
     // The customer writes, staff answer with a form to fill in.
     let question = Form::new().text("text", "Which months do you need?");
-    let response = portal_post(
-        &app,
-        &customer,
-        &format!("/v1/portal/tasks/{task_id}/messages"),
-        question,
-    )
-    .await;
+    let response = app
+        .post_form(
+            &customer,
+            &format!("/v1/portal/tasks/{task_id}/messages"),
+            question,
+        )
+        .await;
     assert_eq!(response.status(), 201);
     let answer = file_form("statement_request.pdf", b"pdf bytes".to_vec())
         .text("text", "January to March, please use this form");
-    let response = portal_post(&app, &staff, &path, answer).await;
+    let response = app.post_form(&staff, &path, answer).await;
     assert_eq!(response.status(), 201);
     let message: Value = response.json().await.unwrap();
     assert_eq!(message["author"], "staff-1");
@@ -881,12 +869,18 @@ async fn staff_reply_in_a_tasks_thread_and_the_customer_sees_the_reply_and_its_f
     assert_eq!(download.bytes().await.unwrap().as_ref(), b"pdf bytes");
 
     // Only staff of the task's own tenant write there.
-    let as_customer = portal_post(&app, &customer, &path, Form::new().text("text", "hi")).await;
+    let as_customer = app
+        .post_form(&customer, &path, Form::new().text("text", "hi"))
+        .await;
     assert_eq!(as_customer.status(), 403);
     let other_tenant = app.staff("globex");
-    let elsewhere = portal_post(&app, &other_tenant, &path, Form::new().text("text", "hi")).await;
+    let elsewhere = app
+        .post_form(&other_tenant, &path, Form::new().text("text", "hi"))
+        .await;
     assert_eq!(elsewhere.status(), 404);
     let unknown = format!("/v1/tasks/{}/messages", uuid::Uuid::new_v4());
-    let nowhere = portal_post(&app, &staff, &unknown, Form::new().text("text", "hi")).await;
+    let nowhere = app
+        .post_form(&staff, &unknown, Form::new().text("text", "hi"))
+        .await;
     assert_eq!(nowhere.status(), 404);
 }

@@ -70,28 +70,29 @@ pub struct Stage {
 impl Stage {
     /// Sets the stage up; what was made before a failing step is removed.
     pub async fn new(ctx: &Ctx, pool_size: usize, what: &str) -> anyhow::Result<Self> {
-        let s3 = s3().await?;
+        let dir = temp_dir(what)?;
+        let s3 = match s3().await {
+            Ok(s3) => s3,
+            Err(error) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(error);
+            }
+        };
         let db = match database(ctx, pool_size).await {
             Ok(db) => db,
             Err(error) => {
                 stop_s3(s3).await;
+                let _ = std::fs::remove_dir_all(&dir);
                 return Err(error);
             }
         };
-        let vhost = match TestVhost::create().await {
-            Ok(vhost) => vhost,
+        match TestVhost::create().await {
+            Ok(vhost) => Ok(Self { s3, db, vhost, dir }),
             Err(error) => {
                 remove_database(db).await;
                 stop_s3(s3).await;
-                return Err(anyhow::Error::new(error).context("creating a RabbitMQ vhost"));
-            }
-        };
-        let stage = |dir| Self { s3, db, vhost, dir };
-        match temp_dir(what) {
-            Ok(dir) => Ok(stage(dir)),
-            Err(error) => {
-                stage(PathBuf::new()).remove().await;
-                Err(error)
+                let _ = std::fs::remove_dir_all(&dir);
+                Err(anyhow::Error::new(error).context("creating a RabbitMQ vhost"))
             }
         }
     }
@@ -120,9 +121,7 @@ impl Stage {
             eprintln!("bench: could not remove a RabbitMQ vhost: {error}");
         }
         stop_s3(self.s3).await;
-        if !self.dir.as_os_str().is_empty() {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
