@@ -110,7 +110,7 @@ pub fn size(bytes: u64) -> String {
 /// A size limit in the words of the contract's error (`25 MiB (26214400 bytes)`).
 pub fn limit(bytes: u64) -> String {
     const MIB: u64 = 1024 * 1024;
-    if bytes % MIB == 0 {
+    if bytes.is_multiple_of(MIB) {
         format!("{} MiB ({bytes} bytes)", bytes / MIB)
     } else {
         format!("{bytes} bytes")
