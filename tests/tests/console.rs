@@ -603,3 +603,60 @@ async fn a_form_another_site_posts_with_the_staff_session_is_refused_and_changes
         .await;
     browser.wait_for_text("#flash", "Task created.").await;
 }
+
+#[tokio::test]
+async fn a_newcomer_signs_in_as_staff_then_as_a_customer_with_the_development_form() {
+    let app = TestApp::spawn_with(&[(
+        "DOSSIER_JWT_SECRET",
+        dossier_runtime::config::DEV_JWT_SECRET,
+    )])
+    .await;
+    let browser = Browser::start().await;
+    browser.goto(&app.url("/")).await;
+    browser.wait_for_text("h1", "Sign in to Dossier").await;
+    browser.check_page("login").await;
+
+    // Staff of tenant "demo".
+    browser.fill("#as-tenant", "demo").await;
+    browser.fill("#as-user", "ada").await;
+    browser
+        .click("form[action='/login/as'] button[type=submit]")
+        .await;
+    browser
+        .wait_for_text("form.whoami", "ada · staff · demo")
+        .await;
+    browser.fill("#open-id", "cust-42").await;
+    browser
+        .click("form[action='/app/customers/open'] button")
+        .await;
+    browser.wait_for_text("h1", "Customer cust-42").await;
+    browser.goto(&app.url("/app/customers/cust-42/tasks")).await;
+    browser.fill("#task-title", "Your first task").await;
+    browser
+        .click("form[data-api$='/tasks'] button[type=submit]")
+        .await;
+    browser.wait_for_text("#flash", "Task created.").await;
+    browser.click("form.whoami button").await;
+
+    // The customer cust-42 of the same tenant sees the task; the console is
+    // not theirs.
+    browser.wait_for_text("h1", "Sign in to Dossier").await;
+    browser
+        .execute(
+            "document.getElementById('as-role').value = 'customer';",
+            vec![],
+        )
+        .await;
+    browser.fill("#as-user", "carla").await;
+    browser.fill("#as-customer", "cust-42").await;
+    browser
+        .click("form[action='/login/as'] button[type=submit]")
+        .await;
+    browser
+        .wait_for_text("h1", "Your tasks and documents")
+        .await;
+    browser.wait_for_text(".task-list", "Your first task").await;
+    browser.goto(&app.url("/app")).await;
+    browser.wait_for_text("h1", "Not allowed").await;
+    browser.check_page("error-forbidden").await;
+}
