@@ -419,6 +419,15 @@ impl Browser {
         self.ok(format!("typing into `{css}`"), typed).await;
     }
 
+    /// Chooses the option of value `value` in the `<select>` that `css`
+    /// finds (once it is there), as a person picking it would.
+    pub async fn choose(&self, css: &str, value: &str) {
+        let element = self.wait_for(css).await;
+        let chosen = element.select_by_value(value).await;
+        self.ok(format!("choosing {value:?} in `{css}`"), chosen)
+            .await;
+    }
+
     /// Makes the page's viewport (what CSS media queries and screenshots see)
     /// `width` x `height` CSS pixels, e.g. 390 x 844 for a phone.
     pub async fn set_viewport(&self, width: u32, height: u32) {

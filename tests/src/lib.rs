@@ -393,6 +393,21 @@ impl TestApp {
         self.token(tenant, Role::Auditor, "auditor-1", None)
     }
 
+    /// `POST /v1/customers/{customer}/tasks` as `staff`; answers the Task,
+    /// asserting 201.
+    pub async fn create_task(&self, staff: &str, customer: &str, title: &str) -> Value {
+        let response = self
+            .send_json(
+                reqwest::Method::POST,
+                staff,
+                &format!("/v1/customers/{customer}/tasks"),
+                serde_json::json!({ "title": title }),
+            )
+            .await;
+        assert_eq!(response.status(), 201, "creating a task");
+        response.json().await.expect("a Task body")
+    }
+
     /// Signs `browser` in to this Dossier's pages with `token`, as a person
     /// does on the sign-in page (paste the token, press Sign in), and waits
     /// for the start page of the token's role.

@@ -255,12 +255,7 @@ async fn each_filter_narrows_the_files_tab_like_the_api() {
 
     // The form itself: choose "Not viewed" and "Internal", press Filter.
     browser.goto(&app.url("/app/customers/cust-42/files")).await;
-    browser
-        .execute(
-            "document.getElementById('f-viewed').value = 'false';",
-            vec![],
-        )
-        .await;
+    browser.choose("#f-viewed", "false").await;
     browser.click("#f-vis-internal").await;
     browser.click("form.filters button[type=submit]").await;
     browser.wait_for_text("form.filters", "Clear filters").await;
@@ -397,10 +392,7 @@ async fn rename_visibility_and_signature_go_through_the_edit_window_and_markup_s
     browser.click(&format!("[data-edit='{id}']")).await;
     browser.fill("#edit-name", "Lease 2026").await;
     browser
-        .execute(
-            "document.getElementById('edit-visibility').value = 'portal_and_moving';",
-            vec![],
-        )
+        .choose("#edit-visibility", "portal_and_moving")
         .await;
     browser.check_page("console-edit-file").await;
     browser.click("#edit-file button[type=submit]").await;
@@ -641,12 +633,7 @@ async fn a_newcomer_signs_in_as_staff_then_as_a_customer_with_the_development_fo
     // The customer cust-42 of the same tenant sees the task; the console is
     // not theirs.
     browser.wait_for_text("h1", "Sign in to Dossier").await;
-    browser
-        .execute(
-            "document.getElementById('as-role').value = 'customer';",
-            vec![],
-        )
-        .await;
+    browser.choose("#as-role", "customer").await;
     browser.fill("#as-user", "carla").await;
     browser.fill("#as-customer", "cust-42").await;
     browser

@@ -19,19 +19,6 @@ async fn publish(app: &TestApp, staff: &str, id: &str, visibility: &str) {
     assert_eq!(response.status(), 200);
 }
 
-async fn create_task(app: &TestApp, staff: &str, customer: &str, title: &str) -> Value {
-    let response = app
-        .send_json(
-            Method::POST,
-            staff,
-            &format!("/v1/customers/{customer}/tasks"),
-            json!({"title": title}),
-        )
-        .await;
-    assert_eq!(response.status(), 201);
-    response.json().await.unwrap()
-}
-
 fn file_form(name: &str, bytes: Vec<u8>) -> Form {
     Form::new().part(
         "file",
@@ -209,7 +196,9 @@ async fn the_first_portal_download_sets_viewed_at_and_staff_downloads_never_do()
 async fn task_and_message_uploads_are_attachments_and_show_in_the_staff_list() {
     let app = TestApp::spawn().await;
     let staff = app.staff("acme");
-    let task = create_task(&app, &staff, "cust-1", "Send your bank statements").await;
+    let task = app
+        .create_task(&staff, "cust-1", "Send your bank statements")
+        .await;
     let task_id = task["id"].as_str().unwrap();
     assert_eq!(task["title"], "Send your bank statements");
     assert_eq!(task["attachments"], json!([]));
@@ -311,7 +300,7 @@ async fn task_and_message_uploads_are_attachments_and_show_in_the_staff_list() {
 async fn customers_can_never_delete_and_never_touch_another_customers_task() {
     let app = TestApp::spawn().await;
     let staff = app.staff("acme");
-    let theirs = create_task(&app, &staff, "cust-2", "Not yours").await;
+    let theirs = app.create_task(&staff, "cust-2", "Not yours").await;
     let task_id = theirs["id"].as_str().unwrap();
     let customer = app.customer("acme", "cust-1");
 
@@ -387,8 +376,12 @@ async fn the_upload_switch_is_per_tenant_and_refuses_with_nothing_stored() {
     let app = TestApp::spawn().await;
     let acme_staff = app.staff("acme");
     let globex_staff = app.staff("globex");
-    let acme_task = create_task(&app, &acme_staff, "cust-1", "Upload please").await;
-    let globex_task = create_task(&app, &globex_staff, "cust-1", "Upload please").await;
+    let acme_task = app
+        .create_task(&acme_staff, "cust-1", "Upload please")
+        .await;
+    let globex_task = app
+        .create_task(&globex_staff, "cust-1", "Upload please")
+        .await;
 
     let response = app
         .send_json(
@@ -469,7 +462,7 @@ async fn the_upload_switch_is_per_tenant_and_refuses_with_nothing_stored() {
 async fn an_oversized_portal_upload_answers_413_with_nothing_stored() {
     let app = TestApp::spawn_with(&[("DOSSIER_MAX_FILE_BYTES", "1024")]).await;
     let staff = app.staff("acme");
-    let task = create_task(&app, &staff, "cust-1", "Upload please").await;
+    let task = app.create_task(&staff, "cust-1", "Upload please").await;
     let customer = app.customer("acme", "cust-1");
     let path = format!("/v1/portal/tasks/{}", task["id"].as_str().unwrap());
     let response = app
@@ -575,7 +568,9 @@ async fn portal_task_files(app: &TestApp, customer: &str) -> (Vec<String>, Vec<V
 async fn an_attachment_set_to_internal_leaves_the_portal_task_list_and_comes_back_when_published() {
     let app = TestApp::spawn().await;
     let staff = app.staff("acme");
-    let task = create_task(&app, &staff, "cust-1", "Send your payslips").await;
+    let task = app
+        .create_task(&staff, "cust-1", "Send your payslips")
+        .await;
     let task_id = task["id"].as_str().unwrap();
     let customer = app.customer("acme", "cust-1");
     let form = file_form("payslip_may.pdf", b"may".to_vec()).text("text", "May's payslip");
@@ -772,13 +767,15 @@ async fn the_portal_file_and_task_lists_are_paged_newest_first() {
         let id = file["id"].as_str().unwrap().to_owned();
         publish(&app, &staff, &id, "portal").await;
         files.push(id);
-        let task = create_task(&app, &staff, "cust-1", &format!("Task {n}")).await;
+        let task = app
+            .create_task(&staff, "cust-1", &format!("Task {n}"))
+            .await;
         tasks.push(task["id"].as_str().unwrap().to_owned());
     }
     // Unpublished files and other customers' tasks stay out of every page.
     app.upload_ok(&staff, "cust-1", "Internal", b"i".to_vec())
         .await;
-    create_task(&app, &staff, "cust-2", "Not yours").await;
+    app.create_task(&staff, "cust-2", "Not yours").await;
     files.reverse();
     tasks.reverse();
 
@@ -810,7 +807,9 @@ async fn staff_reply_in_a_tasks_thread_and_the_customer_sees_the_reply_and_its_f
     let app = TestApp::spawn().await;
     let staff = app.staff("acme");
     let customer = app.customer("acme", "cust-1");
-    let task = create_task(&app, &staff, "cust-1", "Send your bank statements").await;
+    let task = app
+        .create_task(&staff, "cust-1", "Send your bank statements")
+        .await;
     let task_id = task["id"].as_str().unwrap();
     let path = format!("/v1/tasks/{task_id}/messages");
 

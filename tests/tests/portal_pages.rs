@@ -11,18 +11,8 @@ use serde_json::{Value, json};
 
 /// A task for `cust-42` of tenant `acme`, made by staff; answers its id.
 async fn task_for_cust_42(app: &TestApp, title: &str) -> String {
-    let created: Value = app
-        .send_json(
-            Method::POST,
-            &app.staff("acme"),
-            "/v1/customers/cust-42/tasks",
-            json!({ "title": title }),
-        )
-        .await
-        .json()
-        .await
-        .unwrap();
-    created["id"].as_str().unwrap().to_owned()
+    let task = app.create_task(&app.staff("acme"), "cust-42", title).await;
+    task["id"].as_str().unwrap().to_owned()
 }
 
 /// The task as the customer's portal API shows it now.

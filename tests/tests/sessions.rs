@@ -416,17 +416,9 @@ async fn each_role_opens_only_its_own_pages_and_a_customer_only_their_own_tasks(
     assert_eq!(status(auditor.clone(), "/app/audit").await, StatusCode::OK);
     assert_eq!(status(customer.clone(), "/portal").await, StatusCode::OK);
 
-    let task: Value = app
-        .send_json(
-            reqwest::Method::POST,
-            &staff,
-            "/v1/customers/cust-1/tasks",
-            json!({"title": "Send your payslips"}),
-        )
-        .await
-        .json()
-        .await
-        .unwrap();
+    let task = app
+        .create_task(&staff, "cust-1", "Send your payslips")
+        .await;
     let path = format!("/portal/tasks/{}", task["id"].as_str().unwrap());
     let own = app.get(&customer, &path).await;
     assert_eq!(own.status(), StatusCode::OK);
@@ -442,17 +434,7 @@ async fn a_message_may_carry_a_file_without_text_but_not_be_empty() {
     let app = TestApp::spawn().await;
     let staff = app.staff("acme");
     let customer = app.customer("acme", "cust-1");
-    let task: Value = app
-        .send_json(
-            reqwest::Method::POST,
-            &staff,
-            "/v1/customers/cust-1/tasks",
-            json!({"title": "Payslips"}),
-        )
-        .await
-        .json()
-        .await
-        .unwrap();
+    let task = app.create_task(&staff, "cust-1", "Payslips").await;
     let path = format!("/v1/portal/tasks/{}/messages", task["id"].as_str().unwrap());
     let file_only = reqwest::multipart::Form::new().text("text", "").part(
         "file",

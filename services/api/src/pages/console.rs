@@ -142,8 +142,7 @@ struct FilesTab {
     filtered: bool,
     next_href: Option<String>,
     first_href: Option<String>,
-    max_bytes: u64,
-    max_text: String,
+    limit: view::UploadLimit,
 }
 
 /// The filter form as the person left it.
@@ -199,7 +198,6 @@ async fn files_tab(
     ]
     .iter()
     .any(|key| query.one(key).is_some());
-    let max_bytes = app.max_file_bytes().0;
     Ok(render(FilesTab {
         chrome: Chrome::of(&caller, "/app"),
         customer: customer.as_str().to_owned(),
@@ -212,8 +210,7 @@ async fn files_tab(
         first_href: query
             .one("cursor")
             .map(|_| format!("{base}?{}", query.with("cursor", None))),
-        max_bytes,
-        max_text: view::limit(max_bytes),
+        limit: view::UploadLimit::of(app.max_file_bytes().0),
     }))
 }
 
@@ -225,8 +222,7 @@ struct TasksTab {
     chrome: Chrome,
     customer: String,
     tasks: Vec<TaskBlock>,
-    max_bytes: u64,
-    max_text: String,
+    limit: view::UploadLimit,
 }
 
 /// A task as a page shows it: its attachments and its thread.
@@ -295,7 +291,6 @@ async fn tasks_tab(
     let caller = viewer.only(STAFF)?;
     let customer = CustomerId::parse(&id)?;
     let tasks = portal::tasks_of(app.pool(), &caller.tenant, &customer).await?;
-    let max_bytes = app.max_file_bytes().0;
     Ok(render(TasksTab {
         chrome: Chrome::of(&caller, "/app"),
         customer: customer.as_str().to_owned(),
@@ -303,8 +298,7 @@ async fn tasks_tab(
             .iter()
             .map(|t| TaskBlock::new(t, &caller.sub, "/v1/files"))
             .collect(),
-        max_bytes,
-        max_text: view::limit(max_bytes),
+        limit: view::UploadLimit::of(app.max_file_bytes().0),
     }))
 }
 

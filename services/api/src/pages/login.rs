@@ -90,6 +90,19 @@ fn refused(app: &AppState, status: StatusCode, next: Option<&str>, why: String) 
     response
 }
 
+/// The refusal of a sign-in that a page of another site started (login
+/// forgery: signing a victim in to the attacker's account), if it is one.
+fn from_another_site(app: &AppState, headers: &HeaderMap) -> Option<Response> {
+    (!session::from_this_site(headers)).then(|| {
+        refused(
+            app,
+            StatusCode::FORBIDDEN,
+            None,
+            "Sign-in from another site is refused.".into(),
+        )
+    })
+}
+
 #[derive(Deserialize)]
 struct LoginForm {
     token: String,
@@ -103,13 +116,8 @@ async fn login(
     headers: HeaderMap,
     Form(form): Form<LoginForm>,
 ) -> Response {
-    if !session::from_this_site(&headers) {
-        return refused(
-            &app,
-            StatusCode::FORBIDDEN,
-            None,
-            "Sign-in from another site is refused.".into(),
-        );
+    if let Some(refusal) = from_another_site(&app, &headers) {
+        return refusal;
     }
     match Caller::from_token(app.jwt_secret(), form.token.trim()) {
         Ok(caller) => start_session(&headers, form.token.trim(), &caller, form.next.as_deref()),
@@ -159,13 +167,8 @@ async fn login_as(
     if !development_secret(&app) {
         return StatusCode::NOT_FOUND.into_response();
     }
-    if !session::from_this_site(&headers) {
-        return refused(
-            &app,
-            StatusCode::FORBIDDEN,
-            None,
-            "Sign-in from another site is refused.".into(),
-        );
+    if let Some(refusal) = from_another_site(&app, &headers) {
+        return refusal;
     }
     let role: Role = match form.role.parse() {
         Ok(role) => role,

@@ -140,8 +140,7 @@ struct TaskWindow {
     chrome: Chrome,
     task: TaskBlock,
     uploads_enabled: bool,
-    max_bytes: u64,
-    max_text: String,
+    limit: view::UploadLimit,
 }
 
 /// `GET /portal/tasks/{id}`: one of the customer's own tasks; another
@@ -163,12 +162,10 @@ async fn task_window(
     .filter(|task| task.customer_id == customer)
     .ok_or(ApiError(AppError::NotFound))?;
     let uploads_enabled = portal::portal_uploads_enabled(app.pool(), &caller.tenant).await?;
-    let max_bytes = app.max_file_bytes().0;
     Ok(render(TaskWindow {
         chrome: Chrome::of(&caller, "/portal"),
         task: TaskBlock::new(&task, &caller.sub, "/v1/portal/files"),
         uploads_enabled,
-        max_bytes,
-        max_text: view::limit(max_bytes),
+        limit: view::UploadLimit::of(app.max_file_bytes().0),
     }))
 }

@@ -135,6 +135,22 @@ pub fn origin_label(origin: Origin) -> &'static str {
     }
 }
 
+/// The upload limit as a page needs it: in bytes for the script's check
+/// before sending, and in words for people.
+pub struct UploadLimit {
+    pub bytes: u64,
+    pub text: String,
+}
+
+impl UploadLimit {
+    pub fn of(bytes: u64) -> Self {
+        Self {
+            bytes,
+            text: limit(bytes),
+        }
+    }
+}
+
 /// One file as a table row shows it.
 pub struct FileRow {
     pub id: String,
