@@ -647,3 +647,33 @@ async fn a_newcomer_signs_in_as_staff_then_as_a_customer_with_the_development_fo
     browser.wait_for_text("h1", "Not allowed").await;
     browser.check_page("error-forbidden").await;
 }
+
+#[tokio::test]
+async fn an_upload_that_fails_says_whether_the_server_or_the_network_failed() {
+    let (mut app, s3) = TestApp::spawn_behind_s3_proxy(&[]).await;
+    let browser = Browser::start().await;
+    app.sign_in(&browser, &app.staff("acme")).await;
+    browser.goto(&app.url("/app/customers/cust-42/files")).await;
+    browser.click("[data-open=add-file]").await;
+    browser.fill("#add-name", "Bank statement").await;
+    browser
+        .upload_file("#add-file-input", "statement.pdf", b"statement")
+        .await;
+
+    // The blob store is down: the server answers 503, and the window says so.
+    s3.cut().await;
+    browser.click("#add-file button[type=submit]").await;
+    let status = browser
+        .wait_for_text("#add-file [data-status]", "Server error (503)")
+        .await;
+    assert!(status.text().await.unwrap().contains("Try again"));
+    s3.restore();
+
+    // Dossier cannot be reached at all: a network problem.
+    app.shutdown().await.unwrap();
+    browser.click("#add-file button[type=submit]").await;
+    browser
+        .wait_for_text("#add-file [data-status]", "Network problem")
+        .await;
+    browser.screenshot("console-add-file-network-problem").await;
+}
