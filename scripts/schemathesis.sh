@@ -22,17 +22,15 @@ readonly RABBIT_API=${SCHEMATHESIS_RABBIT_API:-http://guest:guest@127.0.0.1:1567
 readonly TENANT=acme
 readonly CUSTOMER=cust-st
 
-# apt_install from services.sh (sourcing it runs nothing): a fresh Debian
-# machine may lack the tools this script calls.
-# shellcheck source=services.sh
-source scripts/services.sh
+# say, die, apt_install: a fresh Debian machine may lack the tools this script
+# calls.
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source scripts/lib.sh
 need() { command -v "$1" >/dev/null || apt_install "$2"; }
 need curl curl
 need jq jq
 need flock util-linux
 python3 -m venv --help >/dev/null 2>&1 || apt_install python3-venv
-
-say() { echo "schemathesis.sh: $*" >&2; }
 
 if [[ ! -x $VENV/bin/st ]] || ! "$VENV/bin/st" --version 2>/dev/null | grep -q "$ST_VERSION"; then
 	say "installing schemathesis $ST_VERSION into $VENV"
@@ -57,6 +55,7 @@ vhost_lock() {
 	flock "${TMPDIR:-/tmp}/dossier-test-vhosts.lock" "$@"
 }
 
+# shellcheck disable=SC2317 # run by the EXIT trap below, which shellcheck 0.9 does not see
 cleanup() {
 	if [[ -n $server_pid ]]; then
 		kill "$server_pid" 2>/dev/null || true

@@ -23,30 +23,14 @@ readonly MGMT_PORT=15672
 readonly PG_WAIT_SECS=60
 readonly RABBIT_WAIT_SECS=120
 
-say() { echo "services.sh: $*" >&2; }
-die() {
-	echo "services.sh: ERROR: $*" >&2
-	exit 1
-}
+# say, die, apt_install
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # True when something accepts TCP connections on 127.0.0.1:$1. Uses bash's
 # /dev/tcp, so it works before any client package is installed.
 port_open() {
 	timeout 3 bash -c "exec 3<>/dev/tcp/127.0.0.1/$1" 2>/dev/null
-}
-
-apt_updated=false
-apt_install() {
-	[[ $(id -u) -eq 0 ]] || die "$* is not installed and installing it needs root (run as root, or install it yourself)"
-	command -v apt-get >/dev/null || die "$* is not installed and there is no apt-get to install it with"
-	export DEBIAN_FRONTEND=noninteractive
-	if ! $apt_updated; then
-		say "updating the Debian package lists (apt-get update)"
-		apt-get update -qq >/dev/null || die "apt-get update failed"
-		apt_updated=true
-	fi
-	say "installing $* (apt-get install)"
-	apt-get install -y -qq "$@" >/dev/null || die "apt-get install $* failed"
 }
 
 # ---------------------------------------------------------------- PostgreSQL

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The test command (README, CI): makes Postgres and RabbitMQ available, runs
-# every test of the workspace with plain `cargo test`, then holds the OpenAPI
+# The test command (README, CI): makes Postgres and RabbitMQ available, and
+# Chromium, chromedriver and axe-core for the page tests, runs every test of
+# the workspace with plain `cargo test`, then holds the OpenAPI
 # document to the API with schemathesis (scripts/schemathesis.sh). The closing
 # lines sum up both. Extra arguments go to cargo test, e.g.
 #   scripts/test.sh auth::          (only tests whose name contains auth::)
@@ -10,6 +11,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 scripts/services.sh
+scripts/browser.sh
 
 # --no-fail-fast: every test binary runs even after one failed, so a run shows
 # all that is broken, not the first of it.

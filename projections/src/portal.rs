@@ -236,12 +236,14 @@ pub async fn tasks_page(
     Ok(TaskPage { items, next_cursor })
 }
 
-/// One task of `tenant` as staff see it; `None` for an unknown task or
-/// another tenant's.
+/// One task of `tenant` with what `audience` may see of its attachments and
+/// thread; `None` for an unknown task or another tenant's. (The caller checks
+/// that a customer's task is their own.)
 pub async fn task(
     pool: &Pool,
     tenant: &TenantId,
     id: Uuid,
+    audience: Audience<'_>,
 ) -> Result<Option<TaskView>, QueryError> {
     let client = pool.get().await?;
     let row = client
@@ -256,7 +258,7 @@ pub async fn task(
     };
     let customer = parse_customer(row.get(3))?;
     let task = task_row(&row, &customer);
-    let mut tasks = with_threads(pool, tenant, Audience::Staff, vec![task]).await?;
+    let mut tasks = with_threads(pool, tenant, audience, vec![task]).await?;
     Ok(tasks.pop())
 }
 

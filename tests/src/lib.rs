@@ -6,10 +6,12 @@
 //! [`Application`] listening on a free port. Requests go through reqwest,
 //! like any client's; [`client::Client`] speaks the contract for a test, and
 //! [`wait::eventually`] is how a test waits for something to happen.
+//! Page tests drive a real headless Chromium with [`browser::Browser`].
 //!
 //! The benchmark stands on the same pieces: [`db::Database`], [`s3`],
 //! [`rabbit::TestVhost`], [`AppServer`], [`token`] and [`process`].
 
+pub mod browser;
 pub mod client;
 pub mod db;
 pub mod postgres;
@@ -62,9 +64,10 @@ pub struct SharedS3 {
     pub root: PathBuf,
 }
 
-/// Removes the S3 roots of earlier test runs (older than an hour), so that
-/// repeated runs on one machine do not fill its disk.
-fn remove_old_s3_roots() {
+/// Removes the folders of earlier test runs (older than an hour) whose names in
+/// the temporary directory start with `prefix`, so that repeated runs on one
+/// machine, some of them killed before they cleaned up, do not fill its disk.
+pub(crate) fn remove_old_temp_dirs(prefix: &str) {
     let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
         return;
     };
@@ -76,12 +79,7 @@ fn remove_old_s3_roots() {
             .ok()
             .and_then(|modified| modified.elapsed().ok())
             .is_some_and(|age| age > hour);
-        if old
-            && entry
-                .file_name()
-                .to_string_lossy()
-                .starts_with("dossier-s3-")
-        {
+        if old && entry.file_name().to_string_lossy().starts_with(prefix) {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }
@@ -91,7 +89,7 @@ fn remove_old_s3_roots() {
 pub fn s3_server() -> &'static SharedS3 {
     static S3: OnceLock<SharedS3> = OnceLock::new();
     S3.get_or_init(|| {
-        remove_old_s3_roots();
+        remove_old_temp_dirs("dossier-s3-");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::Builder::new()
             .name("s3-dev".into())

@@ -7,5 +7,6 @@ pub use dossier_application::commands;
 pub mod error;
 pub mod http;
 pub mod intake;
+pub mod pages;
 pub mod startup;
 pub mod state;

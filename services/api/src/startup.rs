@@ -271,7 +271,9 @@ impl Application {
             let router = crate::http::router(state.clone());
             let limits = crate::http::serve::Limits::from_settings(&settings);
             let mut stopping = shutdown.subscribe();
-            tracing::info!(address = %listener.local_addr()?, ?limits, "HTTP API listening");
+            let address = listener.local_addr()?;
+            tracing::info!(%address, ?limits, "HTTP API listening");
+            tracing::info!("console and portal: open http://{address}/ in a browser");
             roles.spawn(async move {
                 let stop = async move { dossier_runtime::shutdown::stopped(&mut stopping).await };
                 let served = crate::http::serve::serve(listener, router, limits, stop)

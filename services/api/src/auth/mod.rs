@@ -1,13 +1,21 @@
-//! Who is calling: the bearer token, checked on every request.
+//! Who is calling: the bearer token or the session cookie holding one,
+//! checked on every request.
 //!
 //! A missing or bad token answers 401; a valid token whose role may not use an
 //! endpoint answers 403. The tenant always comes from the token, never from
 //! the URL, and a customer's id likewise (CONTRACT.md "Authentication").
+//!
+//! A browser's pages call the same endpoints with the session cookie
+//! ([`session`]) instead of the header. A cookie travels with every request
+//! the browser makes to this site, also one a page of another site starts, so
+//! an unsafe request that is authenticated by the cookie alone must come from
+//! a page of this site ([`session::from_this_site`]), or it is refused with 403.
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use dossier_domain::{Actor, CustomerId, TenantId};
 pub mod jwt;
+pub mod session;
 
 use jwt::Role;
 
@@ -23,6 +31,8 @@ pub struct Caller {
     pub role: Role,
     /// Set exactly when `role` is `customer`.
     pub customer: Option<CustomerId>,
+    /// The token's `exp` (seconds since the Unix epoch): a session lasts until then.
+    pub expires_at: i64,
 }
 
 impl Caller {
@@ -34,7 +44,7 @@ impl Caller {
         CommandContext::new(self.tenant.clone(), self.actor())
     }
 
-    fn require(self, allowed: &[Role]) -> Result<Self, ApiError> {
+    pub fn require(self, allowed: &[Role]) -> Result<Self, ApiError> {
         if allowed.contains(&self.role) {
             Ok(self)
         } else {
@@ -61,18 +71,34 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let header = parts
-            .headers
-            .get(axum::http::header::AUTHORIZATION)
-            .ok_or_else(|| ApiError(AppError::Unauthorized("missing bearer token".into())))?;
-        let token = header.to_str().ok().and_then(bearer_token).ok_or_else(|| {
-            ApiError(AppError::Unauthorized(
-                "the Authorization header must be `Bearer <token>`".into(),
-            ))
-        })?;
-        let claims = jwt::verify(state.jwt_secret(), token).map_err(|error| {
+        let token = match parts.headers.get(axum::http::header::AUTHORIZATION) {
+            Some(header) => header.to_str().ok().and_then(bearer_token).ok_or_else(|| {
+                ApiError(AppError::Unauthorized(
+                    "the Authorization header must be `Bearer <token>`".into(),
+                ))
+            })?,
+            None => {
+                let token = session::token(&parts.headers).ok_or_else(|| {
+                    ApiError(AppError::Unauthorized("missing bearer token".into()))
+                })?;
+                if !parts.method.is_safe() && !session::from_this_site(&parts.headers) {
+                    return Err(ApiError(AppError::Forbidden(
+                        "a request from another site may not change anything here".into(),
+                    )));
+                }
+                token
+            }
+        };
+        Self::from_token(state.jwt_secret(), token)
+    }
+}
+
+impl Caller {
+    /// The caller a token names, or 401 when it is not a valid token of ours.
+    pub fn from_token(secret: &[u8], token: &str) -> Result<Self, ApiError> {
+        let claims = jwt::verify(secret, token).map_err(|error| {
             // Every refusal answers the same 401; the log says which it was.
-            tracing::info!(%error, "refused a bearer token");
+            tracing::info!(%error, "refused a token");
             ApiError(AppError::Unauthorized(format!("invalid token: {error}")))
         })?;
         let tenant = TenantId::parse(&claims.tenant).map_err(|_| {
@@ -98,6 +124,7 @@ impl FromRequestParts<AppState> for Caller {
             tenant,
             role: claims.role,
             customer,
+            expires_at: claims.exp,
         })
     }
 }

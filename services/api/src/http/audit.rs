@@ -9,7 +9,7 @@ use axum::extract::{RawQuery, State};
 use axum::routing::get;
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
-use dossier_domain::{CustomerId, FileId};
+use dossier_domain::{CustomerId, FileId, TenantId};
 use dossier_projections::audit::{self, AuditEntry, AuditFilter};
 use serde::Serialize;
 
@@ -82,6 +82,16 @@ pub async fn list_audit(
     RawQuery(query): RawQuery,
 ) -> Result<Json<AuditPage>, ApiError> {
     let query = QueryPairs::parse(query.as_deref())?;
+    let page = fresh_page(&app, &caller.tenant, &audit_filter(&query)?).await?;
+    Ok(Json(AuditPage {
+        items: page.items.into_iter().map(AuditItem::from).collect(),
+        next_cursor: page.next_cursor,
+    }))
+}
+
+/// The trail's filter from a query string (`customer_id`, `file_id`, `from`,
+/// `to`, `limit`, `cursor`): the API's and the audit page's.
+pub fn audit_filter(query: &QueryPairs) -> Result<AuditFilter, ApiError> {
     let before = query
         .one("cursor")
         .map(|raw| {
@@ -89,7 +99,7 @@ pub async fn list_audit(
                 .ok_or_else(|| ApiError::validation("cursor", "is not a cursor this API gave out"))
         })
         .transpose()?;
-    let filter = AuditFilter {
+    Ok(AuditFilter {
         customer_id: query
             .one("customer_id")
             .map(CustomerId::parse)
@@ -104,16 +114,22 @@ pub async fn list_audit(
         to: query.time_to("to")?,
         limit: query.int("limit", 1, 500)?.unwrap_or(50),
         before,
-    };
-    let tenant = caller.tenant.as_str();
-    audit::wait_until_complete(app.pool(), tenant, FRESHNESS_TIMEOUT)
+    })
+}
+
+/// One page of `tenant`'s trail, once the audit worker has caught up with
+/// the log (read-your-writes, rule 10) or the freshness timeout has passed.
+pub async fn fresh_page(
+    app: &AppState,
+    tenant: &TenantId,
+    filter: &AuditFilter,
+) -> Result<audit::AuditPage, ApiError> {
+    let unavailable =
+        |e: dossier_projections::ProjectionError| ApiError(AppError::Unavailable(e.to_string()));
+    audit::wait_until_complete(app.pool(), tenant.as_str(), FRESHNESS_TIMEOUT)
         .await
-        .map_err(|e| ApiError(AppError::Unavailable(e.to_string())))?;
-    let page = audit::query(app.pool(), tenant, &filter)
+        .map_err(unavailable)?;
+    audit::query(app.pool(), tenant.as_str(), filter)
         .await
-        .map_err(|e| ApiError(AppError::Unavailable(e.to_string())))?;
-    Ok(Json(AuditPage {
-        items: page.items.into_iter().map(AuditItem::from).collect(),
-        next_cursor: page.next_cursor,
-    }))
+        .map_err(unavailable)
 }

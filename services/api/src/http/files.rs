@@ -215,7 +215,7 @@ pub async fn list_files(
     Ok(Json(page))
 }
 
-fn file_filter(query: &QueryPairs) -> Result<FileFilter, ApiError> {
+pub fn file_filter(query: &QueryPairs) -> Result<FileFilter, ApiError> {
     let visibility = query
         .all("visibility")
         .into_iter()

@@ -45,8 +45,11 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
         .route("/openapi.json", get(openapi::document))
+        .merge(crate::pages::routes())
         .fallback(|| async { ApiError(AppError::NotFound) });
-    with_edge_layers(routes).with_state(state)
+    with_edge_layers(routes)
+        .layer(middleware::from_fn(crate::pages::security_headers))
+        .with_state(state)
 }
 
 /// Wraps every route of `router` in what the edge puts around each one,

@@ -36,6 +36,30 @@ impl QueryPairs {
             .map(|(_, v)| v.as_str())
     }
 
+    /// The pairs that have a value. A page's filter form sends its blank
+    /// fields as `key=`, which there means "no filter on this".
+    pub fn without_blanks(mut self) -> Self {
+        self.0.retain(|(_, value)| !value.trim().is_empty());
+        self
+    }
+
+    /// These pairs as a query string, with `key` set to `value` alone (or
+    /// removed, for `None`): a page's link to the next page of the same list.
+    pub fn with(&self, key: &str, value: Option<&str>) -> String {
+        let encode = |raw: &str| {
+            percent_encoding::utf8_percent_encode(raw, percent_encoding::NON_ALPHANUMERIC)
+                .to_string()
+        };
+        self.0
+            .iter()
+            .filter(|(k, _)| k != key)
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .chain(value.map(|v| (key, v)))
+            .map(|(k, v)| format!("{}={}", encode(k), encode(v)))
+            .collect::<Vec<_>>()
+            .join("&")
+    }
+
     /// Every value of `key`, also split at commas (`visibility=portal,internal`);
     /// an empty one stays, for the caller's parser to refuse.
     pub fn all(&self, key: &str) -> Vec<&str> {

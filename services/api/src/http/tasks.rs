@@ -69,7 +69,10 @@ pub struct NewTask {
 }
 
 /// The form of `POST /v1/portal/tasks/{task_id}/messages` (CONTRACT.md: `text`,
-/// optional `file`). Only describes it for the OpenAPI document.
+/// optional `file`). Only describes it for the OpenAPI document. The server
+/// also takes a file with blank text (the portal's paperclip: "add a message
+/// if needed"); the document keeps `text` required so that a form of neither
+/// stays outside it.
 #[derive(utoipa::ToSchema, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 #[allow(dead_code)]
@@ -129,7 +132,7 @@ pub async fn create_task(
     app.commands()
         .run::<Task>(&caller.context(), &task_id.to_string(), command, ())
         .await?;
-    let task = portal::task(app.pool(), &caller.tenant, task_id)
+    let task = portal::task(app.pool(), &caller.tenant, task_id, Audience::Staff)
         .await
         .map_err(read_model_error)?
         .ok_or_else(|| {
@@ -328,7 +331,7 @@ pub async fn upload_attachment(
         (status = 403, description = "portal_upload_disabled: a file while the tenant has turned portal uploads off; or forbidden", body = ErrorBody),
         (status = 404, description = "not_found: unknown task, or another customer's or tenant's", body = ErrorBody),
         (status = 413, description = "file_too_large: over the size limit (the message names it), or a form over its limits; nothing stored", body = ErrorBody),
-        (status = 422, description = "validation_failed: no text, or a malformed form; nothing stored", body = ErrorBody)))]
+        (status = 422, description = "validation_failed: neither text nor a file, or a malformed form; nothing stored", body = ErrorBody)))]
 pub async fn post_message(
     State(app): State<AppState>,
     customer: PortalCustomer,
@@ -358,7 +361,7 @@ pub async fn post_message(
         (status = 201, description = "The message, in the task's thread; its file is also a task attachment, shown in the portal", body = MessageView),
         (status = 404, description = "not_found: unknown task, or another tenant's", body = ErrorBody),
         (status = 413, description = "file_too_large: over the size limit (the message names it), or a form over its limits; nothing stored", body = ErrorBody),
-        (status = 422, description = "validation_failed: no text, or a malformed form; nothing stored", body = ErrorBody)))]
+        (status = 422, description = "validation_failed: neither text nor a file, or a malformed form; nothing stored", body = ErrorBody)))]
 pub async fn post_staff_message(
     State(app): State<AppState>,
     Staff(caller): Staff,
@@ -407,8 +410,9 @@ async fn post_in_thread(
             return Err(error.into());
         }
     };
-    // CONTRACT.md: `text`, optional `file`; a file needs a word with it.
-    if text.is_empty() {
+    // CONTRACT.md: `text`, optional `file`. The portal guide says to "add a
+    // message if needed" to a file: a message is some text, a file, or both.
+    if text.is_empty() && form.file.is_none() {
         form.discard(app.uploads()).await;
         return Err(ApiError::validation("text", "is required"));
     }
