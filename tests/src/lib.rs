@@ -393,6 +393,18 @@ impl TestApp {
         self.token(tenant, Role::Auditor, "auditor-1", None)
     }
 
+    /// Signs `browser` in to this Dossier's pages with `token`, as a person
+    /// does on the sign-in page (paste the token, press Sign in), and waits
+    /// for the start page of the token's role.
+    pub async fn sign_in(&self, browser: &browser::Browser, token: &str) {
+        browser.goto(&self.url("/login")).await;
+        browser.fill("#token", token).await;
+        browser
+            .click("form[action='/login'] button[type=submit]")
+            .await;
+        browser.wait_for("form.whoami").await;
+    }
+
     /// `POST /v1/customers/{customer}/files` with a file part and text fields.
     pub async fn upload(
         &self,

@@ -1,4 +1,4 @@
-//! The pages' style sheet and script, built into the binary: a page needs
+//! The pages' style sheet, script and icon, built into the binary: a page needs
 //! nothing from another host and no build step (CONTRACT.md "Browser").
 
 use axum::Router;
@@ -10,6 +10,7 @@ use crate::state::AppState;
 
 const STYLE: &str = include_str!("../../assets/dossier.css");
 const SCRIPT: &str = include_str!("../../assets/dossier.js");
+const PAPERCLIP: &str = include_str!("../../assets/paperclip.svg");
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -20,6 +21,10 @@ pub fn routes() -> Router<AppState> {
         .route(
             "/assets/dossier.js",
             get(|| asset("text/javascript; charset=utf-8", SCRIPT)),
+        )
+        .route(
+            "/assets/paperclip.svg",
+            get(|| asset("image/svg+xml", PAPERCLIP)),
         )
 }
 
