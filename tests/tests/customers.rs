@@ -183,6 +183,29 @@ async fn the_most_recently_active_customer_comes_first_with_its_files_and_open_t
     assert_eq!(message.status(), 201);
     assert_eq!(ids(&customers(&app, &staff, "").await)[0], "cust-mid");
 
+    // The console's customer list shows the same rows in the same order, and
+    // its search box is `q`.
+    let console = |query: &'static str| {
+        let (app, staff) = (&app, &staff);
+        async move {
+            let response = app.get(staff, &format!("/app{query}")).await;
+            assert_eq!(response.status(), 200, "/app{query}");
+            let html = response.text().await.unwrap();
+            let mut shown: Vec<(usize, &str)> =
+                ["cust-mid", "cust-task-only", "cust-new", "cust-old"]
+                    .into_iter()
+                    .filter_map(|id| html.find(&format!(">{id}</a>")).map(|at| (at, id)))
+                    .collect();
+            shown.sort();
+            shown.into_iter().map(|(_, id)| id).collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        console("").await,
+        ["cust-mid", "cust-task-only", "cust-new", "cust-old"]
+    );
+    assert_eq!(console("?q=cust-n").await, ["cust-new"]);
+
     // A download is a fact recorded by a GET, not a command: the list shows it
     // once the projection applied it.
     let download = app.get(&staff, &format!("/v1/files/{old}/content")).await;
