@@ -26,6 +26,6 @@ pub use file::{File, FileCommand, FileError, FileEvent, FilePolicy, FileRecord, 
 pub use settings::{Settings, SettingsCommand, SettingsError, SettingsEvent};
 pub use task::{MessageText, Task, TaskCommand, TaskError, TaskEvent, TaskTitle};
 pub use types::{
-    Actor, BlobKey, ContentType, ContractId, CustomerId, DisplayName, FileId, FileName,
-    MaxFileBytes, Origin, Sha256Hex, TenantId, ValidationError, Visibility,
+    Actor, BlobKey, ContentType, ContractId, CustomerId, CustomerIdPrefix, DisplayName, FileId,
+    FileName, MaxFileBytes, Origin, Sha256Hex, TenantId, ValidationError, Visibility,
 };

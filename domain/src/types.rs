@@ -33,6 +33,12 @@ fn has_control(s: &str) -> bool {
 
 /// Identifier characters allowed in ids that end up in blob keys: letters,
 /// digits and `. _ - : @`, never a path separator, never `.` or `..` alone.
+/// Whether `c` may appear in an identifier: an ASCII letter or digit, or one of
+/// `. _ - : @`.
+fn is_identifier_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':' | '@')
+}
+
 fn check_identifier(field: &'static str, raw: &str, max: usize) -> Result<(), ValidationError> {
     if raw.is_empty() {
         return Err(ValidationError::new(field, "must not be empty"));
@@ -46,10 +52,7 @@ fn check_identifier(field: &'static str, raw: &str, max: usize) -> Result<(), Va
     if raw == "." || raw == ".." {
         return Err(ValidationError::new(field, "must not be `.` or `..`"));
     }
-    if let Some(c) = raw
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':' | '@')))
-    {
+    if let Some(c) = raw.chars().find(|&c| !is_identifier_char(c)) {
         return Err(ValidationError::new(
             field,
             format!("may only contain letters, digits and . _ - : @ (found {c:?})"),
@@ -130,6 +133,40 @@ impl CustomerId {
     pub fn parse(raw: &str) -> Result<Self, ValidationError> {
         check_identifier("customer_id", raw, 128)?;
         Ok(Self(raw.to_owned()))
+    }
+}
+
+/// The start of a customer id, as a search for customers takes it (`q` of
+/// `GET /v1/customers`): 1 to 128 of the characters a [`CustomerId`] is made of.
+/// Every character stands for itself: `_` and `.` are no wildcards, and `%`
+/// or `*` are no customer id's characters at all, so they are refused.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CustomerIdPrefix(String);
+
+impl CustomerIdPrefix {
+    pub fn parse(raw: &str) -> Result<Self, ValidationError> {
+        if raw.is_empty() || raw.len() > 128 {
+            return Err(ValidationError::new(
+                "q",
+                "must be 1 to 128 characters of a customer id",
+            ));
+        }
+        if let Some(c) = raw.chars().find(|&c| !is_identifier_char(c)) {
+            return Err(ValidationError::new(
+                "q",
+                format!("may only contain letters, digits and . _ - : @ (found {c:?})"),
+            ));
+        }
+        Ok(Self(raw.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether `customer` starts with this prefix.
+    pub fn matches(&self, customer: &CustomerId) -> bool {
+        customer.as_str().starts_with(&self.0)
     }
 }
 
@@ -448,6 +485,28 @@ impl Default for MaxFileBytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_customer_id_prefix_is_literal_and_made_of_id_characters() {
+        let prefix = CustomerIdPrefix::parse("a_b.").unwrap();
+        assert!(prefix.matches(&CustomerId::parse("a_b.c").unwrap()));
+        assert!(
+            !prefix.matches(&CustomerId::parse("axb.c").unwrap()),
+            "_ is no wildcard"
+        );
+        assert!(
+            !prefix.matches(&CustomerId::parse("a_bxc").unwrap()),
+            ". is no wildcard"
+        );
+        assert!(CustomerIdPrefix::parse(".").is_ok(), "the start of `.a`");
+        for bad in ["", "a%", "%", "a*", "a b", "a/b", &"a".repeat(129)] {
+            assert_eq!(
+                CustomerIdPrefix::parse(bad).unwrap_err().field,
+                "q",
+                "{bad:?}"
+            );
+        }
+    }
 
     #[test]
     fn identifiers_refuse_path_separators_and_dot_segments() {

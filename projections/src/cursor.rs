@@ -1,18 +1,28 @@
-//! The opaque cursor of the lists kept newest first (a customer's files, a
-//! customer's tasks in the portal): where the previous page ended.
+//! The opaque cursors of the lists: where the previous page ended.
 //!
-//! Each list is ordered by `(created_at DESC, id DESC)`, a total order, so the last
-//! row of a page pins down exactly where the next one starts (keyset pagination: no
+//! Each list is ordered by a time and a unique key, a total order, so the last row
+//! of a page pins down exactly where the next one starts (keyset pagination: no
 //! OFFSET, no row skipped or repeated when rows are added or deleted in between).
 //!
-//! Encoding: URL-safe base64 without padding of 25 bytes: a format version (1), the
-//! `created_at` in microseconds since the Unix epoch (big-endian i64, the precision
-//! Postgres keeps), and the row's id (16 bytes). Clients must treat it as opaque; the
-//! version byte lets the format change without misreading old cursors.
+//! - [`Cursor`]: the lists kept newest first (a customer's files, a customer's
+//!   tasks), ordered by `(created_at DESC, id DESC)`. Encoding: URL-safe base64
+//!   without padding of 25 bytes: a format version (1), the `created_at` in
+//!   microseconds since the Unix epoch (big-endian i64, the precision Postgres
+//!   keeps), and the row's id (16 bytes).
+//! - [`ActivityCursor`]: the customers list, most recently active first, ordered by
+//!   `(last_activity_at DESC, customer_id ASC)` (customer ids compared byte by byte).
+//!   Encoding: `c`, the `last_activity_at` in microseconds since the Unix epoch in
+//!   decimal (no leading zeros, at most 17 digits), `_`, and the customer id; every
+//!   character is URL-safe in a query, and the shape is one exact pattern (the
+//!   OpenAPI document's `CustomerCursor`).
+//!
+//! Clients must treat both as opaque; the version byte and the leading `c` let the
+//! formats change without misreading old cursors.
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
+use dossier_domain::CustomerId;
 use uuid::Uuid;
 
 const VERSION: u8 = 1;
@@ -107,9 +117,101 @@ impl Cursor {
     }
 }
 
+/// Where a page of the customers list ended: the last customer's
+/// `last_activity_at` (microseconds) and id. The next page starts after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActivityCursor {
+    /// `last_activity_at` of the last customer of the page, truncated to
+    /// microseconds.
+    pub at: DateTime<Utc>,
+    /// The last customer of the page.
+    pub customer_id: CustomerId,
+}
+
+/// An [`ActivityCursor`]'s time has at most this many decimal digits of
+/// microseconds (up to the year 5138), so its text form is one simple pattern.
+const ACTIVITY_MAX_DIGITS: usize = 17;
+
+impl ActivityCursor {
+    /// The cursor that continues after a customer with these keys.
+    pub fn after(at: DateTime<Utc>, customer_id: CustomerId) -> Self {
+        Self { at, customer_id }
+    }
+
+    /// The opaque text form.
+    pub fn encode(&self) -> String {
+        format!(
+            "c{}_{}",
+            self.at.timestamp_micros(),
+            self.customer_id.as_str()
+        )
+    }
+
+    /// Reads a cursor given out by [`Self::encode`]; anything else (leading
+    /// zeros, a sign, a time out of range, a malformed customer id) is an error,
+    /// so that exactly the strings of the documented pattern are accepted.
+    pub fn decode(text: &str) -> Result<Self, CursorError> {
+        let (micros, customer) = text
+            .strip_prefix('c')
+            .and_then(|rest| rest.split_once('_'))
+            .ok_or(CursorError::UnknownFormat)?;
+        let canonical = !micros.is_empty()
+            && micros.len() <= ACTIVITY_MAX_DIGITS
+            && micros.bytes().all(|b| b.is_ascii_digit())
+            && (micros == "0" || !micros.starts_with('0'));
+        if !canonical {
+            return Err(CursorError::BadTime);
+        }
+        let at = micros
+            .parse::<i64>()
+            .ok()
+            .and_then(DateTime::from_timestamp_micros)
+            .ok_or(CursorError::BadTime)?;
+        let customer_id = CustomerId::parse(customer).map_err(|_| CursorError::UnknownFormat)?;
+        Ok(Self { at, customer_id })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_activity_cursor_survives_its_text_form_and_nothing_else_reads() {
+        let at = DateTime::from_timestamp_micros(1_795_000_000_123_456).unwrap();
+        for id in ["cust-42", "a_b.c:d@e", "0", "._-"] {
+            let cursor = ActivityCursor::after(at, CustomerId::parse(id).unwrap());
+            let text = cursor.encode();
+            assert_eq!(text, format!("c1795000000123456_{id}"));
+            assert_eq!(ActivityCursor::decode(&text), Ok(cursor));
+        }
+        let epoch = ActivityCursor::after(
+            DateTime::from_timestamp_micros(0).unwrap(),
+            CustomerId::parse("x").unwrap(),
+        );
+        assert_eq!(ActivityCursor::decode("c0_x"), Ok(epoch));
+        let latest = format!("c{}_x", "9".repeat(ACTIVITY_MAX_DIGITS));
+        assert!(ActivityCursor::decode(&latest).is_ok());
+        for bad in [
+            "",
+            "c",
+            "c_x",
+            "c1x",
+            "c01_x",
+            "c-1_x",
+            "c+1_x",
+            "x1_x",
+            "c1_",
+            "c1_.",
+            "c1_..",
+            "c1_a b",
+            "c1_a%",
+            &format!("c1{}_x", "0".repeat(ACTIVITY_MAX_DIGITS)),
+            &format!("c1_{}", "a".repeat(129)),
+        ] {
+            assert!(ActivityCursor::decode(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn a_cursor_survives_its_text_form() {

@@ -16,7 +16,10 @@
 //!   `watch` channel of the runner) or across processes (by following the
 //!   `checkpoints` table).
 //! - [`files`]: the files read model (CONTRACT.md "File resource") and its queries.
-//! - [`cursor`]: the one keyset cursor of the lists kept newest first (files, tasks).
+//! - [`customers`]: the customers read model (`/v1/customers`, the staff console's
+//!   customer list): per customer its files, open tasks and last activity.
+//! - [`cursor`]: the keyset cursors of the lists (files and tasks newest first,
+//!   customers most recently active first).
 //! - [`bundles`]: the bundles read model (`/v1/bundles`) and its queries.
 //! - [`audit`]: the audit trail's queries (`/v1/audit`); the audit worker writes it.
 //! - [`rebuild()`]: builds a read model aside from position 0 and swaps it in while the
@@ -32,6 +35,7 @@
 pub mod audit;
 pub mod bundles;
 pub mod cursor;
+pub mod customers;
 pub mod error;
 pub mod files;
 pub mod freshness;
@@ -43,6 +47,7 @@ pub mod replay;
 pub mod runner;
 
 pub use bundles::BundlesProjection;
+pub use customers::CustomersProjection;
 pub use error::ProjectionError;
 pub use files::FilesProjection;
 pub use freshness::{FollowerConfig, Freshness, FreshnessError};

@@ -11,6 +11,7 @@ use std::pin::Pin;
 use dossier_eventlog::db::Pool;
 
 use crate::bundles::BundlesProjection;
+use crate::customers::CustomersProjection;
 use crate::error::ProjectionError;
 use crate::files::FilesProjection;
 use crate::portal::PortalProjection;
@@ -74,6 +75,7 @@ pub fn all() -> Vec<Registered> {
         Registered::of::<FilesProjection>(),
         Registered::of::<PortalProjection>(),
         Registered::of::<BundlesProjection>(),
+        Registered::of::<CustomersProjection>(),
     ]
 }
 
@@ -96,6 +98,7 @@ mod tests {
             assert!(find(name).is_some());
         }
         assert!(names.contains(&"files"));
+        assert!(names.contains(&"customers"));
         assert!(find("no_such_projection").is_none());
     }
 }

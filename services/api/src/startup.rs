@@ -21,7 +21,8 @@ use dossier_eventlog::eventstore::PgEventStore;
 use dossier_eventlog::log::LogReader;
 use dossier_projections::BundlesProjection;
 use dossier_projections::{
-    FilesProjection, FollowerConfig, Freshness, PortalProjection, Projection, Runner, RunnerConfig,
+    CustomersProjection, FilesProjection, FollowerConfig, Freshness, PortalProjection, Projection,
+    Runner, RunnerConfig,
 };
 use dossier_runtime::config::{BlobStoreLocation, Component, Settings};
 use dossier_runtime::telemetry;
@@ -169,6 +170,7 @@ impl Application {
         read_models.add(&pool, FilesProjection, &shutdown);
         read_models.add(&pool, PortalProjection, &shutdown);
         read_models.add(&pool, BundlesProjection, &shutdown);
+        read_models.add(&pool, CustomersProjection, &shutdown);
         let (freshness, runner, followers) = read_models.finish();
 
         let store = PgEventStore::new(pool.clone());

@@ -10,6 +10,7 @@
 //! | `commands` and `projection_lag`: renames vs. INSERT+COMMIT | [`commands`] |
 //! | `postgres_es`: the same commands on cqrs-es + postgres-es (feature) | [`postgres_es`] |
 //! | `list`: filtered lists of a tenant with 1,000,000 files | [`list`] |
+//! | `console`: a customer's Files tab page vs. its JSON list, and the customers list | [`console`] |
 //! | `rebuild`: projection rebuild vs. COPY of the same events | [`rebuild`] |
 //! | `zip_bundle`: bundle of 100 × 1 MiB vs. GET+PUT and the zip tool | [`bundle`] |
 //! | `upload_rss`: peak RSS of `dossier serve` under 32 uploads | [`rss`] |
@@ -23,6 +24,7 @@
 
 mod bundle;
 mod commands;
+mod console;
 mod env;
 mod intake;
 mod list;
@@ -50,7 +52,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub json: bool,
     /// Run only this scenario (repeatable): upload, commands, postgres_es,
-    /// list, rebuild, zip_bundle, upload_rss, amqp_intake.
+    /// list, console, rebuild, zip_bundle, upload_rss, amqp_intake.
     #[arg(long = "scenario", value_name = "NAME")]
     pub scenarios: Vec<String>,
 }
@@ -78,11 +80,12 @@ pub async fn main(settings: &Settings, args: BenchArgs) -> anyhow::Result<()> {
 
 /// Every scenario, in the order they run. `commands` also reports the
 /// `projection_lag` figures (measured under its load).
-pub const SCENARIOS: [&str; 8] = [
+pub const SCENARIOS: [&str; 9] = [
     "upload",
     "commands",
     "postgres_es",
     "list",
+    "console",
     "rebuild",
     "zip_bundle",
     "upload_rss",
@@ -147,6 +150,7 @@ pub async fn run(options: Options) -> anyhow::Result<Outcome> {
             "commands" => commands::run(&ctx).await,
             "postgres_es" => postgres_es::run(&ctx).await,
             "list" => list::run(&ctx).await,
+            "console" => console::run(&ctx).await,
             "rebuild" => rebuild::run(&ctx).await,
             "zip_bundle" => bundle::run(&ctx).await,
             "upload_rss" => rss::run(&ctx).await,

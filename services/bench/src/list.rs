@@ -54,7 +54,7 @@ async fn measure(
     let customers: u64 = ctx.size(10_000, 200);
 
     let seeding = std::time::Instant::now();
-    seed_files(db, files, customers).await?;
+    seed_files(db, TENANT, files, customers).await?;
     eprintln!(
         "bench: list: seeded {files} files in {:.1} s",
         seeding.elapsed().as_secs_f64()
@@ -124,9 +124,15 @@ async fn measure(
     result
 }
 
-/// COPYs `files` rows of one tenant over `customers` customers into the files
-/// read model, with the list index built after the load.
-async fn seed_files(db: &BenchDb, files: u64, customers: u64) -> anyhow::Result<()> {
+/// COPYs `files` rows of `tenant` over `customers` customers (`cust-0`,
+/// `cust-1`, ...) into the files read model, with the list index built after
+/// the load. The `console` scenario seeds the same way.
+pub(crate) async fn seed_files(
+    db: &BenchDb,
+    tenant: &str,
+    files: u64,
+    customers: u64,
+) -> anyhow::Result<()> {
     let client = db.pool.get().await?;
     let index: String = client
         .query_one(
@@ -162,9 +168,9 @@ async fn seed_files(db: &BenchDb, files: u64, customers: u64) -> anyhow::Result<
             "\\N".to_owned()
         };
         format!(
-            "{id}\t{TENANT}\tcust-{customer}\tDocument {n}\tdocument_{n}.pdf\tapplication/pdf\t{size}\t\
+            "{id}\t{tenant}\tcust-{customer}\tDocument {n}\tdocument_{n}.pdf\tapplication/pdf\t{size}\t\
              9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\t{created}\t{visibility}\t\
-             {origin}\t{viewed}\t\\N\t{contract}\t\\N\t{TENANT}/cust-{customer}/{id}\t0\n",
+             {origin}\t{viewed}\t\\N\t{contract}\t\\N\t{tenant}/cust-{customer}/{id}\t0\n",
             size = 10_000 + rng.below(5_000_000),
             created = created.to_rfc3339(),
         )

@@ -6,12 +6,13 @@ use std::process::Command;
 
 /// Every scenario name that figures carry (`commands` also reports
 /// `projection_lag`).
-const SCENARIOS: [&str; 9] = [
+const SCENARIOS: [&str; 10] = [
     "upload",
     "commands",
     "postgres_es",
     "projection_lag",
     "list",
+    "console",
     "rebuild",
     "zip_bundle",
     "upload_rss",

@@ -87,6 +87,11 @@ pub const MIGRATIONS: &[Migration] = &[
         "portal_read_model",
         include_str!("../migrations/0008_portal_read_model.sql"),
     ),
+    Migration::new(
+        9,
+        "customers_read_model",
+        include_str!("../migrations/0009_customers_read_model.sql"),
+    ),
 ];
 
 /// Key of the advisory lock that serialises concurrent [`migrate`] runs on one

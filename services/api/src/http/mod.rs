@@ -5,6 +5,7 @@
 
 pub mod audit;
 pub mod bundles;
+pub mod customers;
 pub mod download;
 pub mod events;
 pub mod files;
@@ -35,6 +36,7 @@ pub fn router(state: AppState) -> Router {
     let routes = Router::new()
         .merge(files::routes())
         .merge(bundles::routes())
+        .merge(customers::routes())
         .merge(audit::routes())
         .merge(events::routes())
         .merge(portal::routes())

@@ -22,7 +22,7 @@ use utoipa::{Modify, OpenApi};
 
 use crate::error::ErrorBody;
 use crate::http::bundles;
-use crate::http::{audit, events, files, portal, tasks};
+use crate::http::{audit, customers, events, files, portal, tasks};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -50,18 +50,19 @@ use crate::http::{audit, events, files, portal, tasks};
         tasks::upload_attachment,
         tasks::post_message,
         tasks::post_staff_message,
+        customers::list_customers,
     ),
     components(schemas(ErrorBody, schemas::CustomerIdText, schemas::ContractIdText,
         schemas::DisplayNameText, schemas::TaskTitleText, schemas::MessageTextText,
         schemas::VisibilityText, schemas::OriginText, schemas::TimeOrDate, schemas::CursorText,
-        schemas::AuditCursorText, schemas::Confirm, schemas::DeleteStatus, schemas::BundleStatusText,
+        schemas::AuditCursorText, schemas::CustomerPrefixText, schemas::CustomerCursorText, schemas::Confirm, schemas::DeleteStatus, schemas::BundleStatusText,
         tasks::MessageForm, files::UploadForm, tasks::AttachmentForm)),
     modifiers(&EveryOperation),
     security(("bearer" = [])),
     tags((name = "files", description = "Staff file endpoints"), (name = "portal", description = "The customer portal"),
         (name = "audit", description = "Audit trail and the raw event log"),
         (name = "bundles", description = "Many files as one ZIP download"),
-        (name = "tasks", description = "Tasks of a customer"), (name = "settings", description = "Tenant settings"))
+        (name = "tasks", description = "Tasks of a customer"), (name = "customers", description = "The customers of a tenant"), (name = "settings", description = "Tenant settings"))
 )]
 pub struct ApiDoc;
 
@@ -349,6 +350,22 @@ pub mod schemas {
     #[schema(as = Cursor, pattern = r"^AQ[A-P][A-Za-z0-9_-]{30}[AQgw]$")]
     pub struct CursorText(String);
 
+    /// The start of a customer id (`q` of the customers list): 1 to 128 of the
+    /// characters of a customer id, each standing for itself
+    /// (`dossier_domain::CustomerIdPrefix`).
+    #[derive(ToSchema)]
+    #[schema(as = CustomerIdPrefix, pattern = r"^[A-Za-z0-9._:@-]{1,128}$", example = "cust-4")]
+    pub struct CustomerPrefixText(String);
+
+    /// The opaque cursor of the customers list, exactly as the API gives it
+    /// out in `next_cursor` (`dossier_projections::cursor::ActivityCursor`).
+    #[derive(ToSchema)]
+    #[schema(
+        as = CustomerCursor,
+        pattern = r"^c(0|[1-9][0-9]{0,16})_(?!\.\.?$)[A-Za-z0-9._:@-]{1,128}$"
+    )]
+    pub struct CustomerCursorText(String);
+
     /// The cursor of the audit trail, exactly as the API gives it out.
     #[derive(ToSchema)]
     #[schema(as = AuditCursor, pattern = r"^p[1-9][0-9]{0,17}$")]
@@ -387,6 +404,6 @@ mod tests {
                 }
             }
         }
-        assert_eq!(operations, 22);
+        assert_eq!(operations, 23);
     }
 }

@@ -96,18 +96,31 @@ impl QueryPairs {
     /// `limit` (1–500, default 50) and `cursor` of a list kept newest first
     /// (a customer's files, the portal's lists).
     pub fn paging(&self) -> Result<Paging, ApiError> {
-        let cursor = self
-            .one("cursor")
+        Ok(Paging {
+            limit: self.limit()?,
+            cursor: self.cursor(Cursor::decode)?,
+        })
+    }
+
+    /// `limit` of any list: 1–500, default 50.
+    pub fn limit(&self) -> Result<u32, ApiError> {
+        Ok(self
+            .int("limit", 1, i64::from(Paging::MAX_LIMIT))?
+            .map_or(Paging::DEFAULT_LIMIT, |n| n as u32))
+    }
+
+    /// `cursor` of any list, read by that list's cursor's `decode`.
+    pub fn cursor<C, E>(
+        &self,
+        decode: impl FnOnce(&str) -> Result<C, E>,
+    ) -> Result<Option<C>, ApiError> {
+        self.one("cursor")
             .map(|raw| {
-                Cursor::decode(raw).map_err(|_| {
+                decode(raw).map_err(|_| {
                     ApiError::validation("cursor", "is not a cursor this API gave out")
                 })
             })
-            .transpose()?;
-        let limit = self
-            .int("limit", 1, i64::from(Paging::MAX_LIMIT))?
-            .map_or(Paging::DEFAULT_LIMIT, |n| n as u32);
-        Ok(Paging { limit, cursor })
+            .transpose()
     }
 
     /// RFC 3339, or a plain date: the start of that day (UTC).

@@ -59,27 +59,14 @@ struct CustomersPage {
 
 struct CustomerRow {
     id: String,
-    files: i64,
-    open_tasks: i64,
+    files: u64,
+    open_tasks: u64,
     last_activity: String,
     last_activity_iso: String,
 }
 
-// MERGE-CUSTOMERS: stand-in until the customers read model lands.
-#[cfg(not(any()))]
-async fn customers(viewer: Viewer) -> Result<Response, PageError> {
-    let caller = viewer.only(STAFF)?;
-    Ok(render(CustomersPage {
-        chrome: Chrome::of(&caller, "/app"),
-        q: String::new(),
-        rows: Vec::<CustomerRow>::new(),
-        next_href: None,
-    }))
-}
-
 /// `GET /app`: the tenant's customers, most recently active first,
 /// searchable by the start of their id (`GET /v1/customers`).
-#[cfg(any())]
 async fn customers(
     State(app): State<AppState>,
     viewer: Viewer,
@@ -98,7 +85,7 @@ async fn customers(
             .items
             .iter()
             .map(|c| CustomerRow {
-                id: c.customer_id.clone(),
+                id: c.customer_id.as_str().to_owned(),
                 files: c.files,
                 open_tasks: c.open_tasks,
                 last_activity: view::when(c.last_activity_at),
