@@ -120,20 +120,22 @@ curl -sf -o /dev/null -H "Authorization: Bearer $customer_token" "$BASE/v1/porta
 # Each role's run pins the path parameters that name the seeded data, so its
 # requests reach the handlers' logic instead of a 404 (the others are drawn).
 #
-# One check is off for the two multipart forms with text fields, and only
+# One check is off for the three multipart forms with text fields, and only
 # there: negative_data_rejection. To tell a truly invalid form from one that
 # only looked invalid before it was sent (every multipart part is text on the
 # wire, so a "number" is a text), schemathesis 4.32.5 reads the sent parts back
 # and validates them (checks.py, _form_body_is_valid_as_sent); it cannot
 # validate a binary file part, so any form with a file counts as invalid, and
 # a valid text next to a file is reported as "schema-violating request
-# accepted". Every other check runs on these forms; their refusals are tested
-# in tests/tests/portal.rs and staff_files.rs.
+# accepted". The two message forms also take a file without text (the portal
+# guide's paperclip), which their schema keeps outside so that a form of
+# neither stays invalid. Every other check runs on these forms; their
+# refusals are tested in tests/tests/portal.rs, sessions.rs and staff_files.rs.
 # Every check runs (each built-in check is on unless a config turns it off);
 # the command line does not say `--checks all` because that would override
 # this one per-operation exclusion.
 forms_config() {
-	for operation in upload_file post_message; do
+	for operation in upload_file post_message post_staff_message; do
 		cat <<TOML
 [[operations]]
 include-operation-id = "$operation"
