@@ -17,12 +17,12 @@ use chrono::{DateTime, Utc};
 use dossier_domain::{BlobKey, BundleEvent, BundleFile, BundleStatus, Sha256Hex, TenantId};
 use dossier_eventlog::db::Pool;
 use dossier_eventlog::log::LoggedEvent;
+use tokio_postgres::Row;
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::{Row, Transaction};
 use uuid::Uuid;
 
 use crate::error::{ProjectionError, pg_detail};
-use crate::projection::{Projection, decode_event};
+use crate::projection::{ApplyTx, Projection, decode_event};
 
 /// The aggregate type of bundles in the log: `<dossier_domain::Bundle as
 /// cqrs_es::Aggregate>::TYPE`, spelled out because this crate does not depend on
@@ -74,11 +74,7 @@ impl Projection for BundlesProjection {
         &["bundles"]
     }
 
-    async fn apply(
-        &self,
-        tx: &Transaction<'_>,
-        event: &LoggedEvent,
-    ) -> Result<(), ProjectionError> {
+    async fn apply(&self, tx: &ApplyTx<'_>, event: &LoggedEvent) -> Result<(), ProjectionError> {
         if event.aggregate_type != BUNDLE_AGGREGATE_TYPE {
             return Ok(());
         }
@@ -118,7 +114,7 @@ impl Projection for BundlesProjection {
                     (&requested_at, Type::TIMESTAMPTZ),
                     (&position, Type::INT8),
                 ];
-                tx.execute_typed(INSERT_REQUESTED, params).await?;
+                tx.write(INSERT_REQUESTED, params).await?;
             }
             BundleEvent::BundleProgress { files_done } => {
                 let files_done = i32::try_from(files_done).unwrap_or(i32::MAX);
@@ -128,7 +124,7 @@ impl Projection for BundlesProjection {
                     (&files_done, Type::INT4),
                     (&position, Type::INT8),
                 ];
-                tx.execute_typed(UPDATE_PROGRESS, params).await?;
+                tx.write(UPDATE_PROGRESS, params).await?;
             }
             BundleEvent::BundleReady {
                 blob_key,
@@ -148,7 +144,7 @@ impl Projection for BundlesProjection {
                     (&expires_at, Type::TIMESTAMPTZ),
                     (&position, Type::INT8),
                 ];
-                tx.execute_typed(UPDATE_READY, params).await?;
+                tx.write(UPDATE_READY, params).await?;
             }
             BundleEvent::BundleFailed {
                 reason,
@@ -163,7 +159,7 @@ impl Projection for BundlesProjection {
                     (&expires_at, Type::TIMESTAMPTZ),
                     (&position, Type::INT8),
                 ];
-                tx.execute_typed(UPDATE_FAILED, params).await?;
+                tx.write(UPDATE_FAILED, params).await?;
             }
             BundleEvent::BundleExpired { expired_at, .. } => {
                 let params: &Params<'_> = &[
@@ -172,7 +168,7 @@ impl Projection for BundlesProjection {
                     (&expired_at, Type::TIMESTAMPTZ),
                     (&position, Type::INT8),
                 ];
-                tx.execute_typed(UPDATE_EXPIRED, params).await?;
+                tx.write(UPDATE_EXPIRED, params).await?;
             }
         }
         Ok(())

@@ -52,6 +52,6 @@ pub use error::ProjectionError;
 pub use files::FilesProjection;
 pub use freshness::{FollowerConfig, Freshness, FreshnessError};
 pub use portal::PortalProjection;
-pub use projection::Projection;
+pub use projection::{ApplyTx, Projection};
 pub use rebuild::{RebuildProgress, RebuildReport, rebuild, rebuild_with_progress};
 pub use runner::{Progress, Runner, RunnerConfig, RunnerHandle};

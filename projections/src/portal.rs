@@ -11,13 +11,14 @@ use dossier_domain::{CustomerId, SettingsEvent, TaskEvent, TenantId, codec};
 use dossier_eventlog::db::Pool;
 use dossier_eventlog::log::LoggedEvent;
 use serde::Serialize;
-use tokio_postgres::{Row, Transaction};
+use tokio_postgres::Row;
+use tokio_postgres::types::Type;
 use uuid::Uuid;
 
 use crate::cursor::{Cursor, Paging};
 use crate::error::ProjectionError;
 use crate::files::{self, Audience, FileView, QueryError};
-use crate::projection::{Projection, decode_event};
+use crate::projection::{ApplyTx, Projection, decode_event};
 
 /// Keeps `tasks`, `task_messages` and `tenant_settings` in step with the log.
 #[derive(Debug, Clone, Copy, Default)]
@@ -50,11 +51,7 @@ impl Projection for PortalProjection {
         &["tasks", "task_messages", "tenant_settings"]
     }
 
-    async fn apply(
-        &self,
-        tx: &Transaction<'_>,
-        event: &LoggedEvent,
-    ) -> Result<(), ProjectionError> {
+    async fn apply(&self, tx: &ApplyTx<'_>, event: &LoggedEvent) -> Result<(), ProjectionError> {
         let undecodable = |source: codec::DecodeError| ProjectionError::Undecodable {
             projection: Self::NAME,
             position: event.position,
@@ -72,15 +69,15 @@ impl Projection for PortalProjection {
                         created_at,
                         ..
                     } => {
-                        tx.execute(
+                        tx.write(
                             INSERT_TASK,
                             &[
-                                &task_id,
-                                &tenant,
-                                &customer_id.as_str(),
-                                &title.as_str(),
-                                &created_at,
-                                &position,
+                                (&task_id, Type::UUID),
+                                (&tenant, Type::TEXT),
+                                (&customer_id.as_str(), Type::TEXT),
+                                (&title.as_str(), Type::TEXT),
+                                (&created_at, Type::TIMESTAMPTZ),
+                                (&position, Type::INT8),
                             ],
                         )
                         .await?;
@@ -93,17 +90,17 @@ impl Projection for PortalProjection {
                         at,
                     } => {
                         let file_id = file_id.map(|f| f.0);
-                        tx.execute(
+                        tx.write(
                             INSERT_MESSAGE,
                             &[
-                                &message_id,
-                                &task_id,
-                                &tenant,
-                                &author.as_str(),
-                                &text.as_str(),
-                                &file_id,
-                                &at,
-                                &position,
+                                (&message_id, Type::UUID),
+                                (&task_id, Type::UUID),
+                                (&tenant, Type::TEXT),
+                                (&author.as_str(), Type::TEXT),
+                                (&text.as_str(), Type::TEXT),
+                                (&file_id, Type::UUID),
+                                (&at, Type::TIMESTAMPTZ),
+                                (&position, Type::INT8),
                             ],
                         )
                         .await?;
@@ -114,8 +111,15 @@ impl Projection for PortalProjection {
                 let SettingsEvent::PortalUploadsSet { enabled, .. } =
                     codec::decode(&event.event_type, &event.event_version, &event.payload)
                         .map_err(undecodable)?;
-                tx.execute(UPSERT_SETTINGS, &[&tenant, &enabled, &position])
-                    .await?;
+                tx.write(
+                    UPSERT_SETTINGS,
+                    &[
+                        (&tenant, Type::TEXT),
+                        (&enabled, Type::BOOL),
+                        (&position, Type::INT8),
+                    ],
+                )
+                .await?;
             }
             _ => {}
         }

@@ -4,12 +4,15 @@
 
 use std::borrow::Cow;
 use std::future::Future;
+use std::ops::Deref;
 
+use deadpool_postgres::StatementCache;
 use dossier_domain::{codec, upcast};
 use dossier_eventlog::log::LoggedEvent;
 use serde::de::value::MapAccessDeserializer;
 use serde::de::{DeserializeOwned, DeserializeSeed, IntoDeserializer as _, MapAccess};
 use serde_json::Value;
+use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, Transaction};
 
 use crate::error::ProjectionError;
@@ -27,6 +30,9 @@ use crate::error::ProjectionError;
 /// - **Unqualified table names, only those in [`Projection::tables`].** A rebuild
 ///   runs the same code against tables built aside in another schema, by putting that
 ///   schema first on the `search_path`.
+/// - **Writes through [`ApplyTx::write`].** The live runner sends them as statements
+///   prepared once per pooled connection; a rebuild sends them unprepared (see
+///   [`ApplyTx`] for why).
 /// - **Ignore what is not yours.** Every event of the log is offered, in position
 ///   order; events of other aggregates return `Ok(())`.
 /// - **Never skip what you cannot read.** An event of your aggregate that does not
@@ -45,7 +51,7 @@ pub trait Projection: Send + Sync + 'static {
     /// Applies one event inside `tx`.
     fn apply(
         &self,
-        tx: &Transaction<'_>,
+        tx: &ApplyTx<'_>,
         event: &LoggedEvent,
     ) -> impl Future<Output = Result<(), ProjectionError>> + Send;
 
@@ -54,6 +60,70 @@ pub trait Projection: Send + Sync + 'static {
     /// one. See [`BulkBuild`] for what an implementation promises.
     fn bulk_build(&self) -> Option<impl BulkBuild> {
         None::<NoBulkBuild>
+    }
+}
+
+/// The transaction a projection applies events in ([`Projection::apply`]): the
+/// transaction itself for anything (it derefs to it), and [`Self::write`] for the
+/// projection's statements.
+///
+/// In the live runner a batch sends the same few statements event after event,
+/// and each one parsed and planned anew was a good part of Postgres's work per
+/// command (`dossier bench`, README "Performance"); there `write` prepares each
+/// statement once per pooled connection, in the connection's statement cache,
+/// and then only binds and executes it (still one round trip).
+///
+/// A rebuild must not use that cache: it runs `apply` against tables built aside,
+/// by putting their schema first on the `search_path` of its transaction, and a
+/// statement prepared on a pooled connection names the tables it was prepared
+/// against. A rebuild's `ApplyTx` therefore sends every statement unprepared
+/// (`execute_typed`: parsed, planned and run in one round trip), resolved with
+/// the `search_path` in force, as before.
+pub struct ApplyTx<'a> {
+    tx: &'a Transaction<'a>,
+    /// The live runner's per-connection cache; `None` in a rebuild.
+    cache: Option<&'a StatementCache>,
+}
+
+impl<'a> ApplyTx<'a> {
+    /// Statements prepared once per connection, in `tx`'s statement cache: for
+    /// the live tables only.
+    pub fn cached(tx: &'a deadpool_postgres::Transaction<'a>) -> Self {
+        Self {
+            tx,
+            cache: Some(&tx.statement_cache),
+        }
+    }
+
+    /// Every statement sent unprepared, its tables resolved by the `search_path`
+    /// of the moment: for a rebuild, and for tests.
+    pub fn unprepared(tx: &'a Transaction<'a>) -> Self {
+        Self { tx, cache: None }
+    }
+
+    /// Runs one of the projection's statements with typed parameters, in one
+    /// round trip; answers the rows it changed.
+    pub async fn write(
+        &self,
+        sql: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> Result<u64, tokio_postgres::Error> {
+        let Some(cache) = self.cache else {
+            return self.tx.execute_typed(sql, params).await;
+        };
+        let types: Vec<Type> = params.iter().map(|(_, ty)| ty.clone()).collect();
+        let statement = cache.prepare_typed(self.tx.client(), sql, &types).await?;
+        self.tx
+            .execute_raw(&statement, params.iter().map(|(value, _)| *value))
+            .await
+    }
+}
+
+impl<'a> Deref for ApplyTx<'a> {
+    type Target = Transaction<'a>;
+
+    fn deref(&self) -> &Self::Target {
+        self.tx
     }
 }
 

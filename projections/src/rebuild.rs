@@ -44,7 +44,7 @@ use tokio_postgres::types::{FromSql, Type};
 
 use crate::error::ProjectionError;
 use crate::projection::{
-    BulkBuild, BulkTarget, Projection, RawEvent, quote_identifier as quote, validate,
+    ApplyTx, BulkBuild, BulkTarget, Projection, RawEvent, quote_identifier as quote, validate,
 };
 
 /// Events per transaction while building aside one by one, and per read while
@@ -254,8 +254,10 @@ async fn build_and_swap<P: Projection>(
                 };
                 let tx = client.transaction().await?;
                 tx.batch_execute(&search_path).await?;
+                // Unprepared: the tables aside, by the search_path (see ApplyTx).
+                let aside = ApplyTx::unprepared(&tx);
                 for event in &batch {
-                    projection.apply(&tx, event).await?;
+                    projection.apply(&aside, event).await?;
                 }
                 tx.commit().await?;
                 position = last;
@@ -295,8 +297,9 @@ async fn build_and_swap<P: Projection>(
             let Some(last) = batch.last().map(|event| event.position) else {
                 break;
             };
+            let aside = ApplyTx::unprepared(&tx);
             for event in &batch {
-                projection.apply(&tx, event).await?;
+                projection.apply(&aside, event).await?;
             }
             position = last;
             events += batch.len() as u64;

@@ -25,15 +25,15 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use deadpool_postgres::Transaction;
 use dossier_eventlog::db::Pool;
 use dossier_eventlog::follow::{self, Effects, Follower, Halt};
 use dossier_eventlog::log::{LogReader, LoggedEvent};
 use tokio::sync::{Notify, watch};
-use tokio_postgres::Transaction;
 
 use crate::error::ProjectionError;
 use crate::freshness::Freshness;
-use crate::projection::Projection;
+use crate::projection::{ApplyTx, Projection};
 
 pub use dossier_eventlog::follow::{Progress, RunnerConfig};
 
@@ -76,11 +76,7 @@ type ApplyFuture<'a> = Pin<Box<dyn Future<Output = Result<(), ProjectionError>> 
 /// statement it sends.
 trait AnyProjection: Send + Sync {
     fn name(&self) -> &'static str;
-    fn apply_boxed<'a>(
-        &'a self,
-        tx: &'a Transaction<'a>,
-        event: &'a LoggedEvent,
-    ) -> ApplyFuture<'a>;
+    fn apply_boxed<'a>(&'a self, tx: &'a ApplyTx<'a>, event: &'a LoggedEvent) -> ApplyFuture<'a>;
 }
 
 impl<P: Projection> AnyProjection for P {
@@ -88,11 +84,7 @@ impl<P: Projection> AnyProjection for P {
         Projection::name(self)
     }
 
-    fn apply_boxed<'a>(
-        &'a self,
-        tx: &'a Transaction<'a>,
-        event: &'a LoggedEvent,
-    ) -> ApplyFuture<'a> {
+    fn apply_boxed<'a>(&'a self, tx: &'a ApplyTx<'a>, event: &'a LoggedEvent) -> ApplyFuture<'a> {
         Box::pin(Projection::apply(self, tx, event))
     }
 }
@@ -117,12 +109,14 @@ impl Follower for ReadModels {
         events: &[LoggedEvent],
         from: &[i64],
     ) -> Result<Vec<i64>, Halt<ProjectionError>> {
+        // The live tables: statements prepared once per pooled connection.
+        let tx = ApplyTx::cached(tx);
         for (index, event) in events.iter().enumerate() {
             for (m, projection) in self.projections.iter().enumerate() {
                 if event.position <= from[m] {
                     continue;
                 }
-                if let Err(error) = projection.apply_boxed(tx, event).await {
+                if let Err(error) = projection.apply_boxed(&tx, event).await {
                     return Err(refused(events, index, m, from, error));
                 }
             }

@@ -19,7 +19,7 @@ use dossier_eventlog::db::Pool;
 use dossier_eventlog::log::LoggedEvent;
 use dossier_projections::files::fold::{FileRow, Files, Tombstone};
 use dossier_projections::files::{self, FileFilter, FileView};
-use dossier_projections::{FilesProjection, Projection, Runner, RunnerConfig, replay};
+use dossier_projections::{ApplyTx, FilesProjection, Projection, Runner, RunnerConfig, replay};
 use dossier_test_support::db::fresh_database;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngSeed, TestRunner};
@@ -376,7 +376,7 @@ async fn through_sql(pool: &Pool, events: &[LoggedEvent]) -> (Outcomes, Rows, To
         // A refusal comes before any statement: the transaction goes on.
         outcomes.push(
             FilesProjection
-                .apply(&tx, event)
+                .apply(&ApplyTx::unprepared(&tx), event)
                 .await
                 .map_err(|error| error.kind()),
         );

@@ -22,14 +22,13 @@ use dossier_eventlog::log::LoggedEvent;
 use dossier_projections::files::{self, Cursor, FileFilter, FileView};
 use dossier_projections::rebuild::rebuild_with_progress;
 use dossier_projections::{
-    BundlesProjection, FilesProjection, FollowerConfig, Freshness, FreshnessError, Projection,
-    ProjectionError, Runner, RunnerConfig, rebuild,
+    ApplyTx, BundlesProjection, FilesProjection, FollowerConfig, Freshness, FreshnessError,
+    Projection, ProjectionError, Runner, RunnerConfig, rebuild,
 };
 use dossier_test_support::db::fresh_database;
 use dossier_test_support::wait::Wait;
 use serde_json::{Value, json};
 use tokio::sync::watch;
-use tokio_postgres::Transaction;
 use uuid::Uuid;
 
 // ---------------------------------------------------------------- helpers
@@ -932,7 +931,10 @@ async fn replaying_events_twice_changes_nothing() {
     let mut client = fx.pool.get().await.unwrap();
     let tx = client.transaction().await.unwrap();
     for event in &events {
-        FilesProjection.apply(&tx, event).await.unwrap();
+        FilesProjection
+            .apply(&ApplyTx::cached(&tx), event)
+            .await
+            .unwrap();
     }
     tx.commit().await.unwrap();
     assert_eq!(
@@ -1155,11 +1157,7 @@ impl Projection for Applications {
         &["applications"]
     }
 
-    async fn apply(
-        &self,
-        tx: &Transaction<'_>,
-        event: &LoggedEvent,
-    ) -> Result<(), ProjectionError> {
+    async fn apply(&self, tx: &ApplyTx<'_>, event: &LoggedEvent) -> Result<(), ProjectionError> {
         tx.execute(
             "INSERT INTO applications (position, runner) VALUES ($1, $2)",
             &[&event.position, &self.runner],

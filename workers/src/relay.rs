@@ -32,6 +32,7 @@
 
 use std::time::Duration;
 
+use deadpool_postgres::Transaction;
 use dossier_broker::{
     self, AmqpError, Broker, ConfirmedPublisher, EVENTS_EXCHANGE, HEADER_TENANT, JSON_CONTENT_TYPE,
     PERSISTENT, PendingConfirm,
@@ -44,7 +45,6 @@ use dossier_runtime::retry::Backoff;
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use tokio::sync::watch;
-use tokio_postgres::Transaction;
 
 /// The relay's row in `checkpoints`.
 pub const CHECKPOINT_NAME: &str = "relay";

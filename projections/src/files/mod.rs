@@ -28,7 +28,6 @@ pub mod query;
 use chrono::{DateTime, Utc};
 use dossier_domain::FileEvent;
 use dossier_eventlog::log::LoggedEvent;
-use tokio_postgres::Transaction;
 use tokio_postgres::types::{ToSql, Type};
 use uuid::Uuid;
 
@@ -36,7 +35,7 @@ pub use crate::cursor::{Cursor, CursorError};
 pub use query::{Audience, FileFilter, FileView, Page, QueryError, by_tasks, get, get_many, list};
 
 use crate::error::ProjectionError;
-use crate::projection::{BulkBuild, Projection, decode_event};
+use crate::projection::{ApplyTx, BulkBuild, Projection, decode_event};
 
 /// The aggregate type of files in the log: `<dossier_domain::File as
 /// cqrs_es::Aggregate>::TYPE`, spelled out because this crate does not depend on
@@ -53,7 +52,8 @@ impl FilesProjection {
 }
 
 /// One statement's parameters with their types, so each statement is one round trip
-/// (`execute_typed` sends parse, bind and execute together).
+/// ([`ApplyTx::write`]: bind and execute of a statement prepared once per connection,
+/// or parse, bind and execute together in a rebuild).
 type Params<'a> = [(&'a (dyn ToSql + Sync), Type)];
 
 const INSERT_UPLOADED: &str = "\
@@ -100,11 +100,7 @@ impl Projection for FilesProjection {
         Some(bulk::FilesBulkBuild::default())
     }
 
-    async fn apply(
-        &self,
-        tx: &Transaction<'_>,
-        event: &LoggedEvent,
-    ) -> Result<(), ProjectionError> {
+    async fn apply(&self, tx: &ApplyTx<'_>, event: &LoggedEvent) -> Result<(), ProjectionError> {
         if event.aggregate_type != FILE_AGGREGATE_TYPE {
             return Ok(());
         }
@@ -155,7 +151,7 @@ impl Projection for FilesProjection {
                     (&blob_key.as_str(), Type::TEXT),
                     (&position, Type::INT8),
                 ];
-                tx.execute_typed(INSERT_UPLOADED, params).await?;
+                tx.write(INSERT_UPLOADED, params).await?;
             }
             FileEvent::FileRenamed { name, .. } => {
                 update_text(tx, UPDATE_NAME, id, tenant, name.as_str(), position).await?;
@@ -183,7 +179,7 @@ impl Projection for FilesProjection {
                     (&tenant, Type::TEXT),
                     (&position, Type::INT8),
                 ];
-                tx.execute_typed(DELETE_FILE, params).await?;
+                tx.write(DELETE_FILE, params).await?;
             }
             // The blob of a deleted file is gone: nothing the read model shows.
             FileEvent::BlobPurged { .. } => {}
@@ -193,7 +189,7 @@ impl Projection for FilesProjection {
 }
 
 async fn update_text(
-    tx: &Transaction<'_>,
+    tx: &ApplyTx<'_>,
     sql: &str,
     id: Uuid,
     tenant: &str,
@@ -206,12 +202,12 @@ async fn update_text(
         (&value, Type::TEXT),
         (&position, Type::INT8),
     ];
-    tx.execute_typed(sql, params).await?;
+    tx.write(sql, params).await?;
     Ok(())
 }
 
 async fn update_time(
-    tx: &Transaction<'_>,
+    tx: &ApplyTx<'_>,
     sql: &str,
     id: Uuid,
     tenant: &str,
@@ -224,6 +220,6 @@ async fn update_time(
         (&value, Type::TIMESTAMPTZ),
         (&position, Type::INT8),
     ];
-    tx.execute_typed(sql, params).await?;
+    tx.write(sql, params).await?;
     Ok(())
 }

@@ -205,7 +205,7 @@ impl Follower for Seal {
 
     async fn apply(
         &mut self,
-        tx: &tokio_postgres::Transaction<'_>,
+        tx: &deadpool_postgres::Transaction<'_>,
         events: &[LoggedEvent],
         _from: &[i64],
     ) -> Result<Vec<i64>, Halt<ChainError>> {
@@ -230,21 +230,20 @@ impl Follower for Seal {
 }
 
 /// Writes the seals of `events` and moves their tenants' chain heads, in `tx`.
+/// The same three statements every batch: prepared once per pooled connection,
+/// so each is one round trip, not a prepare and an execute.
 async fn seal(
-    tx: &tokio_postgres::Transaction<'_>,
+    tx: &deadpool_postgres::Transaction<'_>,
     events: &[LoggedEvent],
 ) -> Result<(), ChainError> {
     let mut tenants: Vec<String> = events.iter().map(|e| e.tenant.clone()).collect();
     tenants.sort();
     tenants.dedup();
     let mut heads: HashMap<String, (i64, [u8; 32])> = HashMap::new();
-    for row in tx
-        .query(
-            "SELECT tenant, seq, hash FROM chain_heads WHERE tenant = ANY($1)",
-            &[&tenants],
-        )
-        .await?
-    {
+    let heads_of = tx
+        .prepare_cached("SELECT tenant, seq, hash FROM chain_heads WHERE tenant = ANY($1)")
+        .await?;
+    for row in tx.query(&heads_of, &[&tenants]).await? {
         let hash = to_hash(row.try_get("hash")?, "a chain head's hash")?;
         heads.insert(row.try_get("tenant")?, (row.try_get("seq")?, hash));
     }
@@ -266,21 +265,28 @@ async fn seal(
         heads.insert(event.tenant.clone(), (seq + 1, hash));
         moved.insert(event.tenant.clone(), (seq + 1, event.position, hash));
     }
+    let insert_seals = tx
+        .prepare_cached(
+            "INSERT INTO event_hashes (position, tenant, seq, hash, prev_hash) \
+             SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bytea[], $5::bytea[])",
+        )
+        .await?;
     tx.execute(
-        "INSERT INTO event_hashes (position, tenant, seq, hash, prev_hash) \
-         SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bytea[], $5::bytea[])",
+        &insert_seals,
         &[&positions, &owners, &seqs, &hashes, &prevs],
     )
     .await?;
-    for (tenant, (seq, position, hash)) in &moved {
-        tx.execute(
+    let move_head = tx
+        .prepare_cached(
             "INSERT INTO chain_heads (tenant, seq, position, hash) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (tenant) DO UPDATE \
              SET seq = EXCLUDED.seq, position = EXCLUDED.position, hash = EXCLUDED.hash, \
                  updated_at = now()",
-            &[tenant, seq, position, &hash.as_slice()],
         )
         .await?;
+    for (tenant, (seq, position, hash)) in &moved {
+        tx.execute(&move_head, &[tenant, seq, position, &hash.as_slice()])
+            .await?;
     }
     tracing::debug!(count = events.len(), "sealed events");
     Ok(())

@@ -392,7 +392,11 @@ impl PgEventStore {
                 rows
             }
         }
-        .map_err(|e| append_error(first, &prepared[0].tenant, key, e))?;
+        .map_err(|e| append_error(first, &prepared[0].tenant, key, e));
+        // Committed or not, the append's transaction is over: a log reader whose
+        // pending watermark waits for it can look again now.
+        crate::log::append_ended();
+        let rows = rows?;
 
         let positions = rows
             .iter()

@@ -56,6 +56,13 @@
 //! for it for longer than [`LogReader::with_max_wait`] per call and returns what is
 //! already safe: it lags, it never skips. Details and alternatives:
 //! `docs/adr/0002-log-order-and-the-safe-watermark.md`.
+//!
+//! Round trips: step 1 of a new candidate and the first test of step 3 for the
+//! pending one share a statement (the pending candidate's xid committed in an
+//! earlier one, which is all step 3 needs), so a call that settles one candidate
+//! and draws the next costs three small statements. While a candidate is pending,
+//! the reader looks again whenever an append of this process ends (the
+//! transactions it waits for are mostly those), or after a short sleep.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -82,8 +89,24 @@ pub const DEFAULT_MAX_WAIT: Duration = Duration::from_millis(100);
 /// read-your-writes wait sits behind this sleep: at 20 ms a rename took 6.4 ms at
 /// one client (p50), at 2 ms 1.9 ms, and projection lag at 64 clients fell from
 /// 0.11 to 0.09 s (`dossier bench --scenario commands`). A check is one small
-/// query, and clones of a reader share one waiter (see [`LogReader`]).
+/// query, and clones of a reader share one waiter (see [`LogReader`]). The end of
+/// an append of this process cuts the sleep short ([`append_ended`]): only
+/// appends of other processes wait for it.
 const MAX_POLL_INTERVAL: Duration = Duration::from_millis(2);
+
+/// Woken whenever an append of this process has ended, committed or not. The
+/// transactions a pending candidate waits for are mostly this process's own
+/// appends, and every command's read-your-writes wait sits behind the
+/// candidate: a reader waiting for one checks again as soon as an append ends
+/// instead of at its next timer tick. Appends of other processes are seen at the
+/// next tick, as before.
+static APPENDS_ENDED: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+/// Tells waiting readers that an append of this process ended (see
+/// [`APPENDS_ENDED`]).
+pub(crate) fn append_ended() {
+    APPENDS_ENDED.notify_waiters();
+}
 
 /// One event as it stands in the log.
 ///
@@ -303,8 +326,8 @@ impl LogReader {
     }
 
     /// Moves the watermark forward as far as is provably safe. Returns as soon as the
-    /// watermark is above `want_above`, when there is nothing pending, or when the
-    /// max wait is over.
+    /// watermark is above `want_above`, when there is nothing pending, or when the max
+    /// wait is over.
     async fn advance(&mut self, want_above: i64) -> Result<i64, LogError> {
         // Held for the whole call: a clone that comes meanwhile waits, then finds
         // the watermark this call worked out.
@@ -318,24 +341,30 @@ impl LogReader {
         let deadline = tokio::time::Instant::now() + self.max_wait;
         let mut interval = Duration::from_millis(1);
         loop {
+            // Registered before the look, so that an append ending right after
+            // it still wakes the wait below.
+            let append_ended = APPENDS_ENDED.notified();
+            // Step 1 of a new candidate, and in the same statement step 3 of the
+            // pending one (its xid committed in an earlier statement).
+            let look = look(&client).await?;
             if let Some(candidate) = state.pending
-                && xid_horizon_passed(&client, candidate.xid_horizon).await?
+                && xid_horizon_passed(&client, candidate.xid_horizon, look.xmin).await?
             {
                 state.settle(candidate);
             }
-            if state.pending.is_none() {
-                // Step 1, then step 2 in a later statement: the order is the proof.
-                let last_position = last_handed_out_position(&client).await?;
-                if last_position > state.safe {
-                    let candidate = Candidate {
-                        last_position,
-                        xid_horizon: fresh_xid(&client).await?,
-                    };
-                    state.pending = Some(candidate);
-                    // Step 3. On a quiet server this settles at once.
-                    if xid_horizon_passed(&client, candidate.xid_horizon).await? {
-                        state.settle(candidate);
-                    }
+            if state.pending.is_none() && look.last_position > state.safe {
+                // Step 2 in a later statement than step 1: the order is the proof.
+                let xid_horizon = fresh_xid(&client).await?;
+                let candidate = Candidate {
+                    last_position: look.last_position,
+                    xid_horizon,
+                };
+                state.pending = Some(candidate);
+                // Step 3, in a later statement again. On a quiet server this
+                // settles at once.
+                let xmin = snapshot_xmin(&client).await?;
+                if xid_horizon_passed(&client, xid_horizon, xmin).await? {
+                    state.settle(candidate);
                 }
             }
             if state.safe > want_above
@@ -344,7 +373,13 @@ impl LogReader {
             {
                 return Ok(state.safe);
             }
-            tokio::time::sleep(interval).await;
+            // The pending candidate waits for transactions to end, most often
+            // appends of this process: look again when one of them ends, or
+            // at the next tick for those of other processes.
+            tokio::select! {
+                () = tokio::time::sleep(interval) => {}
+                () = append_ended => {}
+            }
             interval = (interval * 2).min(MAX_POLL_INTERVAL);
         }
     }
@@ -357,21 +392,42 @@ impl Watermark {
     }
 }
 
-/// Step 1: the last position the sequence has handed out (0 if none yet). Reading the
-/// sequence relation is not transactional: it sees other sessions' `nextval` at once.
-async fn last_handed_out_position(client: &deadpool_postgres::Client) -> Result<i64, LogError> {
+/// What one statement sees: the snapshot's xmin (step 3 of a pending candidate) and
+/// the last position the sequence has handed out (step 1 of a new one).
+struct Look {
+    xmin: u64,
+    last_position: i64,
+}
+
+/// Step 1 with step 3's first test, in one round trip. Reading the sequence
+/// relation is not transactional: it sees other sessions' `nextval` at once.
+async fn look(client: &deadpool_postgres::Client) -> Result<Look, LogError> {
     let statement = client
-        .prepare_cached("SELECT last_value, is_called FROM events_position_seq")
+        .prepare_cached(
+            "SELECT pg_snapshot_xmin(pg_current_snapshot())::text, last_value, is_called \
+             FROM events_position_seq",
+        )
         .await?;
     let row = client.query_one(&statement, &[]).await?;
-    let last_value: i64 = row.try_get(0)?;
-    let is_called: bool = row.try_get(1)?;
-    // Before the first nextval, last_value is the start value, not handed out yet.
-    Ok(if is_called {
-        last_value
-    } else {
-        last_value - 1
+    let last_value: i64 = row.try_get(1)?;
+    let is_called: bool = row.try_get(2)?;
+    Ok(Look {
+        xmin: parse_xid(row.try_get(0)?)?,
+        // Before the first nextval, last_value is the start value, not handed out yet.
+        last_position: if is_called {
+            last_value
+        } else {
+            last_value - 1
+        },
     })
+}
+
+/// The xmin of a fresh snapshot (step 3's first test on its own).
+async fn snapshot_xmin(client: &deadpool_postgres::Client) -> Result<u64, LogError> {
+    let statement = client
+        .prepare_cached("SELECT pg_snapshot_xmin(pg_current_snapshot())::text")
+        .await?;
+    parse_xid(client.query_one(&statement, &[]).await?.try_get(0)?)
 }
 
 /// Step 2: a transaction id newer than every xid assigned before this call. The
@@ -384,9 +440,10 @@ async fn fresh_xid(client: &deadpool_postgres::Client) -> Result<u64, LogError> 
 }
 
 /// Step 3: whether every transaction with an xid below `horizon` that could have
-/// written to this database has ended.
+/// written to this database has ended. `xmin` is the xmin of a snapshot taken in a
+/// statement after the one that drew `horizon` (see [`look`] and [`snapshot_xmin`]).
 ///
-/// First the cheap, cluster-wide test: the snapshot's xmin. Postgres snapshots span
+/// First the cheap, cluster-wide test: that xmin. Postgres snapshots span
 /// every database of the server, so a long write transaction in some other database
 /// would hold it back; when it does, a second statement looks at the snapshot's list
 /// of running xids and ignores those that `pg_stat_activity` shows belonging to a
@@ -399,11 +456,8 @@ async fn fresh_xid(client: &deadpool_postgres::Client) -> Result<u64, LogError> 
 async fn xid_horizon_passed(
     client: &deadpool_postgres::Client,
     horizon: u64,
+    xmin: u64,
 ) -> Result<bool, LogError> {
-    let statement = client
-        .prepare_cached("SELECT pg_snapshot_xmin(pg_current_snapshot())::text")
-        .await?;
-    let xmin = parse_xid(client.query_one(&statement, &[]).await?.try_get(0)?)?;
     if xmin >= horizon {
         return Ok(true);
     }

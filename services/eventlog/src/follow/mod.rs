@@ -30,7 +30,7 @@ mod runner;
 
 use std::future::Future;
 
-use tokio_postgres::Transaction;
+use deadpool_postgres::Transaction;
 
 use crate::db::pg_detail;
 use crate::log::{LogError, LoggedEvent};
@@ -79,7 +79,9 @@ pub trait Follower: Send {
     /// Applies `events` (ascending, gap-free as far as the log is concerned) with
     /// the turn held by `tx`. `from[i]` is the committed checkpoint of member
     /// `i`: events at or below it are already applied for that member and must
-    /// be skipped for it.
+    /// be skipped for it. `tx` is the pooled connection's transaction, with its
+    /// statement cache: a follower that sends the same statements batch after
+    /// batch prepares them once per connection (`prepare_typed_cached`).
     ///
     /// Answers each member's new checkpoint. An [`Effects::InTransaction`]
     /// follower writes only through `tx`. On failure, [`Halt`] says whether the
