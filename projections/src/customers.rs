@@ -49,14 +49,13 @@ use dossier_domain::{CustomerId, CustomerIdPrefix, DownloadEvent, FileEvent, Tas
 use dossier_eventlog::db::Pool;
 use dossier_eventlog::log::LoggedEvent;
 use serde::Serialize;
-use tokio_postgres::Transaction;
 use tokio_postgres::types::{ToSql, Type};
 use uuid::Uuid;
 
 use crate::cursor::{ActivityCursor, Paging};
 use crate::error::ProjectionError;
 use crate::files::{FILE_AGGREGATE_TYPE, QueryError};
-use crate::projection::{Projection, decode_event};
+use crate::projection::{ApplyTx, Projection, decode_event};
 
 /// The aggregate type of tasks in the log (`<dossier_domain::Task as
 /// cqrs_es::Aggregate>::TYPE`).
@@ -140,11 +139,7 @@ impl Projection for CustomersProjection {
         &["customers", "customer_files", "customer_tasks"]
     }
 
-    async fn apply(
-        &self,
-        tx: &Transaction<'_>,
-        event: &LoggedEvent,
-    ) -> Result<(), ProjectionError> {
+    async fn apply(&self, tx: &ApplyTx<'_>, event: &LoggedEvent) -> Result<(), ProjectionError> {
         let tenant = event.tenant.as_str();
         let at = event.at;
         let position = event.position;
@@ -190,7 +185,7 @@ impl Projection for CustomersProjection {
 
 /// A file or task that names its customer: [`FILE_UPLOADED`], [`TASK_CREATED`].
 async fn created(
-    tx: &Transaction<'_>,
+    tx: &ApplyTx<'_>,
     sql: &str,
     id: Uuid,
     tenant: &str,
@@ -205,13 +200,13 @@ async fn created(
         (&at, Type::TIMESTAMPTZ),
         (&position, Type::INT8),
     ];
-    tx.execute_typed(sql, params).await?;
+    tx.write(sql, params).await?;
     Ok(())
 }
 
 /// An event of a file or task whose customer the tables know.
 async fn touched(
-    tx: &Transaction<'_>,
+    tx: &ApplyTx<'_>,
     sql: &str,
     id: Uuid,
     tenant: &str,
@@ -224,7 +219,7 @@ async fn touched(
         (&at, Type::TIMESTAMPTZ),
         (&position, Type::INT8),
     ];
-    tx.execute_typed(sql, params).await?;
+    tx.write(sql, params).await?;
     Ok(())
 }
 

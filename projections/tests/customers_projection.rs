@@ -19,7 +19,9 @@ use dossier_eventlog::db::Pool;
 use dossier_eventlog::log::LoggedEvent;
 use dossier_projections::cursor::ActivityCursor;
 use dossier_projections::customers::{self, CustomerFilter, CustomerView};
-use dossier_projections::{CustomersProjection, Projection, Runner, RunnerConfig, rebuild};
+use dossier_projections::{
+    ApplyTx, CustomersProjection, Projection, Runner, RunnerConfig, rebuild,
+};
 use dossier_test_support::db::fresh_database;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngSeed, TestRunner};
@@ -398,7 +400,10 @@ async fn through_sql(pool: &Pool, events: &[LoggedEvent]) -> Vec<Customer> {
         .unwrap();
     let tx = client.transaction().await.unwrap();
     for event in events {
-        CustomersProjection.apply(&tx, event).await.unwrap();
+        CustomersProjection
+            .apply(&ApplyTx::cached(&tx), event)
+            .await
+            .unwrap();
     }
     tx.commit().await.unwrap();
     drop(client);
