@@ -103,6 +103,23 @@ async fn a_customer_opens_a_task_drops_a_file_on_it_and_uses_the_upload_button()
         .wait_for_text("h1", "Send your bank statements")
         .await;
     browser.check_page("portal-task").await;
+    // Dragging a file over the open task shows where to let go.
+    let overlay = browser.find("[data-drop-overlay]").await;
+    assert!(!overlay.is_displayed().await.unwrap());
+    browser
+        .execute(
+            "const transfer = new DataTransfer();\
+             transfer.items.add(new File(['x'], 'x.pdf'));\
+             document.querySelector('.task-window').dispatchEvent(new DragEvent('dragenter',\
+               {bubbles: true, cancelable: true, dataTransfer: transfer}));",
+            vec![],
+        )
+        .await;
+    browser
+        .wait_for_text("[data-drop-overlay]", "Release to upload")
+        .await;
+    assert!(overlay.is_displayed().await.unwrap());
+    browser.screenshot("portal-task-drop-zone").await;
     browser
         .synthetic_drop(
             ".task-window",
