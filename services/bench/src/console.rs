@@ -18,15 +18,12 @@
 //! round trip, the same for the page and the endpoint. Goal: p99 under 10 ms
 //! (issue 13).
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use dossier_api::auth::jwt::Role;
-use dossier_blobstore::{self as blob, BlobStoreSpec};
 
 use super::Ctx;
-use super::env::{self, App, BenchDb};
+use super::list::{ReadGround, on_read_ground};
 use super::report::{Figure, Goal};
 use super::seed::Rng;
 use super::stats::{self, Load};
@@ -57,33 +54,17 @@ impl Request {
 }
 
 pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Figure>> {
-    let db = env::database(ctx, 4).await?;
-    let blob_dir = env::temp_dir("console-blobs")?;
-    let result = measure(ctx, &db, &blob_dir).await;
-    env::remove_database(db).await;
-    let _ = std::fs::remove_dir_all(&blob_dir);
-    result
+    on_read_ground(ctx, TENANT, measure).await
 }
 
-async fn measure(
-    ctx: &Ctx,
-    db: &BenchDb,
-    blob_dir: &std::path::Path,
-) -> anyhow::Result<Vec<Figure>> {
-    let files: u64 = ctx.size(1_000_000, 20_000);
-    let customers: u64 = ctx.size(10_000, 200);
-
-    let seeding = std::time::Instant::now();
-    super::list::seed_files(db, TENANT, files, customers).await?;
-    seed_customers(db).await?;
-    eprintln!(
-        "bench: console: seeded {files} files of {customers} customers in {:.1} s",
-        seeding.elapsed().as_secs_f64()
-    );
-
-    let blobs = blob::open(&BlobStoreSpec::Dir(blob_dir.to_owned())).await?;
-    let app = Arc::new(App::spawn(&db.url, blobs, &[("DOSSIER_ROLES", "api,projections")]).await?);
-    let token = Arc::new(env::token(TENANT, Role::Staff, None));
+async fn measure(ctx: &Ctx, ground: &ReadGround) -> anyhow::Result<Vec<Figure>> {
+    let ReadGround {
+        app,
+        token,
+        files,
+        customers,
+    } = ground;
+    let (files, customers) = (*files, *customers);
     let load = |request: Request| {
         let (app, token) = (app.clone(), token.clone());
         async move {
@@ -118,9 +99,6 @@ async fn measure(
         anyhow::Ok(figures(&page, &json, &list, &search, files, customers))
     }
     .await;
-    if let Ok(app) = Arc::try_unwrap(app) {
-        app.stop().await;
-    }
     result
 }
 
@@ -166,21 +144,4 @@ fn figures(
             ))
             .goal(Goal::Report),
     ]
-}
-
-/// The customers read model as the projection would have it for the seeded
-/// files: each customer's file count and newest upload as its last activity.
-async fn seed_customers(db: &BenchDb) -> anyhow::Result<()> {
-    let client = db.pool.get().await?;
-    client
-        .batch_execute(
-            "INSERT INTO customers \
-                 (tenant, customer_id, files, open_tasks, last_activity_at, last_position) \
-             SELECT tenant, customer_id, count(*), 0, max(created_at), 0 \
-             FROM files GROUP BY tenant, customer_id",
-        )
-        .await
-        .context("seeding the customers read model")?;
-    client.batch_execute("VACUUM ANALYZE customers").await?;
-    Ok(())
 }

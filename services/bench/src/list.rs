@@ -37,33 +37,77 @@ const FILTERS: [&str; 8] = [
 ];
 
 pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Figure>> {
+    on_read_ground(ctx, TENANT, measure).await
+}
+
+/// What the `list` and `console` scenarios read from: a database of their own
+/// whose read models hold `files` files of `customers` customers of one
+/// tenant, and the API with its projections over it (no RabbitMQ).
+pub(crate) struct ReadGround {
+    pub app: Arc<App>,
+    /// A staff token of the tenant.
+    pub token: Arc<String>,
+    pub files: u64,
+    pub customers: u64,
+}
+
+/// Seeds a [`ReadGround`] for `tenant`, runs `measure` on it, then stops the
+/// application and removes the database and the blob directory, whatever
+/// `measure` answered.
+pub(crate) async fn on_read_ground<T>(
+    ctx: &Ctx,
+    tenant: &str,
+    measure: impl AsyncFnOnce(&Ctx, &ReadGround) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
     let db = env::database(ctx, 4).await?;
-    let blob_dir = env::temp_dir("list-blobs")?;
-    let result = measure(ctx, &db, &blob_dir).await;
+    let blob_dir = env::temp_dir(tenant)?;
+    let result = async {
+        let ground = seed_ground(ctx, &db, &blob_dir, tenant).await?;
+        let measured = measure(ctx, &ground).await;
+        if let Ok(app) = Arc::try_unwrap(ground.app) {
+            app.stop().await;
+        }
+        measured
+    }
+    .await;
     env::remove_database(db).await;
     let _ = std::fs::remove_dir_all(&blob_dir);
     result
 }
 
-async fn measure(
+async fn seed_ground(
     ctx: &Ctx,
     db: &BenchDb,
     blob_dir: &std::path::Path,
-) -> anyhow::Result<Vec<Figure>> {
+    tenant: &str,
+) -> anyhow::Result<ReadGround> {
     let files: u64 = ctx.size(1_000_000, 20_000);
     let customers: u64 = ctx.size(10_000, 200);
-
     let seeding = std::time::Instant::now();
-    seed_files(db, TENANT, files, customers).await?;
+    seed_files(db, tenant, files, customers).await?;
+    seed_customers(db).await?;
     eprintln!(
-        "bench: list: seeded {files} files in {:.1} s",
+        "bench: seeded {files} files of {customers} customers for {tenant} in {:.1} s",
         seeding.elapsed().as_secs_f64()
     );
-
-    // Only what the list needs: the API and the projections (no RabbitMQ).
     let blobs = blob::open(&BlobStoreSpec::Dir(blob_dir.to_owned())).await?;
-    let app = Arc::new(App::spawn(&db.url, blobs, &[("DOSSIER_ROLES", "api,projections")]).await?);
-    let token = Arc::new(env::token(TENANT, Role::Staff, None));
+    let app = App::spawn(&db.url, blobs, &[("DOSSIER_ROLES", "api,projections")]).await?;
+    Ok(ReadGround {
+        app: Arc::new(app),
+        token: Arc::new(env::token(tenant, Role::Staff, None)),
+        files,
+        customers,
+    })
+}
+
+async fn measure(ctx: &Ctx, ground: &ReadGround) -> anyhow::Result<Vec<Figure>> {
+    let ReadGround {
+        app,
+        token,
+        files,
+        customers,
+    } = ground;
+    let (files, customers) = (*files, *customers);
     let list = {
         let (app, token) = (app.clone(), token.clone());
         move |client: usize, i: u64| {
@@ -118,21 +162,13 @@ async fn measure(
     }
     .await;
     drop(list);
-    if let Ok(app) = Arc::try_unwrap(app) {
-        app.stop().await;
-    }
     result
 }
 
 /// COPYs `files` rows of `tenant` over `customers` customers (`cust-0`,
 /// `cust-1`, ...) into the files read model, with the list index built after
-/// the load. The `console` scenario seeds the same way.
-pub(crate) async fn seed_files(
-    db: &BenchDb,
-    tenant: &str,
-    files: u64,
-    customers: u64,
-) -> anyhow::Result<()> {
+/// the load.
+async fn seed_files(db: &BenchDb, tenant: &str, files: u64, customers: u64) -> anyhow::Result<()> {
     let client = db.pool.get().await?;
     let index: String = client
         .query_one(
@@ -186,5 +222,22 @@ pub(crate) async fn seed_files(
     .context("COPY into files")?;
     client.batch_execute(&index).await?;
     client.batch_execute("VACUUM ANALYZE files").await?;
+    Ok(())
+}
+
+/// The customers read model as the projection would have it for the seeded
+/// files: each customer's file count and newest upload as its last activity.
+async fn seed_customers(db: &BenchDb) -> anyhow::Result<()> {
+    let client = db.pool.get().await?;
+    client
+        .batch_execute(
+            "INSERT INTO customers \
+                 (tenant, customer_id, files, open_tasks, last_activity_at, last_position) \
+             SELECT tenant, customer_id, count(*), 0, max(created_at), 0 \
+             FROM files GROUP BY tenant, customer_id",
+        )
+        .await
+        .context("seeding the customers read model")?;
+    client.batch_execute("VACUUM ANALYZE customers").await?;
     Ok(())
 }
