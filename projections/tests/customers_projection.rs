@@ -23,8 +23,9 @@ use dossier_projections::{
     ApplyTx, CustomersProjection, Projection, Runner, RunnerConfig, rebuild,
 };
 use dossier_test_support::db::fresh_database;
+use dossier_test_support::property;
 use proptest::prelude::*;
-use proptest::test_runner::{Config, RngSeed, TestRunner};
+use proptest::test_runner::TestRunner;
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -34,21 +35,6 @@ const CUSTOMERS: [&str; 3] = ["cust-1", "cust-2", "a_b"];
 const FILES: usize = 4;
 const TASKS: usize = 2;
 const SEED: u64 = 0xc057_0e25;
-
-fn config(cases: u32) -> Config {
-    let defaults = Config::default();
-    let rng_seed = match std::env::var("PROPTEST_RNG_SEED") {
-        Ok(_) => defaults.rng_seed,
-        Err(_) => RngSeed::Fixed(SEED),
-    };
-    Config {
-        cases,
-        max_shrink_iters: 200,
-        failure_persistence: None,
-        rng_seed,
-        ..defaults
-    }
-}
 
 #[derive(Debug, Clone)]
 enum Change {
@@ -417,7 +403,7 @@ fn the_projection_counts_and_dates_what_the_module_documents() {
     // What the histories reached, so that a generator gone blind does not pass.
     let (rows, deleted, tasks, other_tenant) =
         (Cell::new(0), Cell::new(0), Cell::new(0), Cell::new(0));
-    let mut runner = TestRunner::new(config(32));
+    let mut runner = TestRunner::new(property::config(32, SEED));
     let result = runner.run(&history(), |history| {
         let events = logged_events(&history);
         let sql = rt.block_on(through_sql(&pool, &events));

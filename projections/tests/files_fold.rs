@@ -21,8 +21,9 @@ use dossier_projections::files::fold::{FileRow, Files, Tombstone};
 use dossier_projections::files::{self, FileFilter, FileView};
 use dossier_projections::{ApplyTx, FilesProjection, Projection, Runner, RunnerConfig, replay};
 use dossier_test_support::db::fresh_database;
+use dossier_test_support::property;
 use proptest::prelude::*;
-use proptest::test_runner::{Config, RngSeed, TestRunner};
+use proptest::test_runner::TestRunner;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use uuid::Uuid;
@@ -44,22 +45,6 @@ const ORIGINS: [Origin; 5] = [
 /// state, which a few dozen random cases reach only most of the time, and a
 /// suite must not fail by luck. Set `PROPTEST_RNG_SEED` to explore others.
 const SEED: u64 = 0x0d05_51e2;
-
-fn config(cases: u32) -> Config {
-    let defaults = Config::default();
-    let rng_seed = match std::env::var("PROPTEST_RNG_SEED") {
-        Ok(_) => defaults.rng_seed,
-        Err(_) => RngSeed::Fixed(SEED),
-    };
-    Config {
-        cases,
-        // Each case is a round of statements against Postgres.
-        max_shrink_iters: 200,
-        failure_persistence: None,
-        rng_seed,
-        ..defaults
-    }
-}
 
 // ---------------------------------------------------------------- histories
 
@@ -416,7 +401,7 @@ fn the_sql_projection_and_the_pure_fold_give_the_same_rows() {
     let (rows, tombstones, both, refused) =
         (Cell::new(0), Cell::new(0), Cell::new(0), Cell::new(0));
 
-    let mut runner = TestRunner::new(config(32));
+    let mut runner = TestRunner::new(property::config(32, SEED));
     let result = runner.run(&history_with_replays(), |history| {
         let events = logged_events(&ids, &customers, &history);
         let (sql_outcomes, sql_rows, sql_tombstones) = rt.block_on(through_sql(&pool, &events));
@@ -517,7 +502,7 @@ fn files_as_of_rebuilds_what_the_live_list_showed() {
     let case = Cell::new(0);
     let histories = (prop::collection::vec(event_step(false), 1..=30), 0usize..30);
 
-    let mut runner = TestRunner::new(config(24));
+    let mut runner = TestRunner::new(property::config(24, SEED));
     let result = runner.run(&histories, |(history, split)| {
         // The log cannot be emptied: each case has files and customers of its own.
         case.set(case.get() + 1);

@@ -16,6 +16,7 @@ pub mod client;
 pub mod db;
 pub mod postgres;
 pub mod process;
+pub mod property;
 pub mod proxy;
 pub mod rabbit;
 pub mod s3;
