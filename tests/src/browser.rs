@@ -662,7 +662,7 @@ impl Browser {
 
     /// Waits (as [`crate::wait::eventually`] does) until `look` finds something
     /// (`Ok(Ok(found))`); `Ok(Err(seen))` is "not yet", and so are "no such
-    /// element" and a stale element (the page changed under the look). Any
+    /// element" and [`page_changed_under`] (a stale element). Any
     /// other error fails the test at once: waiting longer cannot mend a lost
     /// session or a bad selector.
     async fn wait_until<T>(
@@ -674,9 +674,7 @@ impl Browser {
             .until(async || match look().await {
                 Ok(Ok(found)) => Ok(Ok(found)),
                 Ok(Err(seen)) => Err(seen),
-                Err(e) if e.is_no_such_element() || e.is_stale_element_reference() => {
-                    Err(e.to_string())
-                }
+                Err(e) if e.is_no_such_element() || page_changed_under(&e) => Err(e.to_string()),
                 Err(e) => Ok(Err(e)),
             })
             .await;
@@ -775,4 +773,16 @@ mod tests {
         assert!(!violation(Some("minor")).is_blocking());
         assert!(!violation(None).is_blocking());
     }
+}
+
+/// Whether `error` says the page changed under a look (a reload or a
+/// navigation between finding an element and reading it): "not yet", like no
+/// element. Chromium reports it as a stale element, or, when the node was
+/// found in the document just replaced, as an inspector error that WebDriver
+/// passes on as "unknown error".
+fn page_changed_under(error: &CmdError) -> bool {
+    error.is_stale_element_reference()
+        || error
+            .to_string()
+            .contains("Node with given id does not belong to the document")
 }
