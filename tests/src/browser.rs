@@ -754,6 +754,18 @@ fn axe_source() -> String {
         .unwrap_or_else(|e| panic!("{} ({}: {e})", missing("axe-core"), path.display()))
 }
 
+/// Whether `error` says the page changed under a look (a reload or a
+/// navigation between finding an element and reading it): "not yet", like no
+/// element. Chromium reports it as a stale element, or, when the node was
+/// found in the document just replaced, as an inspector error that WebDriver
+/// passes on as "unknown error".
+fn page_changed_under(error: &CmdError) -> bool {
+    error.is_stale_element_reference()
+        || error
+            .to_string()
+            .contains("Node with given id does not belong to the document")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -773,16 +785,4 @@ mod tests {
         assert!(!violation(Some("minor")).is_blocking());
         assert!(!violation(None).is_blocking());
     }
-}
-
-/// Whether `error` says the page changed under a look (a reload or a
-/// navigation between finding an element and reading it): "not yet", like no
-/// element. Chromium reports it as a stale element, or, when the node was
-/// found in the document just replaced, as an inspector error that WebDriver
-/// passes on as "unknown error".
-fn page_changed_under(error: &CmdError) -> bool {
-    error.is_stale_element_reference()
-        || error
-            .to_string()
-            .contains("Node with given id does not belong to the document")
 }

@@ -91,15 +91,11 @@ async fn measure(ctx: &Ctx, ground: &ReadGround) -> anyhow::Result<Vec<Figure>> 
                 .with_context(|| format!("{request:?}"))
         }
     };
-    let result = async {
-        let page = load(Request::FilesPage).await?;
-        let json = load(Request::FilesJson).await?;
-        let list = load(Request::Customers).await?;
-        let search = load(Request::CustomersSearch).await?;
-        anyhow::Ok(figures(&page, &json, &list, &search, files, customers))
-    }
-    .await;
-    result
+    let page = load(Request::FilesPage).await?;
+    let json = load(Request::FilesJson).await?;
+    let list = load(Request::Customers).await?;
+    let search = load(Request::CustomersSearch).await?;
+    Ok(figures(&page, &json, &list, &search, files, customers))
 }
 
 fn figures(

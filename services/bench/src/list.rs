@@ -129,40 +129,35 @@ async fn measure(ctx: &Ctx, ground: &ReadGround) -> anyhow::Result<Vec<Figure>> 
             }
         }
     };
-    let result = async {
-        let mut figures = Vec::new();
-        for clients in [1usize, 8] {
-            let warmup = ctx.size(Duration::from_secs(1), Duration::from_millis(200));
-            let window = ctx.size(Duration::from_secs(8), Duration::from_secs(1));
-            let load = stats::closed_loop(clients, warmup, window, list.clone())
-                .await
-                .with_context(|| format!("lists from {clients} clients"))?;
-            let goal = if clients == 1 {
-                Goal::AtMost(10.0)
-            } else {
-                Goal::Report
-            };
-            figures.push(
-                Figure::new(SCENARIO, format!("p50, {clients} client(s)"), "ms")
-                    .ours(load.latencies.p50_ms())
-                    .goal(Goal::Report),
-            );
-            figures.push(
-                Figure::new(SCENARIO, format!("p99, {clients} client(s)"), "ms")
-                    .ours(load.latencies.p99_ms())
-                    .note(format!(
-                        "{} requests at {:.0}/s; {files} files, {customers} customers; filters rotate",
-                        load.ops,
-                        load.per_second()
-                    ))
-                    .goal(goal),
-            );
-        }
-        anyhow::Ok(figures)
+    let mut figures = Vec::new();
+    for clients in [1usize, 8] {
+        let warmup = ctx.size(Duration::from_secs(1), Duration::from_millis(200));
+        let window = ctx.size(Duration::from_secs(8), Duration::from_secs(1));
+        let load = stats::closed_loop(clients, warmup, window, list.clone())
+            .await
+            .with_context(|| format!("lists from {clients} clients"))?;
+        let goal = if clients == 1 {
+            Goal::AtMost(10.0)
+        } else {
+            Goal::Report
+        };
+        figures.push(
+            Figure::new(SCENARIO, format!("p50, {clients} client(s)"), "ms")
+                .ours(load.latencies.p50_ms())
+                .goal(Goal::Report),
+        );
+        figures.push(
+            Figure::new(SCENARIO, format!("p99, {clients} client(s)"), "ms")
+                .ours(load.latencies.p99_ms())
+                .note(format!(
+                    "{} requests at {:.0}/s; {files} files, {customers} customers; filters rotate",
+                    load.ops,
+                    load.per_second()
+                ))
+                .goal(goal),
+        );
     }
-    .await;
-    drop(list);
-    result
+    Ok(figures)
 }
 
 /// COPYs `files` rows of `tenant` over `customers` customers (`cust-0`,
