@@ -30,7 +30,7 @@ use crate::auth::Staff;
 use crate::error::{ApiError, AppError, ErrorBody};
 use crate::http::download;
 use crate::http::openapi::schemas::BundleStatusText;
-use crate::http::params::{JsonBody, PathText};
+use crate::http::params::{JsonBody, PathText, path_uuid};
 use crate::state::AppState;
 
 pub fn routes() -> Router<AppState> {
@@ -188,7 +188,7 @@ async fn visible_bundle(
     tenant: &dossier_domain::TenantId,
     raw_id: &str,
 ) -> Result<BundleView, ApiError> {
-    let id = Uuid::parse_str(raw_id).map_err(|_| ApiError(AppError::NotFound))?;
+    let id = path_uuid(raw_id)?;
     read_model::get(app.pool(), tenant, id)
         .await
         .map_err(|e| ApiError(AppError::Unavailable(e.to_string())))?

@@ -12,6 +12,12 @@ use serde::de::DeserializeOwned;
 
 use crate::error::{ApiError, AppError};
 
+/// An id in a path that is not a UUID names nothing there: 404, like any
+/// unknown id (rule 6).
+pub fn path_uuid(raw: &str) -> Result<uuid::Uuid, ApiError> {
+    uuid::Uuid::parse_str(raw).map_err(|_| ApiError(AppError::NotFound))
+}
+
 /// A query string as ordered pairs; keys may repeat (`visibility=a&visibility=b`).
 pub struct QueryPairs(Vec<(String, String)>);
 
@@ -114,11 +120,19 @@ impl QueryPairs {
         &self,
         decode: impl FnOnce(&str) -> Result<C, E>,
     ) -> Result<Option<C>, ApiError> {
-        self.one("cursor")
+        self.cursor_in("cursor", decode)
+    }
+
+    /// A cursor under another name, for a page that pages two lists at once.
+    pub fn cursor_in<C, E>(
+        &self,
+        key: &'static str,
+        decode: impl FnOnce(&str) -> Result<C, E>,
+    ) -> Result<Option<C>, ApiError> {
+        self.one(key)
             .map(|raw| {
-                decode(raw).map_err(|_| {
-                    ApiError::validation("cursor", "is not a cursor this API gave out")
-                })
+                decode(raw)
+                    .map_err(|_| ApiError::validation(key, "is not a cursor this API gave out"))
             })
             .transpose()
     }

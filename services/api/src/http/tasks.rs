@@ -22,7 +22,7 @@ use crate::auth::{Caller, PortalCustomer, Staff};
 use crate::error::{ApiError, AppError, ErrorBody};
 use crate::http::files::created_file;
 use crate::http::openapi::schemas::{CursorText, CustomerIdText, MessageTextText, TaskTitleText};
-use crate::http::params::{JsonBody, PathText, QueryPairs};
+use crate::http::params::{JsonBody, PathText, QueryPairs, path_uuid};
 use crate::http::upload::{self, FormBody, FormSpec, ReceivedForm};
 use crate::state::AppState;
 
@@ -218,7 +218,7 @@ pub async fn put_settings(
 
 /// The customer's own task, or 404 (unknown, another customer's or tenant's).
 async fn own_task(app: &AppState, customer: &PortalCustomer, raw: &str) -> Result<Uuid, ApiError> {
-    let task_id = Uuid::parse_str(raw).map_err(|_| ApiError(AppError::NotFound))?;
+    let task_id = path_uuid(raw)?;
     let owner = portal::task_customer(app.pool(), &customer.caller.tenant, task_id)
         .await
         .map_err(read_model_error)?;
@@ -368,7 +368,7 @@ pub async fn post_staff_message(
     PathText(task_id): PathText,
     body: FormBody,
 ) -> Result<(StatusCode, Json<MessageView>), ApiError> {
-    let task_id = Uuid::parse_str(&task_id).map_err(|_| ApiError(AppError::NotFound))?;
+    let task_id = path_uuid(&task_id)?;
     let customer = portal::task_customer(app.pool(), &caller.tenant, task_id)
         .await
         .map_err(read_model_error)?

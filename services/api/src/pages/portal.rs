@@ -11,6 +11,7 @@ use axum::extract::{RawQuery, State};
 use axum::response::Response;
 use axum::routing::get;
 use dossier_domain::{CustomerId, Visibility};
+use dossier_projections::cursor::{Cursor, Paging};
 use dossier_projections::files::{self as read_model, Audience, FileFilter};
 use dossier_projections::portal;
 
@@ -20,7 +21,7 @@ use super::{PageError, Viewer, render};
 use crate::auth::Caller;
 use crate::auth::jwt::Role;
 use crate::error::{ApiError, AppError};
-use crate::http::params::{PathText, QueryPairs};
+use crate::http::params::{PathText, QueryPairs, path_uuid};
 use crate::state::AppState;
 
 pub fn routes() -> Router<AppState> {
@@ -119,19 +120,13 @@ async fn dashboard(
     }))
 }
 
-/// The paging of one of the dashboard's two lists: its own cursor
-/// parameter, read like the API's `cursor`.
-fn paging_of(
-    query: &QueryPairs,
-    key: &str,
-) -> Result<dossier_projections::cursor::Paging, PageError> {
-    let own = QueryPairs::parse(
-        query
-            .one(key)
-            .map(|c| format!("cursor={}", view::query_value(c)))
-            .as_deref(),
-    )?;
-    Ok(own.paging()?)
+/// The paging of one of the dashboard's two lists: a page of the default
+/// size from its own cursor parameter, read like the API's `cursor`.
+fn paging_of(query: &QueryPairs, key: &'static str) -> Result<Paging, PageError> {
+    Ok(Paging {
+        limit: Paging::DEFAULT_LIMIT,
+        cursor: query.cursor_in(key, Cursor::decode)?,
+    })
 }
 
 #[derive(Template)]
@@ -151,7 +146,7 @@ async fn task_window(
     PathText(raw): PathText,
 ) -> Result<Response, PageError> {
     let (caller, customer) = customer_of(viewer)?;
-    let id = uuid::Uuid::parse_str(&raw).map_err(|_| ApiError(AppError::NotFound))?;
+    let id = path_uuid(&raw)?;
     let task = portal::task(
         app.pool(),
         &caller.tenant,
