@@ -19,6 +19,7 @@ use dossier_domain::{FilePolicy, MaxFileBytes};
 use dossier_eventlog::db::{self, Pool};
 use dossier_eventlog::eventstore::PgEventStore;
 use dossier_eventlog::log::LogReader;
+use dossier_keys::{KeyStore, MasterKey, MasterKeys};
 use dossier_projections::BundlesProjection;
 use dossier_projections::{
     CustomersProjection, FilesProjection, FollowerConfig, Freshness, PortalProjection, Projection,
@@ -57,6 +58,32 @@ pub async fn open_blob_store(settings: &Settings) -> anyhow::Result<Arc<dyn Blob
     blob::open(&spec)
         .await
         .with_context(|| format!("opening the blob store {}", settings.blob_store))
+}
+
+/// Connections a process keeps to a separate keys database.
+const KEYS_POOL_SIZE: usize = 8;
+
+/// Opens the data key table where the settings put it (the main database
+/// unless `DOSSIER_KEYS_DATABASE_URL` names another), under the master keys
+/// the settings hold.
+pub async fn open_key_store(settings: &Settings, pool: &Pool) -> anyhow::Result<KeyStore> {
+    let current =
+        MasterKey::from_base64(settings.master_key.expose()).context("DOSSIER_MASTER_KEY")?;
+    let previous = settings
+        .master_key_previous
+        .as_ref()
+        .map(|key| MasterKey::from_base64(key.expose()))
+        .transpose()
+        .context("DOSSIER_MASTER_KEY_PREVIOUS")?;
+    let keys_pool = match &settings.keys_database_url {
+        Some(url) => db::connect(url, KEYS_POOL_SIZE)
+            .await
+            .context("connecting to the keys database (DOSSIER_KEYS_DATABASE_URL)")?,
+        None => pool.clone(),
+    };
+    KeyStore::open(keys_pool, MasterKeys::new(current, previous))
+        .await
+        .context("opening the data key table")
 }
 
 /// Every read model of this process: one runner for all of them (projections
@@ -156,6 +183,7 @@ impl Application {
             .await
             .context("connecting to Postgres")?;
         db::migrate(&pool).await.context("applying migrations")?;
+        let keys = open_key_store(&settings, &pool).await?;
         let metrics = telemetry::install_metrics();
         let (shutdown, _) = watch::channel(false);
 
@@ -198,6 +226,7 @@ impl Application {
             pool: pool.clone(),
             log: log.clone(),
             blobs,
+            keys,
             commands,
             uploads,
             jwt_secret: settings.jwt_secret.expose_bytes().to_vec(),

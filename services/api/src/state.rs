@@ -8,6 +8,7 @@ use dossier_broker::Broker;
 use dossier_domain::MaxFileBytes;
 use dossier_eventlog::db::Pool;
 use dossier_eventlog::log::LogReader;
+use dossier_keys::KeyStore;
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use dossier_application::{Commands, Uploads};
@@ -21,6 +22,9 @@ pub struct Inner {
     /// relay and the sealer: clones share the safe watermark).
     pub log: LogReader,
     pub blobs: Arc<dyn BlobStore>,
+    /// The data keys (wrapped under the master key): what sealed blobs and
+    /// sealed event fields open with.
+    pub keys: KeyStore,
     pub commands: Arc<Commands>,
     /// Store the bytes, then record them: shared with the AMQP intake.
     pub uploads: Arc<Uploads>,
@@ -50,6 +54,11 @@ impl AppState {
 
     pub fn blobs(&self) -> &Arc<dyn BlobStore> {
         &self.0.blobs
+    }
+
+    /// The data keys.
+    pub fn keys(&self) -> &KeyStore {
+        &self.0.keys
     }
 
     pub fn commands(&self) -> &Commands {

@@ -71,6 +71,12 @@ pub mod vars {
     pub const FRESHNESS_TIMEOUT_MS: &str = "DOSSIER_FRESHNESS_TIMEOUT_MS";
     /// Most bundles one tenant may have pending at once.
     pub const MAX_PENDING_BUNDLES_PER_TENANT: &str = "DOSSIER_MAX_PENDING_BUNDLES_PER_TENANT";
+    /// The key-encryption key that wraps every data key (32 bytes, base64).
+    pub const MASTER_KEY: &str = "DOSSIER_MASTER_KEY";
+    /// During a rotation: the master key being replaced, which still unwraps.
+    pub const MASTER_KEY_PREVIOUS: &str = "DOSSIER_MASTER_KEY_PREVIOUS";
+    /// Where the data key table lives, when not in the main database.
+    pub const KEYS_DATABASE_URL: &str = "DOSSIER_KEYS_DATABASE_URL";
 
     /// Every variable above, in the order of the contract (the HTTP edge's
     /// limits next to its address).
@@ -92,6 +98,9 @@ pub mod vars {
         CHECKPOINT_KEY,
         FRESHNESS_TIMEOUT_MS,
         MAX_PENDING_BUNDLES_PER_TENANT,
+        MASTER_KEY,
+        MASTER_KEY_PREVIOUS,
+        KEYS_DATABASE_URL,
     ];
 }
 
@@ -129,6 +138,11 @@ pub const DEFAULT_BUNDLE_MAX_BYTES: u64 = 10 * 1024 * 1024 * 1024;
 pub const DEV_JWT_SECRET: &str = "dossier-development-jwt-secret-do-not-use-in-production";
 /// The fixed development checkpoint key used when `DOSSIER_CHECKPOINT_KEY` is unset.
 pub const DEV_CHECKPOINT_KEY: &str = "dossier-development-checkpoint-key-do-not-use-in-production";
+
+/// The public development master key used when `DOSSIER_MASTER_KEY` is unset
+/// (32 bytes, base64): anyone can unwrap the data keys of a deployment that
+/// runs with it, which is why [`Settings::startup_warnings`] reports it.
+pub const DEV_MASTER_KEY: &str = "ZG9zc2llci1kZXZlbG9wbWVudC1tYXN0ZXIta2V5ISE=";
 
 /// HMAC-SHA256 keys shorter than this are legal but guessable; we warn, not fail,
 /// so short secrets in tests and demos keep working.
@@ -209,6 +223,20 @@ pub struct Settings {
     /// at once, so one tenant never takes every slot.
     #[arg(long, env = vars::MAX_PENDING_BUNDLES_PER_TENANT, default_value_t = DEFAULT_MAX_PENDING_BUNDLES_PER_TENANT, value_parser = positive_u32)]
     pub max_pending_bundles_per_tenant: u32,
+    /// The master key wrapping every data key (`DOSSIER_MASTER_KEY`, 32 bytes
+    /// of standard base64); [`DEV_MASTER_KEY`] when unset.
+    #[arg(long, env = vars::MASTER_KEY, default_value = DEV_MASTER_KEY, value_parser = master_key, hide_default_value = true, hide_env_values = true)]
+    pub master_key: Secret,
+    /// During a rotation, the master key being replaced
+    /// (`DOSSIER_MASTER_KEY_PREVIOUS`): keys wrapped under it still unwrap
+    /// until `dossier keys rotate` has re-wrapped them.
+    #[arg(long, env = vars::MASTER_KEY_PREVIOUS, value_parser = master_key, hide_env_values = true)]
+    pub master_key_previous: Option<Secret>,
+    /// The database of the data key table (`DOSSIER_KEYS_DATABASE_URL`); the
+    /// main database when unset. A separate one can have its own, short backup
+    /// retention, so that destroyed keys do not live on in old backups.
+    #[arg(long, env = vars::KEYS_DATABASE_URL, value_parser = postgres_url)]
+    pub keys_database_url: Option<String>,
 }
 
 impl Settings {
@@ -305,6 +333,18 @@ impl Settings {
         self.jwt_secret.expose() == DEV_JWT_SECRET
     }
 
+    /// Whether data keys are wrapped under the public [`DEV_MASTER_KEY`].
+    pub fn master_key_is_default(&self) -> bool {
+        self.master_key.expose() == DEV_MASTER_KEY
+    }
+
+    /// The database the data key table lives in.
+    pub fn keys_database_url(&self) -> &str {
+        self.keys_database_url
+            .as_deref()
+            .unwrap_or(&self.database_url)
+    }
+
     /// Whether checkpoints are sealed with the public [`DEV_CHECKPOINT_KEY`].
     pub fn checkpoint_key_is_default(&self) -> bool {
         self.checkpoint_key.expose() == DEV_CHECKPOINT_KEY
@@ -325,6 +365,15 @@ impl Settings {
         }
         if self.components.contains(Component::Workers) && self.checkpoint_key_is_default() {
             warnings.push(StartupWarning::DevelopmentCheckpointKey);
+        }
+        let seals = [
+            Component::Api,
+            Component::Projections,
+            Component::Intake,
+            Component::Workers,
+        ];
+        if self.master_key_is_default() && seals.iter().any(|c| self.components.contains(*c)) {
+            warnings.push(StartupWarning::DevelopmentMasterKey);
         }
         warnings
     }
@@ -355,6 +404,12 @@ impl fmt::Debug for Settings {
             .field("bundle_max_bytes", &self.bundle_max_bytes)
             .field("checkpoint_key", &self.checkpoint_key)
             .field("freshness_timeout", &self.freshness_timeout)
+            .field("master_key", &self.master_key)
+            .field("master_key_previous", &self.master_key_previous)
+            .field(
+                "keys_database_url",
+                &self.keys_database_url.as_deref().map(redact_url),
+            )
             .finish()
     }
 }
@@ -368,6 +423,8 @@ pub enum StartupWarning {
     ShortJwtSecret,
     /// `DOSSIER_CHECKPOINT_KEY` is unset: checkpoints prove nothing.
     DevelopmentCheckpointKey,
+    /// `DOSSIER_MASTER_KEY` is unset: stored files and names are as good as clear.
+    DevelopmentMasterKey,
 }
 
 impl fmt::Display for StartupWarning {
@@ -390,6 +447,13 @@ impl fmt::Display for StartupWarning {
                 "{} is not set: audit checkpoints are sealed with the public development key \
                  and prove nothing; set it in production",
                 vars::CHECKPOINT_KEY
+            ),
+            Self::DevelopmentMasterKey => write!(
+                f,
+                "{} is not set: data keys are wrapped under the public development master \
+                 key, so stored files and personal fields are as good as unencrypted; set it \
+                 (32 random bytes, base64: `dossier keys generate`) before storing real data",
+                vars::MASTER_KEY
             ),
         }
     }
@@ -918,6 +982,27 @@ fn positive(value: &str) -> Result<u64, String> {
     }
 }
 
+/// 32 bytes of standard base64, checked here so that a bad master key stops
+/// the process at start-up, naming the variable.
+fn master_key(value: &str) -> Result<Secret, String> {
+    let bytes = base64_decoded_len(value.trim())
+        .ok_or_else(|| "expected 32 bytes in standard base64".to_owned())?;
+    if bytes != 32 {
+        return Err(format!("expected 32 bytes in standard base64, got {bytes}"));
+    }
+    Ok(Secret::new(value.trim()))
+}
+
+/// How many bytes a standard, padded base64 string decodes to; `None` if it
+/// is not one.
+fn base64_decoded_len(text: &str) -> Option<usize> {
+    let valid = |c: char| c.is_ascii_alphanumeric() || c == '+' || c == '/';
+    let body = text.trim_end_matches('=');
+    let padding = text.len() - body.len();
+    (text.len().is_multiple_of(4) && padding <= 2 && body.chars().all(valid))
+        .then(|| text.len() / 4 * 3 - padding)
+}
+
 fn positive_u32(value: &str) -> Result<u32, String> {
     positive(value)
         .and_then(|n| u32::try_from(n).map_err(|_| format!("must be at most {}", u32::MAX)))
@@ -1311,15 +1396,23 @@ mod tests {
             Settings::defaults().startup_warnings(),
             [
                 StartupWarning::DevelopmentJwtSecret,
-                StartupWarning::DevelopmentCheckpointKey
+                StartupWarning::DevelopmentCheckpointKey,
+                StartupWarning::DevelopmentMasterKey
             ]
         );
-        let short = parse(&[(vars::JWT_SECRET, "short"), (vars::CHECKPOINT_KEY, "k")]).unwrap();
+        let master = "bm90IHRoZSBkZXZlbG9wbWVudCBrZXksIDMyIGJ5dGU=";
+        let short = parse(&[
+            (vars::JWT_SECRET, "short"),
+            (vars::CHECKPOINT_KEY, "k"),
+            (vars::MASTER_KEY, master),
+        ])
+        .unwrap();
         assert_eq!(short.startup_warnings(), [StartupWarning::ShortJwtSecret]);
         let long_secret = "x".repeat(32);
         let good = parse(&[
             (vars::JWT_SECRET, long_secret.as_str()),
             (vars::CHECKPOINT_KEY, "k"),
+            (vars::MASTER_KEY, master),
         ])
         .unwrap();
         assert!(good.startup_warnings().is_empty());
@@ -1334,6 +1427,36 @@ mod tests {
                 .to_string()
                 .contains(vars::JWT_SECRET)
         );
+        assert!(
+            StartupWarning::DevelopmentMasterKey
+                .to_string()
+                .contains(vars::MASTER_KEY)
+        );
+    }
+
+    #[test]
+    fn a_master_key_must_be_32_bytes_of_base64() {
+        let key = "bm90IHRoZSBkZXZlbG9wbWVudCBrZXksIDMyIGJ5dGU=";
+        assert_eq!(
+            parse(&[(vars::MASTER_KEY, key)])
+                .unwrap()
+                .master_key
+                .expose(),
+            key
+        );
+        for bad in [
+            "c2hvcnQ=",
+            "not base64 at all!",
+            "bm90IHRoZSBkZXZlbG9wbWVudCBrZXksIDMyIGJ5dGUh",
+        ] {
+            let err = parse(&[(vars::MASTER_KEY, bad)]).unwrap_err();
+            assert_eq!(err.var(), Some(vars::MASTER_KEY), "{bad}");
+        }
+        let s = parse(&[]).unwrap();
+        assert!(s.master_key_is_default());
+        assert_eq!(s.keys_database_url(), s.database_url);
+        let apart = parse(&[(vars::KEYS_DATABASE_URL, "postgres://k@127.0.0.1/keys")]).unwrap();
+        assert_eq!(apart.keys_database_url(), "postgres://k@127.0.0.1/keys");
     }
 
     #[test]
@@ -1341,15 +1464,26 @@ mod tests {
         let workers = parse(&[(vars::ROLES, "workers")]).unwrap();
         assert_eq!(
             workers.startup_warnings(),
-            [StartupWarning::DevelopmentCheckpointKey]
+            [
+                StartupWarning::DevelopmentCheckpointKey,
+                StartupWarning::DevelopmentMasterKey
+            ]
         );
         let api = parse(&[(vars::ROLES, "api,projections")]).unwrap();
         assert_eq!(
             api.startup_warnings(),
-            [StartupWarning::DevelopmentJwtSecret]
+            [
+                StartupWarning::DevelopmentJwtSecret,
+                StartupWarning::DevelopmentMasterKey
+            ]
         );
-        let relay = parse(&[(vars::ROLES, "relay,intake")]).unwrap();
+        let relay = parse(&[(vars::ROLES, "relay")]).unwrap();
         assert!(relay.startup_warnings().is_empty());
+        let intake = parse(&[(vars::ROLES, "intake")]).unwrap();
+        assert_eq!(
+            intake.startup_warnings(),
+            [StartupWarning::DevelopmentMasterKey]
+        );
     }
 
     #[test]
