@@ -10,6 +10,7 @@ pub mod codec;
 pub mod download;
 pub mod file;
 pub mod naming;
+pub mod personal;
 pub mod settings;
 pub mod task;
 pub mod types;

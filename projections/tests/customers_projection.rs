@@ -144,6 +144,7 @@ fn logged(
         actor: "tester".to_owned(),
         payload,
         metadata: Value::Null,
+        erased: Vec::new(),
     }
 }
 
