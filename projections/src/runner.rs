@@ -118,6 +118,7 @@ impl Follower for ReadModels {
         let opened;
         let events = match &self.cipher {
             Some(cipher) => {
+                cipher.forget_destroyed_by(events);
                 let mut copy = events.to_vec();
                 cipher
                     .open(&mut copy, Erased::Placeholder)

@@ -6,12 +6,19 @@
 //! every position and xid): 250,000 files, each uploaded, renamed, published
 //! to the portal and viewed, in chunks of a thousand files so that the events
 //! of one file are spread over the log as they would be.
+//!
+//! Twice: once with clear payloads (a log written before encryption), once
+//! with every personal field sealed under its file's own key, as the service
+//! writes them now, the rebuild opening them with the key table (one look-up
+//! per few thousand events). Each against its own COPY of the same log.
 
 use std::time::Instant;
 
 use anyhow::Context as _;
 use chrono::Utc;
-use dossier_projections::FilesProjection;
+use dossier_eventlog::personal::FieldCipher;
+use dossier_keys::{DataKey, KeyStore, MasterKey, MasterKeys, Owner};
+use dossier_projections::{FilesProjection, RebuildOptions};
 use futures::StreamExt as _;
 use serde_json::json;
 
@@ -29,16 +36,25 @@ const READ_ALL: &str = "COPY (SELECT id, position, tenant, aggregate_type, aggre
     FROM events ORDER BY position) TO STDOUT";
 
 pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Figure>> {
-    let db = env::database(ctx, 4).await?;
-    let result = measure(ctx, &db).await;
-    env::remove_database(db).await;
-    result
+    let mut figures = Vec::new();
+    for sealed in [false, true] {
+        let db = env::database(ctx, 4).await?;
+        let result = measure(ctx, &db, sealed).await;
+        env::remove_database(db).await;
+        figures.extend(result?);
+    }
+    Ok(figures)
 }
 
-async fn measure(ctx: &Ctx, db: &BenchDb) -> anyhow::Result<Vec<Figure>> {
+async fn measure(ctx: &Ctx, db: &BenchDb, sealed: bool) -> anyhow::Result<Vec<Figure>> {
     let events: u64 = ctx.size(1_000_000, 20_000);
     let seeding = Instant::now();
-    seed_log(db, events / 4).await?;
+    let keys = KeyStore::open(
+        db.pool.clone(),
+        MasterKeys::new(MasterKey::development(), None),
+    )
+    .await?;
+    seed_log(db, events / 4, sealed.then_some(&keys)).await?;
     db.pool
         .get()
         .await?
@@ -56,10 +72,15 @@ async fn measure(ctx: &Ctx, db: &BenchDb) -> anyhow::Result<Vec<Figure>> {
     let baseline = started.elapsed();
     anyhow::ensure!(read == events, "COPY read {read} events, not {events}");
 
+    let mut options = RebuildOptions::default();
+    if sealed {
+        options = options.opening_with(FieldCipher::new(keys, db.pool.clone(), true));
+    }
     let started = Instant::now();
-    let report = dossier_projections::rebuild(&db.pool, &FilesProjection)
-        .await
-        .context("rebuilding the files projection")?;
+    let report =
+        dossier_projections::rebuild_with_options(&db.pool, &FilesProjection, options, &|_| {})
+            .await
+            .context("rebuilding the files projection")?;
     let ours = started.elapsed();
     anyhow::ensure!(
         report.events == events,
@@ -87,7 +108,11 @@ async fn measure(ctx: &Ctx, db: &BenchDb) -> anyhow::Result<Vec<Figure>> {
     Ok(vec![
         Figure::new(
             SCENARIO,
-            format!("files projection, {events} events"),
+            if sealed {
+                format!("files projection, {events} events, personal fields sealed")
+            } else {
+                format!("files projection, {events} events")
+            },
             "events/s",
         )
         .ours(events as f64 / ours.as_secs_f64())
@@ -116,16 +141,36 @@ async fn read_with_copy(db: &BenchDb) -> anyhow::Result<u64> {
     Ok(rows)
 }
 
-/// COPYs four events for each of `files` files into the log.
-async fn seed_log(db: &BenchDb, files: u64) -> anyhow::Result<()> {
+/// COPYs four events for each of `files` files into the log; with `keys`,
+/// each file gets a key and its personal fields are sealed under it.
+async fn seed_log(db: &BenchDb, files: u64, keys: Option<&KeyStore>) -> anyhow::Result<()> {
     const CHUNK: u64 = 1000;
     let now = Utc::now();
     let mut rng = Rng::new(0x10c);
     let metadata = json!({"tenant": TENANT, "actor": "bench"}).to_string();
-    let rows = (0..files.div_ceil(CHUNK)).flat_map(move |chunk| {
+    let mut chunks = Vec::new();
+    for chunk in 0..files.div_ceil(CHUNK) {
         let ids: Vec<(uuid::Uuid, String)> = (chunk * CHUNK..((chunk + 1) * CHUNK).min(files))
             .map(|n| (seed::uuid(&mut rng), format!("cust-{}", n % 10_000)))
             .collect();
+        let sealers = match keys {
+            Some(keys) => {
+                let owners: Vec<Owner<'_>> = ids.iter().map(|(id, _)| Owner::File(*id)).collect();
+                keys.create_many(TENANT, &owners)
+                    .await?
+                    .into_iter()
+                    .map(Some)
+                    .collect()
+            }
+            None => vec![None; ids.len()],
+        };
+        chunks.push((ids, sealers));
+    }
+    let rows = chunks.into_iter().flat_map(move |(ids, sealers)| {
+        let seal = |key: &Option<DataKey>, text: &str| match key {
+            Some(key) => key.seal_field(text),
+            None => text.to_owned(),
+        };
         let mut rows = Vec::with_capacity(ids.len() * 4);
         let mut row = |id: &uuid::Uuid, sequence: u32, event_type: &str, version: &str, payload: String| {
             rows.push(format!(
@@ -133,12 +178,19 @@ async fn seed_log(db: &BenchDb, files: u64) -> anyhow::Result<()> {
                 uuid::Uuid::now_v7()
             ));
         };
-        for (id, customer) in &ids {
-            let payload = seed::uploaded_payload(TENANT, customer, *id, "Seeded file", now);
+        for ((id, customer), key) in ids.iter().zip(&sealers) {
+            let mut payload = seed::uploaded_payload(TENANT, customer, *id, "Seeded file", now);
+            for field in ["name", "file_name", "content_type", "sha256"] {
+                let sealed = seal(key, payload[field].as_str().unwrap_or_default());
+                payload[field] = sealed.into();
+            }
             row(id, 1, "FileUploaded", "2", payload.to_string());
         }
-        for (id, _) in &ids {
-            let payload = json!({"from": "Seeded file", "name": "Renamed file"});
+        for ((id, _), key) in ids.iter().zip(&sealers) {
+            let payload = json!({
+                "from": seal(key, "Seeded file"),
+                "name": seal(key, "Renamed file"),
+            });
             row(id, 2, "FileRenamed", "1", payload.to_string());
         }
         for (id, _) in &ids {

@@ -35,7 +35,7 @@ use uuid::Uuid;
 
 use crate::db::{Pool, pg_detail};
 use crate::log::{EVENT_COLUMNS, LogError, LoggedEvent};
-use crate::personal::{Erased, FieldCipher, NewPayload, PersonalError};
+use crate::personal::{Erased, FieldCipher, NewPayload, OwnerId, PersonalError};
 use crate::receipts;
 use dossier_keys::Owner;
 
@@ -487,23 +487,31 @@ impl PgEventStore {
         if let (Some(noted), Some(last)) = (&self.noted, positions.last()) {
             noted.note(*last);
         }
-        if !destroy_ids.is_empty() && !destroys_in_append {
-            if let Some(cipher) = &self.cipher {
-                // The key table is in a database of its own: destroy right
-                // after the commit. Should this fail, the blob worker's purge
-                // of the deleted file destroys the file's key again (ADR 0014).
-                let owners: Vec<Owner<'_>> = destroy_kinds
-                    .iter()
-                    .zip(&destroy_ids)
-                    .filter_map(|(kind, id)| owner_from_columns(kind, id))
-                    .collect();
-                if let Err(err) = cipher
-                    .keys()
-                    .destroy_now(&prepared[0].tenant, &owners)
-                    .await
-                {
-                    tracing::error!(%err, "destroying data keys after their events committed failed");
+        if let Some(cipher) = &self.cipher {
+            for (kind, id) in destroy_kinds.iter().zip(&destroy_ids) {
+                if let Some(owner) = owner_id_from_columns(kind, id) {
+                    cipher.forget(&prepared[0].tenant, &owner);
                 }
+            }
+        }
+        if !destroy_ids.is_empty()
+            && !destroys_in_append
+            && let Some(cipher) = &self.cipher
+        {
+            // The key table is in a database of its own: destroy right after
+            // the commit. Should this fail, the blob worker's purge of the
+            // deleted file destroys the file's key again (ADR 0014).
+            let owners: Vec<Owner<'_>> = destroy_kinds
+                .iter()
+                .zip(&destroy_ids)
+                .filter_map(|(kind, id)| owner_from_columns(kind, id))
+                .collect();
+            if let Err(err) = cipher
+                .keys()
+                .destroy_now(&prepared[0].tenant, &owners)
+                .await
+            {
+                tracing::error!(%err, "destroying data keys after their events committed failed");
             }
         }
         tracing::debug!(?positions, "appended events");
@@ -618,6 +626,14 @@ fn personal_error(error: PersonalError) -> PersistenceError {
             PersistenceError::ConnectionError(Box::new(error))
         }
         _ => PersistenceError::UnknownError(Box::new(error)),
+    }
+}
+
+fn owner_id_from_columns(kind: &str, id: &str) -> Option<OwnerId> {
+    match kind {
+        "file" => Uuid::try_parse(id).ok().map(OwnerId::File),
+        "customer" => Some(OwnerId::Customer(id.to_owned())),
+        _ => None,
     }
 }
 

@@ -107,9 +107,53 @@ impl OwnerId {
     }
 }
 
+/// Most keys a [`FieldCipher`] keeps unwrapped; past it the cache starts over.
+const CACHED_KEYS: usize = 65_536;
+
+/// Keys this process has unwrapped, for the code paths that only need a value
+/// ([`Erased::Placeholder`]: aggregates, read models, sealing): a command
+/// or a batch of the runner then costs no look-up for a file it saw before.
+/// A key leaves the cache when this process destroys it, and when the runner
+/// applies an event that destroyed it elsewhere ([`FieldCipher::forget`]). A
+/// stale entry in another process can at most seal or open a field for a
+/// file or customer whose delete or erasure the same process is about to
+/// apply; readers for people ([`Erased::Null`]) never use the cache, so an
+/// erased field reads as erased everywhere from the commit on.
+#[derive(Default)]
+struct KeyCache {
+    by_id: HashMap<Uuid, DataKey>,
+    by_owner: HashMap<(String, OwnerId), DataKey>,
+}
+
+impl KeyCache {
+    fn insert(&mut self, tenant: &str, owner: Option<OwnerId>, key: &DataKey) {
+        if self.by_id.len() >= CACHED_KEYS {
+            self.by_id.clear();
+            self.by_owner.clear();
+        }
+        self.by_id.insert(key.id(), key.clone());
+        if let Some(owner) = owner {
+            self.by_owner
+                .insert((tenant.to_owned(), owner), key.clone());
+        }
+    }
+
+    fn forget(&mut self, tenant: &str, owner: &OwnerId) {
+        if let Some(key) = self.by_owner.remove(&(tenant.to_owned(), owner.clone())) {
+            self.by_id.remove(&key.id());
+        }
+        // A key opened by id only is not known by owner: drop the lot for a
+        // customer erasure, which is rare, rather than keep one of its keys.
+        if matches!(owner, OwnerId::Customer(_)) {
+            self.by_id.clear();
+        }
+    }
+}
+
 /// Seals and opens personal fields with the deployment's data keys.
 #[derive(Clone)]
 pub struct FieldCipher {
+    cache: Arc<std::sync::Mutex<KeyCache>>,
     keys: KeyStore,
     /// The log's own database, to find a task's customer.
     log: Pool,
@@ -131,6 +175,7 @@ impl FieldCipher {
     /// key table is in the log's database (the default deployment).
     pub fn new(keys: KeyStore, log: Pool, keys_beside_log: bool) -> Arc<Self> {
         Arc::new(Self {
+            cache: Arc::default(),
             keys,
             log,
             keys_beside_log,
@@ -156,10 +201,10 @@ impl FieldCipher {
         // A task created in this same append names its customer itself.
         let mut task_customers: HashMap<String, String> = HashMap::new();
         for event in events.iter() {
-            if let Some(customer) = event.payload.get("customer_id").and_then(Value::as_str) {
-                if event.aggregate_type == "task" {
-                    task_customers.insert(event.aggregate_id.to_owned(), customer.to_owned());
-                }
+            if let Some(customer) = event.payload.get("customer_id").and_then(Value::as_str)
+                && event.aggregate_type == "task"
+            {
+                task_customers.insert(event.aggregate_id.to_owned(), customer.to_owned());
             }
         }
         for event in events.iter_mut() {
@@ -189,10 +234,10 @@ impl FieldCipher {
                 continue;
             };
             for field in rule.fields {
-                if let Some(Value::String(text)) = map.get_mut(*field) {
-                    if !dossier_keys::is_sealed(text) {
-                        *text = key.seal_field(text);
-                    }
+                if let Some(Value::String(text)) = map.get_mut(*field)
+                    && !dossier_keys::is_sealed(text)
+                {
+                    *text = key.seal_field(text);
                 }
             }
         }
@@ -210,6 +255,14 @@ impl FieldCipher {
         event: &NewPayload<'_>,
         owner: &OwnerId,
     ) -> Result<Option<DataKey>, PersonalError> {
+        let cached = self
+            .cache()
+            .by_owner
+            .get(&(event.tenant.to_owned(), owner.clone()))
+            .cloned();
+        if let Some(key) = cached {
+            return Ok(Some(key));
+        }
         let creates = !matches!(owner, OwnerId::File(_)) || event.event_type == "FileUploaded";
         let key = if creates {
             Some(
@@ -220,6 +273,9 @@ impl FieldCipher {
         } else {
             self.keys.live(event.tenant, owner.as_owner()).await?
         };
+        if let Some(key) = &key {
+            self.cache().insert(event.tenant, Some(owner.clone()), key);
+        }
         if key.is_none() {
             tracing::debug!(
                 aggregate_id = event.aggregate_id,
@@ -311,11 +367,61 @@ impl FieldCipher {
         }
         ids.sort_unstable();
         ids.dedup();
-        let found = self.keys.lookup(&ids).await?;
+        let mut found: HashMap<Uuid, KeyLookup> = HashMap::new();
+        if erased == Erased::Placeholder {
+            let cache = self.cache();
+            ids.retain(|id| match cache.by_id.get(id) {
+                Some(key) => {
+                    found.insert(*id, KeyLookup::Live(key.clone()));
+                    false
+                }
+                None => true,
+            });
+        }
+        if !ids.is_empty() {
+            let looked_up = self.keys.lookup(&ids).await?;
+            if erased == Erased::Placeholder {
+                let mut cache = self.cache();
+                for lookup in looked_up.values() {
+                    if let KeyLookup::Live(key) = lookup {
+                        cache.insert("", None, key);
+                    }
+                }
+            }
+            found.extend(looked_up);
+        }
         for event in events.iter_mut() {
             open_event(event, &found, erased);
         }
         Ok(())
+    }
+
+    /// Drops the cached key of `owner` of `tenant`: it was destroyed (by this
+    /// process's append, or by an event the runner is applying).
+    pub fn forget(&self, tenant: &str, owner: &OwnerId) {
+        self.cache().forget(tenant, owner);
+    }
+
+    /// [`Self::forget`] for every key `events` destroyed.
+    pub fn forget_destroyed_by(&self, events: &[LoggedEvent]) {
+        for event in events {
+            if let Some(owner) = Self::destroyed_by(
+                &event.aggregate_type,
+                &event.aggregate_id,
+                &event.event_type,
+                &event.payload,
+            ) {
+                self.forget(&event.tenant, &owner);
+            }
+        }
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, KeyCache> {
+        // A panic while the lock was held cannot leave the maps inconsistent
+        // (each change is one insert or remove): keep using them.
+        self.cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// [`Self::open`] for one payload of an aggregate being loaded, which
@@ -345,10 +451,10 @@ fn for_each_sealed(event: &LoggedEvent, mut visit: impl FnMut(SealedField<'_>)) 
         return;
     };
     for field in rule.fields {
-        if let Some(Value::String(text)) = event.payload.get(*field) {
-            if let Ok(Some(sealed)) = SealedField::parse(text) {
-                visit(sealed);
-            }
+        if let Some(Value::String(text)) = event.payload.get(*field)
+            && let Ok(Some(sealed)) = SealedField::parse(text)
+        {
+            visit(sealed);
         }
     }
 }
