@@ -51,6 +51,7 @@ use crate::http::{audit, customers, events, files, portal, tasks};
         tasks::post_message,
         tasks::post_staff_message,
         customers::list_customers,
+        customers::erase_customer,
     ),
     components(schemas(ErrorBody, schemas::CustomerIdText, schemas::ContractIdText,
         schemas::DisplayNameText, schemas::TaskTitleText, schemas::MessageTextText,
