@@ -21,7 +21,8 @@ pub use bundle::{
     BundleRecord, BundleStatus, EntryCompression, PendingBundles, RequestBundle,
 };
 pub use customer::{
-    Customer, CustomerCommand, CustomerError, CustomerEvent, EraseCustomer, confirmed as erasure_confirmed,
+    Customer, CustomerCommand, CustomerError, CustomerEvent, EraseCustomer,
+    confirmed as erasure_confirmed,
 };
 pub use download::{
     Download, DownloadChannel, DownloadError, DownloadEvent, DownloadedFile, RecordDownload,

@@ -102,7 +102,10 @@ fn a_command_for_another_customer_than_the_aggregates_is_refused() {
 
 #[test]
 fn the_aggregate_id_keeps_tenants_apart_and_the_event_its_contract_name() {
-    assert_eq!(Customer::aggregate_id(&acme(), &cust("cust-1")), "acme/cust-1");
+    assert_eq!(
+        Customer::aggregate_id(&acme(), &cust("cust-1")),
+        "acme/cust-1"
+    );
     assert_ne!(
         Customer::aggregate_id(&acme(), &cust("cust-1")),
         Customer::aggregate_id(&TenantId::parse("globex").unwrap(), &cust("cust-1"))

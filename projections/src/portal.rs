@@ -21,9 +21,9 @@ use tokio_postgres::types::{ToSql, Type};
 use uuid::Uuid;
 
 use crate::cursor::{Cursor, Paging};
+use crate::customers::CUSTOMER_AGGREGATE_TYPE;
 use crate::error::ProjectionError;
 use crate::files::{self, Audience, FileView, QueryError};
-use crate::customers::CUSTOMER_AGGREGATE_TYPE;
 use crate::projection::{ApplyTx, Projection, decode_event, decode_payload};
 
 /// Keeps `tasks`, `task_messages` and `tenant_settings` in step with the log.

@@ -12,8 +12,8 @@ use std::collections::{BTreeMap, HashSet};
 use chrono::{DateTime, Utc};
 use common::{Row, Upload, append, at, catch_up_to, customer, payload, tenant};
 use dossier_domain::{
-    Actor, BlobKey, CustomerEvent, CustomerIdPrefix, DownloadChannel, DownloadEvent, FileEvent, FileId,
-    MessageText, TaskEvent, TaskTitle, Visibility, codec,
+    Actor, BlobKey, CustomerEvent, CustomerIdPrefix, DownloadChannel, DownloadEvent, FileEvent,
+    FileId, MessageText, TaskEvent, TaskTitle, Visibility, codec,
 };
 use dossier_eventlog::db::Pool;
 use dossier_eventlog::log::LoggedEvent;
@@ -393,10 +393,7 @@ fn model(events: &[LoggedEvent]) -> Vec<Customer> {
                 let theirs = |t: &String, c: &String| t == tenant && *c == named;
                 tasks.retain(|_, (t, c)| !theirs(t, c));
                 files.retain(|_, (t, c, live)| *live || !theirs(t, c));
-                let kept = files
-                    .values()
-                    .filter(|(t, c, _)| theirs(t, c))
-                    .count() as i64;
+                let kept = files.values().filter(|(t, c, _)| theirs(t, c)).count() as i64;
                 let key = (tenant.to_owned(), named.clone());
                 if kept == 0 {
                     rows.remove(&key);

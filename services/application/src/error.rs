@@ -9,8 +9,7 @@
 
 use dossier_blobstore::BlobError;
 use dossier_domain::{
-    BundleError, CustomerError, DownloadError, FileError, SettingsError, TaskError,
-    ValidationError,
+    BundleError, CustomerError, DownloadError, FileError, SettingsError, TaskError, ValidationError,
 };
 
 #[derive(Debug, thiserror::Error)]
