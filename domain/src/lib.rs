@@ -11,6 +11,7 @@ pub mod customer;
 pub mod download;
 pub mod file;
 pub mod naming;
+pub mod personal;
 pub mod settings;
 pub mod task;
 pub mod types;

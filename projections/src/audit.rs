@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use dossier_eventlog::db::Pool;
+use dossier_eventlog::log::LoggedEvent;
+use dossier_eventlog::personal::{Erased, FieldCipher};
 use serde::Serialize;
 use serde_json::Value;
 use tokio_postgres::types::ToSql;
@@ -33,8 +35,13 @@ pub struct AuditEntry {
     pub file_id: Option<String>,
     /// The customer concerned, if any.
     pub customer_id: Option<String>,
-    /// Everything else the event says.
+    /// Everything else the event says; a personal field whose key is
+    /// destroyed is `null` here and named in `erased`.
     pub details: Value,
+    /// The personal fields of `details` that were erased (their key is
+    /// destroyed); absent when none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub erased: Vec<String>,
 }
 
 /// Which entries [`query`] returns.
@@ -80,16 +87,20 @@ pub fn decode_cursor(cursor: &str) -> Option<i64> {
 }
 
 /// One page of `tenant`'s audit trail, newest first. Every query filters by
-/// tenant: another tenant's entries are never seen.
+/// tenant: another tenant's entries are never seen. The trail keeps the
+/// event's fields as the log stores them; `cipher` opens the personal ones
+/// for the answer (without it they stay sealed).
 pub async fn query(
     pool: &Pool,
+    cipher: Option<&FieldCipher>,
     tenant: &str,
     filter: &AuditFilter,
 ) -> Result<AuditPage, ProjectionError> {
     let limit = filter.limit.max(1);
     let fetch = limit + 1;
     let mut sql = String::from(
-        "SELECT position, at, actor, action, file_id, customer_id, details \
+        "SELECT position, at, actor, action, file_id, customer_id, details, \
+                aggregate_type, event_type \
          FROM audit_trail WHERE tenant = $1",
     );
     let mut params: Vec<&(dyn ToSql + Sync)> = vec![&tenant];
@@ -118,6 +129,7 @@ pub async fn query(
 
     let client = pool.get().await?;
     let rows = client.query(&sql, &params).await?;
+    drop(client);
     let mut items = rows
         .iter()
         .map(|row| {
@@ -129,9 +141,40 @@ pub async fn query(
                 file_id: row.try_get("file_id")?,
                 customer_id: row.try_get("customer_id")?,
                 details: row.try_get("details")?,
+                erased: Vec::new(),
             })
         })
         .collect::<Result<Vec<_>, tokio_postgres::Error>>()?;
+    if let Some(cipher) = cipher {
+        // The details are the event's payload (less the entry's columns): open
+        // them as the event's own fields.
+        let mut events = rows
+            .iter()
+            .zip(&mut items)
+            .map(|(row, entry)| {
+                Ok(LoggedEvent {
+                    id: uuid::Uuid::nil(),
+                    position: entry.position,
+                    tenant: tenant.to_owned(),
+                    aggregate_type: row.try_get("aggregate_type")?,
+                    aggregate_id: String::new(),
+                    sequence: 0,
+                    event_type: row.try_get("event_type")?,
+                    event_version: String::new(),
+                    at: entry.at,
+                    actor: String::new(),
+                    payload: std::mem::take(&mut entry.details),
+                    metadata: Value::Null,
+                    erased: Vec::new(),
+                })
+            })
+            .collect::<Result<Vec<_>, tokio_postgres::Error>>()?;
+        cipher.open(&mut events, Erased::Null).await?;
+        for (entry, event) in items.iter_mut().zip(events) {
+            entry.details = event.payload;
+            entry.erased = event.erased;
+        }
+    }
     let next_cursor = if items.len() as i64 > limit {
         items.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
         items.last().map(|entry| encode_cursor(entry.position))

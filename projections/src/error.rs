@@ -53,6 +53,19 @@ pub enum ProjectionError {
     /// A projection's name or table list cannot be used as SQL identifiers.
     #[error("projection definition is invalid: {0}")]
     InvalidDefinition(String),
+    /// The data keys that open personal fields could not be read; waiting
+    /// may help when the key table is unreachable, nothing else does.
+    #[error("opening personal fields: {0}")]
+    Keys(#[from] dossier_keys::KeyError),
+    /// The log holds sealed personal fields and no keys were given to open
+    /// them: a read model never stores ciphertext.
+    #[error(
+        "the event at position {position} has sealed personal fields and no keys were given to open them"
+    )]
+    SealedWithoutKeys {
+        /// The event's log position.
+        position: i64,
+    },
 }
 
 impl ProjectionError {
@@ -66,11 +79,13 @@ impl ProjectionError {
             Self::Postgres(error) => transient_pg(error),
             Self::Log(LogError::Pool(_)) => true,
             Self::Log(LogError::Query(error)) => transient_pg(error),
+            Self::Keys(error) => matches!(error, dossier_keys::KeyError::Store(_)),
             Self::Log(_)
             | Self::Undecodable { .. }
             | Self::Malformed { .. }
             | Self::RebuildInProgress(_)
-            | Self::InvalidDefinition(_) => false,
+            | Self::InvalidDefinition(_)
+            | Self::SealedWithoutKeys { .. } => false,
         }
     }
 
@@ -95,6 +110,8 @@ impl ProjectionError {
             Self::Postgres(_) => "postgres",
             Self::RebuildInProgress(_) => "rebuild_in_progress",
             Self::InvalidDefinition(_) => "invalid_definition",
+            Self::Keys(_) => "keys",
+            Self::SealedWithoutKeys { .. } => "sealed_without_keys",
         }
     }
 }

@@ -53,5 +53,8 @@ pub use files::FilesProjection;
 pub use freshness::{FollowerConfig, Freshness, FreshnessError};
 pub use portal::PortalProjection;
 pub use projection::{ApplyTx, Projection};
-pub use rebuild::{RebuildProgress, RebuildReport, rebuild, rebuild_with_progress};
+pub use rebuild::{
+    RebuildOptions, RebuildProgress, RebuildReport, rebuild, rebuild_with_options,
+    rebuild_with_progress,
+};
 pub use runner::{Progress, Runner, RunnerConfig, RunnerHandle};

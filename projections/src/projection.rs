@@ -464,6 +464,7 @@ mod tests {
             actor: "tester".to_owned(),
             payload: serde_json::from_str(payload).unwrap_or(Value::Null),
             metadata: Value::Null,
+            erased: Vec::new(),
         }
     }
 

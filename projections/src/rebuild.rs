@@ -33,10 +33,12 @@
 //! the next rebuild.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use dossier_eventlog::db::Pool;
 use dossier_eventlog::follow::checkpoint;
-use dossier_eventlog::log::{LogFilter, LogReader};
+use dossier_eventlog::log::{LogFilter, LogReader, LoggedEvent};
+use dossier_eventlog::personal::{self, Erased, FieldCipher};
 use futures::StreamExt as _;
 use tokio_postgres::Transaction;
 use tokio_postgres::binary_copy::BinaryCopyOutStream;
@@ -80,8 +82,8 @@ pub struct RebuildProgress {
 }
 
 /// How a rebuild builds aside. The default is what `dossier projections rebuild`
-/// does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// does, given the deployment's keys ([`RebuildOptions::opening_with`]).
+#[derive(Debug, Clone)]
 pub struct RebuildOptions {
     /// Use the projection's [`BulkBuild`] when it has one (the default). `false`
     /// applies every event one by one, as the runner does: the reference a bulk
@@ -95,6 +97,10 @@ pub struct RebuildOptions {
     /// 550 MB. Each chunk after the first costs a primary-key lookup per file it
     /// touches; halving the default made the benchmark's rebuild about a tenth slower.
     pub bulk_chunk: u64,
+    /// Opens the personal fields of the log before the projection sees them.
+    /// Without it a rebuild of a log with sealed fields fails (it never writes
+    /// ciphertext into a read model).
+    pub cipher: Option<Arc<FieldCipher>>,
 }
 
 impl Default for RebuildOptions {
@@ -102,7 +108,38 @@ impl Default for RebuildOptions {
         Self {
             bulk: true,
             bulk_chunk: 1_000_000,
+            cipher: None,
         }
+    }
+}
+
+impl RebuildOptions {
+    /// These options, opening personal fields with `cipher`.
+    pub fn opening_with(mut self, cipher: Arc<FieldCipher>) -> Self {
+        self.cipher = Some(cipher);
+        self
+    }
+}
+
+/// Events a bulk build opens together: one look-up of their keys.
+const OPEN_CHUNK: usize = 4096;
+
+/// Opens `events` with `cipher`, or, without one, refuses sealed fields.
+async fn open_batch(
+    cipher: Option<&FieldCipher>,
+    events: &mut [LoggedEvent],
+) -> Result<(), ProjectionError> {
+    match cipher {
+        Some(cipher) => Ok(cipher.open(events, Erased::Placeholder).await?),
+        None => match events
+            .iter()
+            .find(|event| personal::has_sealed_fields(event))
+        {
+            Some(event) => Err(ProjectionError::SealedWithoutKeys {
+                position: event.position,
+            }),
+            None => Ok(()),
+        },
     }
 }
 
@@ -238,7 +275,7 @@ async fn build_and_swap<P: Projection>(
                 &mut bulk,
                 &target,
                 head,
-                options.bulk_chunk,
+                &options,
                 progress,
             )
             .await?;
@@ -248,10 +285,11 @@ async fn build_and_swap<P: Projection>(
             }
         } else {
             loop {
-                let batch = reader.read(position, BATCH, &LogFilter::default()).await?;
+                let mut batch = reader.read(position, BATCH, &LogFilter::default()).await?;
                 let Some(last) = batch.last().map(|event| event.position) else {
                     break;
                 };
+                open_batch(options.cipher.as_deref(), &mut batch).await?;
                 let tx = client.transaction().await?;
                 tx.batch_execute(&search_path).await?;
                 // Unprepared: the tables aside, by the search_path (see ApplyTx).
@@ -293,10 +331,11 @@ async fn build_and_swap<P: Projection>(
         ))
         .await?;
         loop {
-            let batch = reader.read(position, BATCH, &LogFilter::default()).await?;
+            let mut batch = reader.read(position, BATCH, &LogFilter::default()).await?;
             let Some(last) = batch.last().map(|event| event.position) else {
                 break;
             };
+            open_batch(options.cipher.as_deref(), &mut batch).await?;
             let aside = ApplyTx::unprepared(&tx);
             for event in &batch {
                 projection.apply(&aside, event).await?;
@@ -448,9 +487,11 @@ async fn build_in_bulk<B: BulkBuild>(
     bulk: &mut B,
     target: &BulkTarget,
     head: i64,
-    chunk: u64,
+    options: &RebuildOptions,
     progress: &(dyn Fn(RebuildProgress) + Send + Sync),
 ) -> Result<u64, ProjectionError> {
+    let chunk = options.bulk_chunk;
+    let cipher = options.cipher.as_deref();
     const COLUMNS: [Type; 7] = [
         Type::INT8,
         Type::TEXT,
@@ -483,12 +524,16 @@ async fn build_in_bulk<B: BulkBuild>(
         ));
         let mut events = 0u64;
         let mut folded = 0u64;
+        // Events with sealed fields wait here until a chunk of them can be
+        // opened with one look-up of their keys; the events after the first
+        // of them wait too, so that the fold still sees log order.
+        let mut sealed: Vec<LoggedEvent> = Vec::new();
         while let Some(row) = rows.next().await {
             let row = row?;
             let position: i64 = row.try_get(0)?;
             events += 1;
             if let Some(JsonText(payload)) = row.try_get(6)? {
-                bulk.fold(&RawEvent {
+                let raw = RawEvent {
                     position,
                     tenant: row.try_get(1)?,
                     aggregate_type: row.try_get(2)?,
@@ -496,9 +541,18 @@ async fn build_in_bulk<B: BulkBuild>(
                     event_type: row.try_get(4)?,
                     event_version: row.try_get(5)?,
                     payload,
-                })?;
+                };
+                if sealed.is_empty() && !personal::may_hold_sealed_fields(payload) {
+                    bulk.fold(&raw)?;
+                } else {
+                    sealed.push(owned(&raw)?);
+                    if sealed.len() >= OPEN_CHUNK {
+                        fold_opened(bulk, cipher, &mut sealed).await?;
+                    }
+                }
                 folded += 1;
                 if folded.is_multiple_of(chunk.max(1)) {
+                    fold_opened(bulk, cipher, &mut sealed).await?;
                     bulk.flush(client, target).await?;
                 }
             }
@@ -510,6 +564,7 @@ async fn build_in_bulk<B: BulkBuild>(
                 });
             }
         }
+        fold_opened(bulk, cipher, &mut sealed).await?;
         bulk.flush(client, target).await?;
         progress(RebuildProgress {
             events,
@@ -525,6 +580,57 @@ async fn build_in_bulk<B: BulkBuild>(
         drop(deadpool_postgres::Client::take(reader));
     }
     result
+}
+
+/// A bulk read's event, owned, to wait for its keys.
+fn owned(raw: &RawEvent<'_>) -> Result<LoggedEvent, ProjectionError> {
+    let payload =
+        serde_json::from_str(raw.payload).map_err(|error| ProjectionError::Malformed {
+            projection: "rebuild",
+            position: raw.position,
+            reason: format!("the payload is not JSON: {error}"),
+        })?;
+    Ok(LoggedEvent {
+        id: uuid::Uuid::nil(),
+        position: raw.position,
+        tenant: raw.tenant.to_owned(),
+        aggregate_type: raw.aggregate_type.to_owned(),
+        aggregate_id: raw.aggregate_id.to_owned(),
+        sequence: 0,
+        event_type: raw.event_type.to_owned(),
+        event_version: raw.event_version.to_owned(),
+        at: chrono::DateTime::UNIX_EPOCH,
+        actor: String::new(),
+        payload,
+        metadata: serde_json::Value::Null,
+        erased: Vec::new(),
+    })
+}
+
+/// Opens the waiting events with one look-up of their keys and folds them, in
+/// log order.
+async fn fold_opened<B: BulkBuild>(
+    bulk: &mut B,
+    cipher: Option<&FieldCipher>,
+    waiting: &mut Vec<LoggedEvent>,
+) -> Result<(), ProjectionError> {
+    if waiting.is_empty() {
+        return Ok(());
+    }
+    open_batch(cipher, waiting).await?;
+    for event in waiting.drain(..) {
+        let payload = event.payload.to_string();
+        bulk.fold(&RawEvent {
+            position: event.position,
+            tenant: &event.tenant,
+            aggregate_type: &event.aggregate_type,
+            aggregate_id: &event.aggregate_id,
+            event_type: &event.event_type,
+            event_version: &event.event_version,
+            payload: &payload,
+        })?;
+    }
+    Ok(())
 }
 
 /// The text of a `json` or `jsonb` value, borrowed from the row (`jsonb`'s binary

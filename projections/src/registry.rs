@@ -16,7 +16,7 @@ use crate::error::ProjectionError;
 use crate::files::FilesProjection;
 use crate::portal::PortalProjection;
 use crate::projection::Projection;
-use crate::rebuild::{RebuildProgress, RebuildReport, rebuild_with_progress};
+use crate::rebuild::{RebuildOptions, RebuildProgress, RebuildReport, rebuild_with_options};
 
 /// What a registered rebuild returns.
 pub type RebuildFuture<'a> =
@@ -25,7 +25,7 @@ pub type RebuildFuture<'a> =
 /// Where a rebuild reports its progress.
 pub type ProgressFn<'a> = dyn Fn(RebuildProgress) + Send + Sync + 'a;
 
-type RebuildFn = for<'a> fn(&'a Pool, &'a ProgressFn<'a>) -> RebuildFuture<'a>;
+type RebuildFn = for<'a> fn(&'a Pool, RebuildOptions, &'a ProgressFn<'a>) -> RebuildFuture<'a>;
 
 /// One read model the command line can rebuild.
 #[derive(Clone, Copy)]
@@ -56,17 +56,24 @@ impl Registered {
         self.name
     }
 
-    /// Rebuilds it from the log and swaps it in ([`crate::rebuild()`]).
-    pub fn rebuild<'a>(&self, pool: &'a Pool, progress: &'a ProgressFn<'a>) -> RebuildFuture<'a> {
-        (self.rebuild)(pool, progress)
+    /// Rebuilds it from the log and swaps it in ([`crate::rebuild()`]), with
+    /// `options` (the deployment's keys, to open personal fields).
+    pub fn rebuild<'a>(
+        &self,
+        pool: &'a Pool,
+        options: RebuildOptions,
+        progress: &'a ProgressFn<'a>,
+    ) -> RebuildFuture<'a> {
+        (self.rebuild)(pool, options, progress)
     }
 }
 
 fn rebuild_boxed<'a, P: Projection + Default>(
     pool: &'a Pool,
+    options: RebuildOptions,
     progress: &'a ProgressFn<'a>,
 ) -> RebuildFuture<'a> {
-    Box::pin(async move { rebuild_with_progress(pool, &P::default(), progress).await })
+    Box::pin(async move { rebuild_with_options(pool, &P::default(), options, progress).await })
 }
 
 /// Every read model of the service, in rebuild order.

@@ -22,6 +22,7 @@ use dossier_domain::FileEvent;
 use dossier_domain::codec::{self, DecodeError};
 use dossier_eventlog::db::Pool;
 use dossier_eventlog::log::{LogError, LogFilter, LogReader, LoggedEvent};
+use dossier_eventlog::personal::{self, Erased, FieldCipher};
 use serde_json::Value;
 use tokio_postgres::types::Type;
 
@@ -110,6 +111,9 @@ pub enum ReplayError {
         /// What is wrong.
         reason: String,
     },
+    /// The keys that open personal fields could not be read.
+    #[error("opening personal fields: {0}")]
+    Keys(#[from] dossier_keys::KeyError),
 }
 
 /// Reads a time bound as the HTTP API does: RFC 3339, or a plain `YYYY-MM-DD`
@@ -196,6 +200,7 @@ impl<'a> Matcher<'a> {
 async fn for_each_event(
     pool: &Pool,
     tenant: Option<&str>,
+    opening: Option<&FieldCipher>,
     progress: &dyn Fn(ReplayProgress),
     mut each: impl FnMut(&LoggedEvent) -> Result<bool, ReplayError>,
 ) -> Result<ReplayReport, ReplayError> {
@@ -212,8 +217,11 @@ async fn for_each_event(
     };
     let mut after = 0;
     'pages: loop {
-        let page = reader.read(after, PAGE, &filter).await?;
+        let mut page = reader.read(after, PAGE, &filter).await?;
         let full = page.len() as i64 >= PAGE;
+        if let Some(cipher) = opening {
+            cipher.open(&mut page, Erased::Null).await?;
+        }
         for event in &page {
             if event.position > end {
                 break 'pages;
@@ -246,15 +254,19 @@ async fn for_each_event(
 
 /// Writes every event matching `filter` to `out` as one JSON line (the
 /// contract's Event), in position order, up to the log's safe watermark at the
-/// start. Flushes `out` at the end.
+/// start. Flushes `out` at the end. Events are printed as stored (sealed
+/// fields as `enc:v1:` strings, which is what the hash chain covers) unless
+/// `decrypt` opens them: then a field whose key is destroyed is `null` and
+/// named in the event's `erased`.
 pub async fn replay(
     pool: &Pool,
     filter: &ReplayFilter,
+    decrypt: Option<&FieldCipher>,
     out: &mut dyn Write,
     progress: &dyn Fn(ReplayProgress),
 ) -> Result<ReplayReport, ReplayError> {
     let mut matcher = Matcher::new(filter);
-    let report = for_each_event(pool, filter.tenant.as_deref(), progress, |event| {
+    let report = for_each_event(pool, filter.tenant.as_deref(), decrypt, progress, |event| {
         if !matcher.matches(event) {
             return Ok(false);
         }
@@ -286,13 +298,14 @@ pub async fn replay(
 /// a time.
 pub async fn files_as_of(
     pool: &Pool,
+    cipher: Option<&FieldCipher>,
     tenant: &str,
     customer: &str,
     at: DateTime<Utc>,
     progress: &dyn Fn(ReplayProgress),
 ) -> Result<Vec<FileView>, ReplayError> {
     let mut candidates: BTreeSet<String> = BTreeSet::new();
-    let report = for_each_event(pool, Some(tenant), progress, |event| {
+    let report = for_each_event(pool, Some(tenant), None, progress, |event| {
         if event.at > at || event.aggregate_type != FILE_AGGREGATE_TYPE {
             return Ok(false);
         }
@@ -309,7 +322,7 @@ pub async fn files_as_of(
     let candidates: Vec<String> = candidates.into_iter().collect();
     let mut list = Vec::new();
     for ids in candidates.chunks(HISTORIES) {
-        let files = fold_histories(pool, ids, report.end, at).await?;
+        let files = fold_histories(pool, cipher, ids, report.end, at).await?;
         list.extend(
             files
                 .into_rows()
@@ -325,6 +338,7 @@ pub async fn files_as_of(
 /// any tenant, up to position `end` and recorded at or before `at`.
 async fn fold_histories(
     pool: &Pool,
+    cipher: Option<&FieldCipher>,
     ids: &[String],
     end: i64,
     at: DateTime<Utc>,
@@ -350,20 +364,58 @@ async fn fold_histories(
         .await
         .map_err(LogError::from)?;
     let mut files = Files::new();
+    // The histories, their personal fields opened with one look-up of their
+    // keys (a field whose key is gone reads as the placeholder; the delete
+    // that destroyed it removes the file from the list).
+    let mut histories = Vec::with_capacity(rows.len());
     for row in &rows {
         let recorded_at: DateTime<Utc> = row.try_get(6).map_err(LogError::from)?;
         // The same comparison as the first read's.
         if recorded_at > at {
             continue;
         }
-        let event = RawEvent {
-            position: row.try_get(0).map_err(LogError::from)?,
+        let position: i64 = row.try_get(0).map_err(LogError::from)?;
+        let payload: &str = row.try_get(5).map_err(LogError::from)?;
+        histories.push(LoggedEvent {
+            id: uuid::Uuid::nil(),
+            position,
             tenant: row.try_get(1).map_err(LogError::from)?,
-            aggregate_type: FILE_AGGREGATE_TYPE,
+            aggregate_type: FILE_AGGREGATE_TYPE.to_owned(),
             aggregate_id: row.try_get(2).map_err(LogError::from)?,
+            sequence: 0,
             event_type: row.try_get(3).map_err(LogError::from)?,
             event_version: row.try_get(4).map_err(LogError::from)?,
-            payload: row.try_get(5).map_err(LogError::from)?,
+            at: recorded_at,
+            actor: String::new(),
+            payload: serde_json::from_str(payload).map_err(|error| ReplayError::Malformed {
+                position,
+                reason: format!("the payload is not JSON: {error}"),
+            })?,
+            metadata: Value::Null,
+            erased: Vec::new(),
+        });
+    }
+    match cipher {
+        Some(cipher) => cipher.open(&mut histories, Erased::Placeholder).await?,
+        None => {
+            if let Some(event) = histories.iter().find(|e| personal::has_sealed_fields(e)) {
+                return Err(ReplayError::Malformed {
+                    position: event.position,
+                    reason: "sealed personal fields and no keys to open them".to_owned(),
+                });
+            }
+        }
+    }
+    for history in &histories {
+        let payload = history.payload.to_string();
+        let event = RawEvent {
+            position: history.position,
+            tenant: &history.tenant,
+            aggregate_type: FILE_AGGREGATE_TYPE,
+            aggregate_id: &history.aggregate_id,
+            event_type: &history.event_type,
+            event_version: &history.event_version,
+            payload: &payload,
         };
         let position = event.position;
         let (id, decoded) = decode_raw::<FileEvent>(FilesProjection::NAME, &event)
@@ -419,6 +471,7 @@ mod tests {
             actor: "alice".into(),
             payload,
             metadata: Value::Null,
+            erased: Vec::new(),
         }
     }
 

@@ -29,6 +29,7 @@ use deadpool_postgres::Transaction;
 use dossier_eventlog::db::Pool;
 use dossier_eventlog::follow::{self, Effects, Follower, Halt};
 use dossier_eventlog::log::{LogReader, LoggedEvent};
+use dossier_eventlog::personal::{Erased, FieldCipher};
 use tokio::sync::{Notify, watch};
 
 use crate::error::ProjectionError;
@@ -93,6 +94,8 @@ impl<P: Projection> AnyProjection for P {
 #[derive(Default)]
 struct ReadModels {
     projections: Vec<Box<dyn AnyProjection>>,
+    /// Opens personal fields before the read models see them.
+    cipher: Option<Arc<FieldCipher>>,
 }
 
 impl Follower for ReadModels {
@@ -109,6 +112,22 @@ impl Follower for ReadModels {
         events: &[LoggedEvent],
         from: &[i64],
     ) -> Result<Vec<i64>, Halt<ProjectionError>> {
+        // Read models hold names, titles and texts in clear (they are searched
+        // and shown); a field whose key is gone reads as the placeholder, and
+        // the delete or erasure that destroyed the key removes its row.
+        let opened;
+        let events = match &self.cipher {
+            Some(cipher) => {
+                let mut copy = events.to_vec();
+                cipher
+                    .open(&mut copy, Erased::Placeholder)
+                    .await
+                    .map_err(|error| Halt::rollback(ProjectionError::Keys(error)))?;
+                opened = copy;
+                &opened[..]
+            }
+            None => events,
+        };
         // The live tables: statements prepared once per pooled connection.
         let tx = ApplyTx::cached(tx);
         for (index, event) in events.iter().enumerate() {
@@ -210,6 +229,13 @@ impl Runner {
     /// [`LogReader`]) instead of working it out again.
     pub fn reading_from(mut self, reader: LogReader) -> Self {
         self.inner = self.inner.reading_from(reader);
+        self
+    }
+
+    /// Opens the personal fields of every event with `cipher` before the
+    /// projections apply it (CONTRACT.md, "Data protection").
+    pub fn opening_with(mut self, cipher: Arc<FieldCipher>) -> Self {
+        self.inner.update(|models| models.cipher = Some(cipher));
         self
     }
 

@@ -74,7 +74,11 @@ async fn rebuild(pool: &Pool, bulk: bool, bulk_chunk: u64) -> RebuildReport {
     rebuild_with_options(
         pool,
         &FilesProjection,
-        RebuildOptions { bulk, bulk_chunk },
+        RebuildOptions {
+            bulk,
+            bulk_chunk,
+            ..RebuildOptions::default()
+        },
         &|_| {},
     )
     .await
@@ -367,6 +371,7 @@ async fn an_undecodable_event_stops_a_bulk_rebuild_and_changes_nothing_live() {
             RebuildOptions {
                 bulk: true,
                 bulk_chunk: chunk,
+                ..RebuildOptions::default()
             },
             &|_| {},
         )

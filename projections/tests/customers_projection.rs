@@ -146,6 +146,7 @@ fn logged(
         actor: "tester".to_owned(),
         payload,
         metadata: Value::Null,
+        erased: Vec::new(),
     }
 }
 

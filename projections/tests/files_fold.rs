@@ -269,6 +269,7 @@ fn logged_events(
                     actor: "tester".to_owned(),
                     payload: payload(&event),
                     metadata: Value::Null,
+                    erased: Vec::new(),
                 });
             }
         }
@@ -467,7 +468,7 @@ async fn rebuilt_lists(
     for tenant in TENANTS {
         for customer in customers {
             lists.push(
-                replay::files_as_of(pool, tenant, customer, at, &|_| {})
+                replay::files_as_of(pool, None, tenant, customer, at, &|_| {})
                     .await
                     .unwrap(),
             );

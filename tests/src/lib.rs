@@ -350,6 +350,18 @@ impl TestApp {
         self.server.stop().await
     }
 
+    /// What opens the personal fields of this app's log: its key table under
+    /// the development master key the tests run with.
+    pub async fn cipher(&self) -> Arc<dossier_eventlog::personal::FieldCipher> {
+        let keys = dossier_keys::KeyStore::open(
+            self.pool.clone(),
+            dossier_keys::MasterKeys::new(dossier_keys::MasterKey::development(), None),
+        )
+        .await
+        .expect("the test's key table");
+        dossier_eventlog::personal::FieldCipher::new(keys, self.pool.clone(), true)
+    }
+
     /// A client of the contract for whoever holds `token`.
     pub fn api(&self, token: &str) -> client::Client {
         client::Client::new(self.client.clone(), &self.address, token)

@@ -119,7 +119,8 @@ async fn moment(app: &TestApp) -> DateTime<Utc> {
 
 async fn replay_lines(app: &TestApp, filter: &ReplayFilter) -> Vec<Value> {
     let mut out = Vec::new();
-    replay::replay(&app.pool, filter, &mut out, &|_| {})
+    let cipher = app.cipher().await;
+    replay::replay(&app.pool, filter, Some(&cipher), &mut out, &|_| {})
         .await
         .unwrap();
     String::from_utf8(out)
@@ -167,6 +168,12 @@ async fn the_audit_trail_names_who_uploaded_downloaded_renamed_and_deleted() {
         )
         .await;
     assert_eq!(renamed.status(), 200);
+    // While the file lives, its trail reads its names.
+    let live = audit_all(&app, &app.auditor("acme"), &format!("?file_id={id}")).await;
+    assert_eq!(live[0]["details"]["from"], "Contract 2025");
+    assert_eq!(live[0]["details"]["name"], "Contract 2025 (signed)");
+    assert_eq!(live[4]["details"]["name"], "Contract 2025");
+    assert!(live.iter().all(|item| item.get("erased").is_none()));
     let deleted = app
         .delete(&alice, &format!("/v1/files/{id}?confirm=true"))
         .await;
@@ -206,6 +213,7 @@ async fn the_audit_trail_names_who_uploaded_downloaded_renamed_and_deleted() {
             .unwrap()
             .keys()
             .map(String::as_str)
+            .filter(|key| *key != "erased")
             .collect();
         assert_eq!(
             keys,
@@ -226,9 +234,16 @@ async fn the_audit_trail_names_who_uploaded_downloaded_renamed_and_deleted() {
     }
     assert_eq!(trail[2]["details"]["channel"], "portal");
     assert_eq!(trail[4]["details"]["channel"], "staff");
-    assert_eq!(trail[1]["details"]["from"], "Contract 2025");
-    assert_eq!(trail[1]["details"]["name"], "Contract 2025 (signed)");
-    assert_eq!(trail[5]["details"]["name"], "Contract 2025");
+    // The delete destroyed the file's key: the trail keeps who did what and
+    // when, and says which names are gone.
+    assert_eq!(trail[1]["details"]["from"], Value::Null);
+    assert_eq!(trail[1]["details"]["name"], Value::Null);
+    assert_eq!(trail[1]["erased"], json!(["from", "name"]));
+    assert_eq!(trail[5]["details"]["name"], Value::Null);
+    assert_eq!(
+        trail[5]["erased"],
+        json!(["name", "file_name", "content_type", "sha256"])
+    );
     assert_eq!(trail[5]["details"]["visibility"], "portal");
 
     // Staff read it too; the positions are those of the log.
@@ -383,6 +398,7 @@ async fn the_raw_log_is_the_tenants_own_in_log_order_paged_by_position() {
             .unwrap()
             .keys()
             .map(String::as_str)
+            .filter(|key| *key != "erased")
             .collect();
         assert_eq!(keys, BTreeSet::from(EVENT_KEYS));
     }
@@ -479,6 +495,7 @@ async fn replay_prints_the_log_and_as_of_shows_the_list_before_and_after_a_renam
             .unwrap()
             .keys()
             .map(String::as_str)
+            .filter(|key| *key != "erased")
             .collect();
         assert_eq!(keys, BTreeSet::from(EVENT_KEYS));
     }
@@ -541,10 +558,12 @@ async fn replay_prints_the_log_and_as_of_shows_the_list_before_and_after_a_renam
     assert_eq!(window[0]["payload"]["name"], "New name");
 
     // The list as it stood, from events alone.
+    let cipher = app.cipher().await;
     let names_at = |at: DateTime<Utc>| {
         let pool = app.pool.clone();
+        let cipher = cipher.clone();
         async move {
-            replay::files_as_of(&pool, "acme", "cust-1", at, &|_| {})
+            replay::files_as_of(&pool, Some(&cipher), "acme", "cust-1", at, &|_| {})
                 .await
                 .unwrap()
                 .into_iter()
@@ -553,8 +572,10 @@ async fn replay_prints_the_log_and_as_of_shows_the_list_before_and_after_a_renam
         }
     };
     assert!(names_at(before_all).await.is_empty());
-    assert_eq!(names_at(before_rename).await, ["Second", "Old name"]);
-    assert_eq!(names_at(before_delete).await, ["Second", "New name"]);
+    // "Second" was deleted later: the delete destroyed its key, so even the
+    // list as it stood before shows its row without its name.
+    assert_eq!(names_at(before_rename).await, ["", "Old name"]);
+    assert_eq!(names_at(before_delete).await, ["", "New name"]);
     assert_eq!(names_at(after_delete).await, ["New name"]);
 
     // And it is exactly what the read model shows now.
@@ -564,9 +585,16 @@ async fn replay_prints_the_log_and_as_of_shows_the_list_before_and_after_a_renam
         .json()
         .await
         .unwrap();
-    let rebuilt = replay::files_as_of(&app.pool, "acme", "cust-1", Utc::now(), &|_| {})
-        .await
-        .unwrap();
+    let rebuilt = replay::files_as_of(
+        &app.pool,
+        Some(&cipher),
+        "acme",
+        "cust-1",
+        Utc::now(),
+        &|_| {},
+    )
+    .await
+    .unwrap();
     assert_eq!(listed["items"], serde_json::to_value(&rebuilt).unwrap());
 }
 
@@ -787,8 +815,12 @@ async fn rebuilding_every_registered_read_model_gives_identical_rows() {
     assert_eq!(before[0].len(), 12 - 3);
     let seen = std::sync::Mutex::new(Vec::new());
     let progress = |p: dossier_projections::RebuildProgress| seen.lock().unwrap().push(p);
+    let options = dossier_projections::RebuildOptions::default().opening_with(app.cipher().await);
     for registered in registry::all() {
-        let report = registered.rebuild(&app.pool, &progress).await.unwrap();
+        let report = registered
+            .rebuild(&app.pool, options.clone(), &progress)
+            .await
+            .unwrap();
         assert!(report.events > 0, "{} read the log", registered.name());
     }
     assert_eq!(snapshot().await, before);
@@ -867,9 +899,17 @@ async fn a_v1_upload_without_contract_id_is_read_through_the_upcaster_everywhere
 
     // Point-in-time and the audit trail read it too; the audit details show the
     // current version's shape, the raw log what was stored.
-    let files = replay::files_as_of(&app.pool, "acme", "cust-9", Utc::now(), &|_| {})
-        .await
-        .unwrap();
+    let cipher = app.cipher().await;
+    let files = replay::files_as_of(
+        &app.pool,
+        Some(&cipher),
+        "acme",
+        "cust-9",
+        Utc::now(),
+        &|_| {},
+    )
+    .await
+    .unwrap();
     assert_eq!(files.len(), 1);
     assert_eq!(files[0].name.to_string(), "Renamed");
     let trail = audit_all(&app, &app.auditor("acme"), &format!("?file_id={id}")).await;

@@ -102,6 +102,24 @@ async fn count_events(app: &TestApp, event_type: &str) -> i64 {
         .get(0)
 }
 
+/// `(live, destroyed)` data keys of an owner of tenant acme.
+async fn keys_of(app: &TestApp, kind: &str, owner: &str) -> (i64, i64) {
+    let row = app
+        .pool
+        .get()
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT count(*) FILTER (WHERE destroyed_at IS NULL), \
+                    count(*) FILTER (WHERE destroyed_at IS NOT NULL) \
+             FROM data_keys WHERE tenant = 'acme' AND owner_kind = $1 AND owner_id = $2",
+            &[&kind, &owner],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
 async fn all_events(app: &TestApp) -> i64 {
     app.pool
         .get()
@@ -188,6 +206,15 @@ async fn an_erasure_removes_the_customers_files_and_tasks_everywhere_keeps_prote
         (json!(1), json!(0))
     );
 
+    // Keys: the customer's and the erased files' are destroyed, with their
+    // events; the kept file's and the other customer's stay.
+    assert_eq!(keys_of(&app, "customer", "cust-1").await, (0, 1));
+    for id in &erasable {
+        assert_eq!(keys_of(&app, "file", id).await, (0, 1), "{id}");
+    }
+    assert_eq!(keys_of(&app, "file", &protected).await, (1, 0));
+    assert_eq!(keys_of(&app, "customer", "cust-2").await, (1, 0));
+
     // The other customer is untouched.
     let files = json_of(&app, &staff, "/v1/customers/cust-2/files").await;
     assert_eq!(ids(&files).len(), 3);
@@ -253,6 +280,14 @@ async fn later_uploads_for_an_erased_customer_work_and_a_second_erasure_erases_o
     let download = app.api(&staff).download(&later).await;
     assert_eq!(download.bytes, b"%PDF");
     let task = app.create_task(&staff, "cust-1", "A new task").await;
+    assert_eq!(
+        keys_of(&app, "customer", "cust-1").await,
+        (1, 1),
+        "a new customer key, the erased one stays destroyed"
+    );
+    assert_eq!(keys_of(&app, "file", &later).await, (1, 0));
+    assert_eq!(app.api(&staff).file(&later).await.name, "After the erasure");
+    assert_eq!(task["title"], "A new task");
     let entry = listed_customer(&app, &staff, "cust-1").await.unwrap();
     assert_eq!(
         (entry["files"].clone(), entry["open_tasks"].clone()),
@@ -274,6 +309,8 @@ async fn later_uploads_for_an_erased_customer_work_and_a_second_erasure_erases_o
         2,
         "each erasure is recorded"
     );
+    assert_eq!(keys_of(&app, "customer", "cust-1").await, (0, 2));
+    assert_eq!(keys_of(&app, "file", &later).await, (0, 1));
     let files = json_of(&app, &staff, "/v1/customers/cust-1/files").await;
     assert_eq!(ids(&files), HashSet::from([protected]));
     let tasks = json_of(&app, &staff, "/v1/customers/cust-1/tasks").await;
@@ -475,8 +512,12 @@ async fn a_rebuild_after_an_erasure_gives_the_rows_the_live_read_models_have() {
     );
 
     let progress = |_: dossier_projections::RebuildProgress| {};
+    let options = dossier_projections::RebuildOptions::default().opening_with(app.cipher().await);
     for registered in registry::all() {
-        registered.rebuild(&app.pool, &progress).await.unwrap();
+        registered
+            .rebuild(&app.pool, options.clone(), &progress)
+            .await
+            .unwrap();
     }
     assert_eq!(read_models(&app).await, live);
 }

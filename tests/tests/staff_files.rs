@@ -858,16 +858,19 @@ async fn twelve_concurrent_renames_of_one_file_settle_on_one_name() {
     });
     futures::future::join_all(renames).await;
 
-    let client = app.pool.get().await.unwrap();
-    let renamed: Vec<String> = client
-        .query(
-            "SELECT payload->>'name' FROM events WHERE aggregate_id = $1 AND event_type = 'FileRenamed' ORDER BY sequence",
-            &[&id],
-        )
+    // The log, opened: the names are sealed as stored.
+    let events: Value = app
+        .get(&app.auditor("acme"), "/v1/events?limit=1000&decrypt=true")
         .await
+        .json()
+        .await
+        .unwrap();
+    let renamed: Vec<String> = events["items"]
+        .as_array()
         .unwrap()
         .iter()
-        .map(|row| row.get(0))
+        .filter(|e| e["aggregate_id"] == id && e["event_type"] == "FileRenamed")
+        .map(|e| e["payload"]["name"].as_str().unwrap().to_owned())
         .collect();
     assert_eq!(renamed.len(), 12, "every rename is one event");
     let last = renamed.last().unwrap();
@@ -930,9 +933,15 @@ async fn a_projection_dropped_and_rebuilt_from_the_log_gives_the_same_rows() {
     };
     let before = snapshot(app.pool.clone()).await;
     assert_eq!(before.len(), 30 - 5);
-    let report = dossier_projections::rebuild(&app.pool, &dossier_projections::FilesProjection)
-        .await
-        .unwrap();
+    let options = dossier_projections::RebuildOptions::default().opening_with(app.cipher().await);
+    let report = dossier_projections::rebuild_with_options(
+        &app.pool,
+        &dossier_projections::FilesProjection,
+        options,
+        &|_| {},
+    )
+    .await
+    .unwrap();
     assert!(report.events > 0);
     let after = snapshot(app.pool.clone()).await;
     assert_eq!(before, after);

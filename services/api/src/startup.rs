@@ -19,6 +19,7 @@ use dossier_domain::{FilePolicy, MaxFileBytes};
 use dossier_eventlog::db::{self, Pool};
 use dossier_eventlog::eventstore::PgEventStore;
 use dossier_eventlog::log::LogReader;
+use dossier_eventlog::personal::FieldCipher;
 use dossier_keys::{KeyStore, MasterKey, MasterKeys};
 use dossier_projections::BundlesProjection;
 use dossier_projections::{
@@ -184,6 +185,11 @@ impl Application {
             .context("connecting to Postgres")?;
         db::migrate(&pool).await.context("applying migrations")?;
         let keys = open_key_store(&settings, &pool).await?;
+        let cipher = FieldCipher::new(
+            keys.clone(),
+            pool.clone(),
+            settings.keys_database_url.is_none(),
+        );
         let metrics = telemetry::install_metrics();
         let (shutdown, _) = watch::channel(false);
 
@@ -200,8 +206,9 @@ impl Application {
         read_models.add(&pool, BundlesProjection, &shutdown);
         read_models.add(&pool, CustomersProjection, &shutdown);
         let (freshness, runner, followers) = read_models.finish();
+        let runner = runner.map(|runner| runner.opening_with(cipher.clone()));
 
-        let store = PgEventStore::new(pool.clone());
+        let store = PgEventStore::new(pool.clone()).with_cipher(cipher.clone());
         let max_file_bytes = MaxFileBytes(settings.max_file_bytes);
         let commands = Arc::new(
             Commands::new(store, FilePolicy { max_file_bytes }, freshness)
@@ -227,6 +234,7 @@ impl Application {
             log: log.clone(),
             blobs,
             keys,
+            cipher,
             commands,
             uploads,
             jwt_secret: settings.jwt_secret.expose_bytes().to_vec(),

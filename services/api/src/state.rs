@@ -8,6 +8,7 @@ use dossier_broker::Broker;
 use dossier_domain::MaxFileBytes;
 use dossier_eventlog::db::Pool;
 use dossier_eventlog::log::LogReader;
+use dossier_eventlog::personal::FieldCipher;
 use dossier_keys::KeyStore;
 use metrics_exporter_prometheus::PrometheusHandle;
 
@@ -25,6 +26,9 @@ pub struct Inner {
     /// The data keys (wrapped under the master key): what sealed blobs and
     /// sealed event fields open with.
     pub keys: KeyStore,
+    /// Opens personal fields for readers that show them (`decrypt=true`,
+    /// the audit trail).
+    pub cipher: Arc<FieldCipher>,
     pub commands: Arc<Commands>,
     /// Store the bytes, then record them: shared with the AMQP intake.
     pub uploads: Arc<Uploads>,
@@ -59,6 +63,11 @@ impl AppState {
     /// The data keys.
     pub fn keys(&self) -> &KeyStore {
         &self.0.keys
+    }
+
+    /// Opens personal fields of events.
+    pub fn cipher(&self) -> &FieldCipher {
+        &self.0.cipher
     }
 
     pub fn commands(&self) -> &Commands {

@@ -10,12 +10,15 @@
 
 use std::io::{IsTerminal as _, Write as _};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use dossier_eventlog::chain::{self, Checkpoint};
 use dossier_eventlog::db::{self, Pool};
+use dossier_eventlog::personal::FieldCipher;
+use dossier_projections::RebuildOptions;
 use dossier_projections::registry;
 use dossier_projections::replay::{self, ReplayFilter, ReplayProgress};
 use dossier_runtime::config::Settings;
@@ -45,6 +48,11 @@ pub struct ReplayArgs {
     /// rebuilt from the events alone. Needs --tenant and --customer.
     #[arg(long, requires_all = ["tenant", "customer"], conflicts_with_all = ["file", "from", "to"])]
     as_of: Option<String>,
+    /// Print personal fields readable instead of as stored (`enc:v1:...`); a
+    /// field whose key is destroyed is then null and named under "erased".
+    /// Needs the master key (DOSSIER_MASTER_KEY).
+    #[arg(long)]
+    decrypt: bool,
 }
 
 /// `dossier verify`.
@@ -78,6 +86,16 @@ async fn connect(settings: &Settings) -> anyhow::Result<Pool> {
         .context("connecting to Postgres")?;
     db::migrate(&pool).await.context("applying migrations")?;
     Ok(pool)
+}
+
+/// What opens personal fields: the data keys under the configured master key.
+async fn cipher(settings: &Settings, pool: &Pool) -> anyhow::Result<Arc<FieldCipher>> {
+    let keys = dossier_api::startup::open_key_store(settings, pool).await?;
+    Ok(FieldCipher::new(
+        keys,
+        pool.clone(),
+        settings.keys_database_url.is_none(),
+    ))
 }
 
 /// A progress bar on stderr, or a hidden one (see the module docs).
@@ -122,8 +140,10 @@ pub async fn replay(settings: &Settings, args: ReplayArgs) -> anyhow::Result<()>
         let (Some(tenant), Some(customer)) = (&args.tenant, &args.customer) else {
             anyhow::bail!("--as-of needs --tenant and --customer");
         };
+        let cipher = cipher(settings, &pool).await?;
         let bar = progress_bar("rebuilding", 0);
-        let files = replay::files_as_of(&pool, tenant, customer, at, &track(&bar)).await?;
+        let files =
+            replay::files_as_of(&pool, Some(&cipher), tenant, customer, at, &track(&bar)).await?;
         bar.finish_and_clear();
         for file in files {
             serde_json::to_writer(&mut out, &file)?;
@@ -139,8 +159,12 @@ pub async fn replay(settings: &Settings, args: ReplayArgs) -> anyhow::Result<()>
         from: time(args.from.as_deref(), "from", false)?,
         to: time(args.to.as_deref(), "to", true)?,
     };
+    let decrypt = match args.decrypt {
+        true => Some(cipher(settings, &pool).await?),
+        false => None,
+    };
     let bar = progress_bar("replaying", 0);
-    let report = replay::replay(&pool, &filter, &mut out, &track(&bar)).await?;
+    let report = replay::replay(&pool, &filter, decrypt.as_deref(), &mut out, &track(&bar)).await?;
     bar.finish_and_clear();
     tracing::debug!(
         read = report.read,
@@ -231,6 +255,7 @@ pub async fn projections(settings: &Settings, command: ProjectionsCommand) -> an
                 })?],
             };
             let pool = connect(settings).await?;
+            let options = RebuildOptions::default().opening_with(cipher(settings, &pool).await?);
             for registered in chosen {
                 let bar = if std::io::stderr().is_terminal() {
                     let bar = ProgressBar::new(0);
@@ -254,7 +279,7 @@ pub async fn projections(settings: &Settings, command: ProjectionsCommand) -> an
                     }
                 };
                 let report = registered
-                    .rebuild(&pool, &progress)
+                    .rebuild(&pool, options.clone(), &progress)
                     .await
                     .with_context(|| format!("rebuilding {}", registered.name()))?;
                 bar.finish_and_clear();

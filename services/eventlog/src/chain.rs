@@ -840,6 +840,7 @@ mod tests {
             actor: "alice".into(),
             payload,
             metadata: json!({"ignored": true}),
+            erased: Vec::new(),
         }
     }
 

@@ -35,7 +35,9 @@ use uuid::Uuid;
 
 use crate::db::{Pool, pg_detail};
 use crate::log::{EVENT_COLUMNS, LogError, LoggedEvent};
+use crate::personal::{Erased, FieldCipher, NewPayload, PersonalError};
 use crate::receipts;
+use dossier_keys::Owner;
 
 /// Metadata key of the tenant an event belongs to. Required.
 pub const META_TENANT: &str = "tenant";
@@ -90,6 +92,28 @@ const APPEND: &str = "\
         WHERE $11::text IS NOT NULL \
     ) \
     SELECT position FROM appended ORDER BY position";
+
+/// [`APPEND`] with one more data-modifying CTE: the destruction of the data
+/// keys its events call for (`FileDeleted`, `CustomerErased`; `$12` owner
+/// kinds, `$13` owner ids), in the same statement and so the same
+/// transaction: a delete that commits has shredded its file, one that fails
+/// has destroyed nothing. Used only when the key table is in this database.
+static APPEND_DESTROYING_KEYS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    const LAST_SELECT: &str = " SELECT position FROM appended ORDER BY position";
+    let (ctes, select) = APPEND.split_at(
+        APPEND
+            .rfind(LAST_SELECT)
+            .expect("APPEND ends with its SELECT"),
+    );
+    format!(
+        "{ctes}, destroyed AS ( \
+            UPDATE data_keys SET wrapped = NULL, master_key_id = NULL, destroyed_at = now() \
+            FROM unnest($12::text[], $13::text[]) AS d(owner_kind, owner_id) \
+            WHERE data_keys.tenant = $2[1] AND data_keys.owner_kind = d.owner_kind \
+              AND data_keys.owner_id = d.owner_id AND data_keys.destroyed_at IS NULL \
+        ){select}"
+    )
+});
 
 /// Why the event store refused or failed an operation. cqrs-es only knows
 /// [`PersistenceError`]; these travel boxed inside it, so callers can downcast.
@@ -150,6 +174,10 @@ pub enum EventStoreError {
     /// A stored event could not be read back.
     #[error(transparent)]
     Log(#[from] LogError),
+    /// Personal fields could not be sealed or opened (the key table failed,
+    /// or an event does not say whose it is); nothing was written.
+    #[error("personal fields: {0}")]
+    Personal(#[from] PersonalError),
 }
 
 /// The event store. Cheap to clone: it is a pool handle.
@@ -158,6 +186,9 @@ pub struct PgEventStore {
     pool: Pool,
     /// Where [`Self::noting_positions`] wants the last appended position.
     noted: Option<LastAppended>,
+    /// Seals personal fields on append and opens them on load; `None` keeps
+    /// payloads as they are (tools that copy the log, some tests).
+    cipher: Option<Arc<FieldCipher>>,
 }
 
 /// The log position of the last event a [`PgEventStore::noting_positions`] handle
@@ -250,7 +281,19 @@ impl NewEvent {
 impl PgEventStore {
     /// An event store on `pool` (a database migrated with [`crate::db::migrate`]).
     pub fn new(pool: Pool) -> Self {
-        Self { pool, noted: None }
+        Self {
+            pool,
+            noted: None,
+            cipher: None,
+        }
+    }
+
+    /// This store, sealing personal fields as it appends, destroying the keys
+    /// that deletes and erasures call for, and opening fields as aggregates
+    /// load (CONTRACT.md, "Data protection").
+    pub fn with_cipher(mut self, cipher: Arc<FieldCipher>) -> Self {
+        self.cipher = Some(cipher);
+        self
     }
 
     /// A handle on the same store that notes the position of every event it
@@ -261,6 +304,7 @@ impl PgEventStore {
         let store = Self {
             pool: self.pool.clone(),
             noted: Some(noted.clone()),
+            cipher: self.cipher.clone(),
         };
         (store, noted)
     }
@@ -350,11 +394,41 @@ impl PgEventStore {
         let Some(first) = events.first() else {
             return Ok(Vec::new());
         };
-        let prepared = events
+        let mut prepared = events
             .iter()
             .map(NewEvent::prepare)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| PersistenceError::UnknownError(Box::new(e)))?;
+        if let Some(cipher) = &self.cipher {
+            let mut payloads: Vec<NewPayload<'_>> = events
+                .iter()
+                .zip(prepared.iter_mut())
+                .map(|(event, new)| NewPayload {
+                    tenant: &new.tenant,
+                    aggregate_type: &event.aggregate_type,
+                    aggregate_id: &event.aggregate_id,
+                    event_type: &event.event_type,
+                    payload: &mut new.payload,
+                })
+                .collect();
+            cipher.seal(&mut payloads).await.map_err(personal_error)?;
+        }
+        // The keys these events destroy, as (kind, id) columns.
+        let (destroy_kinds, destroy_ids): (Vec<&'static str>, Vec<String>) = events
+            .iter()
+            .zip(&prepared)
+            .filter_map(|(event, new)| {
+                FieldCipher::destroyed_by(
+                    &event.aggregate_type,
+                    &event.aggregate_id,
+                    &event.event_type,
+                    &new.payload,
+                )
+            })
+            .map(|owner| owner.columns())
+            .unzip();
+        let destroys_in_append =
+            !destroy_ids.is_empty() && self.cipher.as_ref().is_some_and(|c| c.keys_beside_log());
         // One array per column, element i being event i.
         let ids: Vec<Uuid> = prepared.iter().map(|_| Uuid::now_v7()).collect();
         let tenants: Vec<&str> = prepared.iter().map(|n| n.tenant.as_str()).collect();
@@ -372,7 +446,7 @@ impl PgEventStore {
             .metadata
             .get(META_IDEMPOTENCY_KEY)
             .and_then(Value::as_str);
-        let params: [&(dyn ToSql + Sync); 11] = [
+        let params: [&(dyn ToSql + Sync); 13] = [
             &ids,
             &tenants,
             &aggregate_types,
@@ -384,21 +458,28 @@ impl PgEventStore {
             &metadata,
             &actors,
             &key,
+            &destroy_kinds,
+            &destroy_ids,
         ];
+        let (sql, params): (&str, &[&(dyn ToSql + Sync)]) = if destroys_in_append {
+            (&APPEND_DESTROYING_KEYS, &params)
+        } else {
+            (APPEND, &params[..11])
+        };
 
         let mut client = self.client().await?;
         let statement = client
-            .prepare_cached(APPEND)
+            .prepare_cached(sql)
             .await
             .map_err(|e| database_error("preparing the append", e))?;
         let rows = match commit_delay {
-            None => client.query(&statement, &params).await,
+            None => client.query(&statement, params).await,
             Some(delay) => {
                 let tx = client
                     .transaction()
                     .await
                     .map_err(|e| database_error("starting the append transaction", e))?;
-                let rows = tx.query(&statement, &params).await;
+                let rows = tx.query(&statement, params).await;
                 if rows.is_ok() {
                     tokio::time::sleep(delay).await;
                     tx.commit()
@@ -421,6 +502,25 @@ impl PgEventStore {
             .map_err(|e| database_error("reading the new positions", e))?;
         if let (Some(noted), Some(last)) = (&self.noted, positions.last()) {
             noted.note(*last);
+        }
+        if !destroy_ids.is_empty() && !destroys_in_append {
+            if let Some(cipher) = &self.cipher {
+                // The key table is in a database of its own: destroy right
+                // after the commit. Should this fail, the blob worker's purge
+                // of the deleted file destroys the file's key again (ADR 0014).
+                let owners: Vec<Owner<'_>> = destroy_kinds
+                    .iter()
+                    .zip(&destroy_ids)
+                    .filter_map(|(kind, id)| owner_from_columns(kind, id))
+                    .collect();
+                if let Err(err) = cipher
+                    .keys()
+                    .destroy_now(&prepared[0].tenant, &owners)
+                    .await
+                {
+                    tracing::error!(%err, "destroying data keys after their events committed failed");
+                }
+            }
         }
         tracing::debug!(?positions, "appended events");
         Ok(positions)
@@ -457,7 +557,18 @@ impl PgEventStore {
             )
             .await
             .map_err(|e| database_error("loading an aggregate's events", e))?;
-        rows.iter().map(serialized_event_from_row).collect()
+        drop(client);
+        let mut logged = rows
+            .iter()
+            .map(|row| LoggedEvent::from_row(row).map_err(log_error))
+            .collect::<Result<Vec<_>, _>>()?;
+        if let Some(cipher) = &self.cipher {
+            cipher
+                .open(&mut logged, Erased::Placeholder)
+                .await
+                .map_err(|e| personal_error(PersonalError::Keys(e)))?;
+        }
+        logged.into_iter().map(serialized_event).collect()
     }
 
     /// Feeds the rows of `sql` (bound to `params`) into a [`ReplayStream`] from a
@@ -465,6 +576,7 @@ impl PgEventStore {
     fn stream(&self, sql: String, params: Vec<String>) -> ReplayStream {
         let (mut feed, stream) = ReplayStream::new(STREAM_CHANNEL_SIZE);
         let pool = self.pool.clone();
+        let cipher = self.cipher.clone();
         tokio::spawn(async move {
             let result: Result<(), PersistenceError> = async {
                 let client = pool.get().await.map_err(|e| {
@@ -480,7 +592,17 @@ impl PgEventStore {
                     .await
                     .map_err(|e| database_error("streaming events", e))?
                 {
-                    let event = serialized_event_from_row(&row);
+                    let event = match LoggedEvent::from_row(&row).map_err(log_error) {
+                        Ok(mut logged) => match &cipher {
+                            Some(cipher) => cipher
+                                .open_one(&mut logged)
+                                .await
+                                .map_err(|e| personal_error(PersonalError::Keys(e)))
+                                .and_then(|()| serialized_event(logged)),
+                            None => serialized_event(logged),
+                        },
+                        Err(err) => Err(err),
+                    };
                     let failed = event.is_err();
                     if feed.push(event).await.is_err() || failed {
                         // The consumer went away, or was told about the bad row.
@@ -499,13 +621,33 @@ impl PgEventStore {
     }
 }
 
-/// Maps a row selected with `EVENT_COLUMNS` to what cqrs-es wants, through the one
-/// row mapping of the log.
-fn serialized_event_from_row(
-    row: &tokio_postgres::Row,
-) -> Result<SerializedEvent, PersistenceError> {
-    let event = LoggedEvent::from_row(row)
-        .map_err(|e| PersistenceError::DeserializationError(Box::new(EventStoreError::Log(e))))?;
+fn log_error(error: LogError) -> PersistenceError {
+    PersistenceError::DeserializationError(Box::new(EventStoreError::Log(error)))
+}
+
+/// A failure of the key table is one of connection (the caller may retry
+/// later); an event without an owner is refused.
+fn personal_error(error: PersonalError) -> PersistenceError {
+    let error = EventStoreError::Personal(error);
+    match &error {
+        EventStoreError::Personal(PersonalError::Keys(dossier_keys::KeyError::Store(_))) => {
+            PersistenceError::ConnectionError(Box::new(error))
+        }
+        _ => PersistenceError::UnknownError(Box::new(error)),
+    }
+}
+
+fn owner_from_columns<'a>(kind: &str, id: &'a str) -> Option<Owner<'a>> {
+    match kind {
+        "file" => Uuid::try_parse(id).ok().map(Owner::File),
+        "customer" => Some(Owner::Customer(id)),
+        _ => None,
+    }
+}
+
+/// Maps an event of the log (selected with `EVENT_COLUMNS`, through the one row
+/// mapping of the log, its fields opened) to what cqrs-es wants.
+fn serialized_event(event: LoggedEvent) -> Result<SerializedEvent, PersistenceError> {
     let sequence = usize::try_from(event.sequence).map_err(|_| {
         PersistenceError::DeserializationError(Box::new(EventStoreError::SequenceOutOfRange(
             // Only negative values fail here, which the table's CHECK forbids.

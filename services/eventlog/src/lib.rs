@@ -10,4 +10,5 @@ pub mod db;
 pub mod eventstore;
 pub mod follow;
 pub mod log;
+pub mod personal;
 pub mod receipts;

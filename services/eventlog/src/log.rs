@@ -142,6 +142,12 @@ pub struct LoggedEvent {
     /// ...) as a JSON object. See [`LoggedEvent::metadata_str`].
     #[serde(skip_serializing, default)]
     pub metadata: serde_json::Value,
+    /// Personal fields of the payload whose key is destroyed, when a reader
+    /// opened them with [`crate::personal::Erased::Null`]: each is `null` in
+    /// the payload. Not part of the stored event (so not of its chain hash),
+    /// and absent from its JSON while empty.
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub erased: Vec<String>,
 }
 
 impl LoggedEvent {
@@ -178,6 +184,7 @@ impl LoggedEvent {
             actor: column!("actor"),
             payload: column!("payload"),
             metadata: column!("metadata"),
+            erased: Vec::new(),
         })
     }
 }

@@ -43,6 +43,10 @@ pub struct AuditItem {
     /// of a rename, ...).
     #[schema(value_type = Object)]
     details: serde_json::Value,
+    /// Personal fields of `details` whose key is destroyed (a deleted file,
+    /// an erased customer): each is null in `details`. Absent when none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    erased: Vec<String>,
 }
 
 impl From<AuditEntry> for AuditItem {
@@ -55,6 +59,7 @@ impl From<AuditEntry> for AuditItem {
             file_id: entry.file_id,
             customer_id: entry.customer_id,
             details: entry.details,
+            erased: entry.erased,
         }
     }
 }
@@ -129,7 +134,7 @@ pub async fn fresh_page(
     audit::wait_until_complete(app.pool(), tenant.as_str(), FRESHNESS_TIMEOUT)
         .await
         .map_err(unavailable)?;
-    audit::query(app.pool(), tenant.as_str(), filter)
+    audit::query(app.pool(), Some(app.cipher()), tenant.as_str(), filter)
         .await
         .map_err(unavailable)
 }

@@ -8,6 +8,7 @@ use axum::extract::{RawQuery, State};
 use axum::routing::get;
 use axum::{Json, Router};
 use dossier_eventlog::log::{LogFilter, LoggedEvent};
+use dossier_eventlog::personal::Erased;
 use serde::Serialize;
 
 use crate::auth::Auditor;
@@ -39,7 +40,8 @@ pub struct EventPage {
 /// `GET /v1/events`
 #[utoipa::path(get, path = "/v1/events", tag = "audit",
     params(("after" = Option<i64>, Query, minimum = 0, description = "a position; default 0 (the start)"),
-        ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "page size, default 100")),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "page size, default 100"),
+        ("decrypt" = Option<bool>, Query, description = "default false: events as stored, personal fields as `enc:v1:<key id>:<base64>` strings (what the hash chain covers). true: personal fields readable; a field whose key is destroyed is null and named in the event's `erased` list")),
     responses((status = 200, description = "The raw log of the caller's tenant, in log order", body = EventPage),
         (status = 422, description = "validation_failed: a malformed after or limit", body = ErrorBody)))]
 pub async fn list_events(
@@ -50,17 +52,24 @@ pub async fn list_events(
     let query = QueryPairs::parse(query.as_deref())?;
     let after = query.int("after", 0, i64::MAX)?.unwrap_or(0);
     let limit = query.int("limit", 1, MAX_LIMIT)?.unwrap_or(DEFAULT_LIMIT);
+    let decrypt = query.bool("decrypt")?.unwrap_or(false);
     let filter = LogFilter {
         tenant: Some(caller.tenant.to_string()),
         ..LogFilter::default()
     };
     // A clone is a handle on the same reader: it shares the safe watermark.
-    let items = app
+    let mut items = app
         .log()
         .clone()
         .read(after, limit, &filter)
         .await
         .map_err(|e| ApiError(AppError::Unavailable(e.to_string())))?;
+    if decrypt {
+        app.cipher()
+            .open(&mut items, Erased::Null)
+            .await
+            .map_err(|e| ApiError(AppError::Unavailable(e.to_string())))?;
+    }
     let next_after = items.last().map_or(after, |event| event.position);
     Ok(Json(EventPage { items, next_after }))
 }
