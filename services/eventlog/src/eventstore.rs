@@ -503,23 +503,24 @@ impl PgEventStore {
         if let (Some(noted), Some(last)) = (&self.noted, positions.last()) {
             noted.note(*last);
         }
-        if !destroy_ids.is_empty() && !destroys_in_append {
-            if let Some(cipher) = &self.cipher {
-                // The key table is in a database of its own: destroy right
-                // after the commit. Should this fail, the blob worker's purge
-                // of the deleted file destroys the file's key again (ADR 0014).
-                let owners: Vec<Owner<'_>> = destroy_kinds
-                    .iter()
-                    .zip(&destroy_ids)
-                    .filter_map(|(kind, id)| owner_from_columns(kind, id))
-                    .collect();
-                if let Err(err) = cipher
-                    .keys()
-                    .destroy_now(&prepared[0].tenant, &owners)
-                    .await
-                {
-                    tracing::error!(%err, "destroying data keys after their events committed failed");
-                }
+        if !destroy_ids.is_empty()
+            && !destroys_in_append
+            && let Some(cipher) = &self.cipher
+        {
+            // The key table is in a database of its own: destroy right
+            // after the commit. Should this fail, the blob worker's purge
+            // of the deleted file destroys the file's key again (ADR 0014).
+            let owners: Vec<Owner<'_>> = destroy_kinds
+                .iter()
+                .zip(&destroy_ids)
+                .filter_map(|(kind, id)| owner_from_columns(kind, id))
+                .collect();
+            if let Err(err) = cipher
+                .keys()
+                .destroy_now(&prepared[0].tenant, &owners)
+                .await
+            {
+                tracing::error!(%err, "destroying data keys after their events committed failed");
             }
         }
         tracing::debug!(?positions, "appended events");

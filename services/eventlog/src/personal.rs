@@ -156,10 +156,10 @@ impl FieldCipher {
         // A task created in this same append names its customer itself.
         let mut task_customers: HashMap<String, String> = HashMap::new();
         for event in events.iter() {
-            if let Some(customer) = event.payload.get("customer_id").and_then(Value::as_str) {
-                if event.aggregate_type == "task" {
-                    task_customers.insert(event.aggregate_id.to_owned(), customer.to_owned());
-                }
+            if let Some(customer) = event.payload.get("customer_id").and_then(Value::as_str)
+                && event.aggregate_type == "task"
+            {
+                task_customers.insert(event.aggregate_id.to_owned(), customer.to_owned());
             }
         }
         for event in events.iter_mut() {
@@ -189,10 +189,10 @@ impl FieldCipher {
                 continue;
             };
             for field in rule.fields {
-                if let Some(Value::String(text)) = map.get_mut(*field) {
-                    if !dossier_keys::is_sealed(text) {
-                        *text = key.seal_field(text);
-                    }
+                if let Some(Value::String(text)) = map.get_mut(*field)
+                    && !dossier_keys::is_sealed(text)
+                {
+                    *text = key.seal_field(text);
                 }
             }
         }
@@ -345,10 +345,10 @@ fn for_each_sealed(event: &LoggedEvent, mut visit: impl FnMut(SealedField<'_>)) 
         return;
     };
     for field in rule.fields {
-        if let Some(Value::String(text)) = event.payload.get(*field) {
-            if let Ok(Some(sealed)) = SealedField::parse(text) {
-                visit(sealed);
-            }
+        if let Some(Value::String(text)) = event.payload.get(*field)
+            && let Ok(Some(sealed)) = SealedField::parse(text)
+        {
+            visit(sealed);
         }
     }
 }
