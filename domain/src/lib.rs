@@ -7,6 +7,7 @@
 
 pub mod bundle;
 pub mod codec;
+pub mod customer;
 pub mod download;
 pub mod file;
 pub mod naming;
@@ -19,6 +20,10 @@ pub mod upcast;
 pub use bundle::{
     Bundle, BundleArchive, BundleCommand, BundleError, BundleEvent, BundleFile, BundlePolicy,
     BundleRecord, BundleStatus, EntryCompression, PendingBundles, RequestBundle,
+};
+pub use customer::{
+    Customer, CustomerCommand, CustomerError, CustomerEvent, EraseCustomer,
+    confirmed as erasure_confirmed,
 };
 pub use download::{
     Download, DownloadChannel, DownloadError, DownloadEvent, DownloadedFile, RecordDownload,

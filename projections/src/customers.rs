@@ -24,6 +24,19 @@
 //! | `download` | `FileDownloaded` (staff, portal and bundle downloads) | the file's |
 //! | `task` | `TaskCreated` | the task's `customer_id` (also counts the task) |
 //! | `task` | `TaskMessagePosted` (staff or customer; its file is a `FileUploaded`) | the task's |
+//! | `customer` | `CustomerErased` | the erased customer (see below) |
+//!
+//! - **Erasure** (`CustomerErased`, CONTRACT.md "Data protection"): the
+//!   erasure's `FileDeleted` events came first and uncounted the erased files.
+//!   The customer's tasks are forgotten (`customer_tasks`), and so are its
+//!   deleted files (`customer_files` rows no longer live). If protected files
+//!   are kept, the row stays with `files` the kept ones, `open_tasks` 0 and
+//!   the erasure as its last activity; otherwise the row is removed and the
+//!   customer is listed no more, until an event names it again (a later
+//!   upload starts a new row). Because the rows that made the counts
+//!   idempotent are gone, an event from before the erasure applied again
+//!   would count anew: the checkpoint, committed with every batch, is what
+//!   keeps that from happening, and a rebuild restores the rows.
 //!
 //!   `BlobPurged` is not activity (the worker's housekeeping after a delete,
 //!   which was the activity); bundle and settings events concern no one
@@ -45,7 +58,9 @@
 //! file or task is by id *and* the event's tenant (CONTRACT.md rule 6).
 
 use chrono::{DateTime, Utc};
-use dossier_domain::{CustomerId, CustomerIdPrefix, DownloadEvent, FileEvent, TaskEvent, TenantId};
+use dossier_domain::{
+    CustomerEvent, CustomerId, CustomerIdPrefix, DownloadEvent, FileEvent, TaskEvent, TenantId,
+};
 use dossier_eventlog::db::Pool;
 use dossier_eventlog::log::LoggedEvent;
 use serde::Serialize;
@@ -55,7 +70,7 @@ use uuid::Uuid;
 use crate::cursor::{ActivityCursor, Paging};
 use crate::error::ProjectionError;
 use crate::files::{FILE_AGGREGATE_TYPE, QueryError};
-use crate::projection::{ApplyTx, Projection, decode_event};
+use crate::projection::{ApplyTx, Projection, decode_event, decode_payload};
 
 /// The aggregate type of tasks in the log (`<dossier_domain::Task as
 /// cqrs_es::Aggregate>::TYPE`).
@@ -63,6 +78,10 @@ pub const TASK_AGGREGATE_TYPE: &str = "task";
 /// The aggregate type of downloads in the log (`<dossier_domain::Download as
 /// cqrs_es::Aggregate>::TYPE`).
 pub const DOWNLOAD_AGGREGATE_TYPE: &str = "download";
+
+/// The aggregate type of customers in the log (`<dossier_domain::Customer as
+/// cqrs_es::Aggregate>::TYPE`); its id is `{tenant}/{customer_id}`, not a UUID.
+pub const CUSTOMER_AGGREGATE_TYPE: &str = "customer";
 
 /// The projection that keeps `customers`, `customer_files` and `customer_tasks`
 /// in step with the log.
@@ -130,6 +149,30 @@ const TASK_TOUCHED: &str = touch_customer!(
     "SELECT tenant, customer_id, 0, 0, $3, $4 FROM customer_tasks WHERE id = $1 AND tenant = $2"
 );
 
+/// An erasure forgets the customer's tasks: `$1` tenant, `$2` customer.
+const ERASE_TASKS: &str = "DELETE FROM customer_tasks WHERE tenant = $1 AND customer_id = $2";
+
+/// An erasure forgets the customer's deleted files: `$1` tenant, `$2` customer.
+const ERASE_DELETED_FILES: &str =
+    "DELETE FROM customer_files WHERE tenant = $1 AND customer_id = $2 AND NOT live";
+
+/// An erasure keeps the customer's row only for its kept (live, protected)
+/// files, with no tasks; without any, the row goes. `$1` tenant, `$2`
+/// customer, `$3` at, `$4` position. The two branches exclude each other, so
+/// the row is changed by one of them at most.
+const ERASE_CUSTOMER: &str = "\
+    WITH kept AS ( \
+         SELECT count(*) AS files FROM customer_files \
+         WHERE tenant = $1 AND customer_id = $2 AND live), \
+     dropped AS ( \
+         DELETE FROM customers \
+         WHERE tenant = $1 AND customer_id = $2 AND last_position < $4 \
+           AND (SELECT files FROM kept) = 0) \
+    UPDATE customers SET files = (SELECT files FROM kept), open_tasks = 0, \
+        last_activity_at = GREATEST(last_activity_at, $3), last_position = $4 \
+    WHERE tenant = $1 AND customer_id = $2 AND last_position < $4 \
+      AND (SELECT files FROM kept) > 0";
+
 impl Projection for CustomersProjection {
     fn name(&self) -> &'static str {
         Self::NAME
@@ -177,6 +220,22 @@ impl Projection for CustomersProjection {
                         touched(tx, TASK_TOUCHED, id, tenant, at, position).await
                     }
                 }
+            }
+            CUSTOMER_AGGREGATE_TYPE => {
+                let CustomerEvent::CustomerErased { customer_id, .. } =
+                    decode_payload(Self::NAME, event)?;
+                let customer = customer_id.as_str();
+                let who: &Params<'_> = &[(&tenant, Type::TEXT), (&customer, Type::TEXT)];
+                tx.write(ERASE_TASKS, who).await?;
+                tx.write(ERASE_DELETED_FILES, who).await?;
+                let params: &Params<'_> = &[
+                    (&tenant, Type::TEXT),
+                    (&customer, Type::TEXT),
+                    (&at, Type::TIMESTAMPTZ),
+                    (&position, Type::INT8),
+                ];
+                tx.write(ERASE_CUSTOMER, params).await?;
+                Ok(())
             }
             _ => Ok(()),
         }

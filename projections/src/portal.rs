@@ -3,22 +3,28 @@
 //! read from the files read model ([`crate::files::by_tasks`]); a customer sees
 //! only the published ones, and a message's file only when it is one of them
 //! (CONTRACT.md rule 8, [`Audience`]).
+//!
+//! An erasure (`CustomerErased`) removes the customer's tasks and their
+//! threads; a message that still arrives for an erased task (posted while the
+//! erasure ran) is not kept, since its task is gone. The erased customer's
+//! files left with their own `FileDeleted` events (files read model).
 
 use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
-use dossier_domain::{CustomerId, SettingsEvent, TaskEvent, TenantId, codec};
+use dossier_domain::{CustomerEvent, CustomerId, SettingsEvent, TaskEvent, TenantId, codec};
 use dossier_eventlog::db::Pool;
 use dossier_eventlog::log::LoggedEvent;
 use serde::Serialize;
 use tokio_postgres::Row;
-use tokio_postgres::types::Type;
+use tokio_postgres::types::{ToSql, Type};
 use uuid::Uuid;
 
 use crate::cursor::{Cursor, Paging};
+use crate::customers::CUSTOMER_AGGREGATE_TYPE;
 use crate::error::ProjectionError;
 use crate::files::{self, Audience, FileView, QueryError};
-use crate::projection::{ApplyTx, Projection, decode_event};
+use crate::projection::{ApplyTx, Projection, decode_event, decode_payload};
 
 /// Keeps `tasks`, `task_messages` and `tenant_settings` in step with the log.
 #[derive(Debug, Clone, Copy, Default)]
@@ -32,9 +38,20 @@ const INSERT_TASK: &str = "\
     INSERT INTO tasks (id, tenant, customer_id, title, created_at, last_position) \
     VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING";
 
+/// Only into a task the read model has (an erased task's thread is gone).
 const INSERT_MESSAGE: &str = "\
     INSERT INTO task_messages (id, task_id, tenant, author, text, file_id, at, position) \
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (id) DO NOTHING";
+    SELECT $1, $2, $3, $4, $5, $6, $7, $8 \
+    WHERE EXISTS (SELECT 1 FROM tasks WHERE id = $2 AND tenant = $3) \
+    ON CONFLICT (id) DO NOTHING";
+
+/// An erasure removes the customer's threads: `$1` tenant, `$2` customer.
+const ERASE_MESSAGES: &str = "\
+    DELETE FROM task_messages WHERE tenant = $1 AND task_id IN ( \
+        SELECT id FROM tasks WHERE tenant = $1 AND customer_id = $2)";
+
+/// ... and then its tasks.
+const ERASE_TASKS: &str = "DELETE FROM tasks WHERE tenant = $1 AND customer_id = $2";
 
 const UPSERT_SETTINGS: &str = "\
     INSERT INTO tenant_settings (tenant, portal_uploads_enabled, last_position) VALUES ($1, $2, $3) \
@@ -120,6 +137,14 @@ impl Projection for PortalProjection {
                     ],
                 )
                 .await?;
+            }
+            CUSTOMER_AGGREGATE_TYPE => {
+                let CustomerEvent::CustomerErased { customer_id, .. } =
+                    decode_payload(Self::NAME, event)?;
+                let who: &[(&(dyn ToSql + Sync), Type)] =
+                    &[(&tenant, Type::TEXT), (&customer_id.as_str(), Type::TEXT)];
+                tx.write(ERASE_MESSAGES, who).await?;
+                tx.write(ERASE_TASKS, who).await?;
             }
             _ => {}
         }

@@ -269,6 +269,15 @@ pub(crate) fn decode_event<E: DeserializeOwned>(
         &event.aggregate_type,
         &event.aggregate_id,
     )?;
+    Ok((id, decode_payload(projection, event)?))
+}
+
+/// The decoded domain event of `event`, whatever its aggregate id: for
+/// aggregates whose id is not a UUID (a customer's is `{tenant}/{customer_id}`).
+pub(crate) fn decode_payload<E: DeserializeOwned>(
+    projection: &'static str,
+    event: &LoggedEvent,
+) -> Result<E, ProjectionError> {
     // `codec::decode` copies the payload once for the upcasters; borrowing the inner
     // object here saves the second copy `codec::unwrap_payload` (by value) would take.
     let payload = match &event.payload {
@@ -282,15 +291,13 @@ pub(crate) fn decode_event<E: DeserializeOwned>(
         )),
         _ => Cow::Borrowed(&event.payload),
     };
-    let decoded =
-        codec::decode(&event.event_type, &event.event_version, &payload).map_err(|source| {
-            ProjectionError::Undecodable {
-                projection,
-                position: event.position,
-                source: Box::new(source),
-            }
-        })?;
-    Ok((id, decoded))
+    codec::decode(&event.event_type, &event.event_version, &payload).map_err(|source| {
+        ProjectionError::Undecodable {
+            projection,
+            position: event.position,
+            source: Box::new(source),
+        }
+    })
 }
 
 /// [`decode_event`] for a [`RawEvent`] of a bulk build: the same shapes, the same

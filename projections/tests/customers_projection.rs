@@ -1,7 +1,7 @@
 //! The customers projection against a real Postgres: random histories of file,
-//! download and task events (two tenants, cross-tenant events, times out of
-//! order, replays) through the SQL projection, held to a plain model of what
-//! the module documents; and a log written for real, followed by the runner,
+//! download, task and erasure events (two tenants, cross-tenant events, times
+//! out of order, replays) through the SQL projection, held to a plain model of
+//! what the module documents; and a log written for real, followed by the runner,
 //! rebuilt and replayed to the same rows, listed page by page.
 
 mod common;
@@ -12,8 +12,8 @@ use std::collections::{BTreeMap, HashSet};
 use chrono::{DateTime, Utc};
 use common::{Row, Upload, append, at, catch_up_to, customer, payload, tenant};
 use dossier_domain::{
-    Actor, BlobKey, CustomerIdPrefix, DownloadChannel, DownloadEvent, FileEvent, FileId,
-    MessageText, TaskEvent, TaskTitle, Visibility, codec,
+    Actor, BlobKey, CustomerEvent, CustomerIdPrefix, DownloadChannel, DownloadEvent, FileEvent,
+    FileId, MessageText, TaskEvent, TaskTitle, Visibility, codec,
 };
 use dossier_eventlog::db::Pool;
 use dossier_eventlog::log::LoggedEvent;
@@ -48,6 +48,7 @@ enum Change {
     Downloaded,
     TaskCreated { customer: usize },
     Message,
+    Erased { customer: usize },
 }
 
 #[derive(Debug, Clone)]
@@ -76,6 +77,7 @@ fn change() -> impl Strategy<Value = Change> {
         1 => Just(Change::Downloaded),
         2 => (0..CUSTOMERS.len()).prop_map(|customer| Change::TaskCreated { customer }),
         2 => Just(Change::Message),
+        1 => (0..CUSTOMERS.len()).prop_map(|customer| Change::Erased { customer }),
     ]
 }
 
@@ -152,15 +154,20 @@ fn tagless(kind: &str, event: &impl serde::Serialize) -> Value {
     codec::unwrap_payload(kind, serde_json::to_value(event).unwrap())
 }
 
-/// The log rows of a history, as the runner would hand them to `apply`.
+/// The log rows of a history, as the runner would hand them to `apply`. A
+/// replay repeats an event since the last erasure only: an erasure removes the
+/// rows that make an older event's second application change nothing (the
+/// module header says why the checkpoint covers that).
 fn logged_events(history: &[Step]) -> Vec<LoggedEvent> {
     let mut events: Vec<LoggedEvent> = Vec::new();
+    let mut since_erasure = 0;
     let mut position = 0;
     for step in history {
         let (target, cross, minute, change) = match step {
             Step::Replay { back } => {
-                if !events.is_empty() {
-                    let earlier = events[events.len() - 1 - back % events.len()].clone();
+                let replayable = events.len() - since_erasure;
+                if replayable > 0 {
+                    let earlier = events[events.len() - 1 - back % replayable].clone();
                     events.push(earlier);
                 }
                 continue;
@@ -264,6 +271,26 @@ fn logged_events(history: &[Step]) -> Vec<LoggedEvent> {
                 file_id: None,
                 at: when,
             }),
+            Change::Erased { customer: c } => {
+                since_erasure = events.len() + 1;
+                let event = CustomerEvent::CustomerErased {
+                    tenant: tenant(tenant_name),
+                    customer_id: customer(CUSTOMERS[*c]),
+                    erased_files: vec![],
+                    kept_protected_files: 0,
+                    erased_at: when,
+                };
+                let mut erased = logged(
+                    slot,
+                    "customer",
+                    Uuid::nil(),
+                    CustomerEvent::ERASED,
+                    "1",
+                    tagless(CustomerEvent::ERASED, &event),
+                );
+                erased.aggregate_id = format!("{tenant_name}/{}", CUSTOMERS[*c]);
+                erased
+            }
         });
     }
     events
@@ -280,14 +307,22 @@ type Counts = (i64, i64, DateTime<Utc>, i64);
 /// in position order; an upload concerns (and, the first time its id is seen,
 /// counts for) the customer it names; a task's creation likewise; every other
 /// event of a file or task concerns the customer it was created for, when logged
-/// under the same tenant; a delete uncounts a live file; a purge concerns no one.
+/// under the same tenant; a delete uncounts a live file; a purge concerns no one;
+/// an erasure forgets the customer's tasks and deleted files, and keeps its row
+/// (no tasks, the erasure its last activity) only while it has live files.
 fn model(events: &[LoggedEvent]) -> Vec<Customer> {
     let mut seen = HashSet::new();
     // id -> (tenant, customer, live)
     let mut files: BTreeMap<String, (String, String, bool)> = BTreeMap::new();
     let mut tasks: BTreeMap<String, (String, String)> = BTreeMap::new();
     let mut rows: BTreeMap<(String, String), Counts> = BTreeMap::new();
-    let mut touch = |tenant: &str, customer: &str, files: i64, tasks: i64, event: &LoggedEvent| {
+    fn touch_row(
+        rows: &mut BTreeMap<(String, String), Counts>,
+        (tenant, customer): (&str, &str),
+        files: i64,
+        tasks: i64,
+        event: &LoggedEvent,
+    ) {
         let row = rows
             .entry((tenant.to_owned(), customer.to_owned()))
             .or_insert((0, 0, event.at, event.position));
@@ -295,7 +330,7 @@ fn model(events: &[LoggedEvent]) -> Vec<Customer> {
         row.1 += tasks;
         row.2 = row.2.max(event.at);
         row.3 = event.position;
-    };
+    }
     for event in events {
         if !seen.insert(event.position) {
             continue;
@@ -314,7 +349,7 @@ fn model(events: &[LoggedEvent]) -> Vec<Customer> {
                         (tenant.to_owned(), named.clone(), true),
                     );
                 }
-                touch(tenant, &named, i64::from(new), 0, event);
+                touch_row(&mut rows, (tenant, &named), i64::from(new), 0, event);
             }
             ("file", "BlobPurged") => {}
             ("file", "FileDeleted") => {
@@ -324,7 +359,7 @@ fn model(events: &[LoggedEvent]) -> Vec<Customer> {
                 {
                     *live = false;
                     let c = c.clone();
-                    touch(tenant, &c, -1, 0, event);
+                    touch_row(&mut rows, (tenant, &c), -1, 0, event);
                 }
             }
             ("file", _) | ("download", _) => {
@@ -335,7 +370,7 @@ fn model(events: &[LoggedEvent]) -> Vec<Customer> {
                 };
                 let owner = files.get(&id).map(|(t, c, _)| (t.clone(), c.clone()));
                 if let Some(c) = mine(owner.as_ref()) {
-                    touch(tenant, &c, 0, 0, event);
+                    touch_row(&mut rows, (tenant, &c), 0, 0, event);
                 }
             }
             ("task", "TaskCreated") => {
@@ -347,11 +382,26 @@ fn model(events: &[LoggedEvent]) -> Vec<Customer> {
                         (tenant.to_owned(), named.clone()),
                     );
                 }
-                touch(tenant, &named, 0, i64::from(new), event);
+                touch_row(&mut rows, (tenant, &named), 0, i64::from(new), event);
             }
             ("task", _) => {
                 if let Some(c) = mine(tasks.get(&event.aggregate_id)) {
-                    touch(tenant, &c, 0, 0, event);
+                    touch_row(&mut rows, (tenant, &c), 0, 0, event);
+                }
+            }
+            ("customer", "CustomerErased") => {
+                let named = event.payload["customer_id"].as_str().unwrap().to_owned();
+                let theirs = |t: &String, c: &String| t == tenant && *c == named;
+                tasks.retain(|_, (t, c)| !theirs(t, c));
+                files.retain(|_, (t, c, live)| *live || !theirs(t, c));
+                let kept = files.values().filter(|(t, c, _)| theirs(t, c)).count() as i64;
+                let key = (tenant.to_owned(), named.clone());
+                if kept == 0 {
+                    rows.remove(&key);
+                } else if rows.contains_key(&key) {
+                    touch_row(&mut rows, (tenant, &named), 0, 0, event);
+                    let row = rows.get_mut(&key).unwrap();
+                    (row.0, row.1) = (kept, 0);
                 }
             }
             other => panic!("no such event in these histories: {other:?}"),
@@ -402,8 +452,13 @@ fn the_projection_counts_and_dates_what_the_module_documents() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (pool, _) = rt.block_on(fresh_database()).unwrap();
     // What the histories reached, so that a generator gone blind does not pass.
-    let (rows, deleted, tasks, other_tenant) =
-        (Cell::new(0), Cell::new(0), Cell::new(0), Cell::new(0));
+    let (rows, deleted, tasks, other_tenant, erasures) = (
+        Cell::new(0),
+        Cell::new(0),
+        Cell::new(0),
+        Cell::new(0),
+        Cell::new(0),
+    );
     let mut runner = TestRunner::new(property::config(32, SEED));
     let result = runner.run(&history(), |history| {
         let events = logged_events(&history);
@@ -414,6 +469,13 @@ fn the_projection_counts_and_dates_what_the_module_documents() {
         deleted.set(deleted.get() + sql.iter().filter(|r| r.2 == 0).count());
         tasks.set(tasks.get() + sql.iter().filter(|r| r.3 > 0).count());
         other_tenant.set(other_tenant.get() + sql.iter().filter(|r| r.0 == "globex").count());
+        erasures.set(
+            erasures.get()
+                + events
+                    .iter()
+                    .filter(|e| e.aggregate_type == "customer")
+                    .count(),
+        );
         Ok(())
     });
     if let Err(error) = result {
@@ -423,6 +485,7 @@ fn the_projection_counts_and_dates_what_the_module_documents() {
     assert!(deleted.get() > 0, "some customers without files");
     assert!(tasks.get() > 0, "some customers with tasks");
     assert!(other_tenant.get() > 0, "customers of both tenants");
+    assert!(erasures.get() > 0, "some erasures");
 }
 
 // ------------------------------------------ the log, the runner, a rebuild

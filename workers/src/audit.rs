@@ -76,6 +76,9 @@ pub const ACTIONS: &[(&str, &str, &str)] = &[
     // One event per downloaded file, whatever the door (staff, portal, bundle);
     // `details.channel` says which.
     ("download", "FileDownloaded", "file.downloaded"),
+    // `details` lists the erased files and counts the kept ones; each erased
+    // file has its own `file.deleted` entry before it.
+    ("customer", "CustomerErased", "customer.erased"),
 ];
 
 /// Payload keys that are not repeated in `details`: columns of the entry
@@ -519,6 +522,7 @@ mod tests {
             "settings.changed"
         );
         assert_eq!(action_for("bundle", "BundleRequested"), "bundle.requested");
+        assert_eq!(action_for("customer", "CustomerErased"), "customer.erased");
     }
 
     #[test]

@@ -32,7 +32,10 @@ use tokio_postgres::types::{ToSql, Type};
 use uuid::Uuid;
 
 pub use crate::cursor::{Cursor, CursorError};
-pub use query::{Audience, FileFilter, FileView, Page, QueryError, by_tasks, get, get_many, list};
+pub use query::{
+    Audience, CustomerFile, FileFilter, FileView, Page, QueryError, by_tasks, get, get_many, list,
+    of_customer,
+};
 
 use crate::error::ProjectionError;
 use crate::projection::{ApplyTx, BulkBuild, Projection, decode_event};

@@ -213,6 +213,41 @@ pub async fn get_many(
     Ok(wanted.iter().filter_map(|id| found.remove(id)).collect())
 }
 
+/// One live file of a customer as an erasure sees it: its id, and whether it
+/// is protected (origin `system` or `product`, the read model's generated
+/// `protected` column, CONTRACT.md "protected").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CustomerFile {
+    pub id: FileId,
+    pub protected: bool,
+}
+
+/// Every live file of `customer` of `tenant`, oldest first (ids break ties),
+/// without paging: what an erasure deletes or keeps. Reads the list's index
+/// (`files_customer_newest_first`) for the tenant and customer.
+pub async fn of_customer(
+    pool: &Pool,
+    tenant: &TenantId,
+    customer: &CustomerId,
+) -> Result<Vec<CustomerFile>, QueryError> {
+    let client = pool.get().await?;
+    let rows = client
+        .query(
+            "SELECT id, protected FROM files WHERE tenant = $1 AND customer_id = $2 \
+             ORDER BY created_at, id",
+            &[&tenant.as_str(), &customer.as_str()],
+        )
+        .await?;
+    rows.iter()
+        .map(|row| {
+            Ok(CustomerFile {
+                id: FileId(row.try_get(0)?),
+                protected: row.try_get(1)?,
+            })
+        })
+        .collect()
+}
+
 /// Whom a query answers (CONTRACT.md rule 8): staff see every file of their
 /// tenant; a customer sees only their own files, and only while the visibility
 /// is one the portal shows ([`Visibility::in_portal`]).

@@ -18,8 +18,8 @@ use dossier_application::{Accepted, AppError, CommandContext, Commands, Recordin
 use dossier_blobstore::ByteStream;
 use dossier_broker::{self, Broker, ConfirmedPublisher, INTAKE_QUEUE, Incoming, Outcome};
 use dossier_domain::{
-    Actor, BlobKey, ContentType, ContractId, CustomerId, DisplayName, File, FileCommand, FileId,
-    FileName, Origin, Task, TaskCommand, TaskTitle, TenantId, Visibility,
+    Actor, BlobKey, ContentType, ContractId, Customer, CustomerId, DisplayName, File, FileCommand,
+    FileId, FileName, Origin, Task, TaskCommand, TaskTitle, TenantId, Visibility,
 };
 use dossier_eventlog::db::Pool;
 use dossier_eventlog::receipts::{self, Receipt};
@@ -207,6 +207,17 @@ impl Intake {
                 let task_id = Uuid::now_v7().to_string();
                 let outcome = self.commands.run::<Task>(&ctx, &task_id, command, ()).await;
                 Ran::from_command(Task::TYPE, task_id, outcome)
+            }
+            "customer.erase" => {
+                let body: EraseCustomer = parse!(json_body(&message.body)?);
+                let customer = parse!(CustomerId::parse(&body.customer_id));
+                let outcome = self
+                    .commands
+                    .erase_customer(&ctx, &customer, body.confirm)
+                    .await
+                    .map(|erasure| erasure.accepted);
+                let aggregate_id = Customer::aggregate_id(&ctx.tenant, &customer);
+                Ran::from_command(Customer::TYPE, aggregate_id, outcome)
             }
             other => return Err(Failure::Poison(Poison::UnknownCommand(other.to_owned()))),
         };
@@ -505,6 +516,14 @@ fn json_body<T: DeserializeOwned>(body: &[u8]) -> Result<Result<T, AppError>, Fa
 struct CreateTask {
     customer_id: String,
     title: String,
+}
+
+/// `customer.erase`: the same rules as `POST /v1/customers/{customer_id}/erasure`.
+#[derive(Deserialize)]
+struct EraseCustomer {
+    customer_id: String,
+    #[serde(default)]
+    confirm: bool,
 }
 
 #[derive(Deserialize)]

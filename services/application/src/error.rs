@@ -9,7 +9,7 @@
 
 use dossier_blobstore::BlobError;
 use dossier_domain::{
-    BundleError, DownloadError, FileError, SettingsError, TaskError, ValidationError,
+    BundleError, CustomerError, DownloadError, FileError, SettingsError, TaskError, ValidationError,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -150,6 +150,15 @@ impl From<FileError> for AppError {
             FileError::TooLarge { limit } => Self::FileTooLarge { limit },
             FileError::Protected => Self::FileProtected,
             FileError::ConfirmationRequired => Self::ConfirmationRequired,
+        }
+    }
+}
+
+impl From<CustomerError> for AppError {
+    fn from(error: CustomerError) -> Self {
+        match error {
+            CustomerError::ConfirmationRequired => Self::ConfirmationRequired,
+            CustomerError::WrongCustomer => Self::Internal(error.to_string()),
         }
     }
 }

@@ -15,6 +15,8 @@
 //! - [`upload`]: store the bytes, then record them; the one rule for what
 //!   becomes of a blob whose command failed ([`BlobFate`]), and the answer to
 //!   an upload whose read models lag.
+//! - [`erasure`]: erasing a customer: its files that may be deleted through
+//!   the file command path, then `CustomerErased`.
 //! - [`bundles`]: the pending bundles of a tenant, counted in the log for the
 //!   bundle aggregate's per-tenant bound.
 //! - [`error`]: [`AppError`], the contract's codes without any transport;
@@ -24,10 +26,12 @@
 
 pub mod bundles;
 pub mod commands;
+pub mod erasure;
 pub mod error;
 pub mod upload;
 
 pub use bundles::PendingInLog;
 pub use commands::{Accepted, CommandContext, Commands, DEFAULT_FRESHNESS_TIMEOUT, RacePolicy};
+pub use erasure::Erasure;
 pub use error::AppError;
 pub use upload::{BlobFate, RecordedUpload, Recording, StoredUpload, UploadedFile, Uploads};

@@ -361,6 +361,22 @@ impl PgEventStore {
             .map_err(|e| database_error("reading an aggregate's last position", e))
     }
 
+    /// The highest position of `tenant`'s events, `None` if it has none: once
+    /// a projection's checkpoint is there, it reflects every command of the
+    /// tenant recorded so far (an erasure lists a customer's files only then).
+    pub async fn tenant_head(&self, tenant: &str) -> Result<Option<i64>, PersistenceError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "SELECT max(position) FROM events WHERE tenant = $1",
+                &[&tenant],
+            )
+            .await
+            .map_err(|e| database_error("reading a tenant's last position", e))?;
+        row.try_get(0)
+            .map_err(|e| database_error("reading a tenant's last position", e))
+    }
+
     #[tracing::instrument(
         name = "append_events",
         skip_all,

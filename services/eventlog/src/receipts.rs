@@ -46,7 +46,9 @@ pub enum Receipt {
 impl Receipt {
     /// The contract's AMQP reply: `{"status": "accepted", "file_id"?, "position"}`
     /// or `{"status": "rejected", "error": {"code", "message"}}`. The aggregate's id
-    /// is named after its type (`file_id`, `task_id`).
+    /// is named after its type (`file_id`, `task_id`); an id scoped by its tenant
+    /// (`{tenant}/{customer_id}`, a customer's) is answered without the tenant,
+    /// which is the message's own.
     pub fn reply(&self) -> Value {
         match self {
             Self::Accepted {
@@ -55,7 +57,10 @@ impl Receipt {
                 position,
             } => {
                 let mut reply = serde_json::json!({"status": "accepted", "position": position});
-                reply[format!("{aggregate_type}_id")] = Value::String(aggregate_id.clone());
+                let id = aggregate_id
+                    .split_once('/')
+                    .map_or(aggregate_id.as_str(), |(_, id)| id);
+                reply[format!("{aggregate_type}_id")] = Value::String(id.to_owned());
                 reply
             }
             Self::Rejected { code, message } => serde_json::json!({
@@ -139,4 +144,29 @@ pub async fn record(
     Ok(find_with(&**client, tenant, key)
         .await?
         .unwrap_or_else(|| receipt.clone()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reply_names_the_aggregate_id_after_its_type_without_a_tenant_scope() {
+        let file = Receipt::Accepted {
+            aggregate_type: "file".into(),
+            aggregate_id: "0193c1b2-0000-7000-8000-000000000000".into(),
+            position: 7,
+        };
+        assert_eq!(
+            file.reply(),
+            serde_json::json!({"status": "accepted", "position": 7,
+                "file_id": "0193c1b2-0000-7000-8000-000000000000"})
+        );
+        let customer = Receipt::Accepted {
+            aggregate_type: "customer".into(),
+            aggregate_id: "acme/cust-42".into(),
+            position: 9,
+        };
+        assert_eq!(customer.reply()["customer_id"], "cust-42");
+    }
 }

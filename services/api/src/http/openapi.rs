@@ -51,6 +51,7 @@ use crate::http::{audit, customers, events, files, portal, tasks};
         tasks::post_message,
         tasks::post_staff_message,
         customers::list_customers,
+        customers::erase_customer,
     ),
     components(schemas(ErrorBody, schemas::CustomerIdText, schemas::ContractIdText,
         schemas::DisplayNameText, schemas::TaskTitleText, schemas::MessageTextText,
@@ -404,6 +405,21 @@ mod tests {
                 }
             }
         }
-        assert_eq!(operations, 23);
+        assert_eq!(operations, 24);
+    }
+
+    #[test]
+    fn the_erasure_of_a_customer_is_documented_with_its_answers() {
+        let doc = ApiDoc::openapi();
+        let erasure = doc.paths.paths["/v1/customers/{customer_id}/erasure"]
+            .post
+            .as_ref()
+            .expect("POST");
+        for status in ["202", "422", "403"] {
+            assert!(erasure.responses.responses.contains_key(status), "{status}");
+        }
+        assert!(erasure.request_body.is_some());
+        let schemas = &doc.components.as_ref().unwrap().schemas;
+        assert!(schemas.contains_key("Erasure") && schemas.contains_key("EraseCustomer"));
     }
 }
