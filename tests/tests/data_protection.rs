@@ -216,7 +216,8 @@ async fn a_delete_destroys_the_file_key_with_its_event_and_the_chain_still_verif
         .await
         .unwrap();
     assert!(report.is_ok(), "{report:#?}");
-    assert_eq!(report.events, opened.len() as u64);
+    // The blob worker's BlobPurged may have come since: at least these.
+    assert!(report.events >= opened.len() as u64, "{report:#?}");
 
     // The file is gone everywhere, and a rebuild of the read models from the
     // log gives what the live ones hold.
@@ -339,4 +340,99 @@ async fn a_file_recorded_before_encryption_stays_readable_everywhere() {
         )
         .await;
     assert_eq!(renamed.status(), 200);
+}
+
+#[tokio::test]
+async fn after_an_erasure_nothing_of_the_customer_opens_protected_files_do_and_the_chain_verifies()
+{
+    let app = spawn().await;
+    let staff = app.staff("acme");
+    let erased = app
+        .upload_ok(
+            &staff,
+            "cust-7",
+            "Bank statement Carol",
+            b"statement".to_vec(),
+        )
+        .await;
+    let erased_id = erased["id"].as_str().unwrap().to_owned();
+    let protected = app
+        .upload(
+            &app.token("acme", dossier_api::auth::jwt::Role::System, "erp", None),
+            "cust-7",
+            "invoice.pdf",
+            b"invoice".to_vec(),
+            &[("name", "Invoice 42"), ("origin", "system")],
+        )
+        .await;
+    assert_eq!(protected.status(), 201);
+    let protected: Value = protected.json().await.unwrap();
+    let protected_id = protected["id"].as_str().unwrap().to_owned();
+    let task = app
+        .create_task(&staff, "cust-7", "Carol's health form")
+        .await;
+    let task_id = task["id"].as_str().unwrap().to_owned();
+
+    let answer = app
+        .send_json(
+            Method::POST,
+            &staff,
+            "/v1/customers/cust-7/erasure",
+            json!({"confirm": true}),
+        )
+        .await;
+    assert_eq!(answer.status(), 202);
+    let counts: Value = answer.json().await.unwrap();
+    assert_eq!(
+        counts,
+        json!({"erased_files": 1, "kept_protected_files": 1})
+    );
+
+    // The log, opened with every key there is: the customer's fields are gone.
+    let opened = events(&app, true).await;
+    for (id, event_type, fields) in [
+        (
+            erased_id.as_str(),
+            "FileUploaded",
+            json!(["name", "file_name", "content_type", "sha256"]),
+        ),
+        (task_id.as_str(), "TaskCreated", json!(["title"])),
+    ] {
+        let event = of_type(&opened, id, event_type);
+        assert_eq!(event["erased"], fields, "{event_type}");
+    }
+    // The protected file keeps its key, its name and its bytes.
+    assert_eq!(
+        of_type(&opened, &protected_id, "FileUploaded")["payload"]["name"],
+        "Invoice 42"
+    );
+    let download = app
+        .get(&staff, &format!("/v1/files/{protected_id}/content"))
+        .await;
+    assert_eq!(download.status(), 200);
+    assert_eq!(download.bytes().await.unwrap().as_ref(), b"invoice");
+    let gone = app
+        .get(&staff, &format!("/v1/files/{erased_id}/content"))
+        .await;
+    assert_eq!(gone.status(), 404);
+
+    // No live key of the customer or of its erased file is left.
+    let client = app.pool.get().await.unwrap();
+    let live: i64 = client
+        .query_one(
+            "SELECT count(*) FROM data_keys WHERE destroyed_at IS NULL \
+             AND ((owner_kind = 'customer' AND owner_id = 'cust-7') \
+                  OR (owner_kind = 'file' AND owner_id = $1))",
+            &[&erased_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(live, 0);
+
+    Sealer::new(app.pool.clone()).catch_up().await.unwrap();
+    let report = chain::verify(&app.pool, "acme", KEY.as_bytes(), &[])
+        .await
+        .unwrap();
+    assert!(report.is_ok(), "{report:#?}");
 }
