@@ -232,6 +232,19 @@ pub async fn wait_until_ready(
         .await
 }
 
+/// Every table of every read model (the projections' `tables()`).
+const READ_MODEL_TABLES: [&str; 9] = [
+    "files",
+    "files_tombstones",
+    "tasks",
+    "task_messages",
+    "tenant_settings",
+    "customers",
+    "customer_files",
+    "customer_tasks",
+    "bundles",
+];
+
 pub struct TestApp {
     pub address: String,
     /// This test's own RabbitMQ virtual host (deleted when the app is dropped).
@@ -360,6 +373,57 @@ impl TestApp {
         .await
         .expect("the test's key table");
         dossier_eventlog::personal::FieldCipher::new(keys, self.pool.clone(), true)
+    }
+
+    /// Every table of every read model, row by row in a fixed order: what a
+    /// rebuild from the log must give again.
+    pub async fn read_model_rows(&self) -> Vec<(String, Vec<Value>)> {
+        let client = self.pool.get().await.expect("a connection");
+        let mut tables = Vec::new();
+        for table in READ_MODEL_TABLES {
+            let rows: Vec<Value> = client
+                .query(
+                    &format!("SELECT to_jsonb(t) FROM {table} t ORDER BY to_jsonb(t)::text"),
+                    &[],
+                )
+                .await
+                .expect("a read model table")
+                .iter()
+                .map(|row| row.get(0))
+                .collect();
+            tables.push((table.to_owned(), rows));
+        }
+        tables
+    }
+
+    /// The rows of one read model table (see [`Self::read_model_rows`]).
+    pub async fn table_rows(&self, table: &str) -> Vec<Value> {
+        self.read_model_rows()
+            .await
+            .into_iter()
+            .find(|(name, _)| name == table)
+            .map(|(_, rows)| rows)
+            .unwrap_or_else(|| panic!("{table} is not a read model table"))
+    }
+
+    /// Rebuilds every registered read model from the log (opening personal
+    /// fields with [`Self::cipher`]), telling `progress`; answers the events
+    /// each read.
+    pub async fn rebuild_every_read_model(
+        &self,
+        progress: &(dyn Fn(dossier_projections::RebuildProgress) + Send + Sync),
+    ) -> Vec<(&'static str, u64)> {
+        let options =
+            dossier_projections::RebuildOptions::default().opening_with(self.cipher().await);
+        let mut reports = Vec::new();
+        for registered in dossier_projections::registry::all() {
+            let report = registered
+                .rebuild(&self.pool, options.clone(), progress)
+                .await
+                .unwrap_or_else(|e| panic!("rebuilding {}: {e}", registered.name()));
+            reports.push((registered.name(), report.events));
+        }
+        reports
     }
 
     /// A client of the contract for whoever holds `token`.

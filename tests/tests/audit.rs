@@ -7,7 +7,6 @@ use std::collections::BTreeSet;
 use chrono::{DateTime, Utc};
 use dossier_api::auth::jwt::Role;
 use dossier_eventlog::chain::{self, ProblemKind, Sealer};
-use dossier_projections::registry;
 use dossier_projections::replay::{self, ReplayFilter};
 use dossier_test_support::client::Upload;
 use dossier_test_support::wait::eventually;
@@ -793,37 +792,14 @@ async fn rebuilding_every_registered_read_model_gives_identical_rows() {
                 .await;
         }
     }
-    let snapshot = || async {
-        let client = app.pool.get().await.unwrap();
-        let mut tables = Vec::new();
-        for table in ["files", "files_tombstones"] {
-            let rows: Vec<Value> = client
-                .query(
-                    &format!("SELECT to_jsonb(t) FROM {table} t ORDER BY id"),
-                    &[],
-                )
-                .await
-                .unwrap()
-                .iter()
-                .map(|row| row.get(0))
-                .collect();
-            tables.push(rows);
-        }
-        tables
-    };
-    let before = snapshot().await;
-    assert_eq!(before[0].len(), 12 - 3);
+    let before = app.read_model_rows().await;
+    assert_eq!(app.table_rows("files").await.len(), 12 - 3);
     let seen = std::sync::Mutex::new(Vec::new());
     let progress = |p: dossier_projections::RebuildProgress| seen.lock().unwrap().push(p);
-    let options = dossier_projections::RebuildOptions::default().opening_with(app.cipher().await);
-    for registered in registry::all() {
-        let report = registered
-            .rebuild(&app.pool, options.clone(), &progress)
-            .await
-            .unwrap();
-        assert!(report.events > 0, "{} read the log", registered.name());
+    for (name, events) in app.rebuild_every_read_model(&progress).await {
+        assert!(events > 0, "{name} read the log");
     }
-    assert_eq!(snapshot().await, before);
+    assert_eq!(app.read_model_rows().await, before);
     let seen = seen.into_inner().unwrap();
     assert!(seen.iter().any(|p| p.head > 0 && p.position > 0));
     // The service keeps answering from the swapped-in tables.

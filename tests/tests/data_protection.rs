@@ -228,33 +228,9 @@ async fn a_delete_destroys_the_file_key_with_its_event_and_the_chain_still_verif
         .await
         .unwrap();
     assert_eq!(listed["items"].as_array().unwrap().len(), 1);
-    let snapshot = || async {
-        let client = app.pool.get().await.unwrap();
-        let mut tables = Vec::new();
-        for table in ["files", "tasks", "task_messages", "customers"] {
-            let rows: Vec<Value> = client
-                .query(
-                    &format!("SELECT to_jsonb(t) FROM {table} t ORDER BY 1::text"),
-                    &[],
-                )
-                .await
-                .unwrap()
-                .iter()
-                .map(|row| row.get(0))
-                .collect();
-            tables.push(rows);
-        }
-        tables
-    };
-    let before = snapshot().await;
-    let options = dossier_projections::RebuildOptions::default().opening_with(app.cipher().await);
-    for registered in dossier_projections::registry::all() {
-        registered
-            .rebuild(&app.pool, options.clone(), &|_| {})
-            .await
-            .unwrap();
-    }
-    assert_eq!(snapshot().await, before);
+    let before = app.read_model_rows().await;
+    app.rebuild_every_read_model(&|_| {}).await;
+    assert_eq!(app.read_model_rows().await, before);
 }
 
 #[tokio::test]

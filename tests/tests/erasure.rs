@@ -7,7 +7,6 @@
 use std::collections::HashSet;
 
 use dossier_api::auth::jwt::Role;
-use dossier_projections::registry;
 use dossier_test_support::upstream::{Command, Upstream};
 use dossier_test_support::wait::eventually;
 use dossier_test_support::{TestApp, error_code};
@@ -457,36 +456,6 @@ async fn an_upstream_customer_erase_has_its_effect_once_per_message_id() {
     .await;
 }
 
-/// Every table of every registered read model, row by row.
-async fn read_models(app: &TestApp) -> Vec<(String, Vec<Value>)> {
-    let client = app.pool.get().await.unwrap();
-    let mut tables = Vec::new();
-    for table in [
-        "files",
-        "files_tombstones",
-        "tasks",
-        "task_messages",
-        "tenant_settings",
-        "customers",
-        "customer_files",
-        "customer_tasks",
-        "bundles",
-    ] {
-        let rows: Vec<Value> = client
-            .query(
-                &format!("SELECT to_jsonb(t) FROM {table} t ORDER BY to_jsonb(t)::text"),
-                &[],
-            )
-            .await
-            .unwrap()
-            .iter()
-            .map(|row| row.get(0))
-            .collect();
-        tables.push((table.to_owned(), rows));
-    }
-    tables
-}
-
 #[tokio::test]
 async fn a_rebuild_after_an_erasure_gives_the_rows_the_live_read_models_have() {
     let app = TestApp::spawn().await;
@@ -503,7 +472,7 @@ async fn a_rebuild_after_an_erasure_gives_the_rows_the_live_read_models_have() {
         count_events(&app, "BlobPurged").await >= erased_in_all
     })
     .await;
-    let live = read_models(&app).await;
+    let live = app.read_model_rows().await;
     let customers = &live.iter().find(|(t, _)| t == "customers").unwrap().1;
     assert_eq!(
         customers.len(),
@@ -511,13 +480,6 @@ async fn a_rebuild_after_an_erasure_gives_the_rows_the_live_read_models_have() {
         "cust-1 (kept file) and cust-2: {customers:?}"
     );
 
-    let progress = |_: dossier_projections::RebuildProgress| {};
-    let options = dossier_projections::RebuildOptions::default().opening_with(app.cipher().await);
-    for registered in registry::all() {
-        registered
-            .rebuild(&app.pool, options.clone(), &progress)
-            .await
-            .unwrap();
-    }
-    assert_eq!(read_models(&app).await, live);
+    app.rebuild_every_read_model(&|_| {}).await;
+    assert_eq!(app.read_model_rows().await, live);
 }
