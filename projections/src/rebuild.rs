@@ -527,7 +527,8 @@ async fn build_in_bulk<B: BulkBuild>(
         // Events with sealed fields wait here until a chunk of them can be
         // opened with one look-up of their keys; the events after the first
         // of them wait too, so that the fold still sees log order.
-        let mut sealed: Vec<LoggedEvent> = Vec::new();
+        let mut sealed: Vec<Waiting> = Vec::new();
+        let mut payloads: Vec<String> = Vec::new();
         while let Some(row) = rows.next().await {
             let row = row?;
             let position: i64 = row.try_get(0)?;
@@ -545,14 +546,16 @@ async fn build_in_bulk<B: BulkBuild>(
                 if sealed.is_empty() && !personal::may_hold_sealed_fields(payload) {
                     bulk.fold(&raw)?;
                 } else {
-                    sealed.push(owned(&raw)?);
+                    let (event, payload) = Waiting::of(&raw);
+                    sealed.push(event);
+                    payloads.push(payload);
                     if sealed.len() >= OPEN_CHUNK {
-                        fold_opened(bulk, cipher, &mut sealed).await?;
+                        fold_opened(bulk, cipher, &mut sealed, &mut payloads).await?;
                     }
                 }
                 folded += 1;
                 if folded.is_multiple_of(chunk.max(1)) {
-                    fold_opened(bulk, cipher, &mut sealed).await?;
+                    fold_opened(bulk, cipher, &mut sealed, &mut payloads).await?;
                     bulk.flush(client, target).await?;
                 }
             }
@@ -564,7 +567,7 @@ async fn build_in_bulk<B: BulkBuild>(
                 });
             }
         }
-        fold_opened(bulk, cipher, &mut sealed).await?;
+        fold_opened(bulk, cipher, &mut sealed, &mut payloads).await?;
         bulk.flush(client, target).await?;
         progress(RebuildProgress {
             events,
@@ -582,44 +585,56 @@ async fn build_in_bulk<B: BulkBuild>(
     result
 }
 
-/// A bulk read's event, owned, to wait for its keys.
-fn owned(raw: &RawEvent<'_>) -> Result<LoggedEvent, ProjectionError> {
-    let payload =
-        serde_json::from_str(raw.payload).map_err(|error| ProjectionError::Malformed {
-            projection: "rebuild",
-            position: raw.position,
-            reason: format!("the payload is not JSON: {error}"),
-        })?;
-    Ok(LoggedEvent {
-        id: uuid::Uuid::nil(),
-        position: raw.position,
-        tenant: raw.tenant.to_owned(),
-        aggregate_type: raw.aggregate_type.to_owned(),
-        aggregate_id: raw.aggregate_id.to_owned(),
-        sequence: 0,
-        event_type: raw.event_type.to_owned(),
-        event_version: raw.event_version.to_owned(),
-        at: chrono::DateTime::UNIX_EPOCH,
-        actor: String::new(),
-        payload,
-        metadata: serde_json::Value::Null,
-        erased: Vec::new(),
-    })
+/// A bulk read's event, owned, waiting for its keys.
+struct Waiting {
+    position: i64,
+    tenant: String,
+    aggregate_type: String,
+    aggregate_id: String,
+    event_type: String,
+    event_version: String,
 }
 
-/// Opens the waiting events with one look-up of their keys and folds them, in
-/// log order.
+impl Waiting {
+    fn of(raw: &RawEvent<'_>) -> (Self, String) {
+        let waiting = Self {
+            position: raw.position,
+            tenant: raw.tenant.to_owned(),
+            aggregate_type: raw.aggregate_type.to_owned(),
+            aggregate_id: raw.aggregate_id.to_owned(),
+            event_type: raw.event_type.to_owned(),
+            event_version: raw.event_version.to_owned(),
+        };
+        (waiting, raw.payload.to_owned())
+    }
+}
+
+/// Opens the waiting events' payloads with one look-up of their keys (on the
+/// JSON text, [`FieldCipher::open_texts`]) and folds them, in log order.
+/// Without a cipher, a sealed field is refused.
 async fn fold_opened<B: BulkBuild>(
     bulk: &mut B,
     cipher: Option<&FieldCipher>,
-    waiting: &mut Vec<LoggedEvent>,
+    waiting: &mut Vec<Waiting>,
+    payloads: &mut Vec<String>,
 ) -> Result<(), ProjectionError> {
     if waiting.is_empty() {
         return Ok(());
     }
-    open_batch(cipher, waiting).await?;
-    for event in waiting.drain(..) {
-        let payload = event.payload.to_string();
+    match cipher {
+        Some(cipher) => cipher.open_texts(payloads).await?,
+        None => {
+            if let Some(at) = payloads
+                .iter()
+                .position(|payload| personal::may_hold_sealed_fields(payload))
+            {
+                return Err(ProjectionError::SealedWithoutKeys {
+                    position: waiting[at].position,
+                });
+            }
+        }
+    }
+    for (event, payload) in waiting.drain(..).zip(payloads.drain(..)) {
         bulk.fold(&RawEvent {
             position: event.position,
             tenant: &event.tenant,

@@ -365,6 +365,20 @@ impl FieldCipher {
         if ids.is_empty() {
             return Ok(());
         }
+        let found = self.keys_of(ids, erased).await?;
+        for event in events.iter_mut() {
+            open_event(event, &found, erased);
+        }
+        Ok(())
+    }
+
+    /// What the key table says of `ids`; from the cache first for code that
+    /// only needs a value ([`Erased::Placeholder`]), never for people.
+    async fn keys_of(
+        &self,
+        mut ids: Vec<Uuid>,
+        erased: Erased,
+    ) -> Result<HashMap<Uuid, KeyLookup>, KeyError> {
         ids.sort_unstable();
         ids.dedup();
         let mut found: HashMap<Uuid, KeyLookup> = HashMap::new();
@@ -390,8 +404,50 @@ impl FieldCipher {
             }
             found.extend(looked_up);
         }
-        for event in events.iter_mut() {
-            open_event(event, &found, erased);
+        Ok(found)
+    }
+
+    /// Opens, in place, every sealed string of the JSON texts of a bulk read
+    /// (payloads as the log stores them), with one look-up of all the keys
+    /// they name, as [`Self::open`] with [`Erased::Placeholder`] does for
+    /// events, but on the text: a sealed string is base64 between quotes, so
+    /// it is replaced by its plain text, JSON-quoted, without parsing the rest.
+    /// Texts without a sealed string are not touched.
+    pub async fn open_texts(&self, texts: &mut [String]) -> Result<(), KeyError> {
+        let mut ids = Vec::new();
+        for text in texts.iter() {
+            for (start, end) in sealed_spans(text) {
+                if let Ok(Some(field)) = SealedField::parse(&text[start + 1..end - 1]) {
+                    ids.push(field.key_id);
+                }
+            }
+        }
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let found = self.keys_of(ids, Erased::Placeholder).await?;
+        for text in texts.iter_mut() {
+            let spans: Vec<(usize, usize)> = sealed_spans(text).collect();
+            if spans.is_empty() {
+                continue;
+            }
+            let mut opened = String::with_capacity(text.len());
+            let mut at = 0;
+            for (start, end) in spans {
+                opened.push_str(&text[at..start]);
+                let plain = SealedField::parse(&text[start + 1..end - 1])
+                    .ok()
+                    .flatten()
+                    .and_then(|field| match found.get(&field.key_id) {
+                        Some(KeyLookup::Live(key)) => key.open_field(&field).ok(),
+                        _ => None,
+                    })
+                    .unwrap_or_else(|| ERASED_PLACEHOLDER.to_owned());
+                opened.push_str(&Value::String(plain).to_string());
+                at = end;
+            }
+            opened.push_str(&text[at..]);
+            *text = opened;
         }
         Ok(())
     }
@@ -430,6 +486,21 @@ impl FieldCipher {
         self.open(std::slice::from_mut(event), Erased::Placeholder)
             .await
     }
+}
+
+/// The byte ranges, quotes included, of the sealed strings in a JSON text.
+/// A sealed string holds no character JSON escapes (`enc:v1:`, a UUID,
+/// base64), so it ends at the next quote.
+fn sealed_spans(text: &str) -> impl Iterator<Item = (usize, usize)> + '_ {
+    const OPEN: &str = "\"enc:v1:";
+    let mut from = 0;
+    std::iter::from_fn(move || {
+        let start = from + text.get(from..)?.find(OPEN)?;
+        let body = start + OPEN.len();
+        let end = body + text[body..].find('"')? + 1;
+        from = end;
+        Some((start, end))
+    })
 }
 
 /// Whether `event` has a personal field that is sealed (to refuse it where no
@@ -499,5 +570,23 @@ fn open_event(event: &mut LoggedEvent, keys: &HashMap<Uuid, KeyLookup>, erased: 
             (Err(()), Erased::Placeholder) => Value::String(ERASED_PLACEHOLDER.to_owned()),
         };
         map.insert((*field).to_owned(), value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sealed_spans_are_the_quoted_enc_strings_and_nothing_else() {
+        let text = r#"{"name":"enc:v1:0193-x:QUJD","size":3,"note":"enc:v1 is not it","from":"enc:v1:0193-y:REVG"}"#;
+        let spans: Vec<&str> = sealed_spans(text).map(|(s, e)| &text[s..e]).collect();
+        assert_eq!(
+            spans,
+            [r#""enc:v1:0193-x:QUJD""#, r#""enc:v1:0193-y:REVG""#]
+        );
+        assert_eq!(sealed_spans(r#"{"name":"plain"}"#).count(), 0);
+        // A cut text ends the spans instead of panicking.
+        assert_eq!(sealed_spans(r#"{"name":"enc:v1:abc"#).count(), 0);
     }
 }
