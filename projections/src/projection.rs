@@ -4,15 +4,18 @@
 
 use std::borrow::Cow;
 use std::future::Future;
-use std::ops::Deref;
+use std::pin::Pin;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::task::Poll;
 
+use bytes::BytesMut;
 use deadpool_postgres::StatementCache;
 use dossier_domain::{codec, upcast};
 use dossier_eventlog::log::LoggedEvent;
 use serde::de::value::MapAccessDeserializer;
 use serde::de::{DeserializeOwned, DeserializeSeed, IntoDeserializer as _, MapAccess};
 use serde_json::Value;
-use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 use tokio_postgres::{Client, Transaction};
 
 use crate::error::ProjectionError;
@@ -30,9 +33,11 @@ use crate::error::ProjectionError;
 /// - **Unqualified table names, only those in [`Projection::tables`].** A rebuild
 ///   runs the same code against tables built aside in another schema, by putting that
 ///   schema first on the `search_path`.
-/// - **Writes through [`ApplyTx::write`].** The live runner sends them as statements
-///   prepared once per pooled connection; a rebuild sends them unprepared (see
-///   [`ApplyTx`] for why).
+/// - **Writes through [`ApplyTx::write`], and nothing else.** The live runner
+///   queues them as statements prepared once per pooled connection and sends a
+///   batch's together; a rebuild sends them unprepared (see [`ApplyTx`] for why).
+///   A refusal ([`ProjectionError::Undecodable`], [`ProjectionError::Malformed`])
+///   comes before the event's write, never after it.
 /// - **Ignore what is not yours.** Every event of the log is offered, in position
 ///   order; events of other aggregates return `Ok(())`.
 /// - **Never skip what you cannot read.** An event of your aggregate that does not
@@ -63,68 +68,170 @@ pub trait Projection: Send + Sync + 'static {
     }
 }
 
-/// The transaction a projection applies events in ([`Projection::apply`]): the
-/// transaction itself for anything (it derefs to it), and [`Self::write`] for the
-/// projection's statements.
+/// The transaction a projection applies events in ([`Projection::apply`]), and
+/// [`Self::write`], the only way a projection changes its tables.
 ///
-/// In the live runner a batch sends the same few statements event after event,
-/// and each one parsed and planned anew was a good part of Postgres's work per
-/// command (`dossier bench`, README "Performance"); there `write` prepares each
-/// statement once per pooled connection, in the connection's statement cache,
-/// and then only binds and executes it (still one round trip).
+/// In the live runner a batch sends the same few statements event after event.
+/// There `write` prepares each statement once per pooled connection, in the
+/// connection's statement cache (each one parsed and planned anew was a good
+/// part of Postgres's work per command), and does not wait for it: the batch's
+/// writes are queued, in order, and [`Self::flush`] sends them all at once and
+/// then waits for their answers (a pipeline: one round trip for the batch
+/// instead of one per event and read model; the round trips were what bounded
+/// the runner, and with it every command's read-your-writes wait, see README
+/// "Performance"). Postgres runs them in the order they were queued, so the
+/// effect is that of running them one by one. That is why a projection has no
+/// other way to the transaction: a read through it would not see the writes
+/// still queued (none needs one: each event is at most one statement per read
+/// model, whose answer nobody looks at).
 ///
 /// A rebuild must not use that cache: it runs `apply` against tables built aside,
 /// by putting their schema first on the `search_path` of its transaction, and a
 /// statement prepared on a pooled connection names the tables it was prepared
 /// against. A rebuild's `ApplyTx` therefore sends every statement unprepared
 /// (`execute_typed`: parsed, planned and run in one round trip), resolved with
-/// the `search_path` in force, as before.
+/// the `search_path` in force, at once.
 pub struct ApplyTx<'a> {
     tx: &'a Transaction<'a>,
-    /// The live runner's per-connection cache; `None` in a rebuild.
-    cache: Option<&'a StatementCache>,
+    /// The live runner's per-connection cache and its queue; `None` in a rebuild.
+    pipeline: Option<Pipeline<'a>>,
 }
 
+/// The queued writes of a live runner's batch.
+struct Pipeline<'a> {
+    cache: &'a StatementCache,
+    queued: Mutex<Vec<QueuedWrite<'a>>>,
+}
+
+/// A prepared statement with its parameters, not sent yet.
+type QueuedWrite<'a> =
+    Pin<Box<dyn Future<Output = Result<u64, tokio_postgres::Error>> + Send + 'a>>;
+
 impl<'a> ApplyTx<'a> {
-    /// Statements prepared once per connection, in `tx`'s statement cache: for
-    /// the live tables only.
-    pub fn cached(tx: &'a deadpool_postgres::Transaction<'a>) -> Self {
+    /// Statements prepared once per connection, in `tx`'s statement cache, and
+    /// sent together by [`Self::flush`]: for the live tables only.
+    pub fn pipelined(tx: &'a deadpool_postgres::Transaction<'a>) -> Self {
         Self {
             tx,
-            cache: Some(&tx.statement_cache),
+            pipeline: Some(Pipeline {
+                cache: &tx.statement_cache,
+                queued: Mutex::new(Vec::new()),
+            }),
         }
     }
 
-    /// Every statement sent unprepared, its tables resolved by the `search_path`
-    /// of the moment: for a rebuild, and for tests.
+    /// Every statement sent unprepared and at once, its tables resolved by the
+    /// `search_path` of the moment: for a rebuild, and for tests.
     pub fn unprepared(tx: &'a Transaction<'a>) -> Self {
-        Self { tx, cache: None }
+        Self { tx, pipeline: None }
     }
 
-    /// Runs one of the projection's statements with typed parameters, in one
-    /// round trip; answers the rows it changed.
+    /// One of the projection's statements with typed parameters: run now
+    /// (unprepared), or queued for [`Self::flush`] (pipelined). A failure of a
+    /// queued statement is the flush's.
     pub async fn write(
         &self,
         sql: &str,
         params: &[(&(dyn ToSql + Sync), Type)],
-    ) -> Result<u64, tokio_postgres::Error> {
-        let Some(cache) = self.cache else {
-            return self.tx.execute_typed(sql, params).await;
+    ) -> Result<(), tokio_postgres::Error> {
+        let Some(pipeline) = &self.pipeline else {
+            self.tx.execute_typed(sql, params).await?;
+            return Ok(());
         };
         let types: Vec<Type> = params.iter().map(|(_, ty)| ty.clone()).collect();
-        let statement = cache.prepare_typed(self.tx.client(), sql, &types).await?;
-        self.tx
-            .execute_raw(&statement, params.iter().map(|(value, _)| *value))
-            .await
+        // A miss prepares now, a round trip; nothing queued has been sent yet,
+        // so the order of the writes stays.
+        let statement = pipeline
+            .cache
+            .prepare_typed(self.tx.client(), sql, &types)
+            .await?;
+        // The parameters borrow the projection's locals: encode them now.
+        let params: Vec<Encoded> = params
+            .iter()
+            .map(|(value, ty)| Encoded::new(*value, ty))
+            .collect();
+        let tx = self.tx;
+        pipeline.queue().push(Box::pin(async move {
+            tx.execute_raw(&statement, &params).await
+        }));
+        Ok(())
+    }
+
+    /// Sends every queued write, in the order queued, then waits for all their
+    /// answers; the first failure, if any (Postgres has then aborted the
+    /// transaction, and the caller rolls it back). Nothing to do when unprepared.
+    pub async fn flush(&self) -> Result<(), tokio_postgres::Error> {
+        let Some(pipeline) = &self.pipeline else {
+            return Ok(());
+        };
+        let writes = std::mem::take(&mut *pipeline.queue());
+        let mut sent = Vec::with_capacity(writes.len());
+        // The first poll of a write encodes and sends it and then waits for its
+        // answer: polling each once, in order, sends them all in order.
+        for mut write in writes {
+            match futures::poll!(write.as_mut()) {
+                Poll::Pending => sent.push(write),
+                Poll::Ready(Ok(_)) => {}
+                // Not sent (a parameter that does not encode): neither is the rest.
+                Poll::Ready(Err(error)) => return Err(error),
+            }
+        }
+        let mut first_error = None;
+        for write in sent {
+            if let Err(error) = write.await {
+                first_error.get_or_insert(error);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
     }
 }
 
-impl<'a> Deref for ApplyTx<'a> {
-    type Target = Transaction<'a>;
-
-    fn deref(&self) -> &Self::Target {
-        self.tx
+impl<'a> Pipeline<'a> {
+    fn queue(&self) -> MutexGuard<'_, Vec<QueuedWrite<'a>>> {
+        // Only ever held to push or take: nothing is left half done.
+        self.queued.lock().unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+/// A parameter already encoded for its type, owned, so that a queued write
+/// outlives the projection's locals. A value that does not encode keeps the
+/// reason and fails the write when it is sent, as it would have unqueued.
+#[derive(Debug)]
+struct Encoded(Result<Option<BytesMut>, String>);
+
+impl Encoded {
+    fn new(value: &(dyn ToSql + Sync), ty: &Type) -> Self {
+        let mut bytes = BytesMut::new();
+        Self(match value.to_sql_checked(ty, &mut bytes) {
+            Ok(IsNull::No) => Ok(Some(bytes)),
+            Ok(IsNull::Yes) => Ok(None),
+            Err(error) => Err(error.to_string()),
+        })
+    }
+}
+
+impl ToSql for Encoded {
+    fn to_sql(
+        &self,
+        _: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        match &self.0 {
+            Ok(Some(bytes)) => {
+                out.extend_from_slice(bytes);
+                Ok(IsNull::No)
+            }
+            Ok(None) => Ok(IsNull::Yes),
+            Err(reason) => Err(reason.clone().into()),
+        }
+    }
+
+    // Encoded for the type the statement was prepared with.
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+
+    to_sql_checked!();
 }
 
 /// The fast way to fill a projection's tables aside from the whole log, for the one

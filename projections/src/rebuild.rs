@@ -297,6 +297,7 @@ async fn build_and_swap<P: Projection>(
                 for event in &batch {
                     projection.apply(&aside, event).await?;
                 }
+                drop(aside);
                 tx.commit().await?;
                 position = last;
                 events += batch.len() as u64;

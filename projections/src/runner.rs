@@ -2,8 +2,9 @@
 //! by the log's one runner ([`dossier_eventlog::follow::Runner`]).
 //!
 //! Each step reads up to a batch of events after the lowest checkpoint, then in
-//! ONE transaction: locks the read models' checkpoint rows, applies every event,
-//! moves the checkpoints to the last one, commits. A crash anywhere leaves either
+//! ONE transaction: locks the read models' checkpoint rows, applies every event
+//! (the batch's writes sent to Postgres together, see [`ApplyTx`]), moves the
+//! checkpoints to the last one, commits. A crash anywhere leaves either
 //! all of a batch or none of it, and the next run starts exactly after the last
 //! committed event. On top of that every projection is idempotent per event, so
 //! even a checkpoint moved back by hand does no harm.
@@ -77,7 +78,7 @@ type ApplyFuture<'a> = Pin<Box<dyn Future<Output = Result<(), ProjectionError>> 
 /// statement it sends.
 trait AnyProjection: Send + Sync {
     fn name(&self) -> &'static str;
-    fn apply_boxed<'a>(&'a self, tx: &'a ApplyTx<'a>, event: &'a LoggedEvent) -> ApplyFuture<'a>;
+    fn apply_boxed<'a>(&'a self, tx: &'a ApplyTx<'_>, event: &'a LoggedEvent) -> ApplyFuture<'a>;
 }
 
 impl<P: Projection> AnyProjection for P {
@@ -85,7 +86,7 @@ impl<P: Projection> AnyProjection for P {
         Projection::name(self)
     }
 
-    fn apply_boxed<'a>(&'a self, tx: &'a ApplyTx<'a>, event: &'a LoggedEvent) -> ApplyFuture<'a> {
+    fn apply_boxed<'a>(&'a self, tx: &'a ApplyTx<'_>, event: &'a LoggedEvent) -> ApplyFuture<'a> {
         Box::pin(Projection::apply(self, tx, event))
     }
 }
@@ -129,17 +130,27 @@ impl Follower for ReadModels {
             }
             None => events,
         };
-        // The live tables: statements prepared once per pooled connection.
-        let tx = ApplyTx::cached(tx);
+        // The live tables: statements prepared once per pooled connection,
+        // the batch's writes sent together (one round trip, see `ApplyTx`).
+        let tx = ApplyTx::pipelined(tx);
         for (index, event) in events.iter().enumerate() {
             for (m, projection) in self.projections.iter().enumerate() {
                 if event.position <= from[m] {
                     continue;
                 }
                 if let Err(error) = projection.apply_boxed(&tx, event).await {
+                    // What was applied before a refused event is kept: send it.
+                    if is_refusal(&error)
+                        && let Err(sent) = tx.flush().await
+                    {
+                        return Err(Halt::rollback(sent.into()));
+                    }
                     return Err(refused(events, index, m, from, error));
                 }
             }
+        }
+        if let Err(error) = tx.flush().await {
+            return Err(Halt::rollback(error.into()));
         }
         let last = events.last().map_or(0, |event| event.position);
         Ok(from.iter().map(|&p| p.max(last)).collect())
@@ -158,6 +169,15 @@ impl Follower for ReadModels {
     }
 }
 
+/// Whether a projection refused an event before touching the database (it
+/// does not decode, or is malformed), which leaves the transaction usable.
+fn is_refusal(error: &ProjectionError) -> bool {
+    matches!(
+        error,
+        ProjectionError::Undecodable { .. } | ProjectionError::Malformed { .. }
+    )
+}
+
 /// Member `culprit` refused `events[index]`. An event a projection refuses
 /// before touching the database leaves the transaction usable: keep what every
 /// projection applied before it, so that the culprit's checkpoint stops right in
@@ -170,10 +190,7 @@ fn refused(
     from: &[i64],
     error: ProjectionError,
 ) -> Halt<ProjectionError> {
-    if !matches!(
-        error,
-        ProjectionError::Undecodable { .. } | ProjectionError::Malformed { .. }
-    ) {
+    if !is_refusal(&error) {
         return Halt::rollback(error);
     }
     let ends = from

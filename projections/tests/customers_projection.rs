@@ -436,12 +436,13 @@ async fn through_sql(pool: &Pool, events: &[LoggedEvent]) -> Vec<Customer> {
         .await
         .unwrap();
     let tx = client.transaction().await.unwrap();
+    // As the live runner does: the writes queued, then sent together.
+    let pipelined = ApplyTx::pipelined(&tx);
     for event in events {
-        CustomersProjection
-            .apply(&ApplyTx::cached(&tx), event)
-            .await
-            .unwrap();
+        CustomersProjection.apply(&pipelined, event).await.unwrap();
     }
+    pipelined.flush().await.unwrap();
+    drop(pipelined);
     tx.commit().await.unwrap();
     drop(client);
     customer_rows(pool).await

@@ -930,12 +930,13 @@ async fn replaying_events_twice_changes_nothing() {
     assert!(events.len() > 30);
     let mut client = fx.pool.get().await.unwrap();
     let tx = client.transaction().await.unwrap();
+    // As the live runner does: the writes queued, then sent together.
+    let pipelined = ApplyTx::pipelined(&tx);
     for event in &events {
-        FilesProjection
-            .apply(&ApplyTx::cached(&tx), event)
-            .await
-            .unwrap();
+        FilesProjection.apply(&pipelined, event).await.unwrap();
     }
+    pipelined.flush().await.unwrap();
+    drop(pipelined);
     tx.commit().await.unwrap();
     assert_eq!(
         snapshot(&fx.pool).await,
@@ -1158,9 +1159,12 @@ impl Projection for Applications {
     }
 
     async fn apply(&self, tx: &ApplyTx<'_>, event: &LoggedEvent) -> Result<(), ProjectionError> {
-        tx.execute(
+        tx.write(
             "INSERT INTO applications (position, runner) VALUES ($1, $2)",
-            &[&event.position, &self.runner],
+            &[
+                (&event.position, tokio_postgres::types::Type::INT8),
+                (&self.runner, tokio_postgres::types::Type::TEXT),
+            ],
         )
         .await?;
         Ok(())

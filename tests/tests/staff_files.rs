@@ -4,7 +4,8 @@
 use std::collections::HashSet;
 
 use dossier_api::auth::jwt::Role;
-use dossier_test_support::{TestApp, error_code};
+use dossier_test_support::client::Client;
+use dossier_test_support::{AppServer, TestApp, error_code, settings};
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -980,4 +981,80 @@ async fn operations_endpoints_answer() {
         metrics.contains("dossier_http_request_duration_seconds"),
         "{metrics}"
     );
+}
+
+/// The command path remembers the files a process last changed (its aggregate
+/// cache) and decides the next command on one without reading its events.
+/// Another process appending to the same files makes that memory stale; every
+/// answer here must still be the one the stored events give: a stale rename
+/// loses the append's race and is decided again, a rename back to the name
+/// this process remembers is not taken for "nothing to change", and a file
+/// deleted elsewhere is 404.
+#[tokio::test]
+async fn a_stale_remembered_file_in_one_process_still_answers_what_another_appended() {
+    let app = TestApp::spawn().await;
+    // A second process on the same database, with a memory of its own; its
+    // answers wait for the first one's projections (through `checkpoints`).
+    let mut other = AppServer::start(
+        settings(&app.database_url, &[("DOSSIER_ROLES", "api")]),
+        app.blobs.clone(),
+    )
+    .await
+    .expect("a second process starts");
+    let staff = app.staff("acme");
+    let here = app.api(&staff);
+    let there = Client::new(app.client.clone(), &other.address, &staff);
+
+    let file = app
+        .upload_ok(&staff, "cust-1", "Original", b"o".to_vec())
+        .await;
+    let id = file["id"].as_str().unwrap().to_owned();
+    // Both processes remember the file now.
+    assert_eq!(here.rename(&id, "Here 1").await.name, "Here 1");
+    assert_eq!(there.rename(&id, "There 1").await.name, "There 1");
+
+    // This process remembers "Here 1" at sequence 2; the log has sequence 3.
+    assert_eq!(here.rename(&id, "Here 2").await.name, "Here 2");
+    assert_eq!(there.file(&id).await.name, "Here 2");
+
+    // The other process remembers "There 1": renaming to that is a change.
+    assert_eq!(there.rename(&id, "There 1").await.name, "There 1");
+    assert_eq!(here.file(&id).await.name, "There 1");
+
+    // Visibility the same way: "internal" here is stale after a change there.
+    let published = there.patch(&id, json!({"visibility": "portal"})).await;
+    assert_eq!(published.visibility, "portal");
+    let back = here.patch(&id, json!({"visibility": "internal"})).await;
+    assert_eq!(back.visibility, "internal");
+
+    let client = app.pool.get().await.unwrap();
+    let sequences: Vec<i64> = client
+        .query(
+            "SELECT sequence FROM events WHERE aggregate_id = $1 ORDER BY sequence",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(
+        sequences,
+        (1..=7).collect::<Vec<i64>>(),
+        "one event per change, none lost or doubled"
+    );
+
+    // Deleted there: here it is gone, although this process remembers it live.
+    there.delete(&id).await;
+    let response = here
+        .send_json(
+            Method::PATCH,
+            &format!("/v1/files/{id}"),
+            json!({"name": "Too late"}),
+        )
+        .await;
+    assert_eq!(response.status(), 404);
+    assert_eq!(error_code(response).await, "not_found");
+
+    other.stop().await.expect("the second process stops");
 }

@@ -2,12 +2,14 @@
 //!
 //! Every aggregate command of Dossier comes through here: the HTTP API, the
 //! AMQP intake, the blob worker and the zip worker alike. A command runs on
-//! its aggregate through cqrs-es (event-store mode on our Postgres log); a
-//! command that lost an optimistic-concurrency race is run again under the
-//! one [`RacePolicy`]; every outcome is counted in the one set of command
-//! metrics; the caller learns the log position of the aggregate's last event
-//! and, when it answers a person, waits until the read models show it
-//! (CONTRACT.md rule 10: read your writes).
+//! its aggregate through cqrs-es (event-store mode on our Postgres log), on
+//! the state the process remembers of it when it has one ([`AggregateCache`]),
+//! otherwise on its events as stored; a command that lost an
+//! optimistic-concurrency race (a stale remembered state loses it too) is run
+//! again under the one [`RacePolicy`]; every outcome is counted in the one set
+//! of command metrics; the caller learns the log position of the aggregate's
+//! last event and, when it answers a person, waits until the read models show
+//! it (CONTRACT.md rule 10: read your writes).
 //!
 //! Failures are [`AppError`]s, and the path tells the two kinds of backing
 //! failure apart: [`AppError::Unavailable`] when the command was refused
@@ -21,25 +23,27 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use cqrs_es::persist::{
-    PersistedEventRepository, PersistedEventStore, PersistenceError, ReplayStream, SerializedEvent,
-    SerializedSnapshot,
+    EventStoreAggregateContext, PersistedEventRepository, PersistedEventStore, PersistenceError,
+    ReplayStream, SerializedEvent, SerializedSnapshot,
 };
-use cqrs_es::{Aggregate, AggregateError, CqrsFramework};
+use cqrs_es::{Aggregate, AggregateError, CqrsFramework, EventEnvelope, EventStore};
 use dossier_domain::{Actor, File, FileCommand, FileId, FilePolicy, TenantId};
 use dossier_eventlog::eventstore::{self, EventStoreError, PgEventStore};
 use dossier_projections::Freshness;
 use dossier_runtime::retry::Backoff;
 use uuid::Uuid;
 
+use crate::cache::{AggregateCache, DEFAULT_AGGREGATE_CACHE};
 use crate::error::AppError;
 
 /// How long an answer waits by default for the read models to show its own change.
 pub const DEFAULT_FRESHNESS_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What to do when a command lost the optimistic-concurrency race for its
-/// aggregate (another writer appended the same sequence number first): load
-/// the aggregate again and decide again, at most `attempts` times in all,
-/// pausing between tries as `backoff` says so that racing writers spread out.
+/// aggregate (another writer appended the same sequence number first, or the
+/// state the process remembered was stale): load the aggregate again and
+/// decide again, at most `attempts` times in all, pausing between tries as
+/// `backoff` says so that racing writers spread out.
 ///
 /// The one policy for every command of every process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,6 +157,7 @@ pub struct Commands {
     freshness: Vec<Freshness>,
     freshness_timeout: Duration,
     races: RacePolicy,
+    cache: Arc<AggregateCache>,
 }
 
 impl Commands {
@@ -165,7 +170,21 @@ impl Commands {
             freshness,
             freshness_timeout: DEFAULT_FRESHNESS_TIMEOUT,
             races: RacePolicy::DEFAULT,
+            cache: Arc::new(AggregateCache::new(DEFAULT_AGGREGATE_CACHE)),
         }
+    }
+
+    /// Remembers at most `capacity` aggregates instead of
+    /// [`DEFAULT_AGGREGATE_CACHE`]; 0 loads every aggregate's events for every
+    /// command.
+    pub fn with_aggregate_cache(mut self, capacity: usize) -> Self {
+        self.cache = Arc::new(AggregateCache::new(capacity));
+        self
+    }
+
+    /// The aggregates this command path remembers.
+    pub fn aggregate_cache(&self) -> &AggregateCache {
+        &self.cache
     }
 
     /// How long [`Self::await_read_models`] waits before it gives up.
@@ -219,7 +238,7 @@ impl Commands {
         services: A::Services,
     ) -> Result<Accepted, AppError>
     where
-        A: Aggregate + Send + Sync,
+        A: Aggregate + Clone + Send + Sync + 'static,
         A::Command: Clone,
         A::Error: Into<AppError>,
     {
@@ -256,10 +275,11 @@ impl Commands {
             .all(|shown| shown)
     }
 
-    /// Runs `command` through cqrs-es (event-store mode on our log) under the
-    /// [`RacePolicy`]. Does not wait for the read models: for facts no read
-    /// model answer depends on (downloads, a worker's records), and for
-    /// callers that wait once for many commands.
+    /// Runs `command` through cqrs-es (event-store mode on our log, the
+    /// aggregate remembered when it can be) under the [`RacePolicy`]. Does not
+    /// wait for the read models: for facts no read model answer depends on
+    /// (downloads, a worker's records), and for callers that wait once for
+    /// many commands.
     pub async fn execute<A>(
         &self,
         ctx: &CommandContext,
@@ -268,7 +288,7 @@ impl Commands {
         services: A::Services,
     ) -> Result<Accepted, AppError>
     where
-        A: Aggregate + Send + Sync,
+        A: Aggregate + Clone + Send + Sync + 'static,
         A::Command: Clone,
         A::Error: Into<AppError>,
     {
@@ -297,32 +317,50 @@ impl Commands {
         services: A::Services,
     ) -> Result<Accepted, AppError>
     where
-        A: Aggregate + Send + Sync,
+        A: Aggregate + Clone + Send + Sync + 'static,
         A::Command: Clone,
         A::Error: Into<AppError>,
     {
         // Cheap: the framework is a store handle (a pool clone) and the
         // services. The handle notes where the append put the events (for
-        // read-your-writes) and whether an append was tried (for telling a
-        // refusal from an unknown outcome).
+        // read-your-writes), whether an append was tried (for telling a
+        // refusal from an unknown outcome) and whether the decision was taken
+        // on a remembered state.
         let (noting, appended) = self.store.noting_positions();
         let watched = AppendWatch::new(noting);
         let append_tried = watched.tried();
-        let framework = CqrsFramework::new(
-            PersistedEventStore::<_, A>::new_event_store(watched),
-            vec![],
-            services,
-        );
+        let store = Remembering {
+            inner: PersistedEventStore::<_, A>::new_event_store(watched),
+            cache: Arc::clone(&self.cache),
+            attempt: Arc::default(),
+        };
+        let attempt = Arc::clone(&store.attempt);
+        let framework = CqrsFramework::new(store, vec![], services);
         let attempts = self.races.attempts.max(1);
-        for attempt in 0..attempts {
-            if attempt > 0 {
-                tokio::time::sleep(self.races.backoff.delay(attempt - 1)).await;
-            }
+        let mut lost = 0;
+        loop {
             append_tried.store(false, Ordering::Release);
-            let error = match framework
+            let outcome = framework
                 .execute_with_metadata(aggregate_id, command.clone(), ctx.metadata())
-                .await
-            {
+                .await;
+            let remembered = attempt.remembered.load(Ordering::Acquire);
+            // A decision on a remembered state that appended nothing (a refusal,
+            // or nothing to change) is not checked by the append's sequence: take
+            // it again on the stored events. Not a race: no pause, no try used.
+            let unchecked = match &outcome {
+                Ok(()) => appended.get().is_none(),
+                Err(AggregateError::UserError(_)) => true,
+                Err(_) => false,
+            };
+            if remembered && unchecked {
+                self.cache.forget::<A>(aggregate_id);
+                attempt.recall.store(false, Ordering::Release);
+                metrics::counter!("dossier_aggregate_cache_total", "aggregate" => A::TYPE, "outcome" => "rechecked")
+                    .increment(1);
+                continue;
+            }
+            attempt.recall.store(true, Ordering::Release);
+            let error = match outcome {
                 Ok(()) => {
                     let position = match appended.get() {
                         Some(position) => position,
@@ -341,6 +379,11 @@ impl Commands {
                 Err(AggregateError::AggregateConflict) => {
                     metrics::counter!("dossier_command_conflicts_total", "aggregate" => A::TYPE)
                         .increment(1);
+                    lost += 1;
+                    if lost >= attempts {
+                        break;
+                    }
+                    tokio::time::sleep(self.races.backoff.delay(lost - 1)).await;
                     continue;
                 }
                 Err(AggregateError::UserError(error)) => return Err(error.into()),
@@ -391,8 +434,115 @@ fn classify_store_failure(
     }
 }
 
-/// The event store as the framework sees it, noting whether an append was
-/// tried: a failure before that recorded nothing, one after it may have.
+/// How one command's current try loads its aggregate, shared between the
+/// loop in [`Commands::execute`] and the framework's [`Remembering`] store.
+#[derive(Debug)]
+struct Attempt {
+    /// Whether the try may use a remembered state (not when it checks a
+    /// decision taken on one).
+    recall: AtomicBool,
+    /// Whether the try's decision was taken on a remembered state.
+    remembered: AtomicBool,
+}
+
+impl Default for Attempt {
+    fn default() -> Self {
+        Self {
+            recall: AtomicBool::new(true),
+            remembered: AtomicBool::new(false),
+        }
+    }
+}
+
+/// The event store as the framework sees it: cqrs-es's own (event-store mode
+/// on our log) behind the [`AggregateCache`]. A load answers the remembered
+/// state when there is one and the try may use it; otherwise it loads the
+/// events and remembers what they give. A commit that succeeded is remembered
+/// with its events applied; one that failed forgets the aggregate.
+struct Remembering<A: Aggregate> {
+    inner: PersistedEventStore<AppendWatch, A>,
+    cache: Arc<AggregateCache>,
+    attempt: Arc<Attempt>,
+}
+
+impl<A> EventStore<A> for Remembering<A>
+where
+    A: Aggregate + Clone + Send + Sync + 'static,
+{
+    type AC = EventStoreAggregateContext<A>;
+
+    async fn load_events(
+        &self,
+        aggregate_id: &str,
+    ) -> Result<Vec<EventEnvelope<A>>, AggregateError<A::Error>> {
+        self.inner.load_events(aggregate_id).await
+    }
+
+    async fn load_aggregate(
+        &self,
+        aggregate_id: &str,
+    ) -> Result<EventStoreAggregateContext<A>, AggregateError<A::Error>> {
+        let recalled = if self.attempt.recall.load(Ordering::Acquire) {
+            self.cache.get::<A>(aggregate_id)
+        } else {
+            None
+        };
+        let outcome = if recalled.is_some() { "hit" } else { "miss" };
+        metrics::counter!("dossier_aggregate_cache_total", "aggregate" => A::TYPE, "outcome" => outcome)
+            .increment(1);
+        self.attempt
+            .remembered
+            .store(recalled.is_some(), Ordering::Release);
+        if let Some((aggregate, sequence)) = recalled {
+            return Ok(EventStoreAggregateContext {
+                aggregate_id: aggregate_id.to_owned(),
+                aggregate,
+                current_sequence: sequence,
+                current_snapshot: None,
+            });
+        }
+        let context = self.inner.load_aggregate(aggregate_id).await?;
+        // An aggregate without events is not worth remembering (and a flood of
+        // unknown ids would push the others out).
+        if context.current_sequence > 0 {
+            self.cache.put(
+                aggregate_id,
+                context.aggregate.clone(),
+                context.current_sequence,
+            );
+        }
+        Ok(context)
+    }
+
+    async fn commit(
+        &self,
+        events: Vec<A::Event>,
+        context: EventStoreAggregateContext<A>,
+        metadata: HashMap<String, String>,
+    ) -> Result<Vec<EventEnvelope<A>>, AggregateError<A::Error>> {
+        if events.is_empty() {
+            return self.inner.commit(events, context, metadata).await;
+        }
+        // The state after the events, as the next load of them would give it.
+        let mut after = context.aggregate.clone();
+        for event in &events {
+            after.apply(event.clone());
+        }
+        let sequence = context.current_sequence + events.len();
+        let aggregate_id = context.aggregate_id.clone();
+        let committed = self.inner.commit(events, context, metadata).await;
+        match &committed {
+            Ok(_) => self.cache.put(&aggregate_id, after, sequence),
+            // Lost the race (the remembered state was stale, or another writer
+            // came first), or perhaps not written at all: load it next time.
+            Err(_) => self.cache.forget::<A>(&aggregate_id),
+        }
+        committed
+    }
+}
+
+/// The event store as cqrs-es's own store sees it, noting whether an append
+/// was tried: a failure before that recorded nothing, one after it may have.
 struct AppendWatch {
     store: PgEventStore,
     tried: Arc<AtomicBool>,

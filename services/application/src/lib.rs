@@ -12,6 +12,9 @@
 //! - [`commands`]: a domain command in, events in the log out, with the one
 //!   [`RacePolicy`] for a lost optimistic-concurrency race and the one
 //!   [`CommandContext::metadata`] builder.
+//! - [`cache`]: the aggregates a process last loaded or committed, so that a
+//!   command need not read its aggregate's events again (a stale one loses
+//!   the optimistic-concurrency race and is run again on the stored events).
 //! - [`upload`]: store the bytes, then record them; the one rule for what
 //!   becomes of a blob whose command failed ([`BlobFate`]), and the answer to
 //!   an upload whose read models lag.
@@ -25,12 +28,14 @@
 //! Nothing here knows HTTP or AMQP (see docs/adr/0008-application-layer.md).
 
 pub mod bundles;
+pub mod cache;
 pub mod commands;
 pub mod erasure;
 pub mod error;
 pub mod upload;
 
 pub use bundles::PendingInLog;
+pub use cache::{AggregateCache, DEFAULT_AGGREGATE_CACHE};
 pub use commands::{Accepted, CommandContext, Commands, DEFAULT_FRESHNESS_TIMEOUT, RacePolicy};
 pub use erasure::Erasure;
 pub use error::AppError;

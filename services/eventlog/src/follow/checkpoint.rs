@@ -25,8 +25,11 @@
 //! (its connection closes), so another instance takes over from the committed
 //! checkpoint.
 
-use tokio_postgres::Transaction;
-use tokio_postgres::types::Type;
+use std::future::Future;
+
+use futures::TryStreamExt as _;
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{Row, Transaction};
 
 use super::{Effects, FollowError};
 use crate::db::Pool;
@@ -47,14 +50,14 @@ pub async fn read(pool: &Pool, name: &str) -> Result<Option<i64>, FollowError> {
 
 /// Locks the checkpoint row of `name` until `tx` ends (creating it at 0 first if
 /// needed) and returns its position.
-pub async fn lock(tx: &Transaction<'_>, name: &str) -> Result<i64, tokio_postgres::Error> {
+pub async fn lock(tx: &impl CheckpointTx, name: &str) -> Result<i64, tokio_postgres::Error> {
     create_missing(tx, &[name]).await?;
     Ok(lock_all(tx, &[name]).await?[0].unwrap_or(0))
 }
 
 /// Moves the checkpoint of `name` to `position`, in `tx` (which holds its lock).
 pub async fn store(
-    tx: &Transaction<'_>,
+    tx: &impl CheckpointTx,
     name: &str,
     position: i64,
 ) -> Result<(), tokio_postgres::Error> {
@@ -62,15 +65,55 @@ pub async fn store(
 }
 
 // The batch forms below serve a runner of several read models (and the single
-// forms above): one round trip each (`*_typed`: parse, bind and execute travel
-// together), whatever the count.
+// forms above): one statement each, whatever the count.
+
+/// A transaction the checkpoint statements run in. A pooled connection's
+/// ([`deadpool_postgres::Transaction`], every runner step) prepares each
+/// statement once per connection and then only binds and executes it: a
+/// runner sends the same two every batch, and parsing and planning them each
+/// time was Postgres work per batch and follower. Any other transaction sends
+/// them unprepared (parse, bind and execute together). One round trip either
+/// way, once prepared.
+pub trait CheckpointTx: Sync {
+    /// Runs `sql` with typed parameters; its rows.
+    fn rows(
+        &self,
+        sql: &'static str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> impl Future<Output = Result<Vec<Row>, tokio_postgres::Error>> + Send;
+}
+
+impl CheckpointTx for Transaction<'_> {
+    async fn rows(
+        &self,
+        sql: &'static str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> Result<Vec<Row>, tokio_postgres::Error> {
+        self.query_typed(sql, params).await
+    }
+}
+
+impl CheckpointTx for deadpool_postgres::Transaction<'_> {
+    async fn rows(
+        &self,
+        sql: &'static str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> Result<Vec<Row>, tokio_postgres::Error> {
+        let types: Vec<Type> = params.iter().map(|(_, ty)| ty.clone()).collect();
+        let statement = self.prepare_typed_cached(sql, &types).await?;
+        self.query_raw(&statement, params.iter().map(|(value, _)| *value))
+            .await?
+            .try_collect()
+            .await
+    }
+}
 
 /// Creates the checkpoint rows of `names` that do not exist yet, at 0.
 pub async fn create_missing(
-    tx: &Transaction<'_>,
+    tx: &impl CheckpointTx,
     names: &[&str],
 ) -> Result<(), tokio_postgres::Error> {
-    tx.execute_typed(
+    tx.rows(
         "INSERT INTO checkpoints (name, position) SELECT unnest($1::text[]), 0 \
          ON CONFLICT (name) DO NOTHING",
         &[(&names, Type::TEXT_ARRAY)],
@@ -83,7 +126,7 @@ pub async fn create_missing(
 /// says (see the module docs) until `tx` ends, and returns their positions in
 /// the order of `names`; `None` for a row that does not exist.
 pub async fn take_turns(
-    tx: &Transaction<'_>,
+    tx: &impl CheckpointTx,
     names: &[&str],
     effects: Effects,
 ) -> Result<Vec<Option<i64>>, tokio_postgres::Error> {
@@ -91,14 +134,14 @@ pub async fn take_turns(
         Effects::InTransaction => lock_all(tx, names).await,
         Effects::External => {
             // In name order, the same order for every locker, in one statement.
-            tx.execute_typed(
+            tx.rows(
                 "SELECT count(pg_advisory_xact_lock($1, hashtext(name))) \
                  FROM (SELECT name FROM unnest($2::text[]) AS n(name) ORDER BY name) AS ordered",
                 &[(&TURN_LOCK_CLASS, Type::INT4), (&names, Type::TEXT_ARRAY)],
             )
             .await?;
             let rows = tx
-                .query_typed(
+                .rows(
                     "SELECT name, position FROM checkpoints WHERE name = ANY($1)",
                     &[(&names, Type::TEXT_ARRAY)],
                 )
@@ -112,11 +155,11 @@ pub async fn take_turns(
 /// order, the same order for every locker), and returns their positions in the
 /// order of `names`; `None` for a row that does not exist.
 pub async fn lock_all(
-    tx: &Transaction<'_>,
+    tx: &impl CheckpointTx,
     names: &[&str],
 ) -> Result<Vec<Option<i64>>, tokio_postgres::Error> {
     let rows = tx
-        .query_typed(
+        .rows(
             "SELECT name, position FROM checkpoints WHERE name = ANY($1) \
              ORDER BY name FOR UPDATE",
             &[(&names, Type::TEXT_ARRAY)],
@@ -142,11 +185,11 @@ fn positions_by_name(
 /// Moves the checkpoint of `names[i]` to `positions[i]` for every `i`, in `tx`
 /// (which holds their turn), in one statement.
 pub async fn store_all(
-    tx: &Transaction<'_>,
+    tx: &impl CheckpointTx,
     names: &[&str],
     positions: &[i64],
 ) -> Result<(), tokio_postgres::Error> {
-    tx.execute_typed(
+    tx.rows(
         "UPDATE checkpoints AS c SET position = v.position, updated_at = now() \
          FROM unnest($1::text[], $2::bigint[]) AS v(name, position) WHERE c.name = v.name",
         &[(&names, Type::TEXT_ARRAY), (&positions, Type::INT8_ARRAY)],
