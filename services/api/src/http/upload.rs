@@ -36,6 +36,7 @@ use futures::StreamExt as _;
 use multer::{Constraints, Multipart, SizeLimit};
 
 use crate::error::{ApiError, AppError};
+use crate::http::idempotency::IdempotencyHandle;
 
 /// The name of the part that carries a file's bytes.
 pub const FILE_FIELD: &str = "file";
@@ -107,6 +108,9 @@ impl FormSpec {
 pub struct FormBody {
     boundary: String,
     body: Body,
+    /// The request's `Idempotency-Key`, if it has one: the form's content is
+    /// part of the request's identity.
+    idempotency: Option<IdempotencyHandle>,
 }
 
 impl<S: Send + Sync> FromRequest<S> for FormBody {
@@ -124,9 +128,11 @@ impl<S: Send + Sync> FromRequest<S> for FormBody {
                     "expected a multipart/form-data body (Content-Type with a boundary)",
                 )
             })?;
+        let idempotency = request.extensions().get::<IdempotencyHandle>().cloned();
         Ok(Self {
             boundary,
             body: request.into_body(),
+            idempotency,
         })
     }
 }
@@ -191,6 +197,16 @@ pub async fn receive_unless(
     )
     .await;
     if let Err(error) = outcome {
+        received.discard(uploads).await;
+        return Err(error);
+    }
+    // With an idempotency key, the content is recorded with the key, or
+    // found to be a repeat (or another request) and stored no further.
+    if let Some(idempotency) = &form.idempotency
+        && let Err(error) = idempotency
+            .content(&received.fields, received.file.as_ref())
+            .await
+    {
         received.discard(uploads).await;
         return Err(error);
     }
