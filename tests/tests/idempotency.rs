@@ -501,6 +501,146 @@ async fn a_server_killed_between_recording_and_answering_answers_the_recorded_fi
     second.stop().await.unwrap();
 }
 
+async fn execute(pool: &dossier_eventlog::db::Pool, sql: &str) {
+    pool.get().await.unwrap().execute(sql, &[]).await.unwrap();
+}
+
+/// The three states of a key whose first request has no stored answer: its
+/// command recorded (answered from the receipt), still running (409), and
+/// abandoned without a record (taken over once its lease ran out).
+#[tokio::test]
+async fn a_claim_without_an_answer_is_answered_from_its_receipt_waited_for_or_taken_over() {
+    let app = TestApp::spawn().await;
+    let staff = app.staff("acme");
+    let first = upload(
+        &app.client,
+        &app.address,
+        &staff,
+        Some("k-5"),
+        "Invoice",
+        b"one",
+    )
+    .await;
+    assert_eq!(first.status(), 201);
+    let first: Value = first.json().await.unwrap();
+
+    // Recorded, not answered (as after a crash): the receipt answers.
+    execute(
+        &app.pool,
+        "UPDATE http_idempotency SET state = 'in_flight', status = NULL, body = NULL, \
+             headers = NULL, lease_until = now() + interval '30 seconds'",
+    )
+    .await;
+    let again = upload(
+        &app.client,
+        &app.address,
+        &staff,
+        Some("k-5"),
+        "Invoice",
+        b"one",
+    )
+    .await;
+    assert_eq!(again.status(), 201);
+    assert_eq!(again.json::<Value>().await.unwrap()["id"], first["id"]);
+
+    // Nothing recorded yet and the lease running: 409 with Retry-After.
+    execute(&app.pool, "DELETE FROM command_receipts").await;
+    let busy = upload(
+        &app.client,
+        &app.address,
+        &staff,
+        Some("k-5"),
+        "Invoice",
+        b"one",
+    )
+    .await;
+    assert_eq!(busy.status(), 409);
+    let retry_after: u64 = busy.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=5).contains(&retry_after), "Retry-After {retry_after}");
+    assert_eq!(error_code(busy).await, "conflict");
+
+    // The lease ran out and nothing was recorded: the retry runs.
+    execute(
+        &app.pool,
+        "UPDATE http_idempotency SET lease_until = now() - interval '1 second'",
+    )
+    .await;
+    let taken = upload(
+        &app.client,
+        &app.address,
+        &staff,
+        Some("k-5"),
+        "Invoice",
+        b"one",
+    )
+    .await;
+    assert_eq!(taken.status(), 201);
+    assert_ne!(taken.json::<Value>().await.unwrap()["id"], first["id"]);
+    assert_eq!(uploaded_events(&app.pool).await, 2);
+}
+
+/// A message with a file is two commands (the file, then the message); the
+/// key goes with the last, and a repeat records neither again.
+#[tokio::test]
+async fn a_repeated_portal_message_with_a_file_records_one_message_and_one_file() {
+    let app = TestApp::spawn().await;
+    let staff = app.staff("acme");
+    let task = app
+        .create_task(&staff, "cust-1", "Send your statements")
+        .await;
+    let task_id = task["id"].as_str().unwrap();
+    let customer = app.customer("acme", "cust-1");
+    let send = async |text: &str| {
+        app.client
+            .post(app.url(&format!("/v1/portal/tasks/{task_id}/messages")))
+            .bearer_auth(&customer)
+            .header("Idempotency-Key", "m-1")
+            .multipart(
+                Form::new().text("text", text.to_owned()).part(
+                    "file",
+                    Part::bytes(b"statement".to_vec())
+                        .file_name("statement.pdf")
+                        .mime_str("application/pdf")
+                        .unwrap(),
+                ),
+            )
+            .send()
+            .await
+            .unwrap()
+    };
+    let first = send("January").await;
+    assert_eq!(first.status(), 201);
+    let first = first.bytes().await.unwrap();
+    let second = send("January").await;
+    assert_eq!(second.status(), 201);
+    assert_eq!(second.bytes().await.unwrap(), first);
+    let reused = send("February").await;
+    assert_eq!(reused.status(), 422);
+    assert_eq!(error_code(reused).await, "idempotency_key_reused");
+    let messages = count(
+        &app.pool,
+        "SELECT count(*) FROM events WHERE event_type = 'TaskMessagePosted'",
+    )
+    .await;
+    assert_eq!((messages, uploaded_events(&app.pool).await), (1, 1));
+
+    // Recorded, not answered: the message is rebuilt from its receipt.
+    execute(
+        &app.pool,
+        "UPDATE http_idempotency SET state = 'in_flight', status = NULL, body = NULL, headers = NULL",
+    )
+    .await;
+    let rebuilt = send("January").await;
+    assert_eq!(rebuilt.status(), 201);
+    let rebuilt: Value = rebuilt.json().await.unwrap();
+    let first: Value = serde_json::from_slice(&first).unwrap();
+    assert_eq!(rebuilt, first);
+}
+
 #[tokio::test]
 async fn the_openapi_document_declares_the_header_on_every_command() {
     let app = TestApp::spawn().await;

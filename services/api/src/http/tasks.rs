@@ -7,7 +7,7 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use chrono::Utc;
+use chrono::{SubsecRound as _, Utc};
 use dossier_application::{Recording, UploadedFile};
 use dossier_domain::{
     BlobKey, CustomerId, DisplayName, FileId, MessageText, Origin, Settings, SettingsCommand, Task,
@@ -431,7 +431,9 @@ async fn post_in_thread(
         ),
     };
     let message_id = Uuid::now_v7();
-    let at = Utc::now();
+    // The log keeps microseconds: the answer says what a later read says
+    // (an answer rebuilt from the log after a crash, ADR 0016).
+    let at = Utc::now().trunc_subsecs(6);
     let command = TaskCommand::PostMessage {
         tenant: author.caller.tenant.clone(),
         as_customer: author.as_customer.clone(),
