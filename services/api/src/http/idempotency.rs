@@ -18,14 +18,17 @@
 //! - a key still in flight answers `409 conflict` with `Retry-After`;
 //! - a key of another request answers `422 idempotency_key_reused`.
 //!
-//! A form's file is too large to hash before it is stored: its fingerprint
-//! covers method and path only, and the form's content (fields and the
-//! file's SHA-256) is checked once [`crate::http::upload::receive`] has it
-//! ([`IdempotencyHandle::content`]). A repeat of a form therefore streams its
-//! bytes again before it gets the first answer; they are discarded.
+//! A form's file is too large to hash before it is stored, and its boundary
+//! differs on every send: its fingerprint covers method and path only, and
+//! the first request records the form's content (fields and the file's
+//! SHA-256) once [`crate::http::upload::receive`] has it
+//! ([`IdempotencyHandle::content`]), before its command runs. A repeat of a
+//! form streams its bytes once more through a hash
+//! ([`crate::http::upload::form_fingerprint`], nothing stored) and gets the
+//! first answer only if they match.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{FromRequestParts as _, MatchedPath, Request, State};
@@ -72,81 +75,65 @@ pub fn parse_key(value: &HeaderValue) -> Result<String, ApiError> {
     Ok(String::from_utf8_lossy(bytes).into_owned())
 }
 
-/// What a handler of a keyed request can ask of its key (a request
-/// extension, set by [`layer`]).
+/// What the handler of a request that holds its key can ask of it (a
+/// request extension, set by [`layer`]).
 #[derive(Clone)]
 pub struct IdempotencyHandle(Arc<HandleInner>);
 
 struct HandleInner {
     pool: Pool,
     claim: KeyClaim,
-    mode: Mode,
-    /// In [`Mode::Verify`]: whether the form matched.
-    verified: Mutex<Option<bool>>,
-}
-
-enum Mode {
-    /// This request holds the key: run it.
-    Run,
-    /// The key's request ran (or was recorded) already: only check that this
-    /// form is the same; nothing may be recorded.
-    Verify { expected: String },
 }
 
 impl IdempotencyHandle {
-    /// The key the command's events carry, while this request holds the key.
+    /// The key the command's events carry.
     pub fn receipt_key(&self) -> Option<String> {
-        matches!(self.0.mode, Mode::Run).then(|| self.0.claim.receipt_key())
+        Some(self.0.claim.receipt_key())
     }
 
-    /// A received form's content: recorded with the claim (a repeat must
-    /// send the same), or compared with the first request's. `Err` means the
-    /// handler must stop here and discard what it stored: this request
-    /// records nothing (the layer answers the first answer, or 422).
+    /// Records a received form's content with the claim (a repeat must send
+    /// the same: [`crate::http::upload::form_fingerprint`]). `Err` means the
+    /// handler must stop and discard what it stored.
     pub async fn content(
         &self,
         fields: &HashMap<&'static str, String>,
         file: Option<&StoredUpload>,
     ) -> Result<(), ApiError> {
-        let fingerprint = content_fingerprint(fields, file);
-        match &self.0.mode {
-            Mode::Run => idempotency::set_content(&self.0.pool, &self.0.claim, &fingerprint)
-                .await
-                .map_err(|e| ApiError(AppError::Unavailable(e.to_string()))),
-            Mode::Verify { expected } => {
-                let same = *expected == fingerprint;
-                if let Ok(mut verified) = self.0.verified.lock() {
-                    *verified = Some(same);
-                }
-                Err(ApiError(AppError::IdempotencyKeyReused))
-            }
-        }
-    }
-
-    fn verified(&self) -> Option<bool> {
-        self.0.verified.lock().ok().and_then(|v| *v)
+        let fingerprint = content_fingerprint(
+            fields.iter().map(|(name, value)| (*name, value.as_str())),
+            file.map(|file| {
+                (
+                    file.file_name.as_str(),
+                    file.content_type.as_str(),
+                    file.sha256.as_str(),
+                )
+            }),
+        );
+        idempotency::set_content(&self.0.pool, &self.0.claim, &fingerprint)
+            .await
+            .map_err(|e| ApiError(AppError::Unavailable(e.to_string())))
     }
 }
 
-/// The fingerprint of a form's content: its text fields (sorted) and its
-/// file's name, type and SHA-256; the boundary and the order of the parts
-/// do not count.
-pub fn content_fingerprint(
-    fields: &HashMap<&'static str, String>,
-    file: Option<&StoredUpload>,
+/// The fingerprint of a form's content: its text fields (sorted by name)
+/// and its file's name, content type and SHA-256 (hex); the boundary and the
+/// order of the parts do not count.
+pub fn content_fingerprint<'a>(
+    fields: impl Iterator<Item = (&'a str, &'a str)>,
+    file: Option<(&str, &str, &str)>,
 ) -> String {
     let mut hasher = Sha256::new();
-    let mut names: Vec<&&str> = fields.keys().collect();
-    names.sort();
-    for name in names {
+    let mut fields: Vec<(&str, &str)> = fields.collect();
+    fields.sort();
+    for (name, value) in fields {
         hash_part(&mut hasher, name.as_bytes());
-        hash_part(&mut hasher, fields[*name].as_bytes());
+        hash_part(&mut hasher, value.as_bytes());
     }
-    if let Some(file) = file {
+    if let Some((file_name, content_type, sha256)) = file {
         hash_part(&mut hasher, b"\0file");
-        hash_part(&mut hasher, file.file_name.as_str().as_bytes());
-        hash_part(&mut hasher, file.content_type.as_str().as_bytes());
-        hash_part(&mut hasher, file.sha256.as_str().as_bytes());
+        hash_part(&mut hasher, file_name.as_bytes());
+        hash_part(&mut hasher, content_type.as_bytes());
+        hash_part(&mut hasher, sha256.to_ascii_lowercase().as_bytes());
     }
     hex(&hasher.finalize())
 }
@@ -252,7 +239,7 @@ pub async fn layer(State(app): State<AppState>, request: Request, next: Next) ->
             content_fingerprint,
         } => {
             if let Some(expected) = content_fingerprint
-                && let Some(refused) = verify(&app, &claim, expected, request, next).await
+                && let Some(refused) = verify(&app, &expected, request).await
             {
                 return refused;
             }
@@ -265,7 +252,7 @@ pub async fn layer(State(app): State<AppState>, request: Request, next: Next) ->
             content_fingerprint,
         } => {
             if let Some(expected) = content_fingerprint
-                && let Some(refused) = verify(&app, &claim, expected, request, next).await
+                && let Some(refused) = verify(&app, &expected, request).await
             {
                 return refused;
             }
@@ -282,30 +269,18 @@ pub async fn layer(State(app): State<AppState>, request: Request, next: Next) ->
     }
 }
 
-/// Runs the handler only to receive the form and compare its content with
-/// the first request's; `None` when it matched (the caller repeats the first
-/// answer), otherwise the answer to give.
-async fn verify(
-    app: &AppState,
-    claim: &KeyClaim,
-    expected: String,
-    mut request: Request,
-    next: Next,
-) -> Option<Response> {
-    let handle = IdempotencyHandle(Arc::new(HandleInner {
-        pool: app.pool().clone(),
-        claim: claim.clone(),
-        mode: Mode::Verify { expected },
-        verified: Mutex::new(None),
-    }));
-    request.extensions_mut().insert(handle.clone());
-    let response = next.run(request).await;
-    match handle.verified() {
-        Some(true) => None,
-        Some(false) => Some(ApiError(AppError::IdempotencyKeyReused).into_response()),
-        // Refused before its form was read (the task is gone, uploads were
-        // switched off): that answer stands, and nothing was recorded.
-        None => Some(response),
+/// Reads a repeated form only to compare its content with the first
+/// request's; `None` when it matched (the caller repeats the first answer),
+/// otherwise the answer to give. Nothing of it is stored.
+async fn verify(app: &AppState, expected: &str, request: Request) -> Option<Response> {
+    let Some(boundary) = crate::http::upload::boundary(request.headers()) else {
+        return Some(ApiError(AppError::IdempotencyKeyReused).into_response());
+    };
+    let max_bytes = app.max_file_bytes().0;
+    match crate::http::upload::form_fingerprint(boundary, request.into_body(), max_bytes).await {
+        Ok(content) if content == expected => None,
+        Ok(_) => Some(ApiError(AppError::IdempotencyKeyReused).into_response()),
+        Err(error) => Some(error.into_response()),
     }
 }
 
@@ -316,8 +291,6 @@ async fn run(app: &AppState, claim: KeyClaim, mut request: Request, next: Next) 
     let handle = IdempotencyHandle(Arc::new(HandleInner {
         pool: app.pool().clone(),
         claim: claim.clone(),
-        mode: Mode::Run,
-        verified: Mutex::new(None),
     }));
     request.extensions_mut().insert(handle);
     let mut guard = ReleaseOnDrop {
