@@ -95,7 +95,7 @@ async fn the_same_upload_twice_with_one_key_stores_one_file_and_answers_identica
     assert_eq!(uploaded_events(&app.pool).await, 1);
     let files = app.api(&staff).list_all("cust-1", "").await;
     assert_eq!(files.len(), 1);
-    // The repeat's bytes were discarded: one blob, the file's.
+    // The repeat's bytes were only hashed: one blob, the file's.
     eventually("one blob is left", async || {
         let keys = app.blob_keys().await;
         if keys.len() == 1 {
