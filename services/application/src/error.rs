@@ -268,6 +268,23 @@ mod tests {
     }
 
     #[test]
+    fn idempotency_keys_have_their_codes_and_a_key_in_flight_says_when_to_ask_again() {
+        assert_eq!(
+            AppError::IdempotencyKeyReused.code(),
+            "idempotency_key_reused"
+        );
+        let in_flight = AppError::IdempotencyKeyInFlight {
+            retry_after: std::time::Duration::from_secs(2),
+        };
+        assert_eq!(in_flight.code(), "conflict");
+        assert_eq!(
+            in_flight.retry_after(),
+            Some(std::time::Duration::from_secs(2))
+        );
+        assert!(!in_flight.is_transient());
+    }
+
+    #[test]
     fn too_many_pending_bundles_is_its_own_code_with_a_retry_after() {
         let error = AppError::from(BundleError::TooManyPending { limit: 3 });
         assert_eq!(error.code(), "too_many_pending_bundles");

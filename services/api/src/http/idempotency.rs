@@ -537,6 +537,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_forms_content_fingerprint_ignores_the_order_of_its_fields_only() {
+        let file = Some(("a.pdf", "application/pdf", "ab12"));
+        let one = content_fingerprint([("name", "A"), ("visibility", "portal")].into_iter(), file);
+        let two = content_fingerprint([("visibility", "portal"), ("name", "A")].into_iter(), file);
+        assert_eq!(one, two);
+        let other_file = Some(("a.pdf", "application/pdf", "ab13"));
+        let three = content_fingerprint(
+            [("name", "A"), ("visibility", "portal")].into_iter(),
+            other_file,
+        );
+        assert_ne!(one, three);
+        // Length-prefixed parts: moving a character between fields counts.
+        let four = content_fingerprint([("name", "Av"), ("isibility", "portal")].into_iter(), file);
+        assert_ne!(one, four);
+    }
+
+    #[test]
     fn keys_are_visible_ascii_of_at_most_255() {
         assert!(parse_key(&HeaderValue::from_static("k-1")).is_ok());
         assert!(parse_key(&HeaderValue::from_static("")).is_err());
