@@ -117,6 +117,20 @@ async fn staff_sign_in_add_a_file_with_visible_progress_see_it_listed_and_sign_o
     browser.check_page("console-files").await;
     let api = app.api(&app.staff("acme")).list("cust-42", "").await;
     assert_eq!(api.items.len(), 1);
+    // The page sent the upload with an Idempotency-Key (ADR 0016), answered.
+    let keys: i64 = app
+        .pool
+        .get()
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT count(*) FROM http_idempotency WHERE state = 'done' AND status = 201",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(keys, 1, "the page's upload carried an Idempotency-Key");
     assert_eq!(api.items[0].visibility, "portal");
     assert_eq!(api.items[0].size, 3_000_000);
 

@@ -438,6 +438,7 @@ async fn sweep_periodically(
             return;
         }
         pause = config.sweep_interval;
+        sweep_idempotency_keys(&pool).await;
         let sweep = tokio::select! {
             sweep = sweep_orphans(&pool, blobs.as_ref(), config.sweep_grace) => sweep,
             () = stopped(&mut shutdown) => return,
@@ -466,6 +467,26 @@ async fn sweep_periodically(
                     .increment(1);
                 tracing::warn!(error = %error, "orphan sweep failed; the next one tries again");
             }
+        }
+    }
+}
+
+/// The retention sweep of idempotency keys: HTTP keys past their expiry and
+/// command receipts (HTTP and AMQP) older than the retention, so neither
+/// table grows with traffic for ever (ADR 0016). Runs with the orphan sweep.
+async fn sweep_idempotency_keys(pool: &Pool) {
+    use dossier_eventlog::idempotency;
+    match idempotency::sweep(pool, idempotency::RETENTION).await {
+        Ok(swept) if swept.keys > 0 || swept.receipts > 0 => tracing::info!(
+            keys = swept.keys,
+            receipts = swept.receipts,
+            "retention sweep deleted expired idempotency keys and command receipts"
+        ),
+        Ok(_) => {}
+        Err(error) => {
+            metrics::counter!("dossier_worker_failures_total", "worker" => "blob", "reason" => "retention")
+                .increment(1);
+            tracing::warn!(%error, "retention sweep of idempotency keys failed; the next one tries again");
         }
     }
 }

@@ -16,6 +16,11 @@
 // Uploads go with XMLHttpRequest, which reports upload progress (fetch does
 // not). Errors are said in words with their cause: too big (with the limit),
 // network, server.
+//
+// Every upload carries an Idempotency-Key (ADR 0017): a fresh one per chosen
+// file (and form content), kept while the answer leaves the outcome open (no
+// answer, a 5xx, a 409) so that sending the same file again after a network
+// error repeats the first upload's answer instead of storing a second copy.
 'use strict';
 
 (function () {
@@ -55,11 +60,12 @@
   }
 
   // One call to the API; resolves with {status, body} (status 0: no answer).
-  function call(method, url, body, contentType, onProgress) {
+  function call(method, url, body, contentType, onProgress, idempotencyKey) {
     return new Promise(function (resolve) {
       const xhr = new XMLHttpRequest();
       xhr.open(method, url);
       xhr.setRequestHeader('Accept', 'application/json');
+      if (idempotencyKey) xhr.setRequestHeader('Idempotency-Key', idempotencyKey);
       if (contentType) xhr.setRequestHeader('Content-Type', contentType);
       if (onProgress && xhr.upload) {
         xhr.upload.addEventListener('progress', function (e) {
@@ -102,6 +108,26 @@
       }
     }
     return data;
+  }
+
+  function newKey() {
+    if (window.crypto && crypto.randomUUID) return crypto.randomUUID();
+    const bytes = crypto.getRandomValues(new Uint8Array(16));
+    return Array.from(bytes, function (b) { return b.toString(16).padStart(2, '0'); }).join('');
+  }
+
+  // What the key of an upload stands for: the file (the very object the
+  // user chose or dropped) and the form's other fields.
+  const uploadKeys = new WeakMap();
+  function uploadKey(form, file, body) {
+    const fields = [];
+    body.forEach(function (value, name) { if (!(value instanceof Blob)) fields.push([name, value]); });
+    const content = JSON.stringify(fields);
+    const known = uploadKeys.get(form);
+    if (known && known.file === file && known.content === content) return known.key;
+    const key = newKey();
+    uploadKeys.set(form, { file: file, content: content, key: key });
+    return key;
   }
 
   function chosenFile(form, dropped) {
@@ -165,11 +191,18 @@
     buttons.forEach(function (b) { b.disabled = true; });
     say(status, file ? 'Uploading ' + file.name + '…' : 'Working…', 'busy');
     if (progress && file) { progress.hidden = false; progress.value = 0; progress.max = 100; }
+    const key = file && body instanceof FormData ? uploadKey(form, file, body) : null;
     const answer = await call(method, url, body, type, progress && file ? function (loaded, total) {
       progress.value = Math.round((loaded / total) * 100);
       say(status, 'Uploading ' + file.name + '… ' + progress.value + ' %', 'busy');
-    } : null);
+    } : null, key);
     buttons.forEach(function (b) { b.disabled = false; });
+    // An answer that settles the upload ends its key: the next send of the
+    // file is a new upload. No answer, a 5xx or a 409 leave the outcome
+    // open, and a retry must reuse the key.
+    if (key && answer.status !== 0 && answer.status < 500 && answer.status !== 409) {
+      uploadKeys.delete(form);
+    }
     if (answer.status >= 200 && answer.status < 300) {
       if (progress) progress.value = progress.max;
       say(status, form.dataset.flash || 'Done.', 'ok');

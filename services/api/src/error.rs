@@ -29,13 +29,14 @@ impl ApiError {
             AppError::Forbidden(_) | AppError::PortalUploadDisabled => StatusCode::FORBIDDEN,
             AppError::NotFound => StatusCode::NOT_FOUND,
             AppError::FileTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            AppError::Validation(_) | AppError::ConfirmationRequired => {
-                StatusCode::UNPROCESSABLE_ENTITY
-            }
+            AppError::Validation(_)
+            | AppError::ConfirmationRequired
+            | AppError::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             AppError::FileProtected
             | AppError::BundleNotReady
             | AppError::Conflict
-            | AppError::Duplicate => StatusCode::CONFLICT,
+            | AppError::Duplicate
+            | AppError::IdempotencyKeyInFlight { .. } => StatusCode::CONFLICT,
             AppError::TooManyPendingBundles { .. } => StatusCode::TOO_MANY_REQUESTS,
             AppError::Unavailable(_) | AppError::OutcomeUnknown(_) => {
                 StatusCode::SERVICE_UNAVAILABLE

@@ -53,6 +53,16 @@ pub enum AppError {
     /// that stands.
     #[error("this command was already handled")]
     Duplicate,
+    /// An `Idempotency-Key` this user sent before with another request
+    /// (another method, path, body or file). Nothing was recorded.
+    #[error(
+        "this Idempotency-Key was already used for a different request; send a new key for a new request"
+    )]
+    IdempotencyKeyReused,
+    /// The first request with this `Idempotency-Key` is still running; its
+    /// answer will be repeated once it has one (see [`Self::retry_after`]).
+    #[error("a request with this Idempotency-Key is still being handled; ask again in a moment")]
+    IdempotencyKeyInFlight { retry_after: std::time::Duration },
     /// A backing service is down and the command was refused before anything
     /// could be recorded. The detail goes to the log only.
     #[error("a backing service is unavailable; nothing was recorded, try again later")]
@@ -88,7 +98,8 @@ impl AppError {
             Self::FileProtected => "file_protected",
             Self::BundleNotReady => "bundle_not_ready",
             Self::TooManyPendingBundles { .. } => "too_many_pending_bundles",
-            Self::Conflict | Self::Duplicate => "conflict",
+            Self::Conflict | Self::Duplicate | Self::IdempotencyKeyInFlight { .. } => "conflict",
+            Self::IdempotencyKeyReused => "idempotency_key_reused",
             Self::Unavailable(_) | Self::OutcomeUnknown(_) => "unavailable",
             Self::Internal(_) => "internal",
         }
@@ -99,6 +110,7 @@ impl AppError {
     pub fn retry_after(&self) -> Option<std::time::Duration> {
         match self {
             Self::TooManyPendingBundles { .. } => Some(PENDING_BUNDLES_RETRY_AFTER),
+            Self::IdempotencyKeyInFlight { retry_after } => Some(*retry_after),
             _ => None,
         }
     }
@@ -253,6 +265,23 @@ mod tests {
             AppError::from(BundleError::NoFiles).code(),
             "validation_failed"
         );
+    }
+
+    #[test]
+    fn idempotency_keys_have_their_codes_and_a_key_in_flight_says_when_to_ask_again() {
+        assert_eq!(
+            AppError::IdempotencyKeyReused.code(),
+            "idempotency_key_reused"
+        );
+        let in_flight = AppError::IdempotencyKeyInFlight {
+            retry_after: std::time::Duration::from_secs(2),
+        };
+        assert_eq!(in_flight.code(), "conflict");
+        assert_eq!(
+            in_flight.retry_after(),
+            Some(std::time::Duration::from_secs(2))
+        );
+        assert!(!in_flight.is_transient());
     }
 
     #[test]

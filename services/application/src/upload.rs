@@ -116,7 +116,10 @@ impl BlobFate {
             // The log refused the append itself (a unique constraint): atomic,
             // so nothing of it is there.
             | AppError::Conflict
-            | AppError::Duplicate => Self::Remove,
+            | AppError::Duplicate
+            // Refused at the edge before the command was sent.
+            | AppError::IdempotencyKeyReused
+            | AppError::IdempotencyKeyInFlight { .. } => Self::Remove,
             AppError::Unavailable(_) | AppError::OutcomeUnknown(_) | AppError::Internal(_) => {
                 Self::Keep
             }

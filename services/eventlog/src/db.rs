@@ -92,6 +92,11 @@ pub const MIGRATIONS: &[Migration] = &[
         "customers_read_model",
         include_str!("../migrations/0009_customers_read_model.sql"),
     ),
+    Migration::new(
+        10,
+        "http_idempotency",
+        include_str!("../migrations/0010_http_idempotency.sql"),
+    ),
 ];
 
 /// Key of the advisory lock that serialises concurrent [`migrate`] runs on one

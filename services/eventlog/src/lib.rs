@@ -9,6 +9,7 @@ pub mod chain;
 pub mod db;
 pub mod eventstore;
 pub mod follow;
+pub mod idempotency;
 pub mod log;
 pub mod personal;
 pub mod receipts;

@@ -77,7 +77,7 @@ pub async fn find(pool: &Pool, tenant: &str, key: &str) -> Result<Option<Receipt
     find_with(&**client, tenant, key).await
 }
 
-async fn find_with<C: GenericClient>(
+pub(crate) async fn find_with<C: GenericClient>(
     client: &C,
     tenant: &str,
     key: &str,

@@ -33,6 +33,9 @@ pub struct Caller {
     pub customer: Option<CustomerId>,
     /// The token's `exp` (seconds since the Unix epoch): a session lasts until then.
     pub expires_at: i64,
+    /// The receipt key of the request's `Idempotency-Key` while the request
+    /// holds it (`crate::http::idempotency`): its command's events carry it.
+    pub idempotency_key: Option<String>,
 }
 
 impl Caller {
@@ -40,7 +43,21 @@ impl Caller {
         Actor::new(self.sub.clone())
     }
 
+    /// The context of the request's command: with the request's idempotency
+    /// key, if it has one, so that the command's receipt is written with its
+    /// events. A request runs at most one command with it; the other
+    /// commands of a request that runs several take
+    /// [`Self::context_without_key`].
     pub fn context(&self) -> CommandContext {
+        let ctx = self.context_without_key();
+        match &self.idempotency_key {
+            Some(key) => ctx.with_idempotency_key(key.clone()),
+            None => ctx,
+        }
+    }
+
+    /// The context of a command that does not carry the request's key.
+    pub fn context_without_key(&self) -> CommandContext {
         CommandContext::new(self.tenant.clone(), self.actor())
     }
 
@@ -89,7 +106,12 @@ impl FromRequestParts<AppState> for Caller {
                 token
             }
         };
-        Self::from_token(state.jwt_secret(), token)
+        let mut caller = Self::from_token(state.jwt_secret(), token)?;
+        caller.idempotency_key = parts
+            .extensions
+            .get::<crate::http::idempotency::IdempotencyHandle>()
+            .and_then(|handle| handle.receipt_key());
+        Ok(caller)
     }
 }
 
@@ -125,6 +147,7 @@ impl Caller {
             role: claims.role,
             customer,
             expires_at: claims.exp,
+            idempotency_key: None,
         })
     }
 }

@@ -429,7 +429,9 @@ fn delete_status(outcome: &Result<dossier_application::Accepted, AppError>) -> &
             | AppError::Validation(_)
             | AppError::ConfirmationRequired
             | AppError::BundleNotReady
-            | AppError::TooManyPendingBundles { .. },
+            | AppError::TooManyPendingBundles { .. }
+            | AppError::IdempotencyKeyReused
+            | AppError::IdempotencyKeyInFlight { .. },
         ) => "unavailable",
     }
 }
@@ -455,7 +457,10 @@ pub async fn delete_files(
     if !body.confirm {
         return Err(ApiError(AppError::ConfirmationRequired));
     }
-    let ctx = caller.context();
+    // Each file's delete is its own command: none carries the request's
+    // key (a receipt names one command). A run cut short is safe to run
+    // again: a file deleted before answers `not_found` (ADR 0017).
+    let ctx = caller.context_without_key();
     let mut results = Vec::with_capacity(body.file_ids.len());
     let mut last_position = 0;
     for raw in body.file_ids {

@@ -10,6 +10,7 @@ pub mod download;
 pub mod events;
 pub mod files;
 pub mod health;
+pub mod idempotency;
 pub mod openapi;
 pub mod params;
 pub mod portal;
@@ -47,6 +48,11 @@ pub fn router(state: AppState) -> Router {
         .route("/openapi.json", get(openapi::document))
         .merge(crate::pages::routes())
         .fallback(|| async { ApiError(AppError::NotFound) });
+    // Inside the edge layers, so a repeated answer is observed like any.
+    let routes = routes.layer(middleware::from_fn_with_state(
+        state.clone(),
+        idempotency::layer,
+    ));
     with_edge_layers(routes)
         .layer(middleware::from_fn(crate::pages::security_headers))
         .with_state(state)

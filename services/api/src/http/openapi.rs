@@ -97,6 +97,7 @@ impl Modify for EveryOperation {
             ];
             for operation in commands.into_iter().flatten() {
                 shared_answers(operation, true);
+                idempotency_key(operation);
                 link_files(operation);
             }
             if let Some(operation) = item.get.as_mut() {
@@ -155,6 +156,48 @@ fn link_files(operation: &mut Operation) {
     }
 }
 
+/// Every command takes an `Idempotency-Key` (CONTRACT.md "Idempotent
+/// requests", ADR 0017), and may answer what it implies.
+fn idempotency_key(operation: &mut Operation) {
+    use utoipa::openapi::path::{ParameterBuilder, ParameterIn};
+    use utoipa::openapi::schema::{ObjectBuilder, Type};
+    let parameter = ParameterBuilder::new()
+        .name("Idempotency-Key")
+        .parameter_in(ParameterIn::Header)
+        .required(utoipa::openapi::Required::False)
+        .description(Some(
+            "1 to 255 visible ASCII characters. The same key from the same tenant and user \
+             within 24 hours has one effect: a repeat gets the first answer again (status and \
+             body); while the first is still running, 409 conflict with Retry-After; with a \
+             different request (path, body or file), 422 idempotency_key_reused.",
+        ))
+        .schema(Some(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .min_length(Some(1))
+                .max_length(Some(255))
+                .pattern(Some("^[!-~]{1,255}$")),
+        ))
+        .build();
+    operation
+        .parameters
+        .get_or_insert_with(Vec::new)
+        .push(RefOr::T(parameter));
+    const REUSED: &str = "idempotency_key_reused: the Idempotency-Key was used for a different request; \
+        validation_failed: a malformed Idempotency-Key";
+    match operation.responses.responses.get_mut("422") {
+        Some(RefOr::T(response)) => {
+            response.description = format!("{}; or {REUSED}", response.description);
+        }
+        _ => {
+            operation
+                .responses
+                .responses
+                .insert("422".to_owned(), error_response(REUSED));
+        }
+    }
+}
+
 fn shared_answers(operation: &mut Operation, command: bool) {
     operation.security = Some(vec![SecurityRequirement::new(BEARER, Vec::<String>::new())]);
     let mut shared = vec![
@@ -174,7 +217,8 @@ fn shared_answers(operation: &mut Operation, command: bool) {
     if command {
         shared.push((
             "409",
-            "conflict: a concurrent change won the race and this one could not be retried",
+            "conflict: a concurrent change won the race and this one could not be retried; \
+             or the first request with this Idempotency-Key is still running (Retry-After)",
         ));
     }
     for (status, description) in shared {

@@ -7,7 +7,7 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use chrono::Utc;
+use chrono::{SubsecRound as _, Utc};
 use dossier_application::{Recording, UploadedFile};
 use dossier_domain::{
     BlobKey, CustomerId, DisplayName, FileId, MessageText, Origin, Settings, SettingsCommand, Task,
@@ -256,6 +256,7 @@ async fn record_task_upload(
     task_id: Uuid,
     file_id: FileId,
     form: &ReceivedForm,
+    with_key: bool,
 ) -> Result<UploadedFile, ApiError> {
     let Some(file) = form.file.clone() else {
         return Err(ApiError::validation("file", "is required"));
@@ -280,10 +281,14 @@ async fn record_task_upload(
         contract_id: None,
         task_id: Some(task_id),
     };
-    let recorded = app
-        .uploads()
-        .record(&author.caller.context(), file, recording)
-        .await?;
+    // A message's file is one of two commands: the key goes with the last,
+    // the message (ADR 0017).
+    let ctx = if with_key {
+        author.caller.context()
+    } else {
+        author.caller.context_without_key()
+    };
+    let recorded = app.uploads().record(&ctx, file, recording).await?;
     Ok(app.uploads().resource(&recorded).await)
 }
 
@@ -318,7 +323,7 @@ pub async fn upload_attachment(
         as_customer: Some(customer.customer.clone()),
         origin: Origin::CustomerUpload,
     };
-    let uploaded = record_task_upload(&app, &author, task_id, file_id, &form).await?;
+    let uploaded = record_task_upload(&app, &author, task_id, file_id, &form, true).await?;
     Ok(created_file(uploaded))
 }
 
@@ -419,14 +424,16 @@ async fn post_in_thread(
     let file_id = match &form.file {
         None => None,
         Some(_) => Some(
-            record_task_upload(app, author, task_id, file_id, &form)
+            record_task_upload(app, author, task_id, file_id, &form, false)
                 .await?
                 .file
                 .id,
         ),
     };
     let message_id = Uuid::now_v7();
-    let at = Utc::now();
+    // The log keeps microseconds: the answer says what a later read says
+    // (an answer rebuilt from the log after a crash, ADR 0017).
+    let at = Utc::now().trunc_subsecs(6);
     let command = TaskCommand::PostMessage {
         tenant: author.caller.tenant.clone(),
         as_customer: author.as_customer.clone(),

@@ -36,6 +36,7 @@ use futures::StreamExt as _;
 use multer::{Constraints, Multipart, SizeLimit};
 
 use crate::error::{ApiError, AppError};
+use crate::http::idempotency::IdempotencyHandle;
 
 /// The name of the part that carries a file's bytes.
 pub const FILE_FIELD: &str = "file";
@@ -107,26 +108,26 @@ impl FormSpec {
 pub struct FormBody {
     boundary: String,
     body: Body,
+    /// The request's `Idempotency-Key`, if it has one: the form's content is
+    /// part of the request's identity.
+    idempotency: Option<IdempotencyHandle>,
 }
 
 impl<S: Send + Sync> FromRequest<S> for FormBody {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, _state: &S) -> Result<Self, ApiError> {
-        let boundary = request
-            .headers()
-            .get(CONTENT_TYPE)
-            .and_then(|value| value.to_str().ok())
-            .and_then(|content_type| multer::parse_boundary(content_type).ok())
-            .ok_or_else(|| {
-                ApiError::validation(
-                    "body",
-                    "expected a multipart/form-data body (Content-Type with a boundary)",
-                )
-            })?;
+        let boundary = boundary(request.headers()).ok_or_else(|| {
+            ApiError::validation(
+                "body",
+                "expected a multipart/form-data body (Content-Type with a boundary)",
+            )
+        })?;
+        let idempotency = request.extensions().get::<IdempotencyHandle>().cloned();
         Ok(Self {
             boundary,
             body: request.into_body(),
+            idempotency,
         })
     }
 }
@@ -194,6 +195,16 @@ pub async fn receive_unless(
         received.discard(uploads).await;
         return Err(error);
     }
+    // With an idempotency key, the content is recorded with the key: a
+    // repeat must send the same.
+    if let Some(idempotency) = &form.idempotency
+        && let Err(error) = idempotency
+            .content(&received.fields, received.file.as_ref())
+            .await
+    {
+        received.discard(uploads).await;
+        return Err(error);
+    }
     Ok(received)
 }
 
@@ -240,6 +251,88 @@ async fn read_parts(
         }
     }
     Ok(())
+}
+
+/// The content fingerprint of a form read only to be compared with the first
+/// request of its `Idempotency-Key` ([`crate::http::idempotency`]): its text
+/// fields and its file's name, type and SHA-256, hashed as the file streams
+/// by; nothing is stored. Under the limits of every form ([`MAX_PARTS`],
+/// [`MAX_TEXT_FIELD_BYTES`], the file limit).
+pub async fn form_fingerprint(
+    boundary: String,
+    body: Body,
+    max_bytes: u64,
+) -> Result<String, ApiError> {
+    use sha2::{Digest as _, Sha256};
+    let limits = SizeLimit::new()
+        .whole_stream(max_bytes.saturating_add(FORM_OVERHEAD_BYTES))
+        .per_field(MAX_TEXT_FIELD_BYTES)
+        .for_field(FILE_FIELD, u64::MAX);
+    let mut multipart = Multipart::with_constraints(
+        body.into_data_stream(),
+        boundary,
+        Constraints::new().size_limit(limits),
+    );
+    let any_fields = FormSpec {
+        text_fields: &[],
+        takes_file: true,
+    };
+    let refused = |error| refusal(error, &any_fields, max_bytes);
+    let mut fields: Vec<(String, String)> = Vec::new();
+    let mut file: Option<(String, String, String)> = None;
+    let mut parts = 0;
+    while let Some(mut field) = multipart.next_field().await.map_err(refused)? {
+        parts += 1;
+        if parts > MAX_PARTS {
+            return Err(ApiError::validation(
+                "body",
+                format!("a form has at most {MAX_PARTS} parts"),
+            ));
+        }
+        let name = field.name().unwrap_or_default().to_owned();
+        if name == FILE_FIELD {
+            let file_name = FileName::parse(field.file_name().unwrap_or_default())
+                .map_err(|_| ApiError::validation("file", "the file part needs a file name"))?;
+            let content_type = ContentType::parse(field.content_type().map(|mime| mime.as_ref()))?;
+            let mut hasher = Sha256::new();
+            let mut size = 0u64;
+            while let Some(chunk) = field.chunk().await.map_err(refused)? {
+                size += chunk.len() as u64;
+                if size > max_bytes {
+                    return Err(ApiError(AppError::FileTooLarge { limit: max_bytes }));
+                }
+                hasher.update(&chunk);
+            }
+            let sha256: String = hasher
+                .finalize()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            file = Some((
+                file_name.as_str().to_owned(),
+                content_type.as_str().to_owned(),
+                sha256,
+            ));
+        } else {
+            let text = field.bytes().await.map_err(refused)?;
+            let text = String::from_utf8(text.to_vec())
+                .map_err(|_| ApiError::validation("body", "a text field is not UTF-8"))?;
+            fields.push((name, text));
+        }
+    }
+    Ok(crate::http::idempotency::content_fingerprint(
+        fields.iter().map(|(n, v)| (n.as_str(), v.as_str())),
+        file.as_ref()
+            .map(|(n, t, s)| (n.as_str(), t.as_str(), s.as_str())),
+    ))
+}
+
+/// The boundary of a `multipart/form-data` request, if it is one.
+pub fn boundary(headers: &axum::http::HeaderMap) -> Option<String> {
+    headers
+        .get(CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|content_type| multer::parse_boundary(content_type).ok())
 }
 
 async fn store_file(
