@@ -117,9 +117,10 @@ impl BlobFate {
             // so nothing of it is there.
             | AppError::Conflict
             | AppError::Duplicate => Self::Remove,
-            AppError::Unavailable(_) | AppError::OutcomeUnknown(_) | AppError::Internal(_) => {
-                Self::Keep
-            }
+            AppError::Unavailable(_)
+            | AppError::OutcomeUnknown(_)
+            | AppError::BlobDamaged(_)
+            | AppError::Internal(_) => Self::Keep,
         }
     }
 }

@@ -429,6 +429,7 @@ fn delete_status(outcome: &Result<dossier_application::Accepted, AppError>) -> &
             | AppError::Validation(_)
             | AppError::ConfirmationRequired
             | AppError::BundleNotReady
+            | AppError::BlobDamaged(_)
             | AppError::TooManyPendingBundles { .. },
         ) => "unavailable",
     }
