@@ -22,6 +22,9 @@ use uuid::Uuid;
 /// A sealed segment: 64 KiB and its tag.
 const SEALED_SEGMENT: usize = SEGMENT + 16;
 
+/// What a test does to the stored bytes of a blob.
+type Damage<'a> = &'a dyn Fn(Vec<u8>) -> Vec<u8>;
+
 /// Text no ciphertext contains by chance: a payslip, line after line.
 fn payslip(len: usize) -> Vec<u8> {
     let mut text = Vec::with_capacity(len + 64);
@@ -210,7 +213,7 @@ async fn damaged_blobs_are_refused(app: TestApp) {
         out
     };
     let header_only = |stored: Vec<u8>| stored[..HEADER].to_vec();
-    let before: [(&str, &[u8], &dyn Fn(Vec<u8>) -> Vec<u8>); 4] = [
+    let before: [(&str, &[u8], Damage); 4] = [
         ("a flipped byte in the first segment", &plain, &first_flip),
         ("the first two segments swapped", &plain, &swapped),
         (
@@ -245,7 +248,7 @@ async fn damaged_blobs_are_refused(app: TestApp) {
         stored
     };
     let cut_last = |stored: Vec<u8>| stored[..HEADER + 3 * SEALED_SEGMENT].to_vec();
-    let during: [(&str, &dyn Fn(Vec<u8>) -> Vec<u8>); 2] = [
+    let during: [(&str, Damage); 2] = [
         ("a flipped byte in the third segment", &later_flip),
         ("the last segment cut off", &cut_last),
     ];

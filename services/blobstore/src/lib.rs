@@ -164,6 +164,22 @@ pub trait BlobStore: Send + Sync + 'static {
         max_bytes: u64,
     ) -> Result<StoredBlob, BlobError>;
 
+    /// [`Self::put`] for a caller that hashes what it stores itself (the
+    /// sealing decorator hashes the plain bytes; a hash of its ciphertext
+    /// would be a second pass over every byte for nothing): the same limit
+    /// and guarantees, answering only the number of bytes stored. Adapters
+    /// skip the hash; the default runs [`Self::put`].
+    async fn put_unhashed(
+        &self,
+        key: &BlobKey,
+        body: ByteStream,
+        max_bytes: u64,
+    ) -> Result<u64, BlobError> {
+        self.put(key, body, max_bytes)
+            .await
+            .map(|stored| stored.size)
+    }
+
     /// Opens the blob under `key` for streaming; [`BlobError::NotFound`] if absent.
     async fn get(&self, key: &BlobKey) -> Result<BlobObject, BlobError>;
 
@@ -225,7 +241,16 @@ pub fn hashing_limited(body: ByteStream, max_bytes: u64) -> HashingLimited {
         body,
         max_bytes,
         size: 0,
-        hasher: Sha256::new(),
+        hasher: Some(Sha256::new()),
+    }
+}
+
+/// [`hashing_limited`] without the hash, for [`BlobStore::put_unhashed`]:
+/// [`HashingLimited::finish`] then answers an empty `sha256`.
+pub fn limited(body: ByteStream, max_bytes: u64) -> HashingLimited {
+    HashingLimited {
+        hasher: None,
+        ..hashing_limited(body, max_bytes)
     }
 }
 
@@ -234,7 +259,7 @@ pub struct HashingLimited {
     body: ByteStream,
     max_bytes: u64,
     size: u64,
-    hasher: Sha256,
+    hasher: Option<Sha256>,
 }
 
 impl fmt::Debug for HashingLimited {
@@ -269,7 +294,9 @@ impl HashingLimited {
                     limit: self.max_bytes,
                 })?;
             self.size = size;
-            self.hasher.update(&chunk);
+            if let Some(hasher) = &mut self.hasher {
+                hasher.update(&chunk);
+            }
             return Ok(Some(chunk));
         }
     }
@@ -307,12 +334,15 @@ impl HashingLimited {
         (Box::pin(stream), tally)
     }
 
-    /// Size and hash of everything read; call after [`Self::next_chunk`]
-    /// answered `None`.
+    /// Size and hash of everything read (no hash from [`limited`]); call
+    /// after [`Self::next_chunk`] answered `None`.
     pub fn finish(self) -> StoredBlob {
         StoredBlob {
             size: self.size,
-            sha256: hex::encode(self.hasher.finalize()),
+            sha256: self
+                .hasher
+                .map(|hasher| hex::encode(hasher.finalize()))
+                .unwrap_or_default(),
         }
     }
 }

@@ -135,12 +135,11 @@ impl SealedBlobStore {
         tenant: &str,
         owner: Owner<'_>,
     ) -> Result<(DataKey, bool), BlobError> {
-        if let Some(live) = self.keys.live(tenant, owner).await.map_err(keys_failed)? {
-            return Ok((live, false));
-        }
+        // Creating first costs one round trip for a new blob, the common case.
         match self.keys.create(tenant, owner).await {
             Ok(created) => Ok((created, true)),
-            // Another put of the same owner created it first: take theirs.
+            // The owner has its key already (a retried put, a blob sealed in
+            // place, another put of the same owner): take it.
             Err(_) => Ok((
                 self.keys
                     .live_or_create(tenant, owner)
@@ -216,7 +215,12 @@ impl BlobStore for SealedBlobStore {
         let (data_key, created) = self.key_for_put(tenant, owner).await?;
         let (plain, tally) = hashing_limited(body, max_bytes).into_stream();
         let sealed: ByteStream = Box::pin(segments::seal(data_key, plain));
-        let stored = self.inner.put(key, sealed, sealed_limit(max_bytes)).await;
+        // The plain bytes are hashed above; the inner store need not hash
+        // the ciphertext.
+        let stored = self
+            .inner
+            .put_unhashed(key, sealed, sealed_limit(max_bytes))
+            .await;
         let outcome = tally.outcome(stored);
         if outcome.is_err() && created {
             // Nothing was stored under the key this put made: it goes too.
