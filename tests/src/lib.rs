@@ -252,8 +252,16 @@ pub struct TestApp {
     pub client: reqwest::Client,
     pub pool: Pool,
     pub database_url: String,
+    /// The bucket as it is: ciphertext (and blobs stored before encryption),
+    /// for looking at what the store holds.
     pub blobs: Arc<dyn BlobStore>,
+    /// The bucket as the application reads and writes it: sealed under its
+    /// data keys (for workers a test runs in-process).
+    pub sealed_blobs: Arc<dyn BlobStore>,
+    /// The bucket's name (for [`Self::spawn_on_dir`], the directory's path).
     pub bucket: String,
+    /// The directory of [`Self::spawn_on_dir`]'s blobs.
+    pub blob_dir: Option<PathBuf>,
     server: AppServer,
 }
 
@@ -294,6 +302,25 @@ impl TestApp {
         (app, proxy)
     }
 
+    /// A whole Dossier that keeps its blobs in a directory of its own (the
+    /// embedded default store) instead of an S3 bucket: [`Self::blob_dir`].
+    pub async fn spawn_on_dir(overrides: &[(&str, &str)]) -> Self {
+        remove_old_temp_dirs("dossier-blobs-");
+        let dir = std::env::temp_dir().join(format!("dossier-blobs-{}", Uuid::new_v4().simple()));
+        let blobs = blob::open(&BlobStoreSpec::Dir(dir.clone()))
+            .await
+            .expect("the test blob directory opens");
+        let (pool, database_url) = crate::db::fresh_database()
+            .await
+            .expect("a fresh test database");
+        let name = dir.display().to_string();
+        let mut app =
+            Self::start_on(overrides, pool, database_url, blobs.clone(), blobs, name).await;
+        app.blob_dir = Some(dir);
+        app.wait_until_ready().await;
+        app
+    }
+
     /// [`Self::spawn_unready`], the application reaching S3 at `s3_endpoint`
     /// (the shared server when `None`).
     async fn spawn_unready_on(overrides: &[(&str, &str)], s3_endpoint: Option<&str>) -> Self {
@@ -317,12 +344,31 @@ impl TestApp {
                 .expect("the test bucket opens through the proxy")
             }
         };
+        Self::start_on(overrides, pool, database_url, blobs, app_blobs, bucket).await
+    }
+
+    /// The application on `pool`, reaching its blobs through `app_blobs`
+    /// (`blobs` as the test sees them), with a vhost of its own; not yet
+    /// ready.
+    async fn start_on(
+        overrides: &[(&str, &str)],
+        pool: Pool,
+        database_url: String,
+        blobs: Arc<dyn BlobStore>,
+        app_blobs: Arc<dyn BlobStore>,
+        bucket: String,
+    ) -> Self {
+        dossier_runtime::telemetry::init_test_tracing();
         let vhost = TestVhost::create()
             .await
             .expect("a RabbitMQ vhost for the test");
         let mut all: Vec<(&str, &str)> = vec![("DOSSIER_AMQP_URL", vhost.url())];
         all.extend_from_slice(overrides);
         let settings = settings(&database_url, &all);
+        let keys = dossier_api::startup::open_key_store(&settings, &pool)
+            .await
+            .expect("the data key table opens");
+        let sealed_blobs = blob::SealedBlobStore::shared(blobs.clone(), keys);
         let server = AppServer::start(settings, app_blobs)
             .await
             .expect("the application starts");
@@ -333,7 +379,9 @@ impl TestApp {
             pool,
             database_url,
             blobs,
+            sealed_blobs,
             bucket,
+            blob_dir: None,
             server,
         }
     }

@@ -151,7 +151,7 @@ fn start_zip_worker(
     let task = tokio::spawn(dossier_workers::zip::run(
         app.pool.clone(),
         broker,
-        app.blobs.clone(),
+        app.sealed_blobs.clone(),
         config,
         stopping,
     ));
@@ -1055,7 +1055,7 @@ async fn a_tenant_at_its_pending_bound_gets_429_while_another_tenants_bundle_is_
     // which runs exactly as `dossier serve` configures it for this bound.
     let (release, released) = watch::channel(false);
     let blobs: std::sync::Arc<dyn dossier_blobstore::BlobStore> = std::sync::Arc::new(HeldReads {
-        inner: app.blobs.clone(),
+        inner: app.sealed_blobs.clone(),
         held_prefix: "busy/".to_owned(),
         released,
     });

@@ -54,12 +54,18 @@
 //!
 //! [`verify_blobs`] re-hashes every live file's blob, streaming, and reports
 //! mismatches, missing blobs and unreadable ones (`dossier blobs verify`).
+//!
+//! # Sealing blobs stored before encryption
+//!
+//! [`encrypt_blobs`] walks the same live files and seals, in place, each blob
+//! stored before encryption ([`SealedBlobStore::seal_in_place`]; `dossier
+//! blobs encrypt`). Run again, it finds nothing left to do.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use dossier_application::{AppError, CommandContext, Commands};
-use dossier_blobstore::{BlobError, BlobStore};
+use dossier_blobstore::{BlobError, BlobStore, SealedBlobStore, SealedInPlace};
 use dossier_broker::{self, AmqpError, BLOB_QUEUE, Broker, ConsumerOptions, Incoming, Outcome};
 use dossier_domain::{Actor, BlobKey, File, FileCommand, FileEvent, FilePolicy, TenantId};
 use dossier_eventlog::db::Pool;
@@ -820,6 +826,83 @@ pub async fn verify_blobs(
                 Err(error) => {
                     problem.detail = Some(error.to_string());
                     report.unreadable.push(problem);
+                }
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// What [`encrypt_blobs`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct EncryptReport {
+    /// Live files looked at.
+    pub checked: u64,
+    /// Blobs stored before encryption, now sealed.
+    pub sealed: u64,
+    /// Blobs that were sealed already.
+    pub already_sealed: u64,
+    /// Files whose data key is destroyed (their bytes are gone).
+    pub shredded: u64,
+    /// Files without a blob.
+    pub missing: Vec<Uuid>,
+    /// Blobs that could not be sealed, and why: try again.
+    pub failed: Vec<BlobProblem>,
+}
+
+impl EncryptReport {
+    /// Whether every live file's blob is sealed now.
+    pub fn is_clean(&self) -> bool {
+        self.missing.is_empty() && self.failed.is_empty()
+    }
+}
+
+/// Seals every live file's blob that was stored before encryption (a few at
+/// a time), in place; see the module docs.
+#[tracing::instrument(skip_all, fields(store = %blobs.describe()))]
+pub async fn encrypt_blobs(
+    pool: &Pool,
+    blobs: &SealedBlobStore,
+) -> Result<EncryptReport, BlobWorkerError> {
+    let mut report = EncryptReport::default();
+    let mut after = Uuid::nil();
+    loop {
+        let page = files_page(pool, after).await?;
+        let Some(last) = page.last() else {
+            break;
+        };
+        after = last.id;
+        let done = futures::stream::iter(page)
+            .map(|file| async move {
+                let key = BlobKey::from_recorded(file.blob_key.clone());
+                let sealed = blobs.seal_in_place(&key).await;
+                (file, sealed)
+            })
+            .buffer_unordered(VERIFY_CONCURRENCY)
+            .collect::<Vec<_>>()
+            .await;
+        for (file, sealed) in done {
+            report.checked += 1;
+            match sealed {
+                Ok(SealedInPlace::Sealed) => {
+                    tracing::info!(file_id = %file.id, tenant = %file.tenant, "sealed a blob stored before encryption");
+                    report.sealed += 1;
+                }
+                Ok(SealedInPlace::AlreadySealed) => report.already_sealed += 1,
+                Ok(SealedInPlace::Shredded) => report.shredded += 1,
+                Err(BlobError::NotFound) => report.missing.push(file.id),
+                Err(error) => {
+                    tracing::warn!(file_id = %file.id, tenant = %file.tenant, %error, "could not seal a blob; run the command again");
+                    report.failed.push(BlobProblem {
+                        file_id: file.id,
+                        tenant: file.tenant,
+                        blob_key: file.blob_key,
+                        expected_sha256: file.sha256,
+                        expected_size: u64::try_from(file.size).unwrap_or_default(),
+                        actual_sha256: None,
+                        actual_size: None,
+                        detail: Some(error.to_string()),
+                    });
                 }
             }
         }

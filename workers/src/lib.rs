@@ -35,7 +35,8 @@ use dossier_eventlog::db::Pool;
 use tokio::sync::watch;
 
 pub use blob::{
-    BlobWorkerConfig, BlobWorkerError, SweepReport, VerifyReport, sweep_orphans, verify_blobs,
+    BlobWorkerConfig, BlobWorkerError, EncryptReport, SweepReport, VerifyReport, encrypt_blobs,
+    sweep_orphans, verify_blobs,
 };
 pub use relay::{RelayConfig, RelayError};
 

@@ -38,7 +38,7 @@ impl ApiError {
             | AppError::Duplicate
             | AppError::IdempotencyKeyInFlight { .. } => StatusCode::CONFLICT,
             AppError::TooManyPendingBundles { .. } => StatusCode::TOO_MANY_REQUESTS,
-            AppError::Unavailable(_) | AppError::OutcomeUnknown(_) => {
+            AppError::Unavailable(_) | AppError::OutcomeUnknown(_) | AppError::BlobDamaged(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             AppError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -73,6 +73,9 @@ impl IntoResponse for ApiError {
         match &self.0 {
             AppError::Unavailable(detail) | AppError::OutcomeUnknown(detail) => {
                 tracing::warn!(%detail, "answered {status}: a backing service failed")
+            }
+            AppError::BlobDamaged(detail) => {
+                tracing::error!(%detail, "answered {status}: a stored blob failed its integrity check and was not sent; restore it from a backup")
             }
             AppError::Internal(detail) => tracing::error!(%detail, "answered 500: internal error"),
             _ => {}

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use dossier_application::{Commands, Uploads};
-use dossier_blobstore::{self as blob, BlobStore, BlobStoreSpec, S3Options};
+use dossier_blobstore::{self as blob, BlobStore, BlobStoreSpec, S3Options, SealedBlobStore};
 use dossier_broker::{Broker, BrokerOptions};
 use dossier_domain::{FilePolicy, MaxFileBytes};
 use dossier_eventlog::db::{self, Pool};
@@ -41,8 +41,11 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// Connections a process keeps to Postgres.
 const POOL_SIZE: usize = 32;
 
-/// Opens the blob store the settings name. Credentials for S3 come the
-/// standard AWS way (environment, profile, instance role).
+/// Opens the blob store the settings name, as it is: what it holds is
+/// ciphertext, so every reader and writer goes through
+/// [`open_sealed_blob_store`] (or [`Application::build_with_blobs`], which
+/// seals what it is given). Credentials for S3 come the standard AWS way
+/// (environment, profile, instance role).
 pub async fn open_blob_store(settings: &Settings) -> anyhow::Result<Arc<dyn BlobStore>> {
     let spec = match &settings.blob_store {
         BlobStoreLocation::Dir(root) => BlobStoreSpec::Dir(root.clone()),
@@ -59,6 +62,19 @@ pub async fn open_blob_store(settings: &Settings) -> anyhow::Result<Arc<dyn Blob
     blob::open(&spec)
         .await
         .with_context(|| format!("opening the blob store {}", settings.blob_store))
+}
+
+/// The blob store the settings name, sealed under the data keys of `keys`
+/// (the command line's blob commands; the service seals in
+/// [`Application::build_with_blobs`]).
+pub async fn open_sealed_blob_store(
+    settings: &Settings,
+    keys: &KeyStore,
+) -> anyhow::Result<SealedBlobStore> {
+    Ok(SealedBlobStore::new(
+        open_blob_store(settings).await?,
+        keys.clone(),
+    ))
 }
 
 /// Connections a process keeps to a separate keys database.
@@ -173,6 +189,9 @@ impl Application {
 
     /// Like [`Self::build`], with a blob store opened by the caller (tests
     /// pass S3 credentials explicitly instead of through the environment).
+    /// `blobs` is the store as it is; every part of the process (uploads,
+    /// downloads, the intake, the blob and zip workers, the orphan sweep)
+    /// reads and writes it sealed, through one [`SealedBlobStore`].
     pub async fn build_with_blobs(
         settings: Settings,
         blobs: Arc<dyn BlobStore>,
@@ -190,6 +209,7 @@ impl Application {
             pool.clone(),
             settings.keys_database_url.is_none(),
         );
+        let blobs = SealedBlobStore::shared(blobs, keys.clone());
         let metrics = telemetry::install_metrics();
         let (shutdown, _) = watch::channel(false);
 

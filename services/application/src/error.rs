@@ -75,6 +75,14 @@ pub enum AppError {
         "a backing service failed while the command was being recorded; it may have taken effect, check before trying again"
     )]
     OutcomeUnknown(String),
+    /// A stored file failed its integrity check (a sealed blob altered, cut
+    /// short or reordered) and was not sent; nothing was recorded. Retrying
+    /// does not help: an operator must restore the blob. The detail goes to
+    /// the log only.
+    #[error(
+        "the stored content failed its integrity check and was not sent; nothing was recorded; an operator must restore it, trying again will not help"
+    )]
+    BlobDamaged(String),
     /// A bug or an inconsistency; the detail goes to the log only.
     #[error("internal error")]
     Internal(String),
@@ -100,7 +108,8 @@ impl AppError {
             Self::TooManyPendingBundles { .. } => "too_many_pending_bundles",
             Self::Conflict | Self::Duplicate | Self::IdempotencyKeyInFlight { .. } => "conflict",
             Self::IdempotencyKeyReused => "idempotency_key_reused",
-            Self::Unavailable(_) | Self::OutcomeUnknown(_) => "unavailable",
+            // The contract's one code for a 5xx: the content is unavailable.
+            Self::Unavailable(_) | Self::OutcomeUnknown(_) | Self::BlobDamaged(_) => "unavailable",
             Self::Internal(_) => "internal",
         }
     }
@@ -118,9 +127,10 @@ impl AppError {
     /// What only an operator should read (a driver's or a store's error text).
     pub fn detail(&self) -> Option<&str> {
         match self {
-            Self::Unavailable(detail) | Self::OutcomeUnknown(detail) | Self::Internal(detail) => {
-                Some(detail)
-            }
+            Self::Unavailable(detail)
+            | Self::OutcomeUnknown(detail)
+            | Self::BlobDamaged(detail)
+            | Self::Internal(detail) => Some(detail),
             _ => None,
         }
     }
@@ -223,6 +233,9 @@ impl From<BlobError> for AppError {
             BlobError::Body(io) => {
                 Self::validation("file", format!("the upload was interrupted: {io}"))
             }
+            // Its file was deleted or its bundle expired: gone, like the file (rule 6).
+            BlobError::Shredded => Self::NotFound,
+            BlobError::Damaged(detail) => Self::BlobDamaged(detail),
             other => Self::Unavailable(other.to_string()),
         }
     }
@@ -282,6 +295,16 @@ mod tests {
             Some(std::time::Duration::from_secs(2))
         );
         assert!(!in_flight.is_transient());
+    }
+
+    #[test]
+    fn a_shredded_blob_is_not_found_and_a_damaged_one_is_unavailable_for_good() {
+        assert_eq!(AppError::from(BlobError::Shredded).code(), "not_found");
+        let damaged = AppError::from(BlobError::Damaged("acme/…/f: segment 3".into()));
+        assert_eq!(damaged.code(), "unavailable");
+        assert!(!damaged.is_transient());
+        assert!(!damaged.to_string().contains("segment"), "{damaged}");
+        assert_eq!(damaged.detail(), Some("acme/…/f: segment 3"));
     }
 
     #[test]

@@ -120,9 +120,10 @@ impl BlobFate {
             // Refused at the edge before the command was sent.
             | AppError::IdempotencyKeyReused
             | AppError::IdempotencyKeyInFlight { .. } => Self::Remove,
-            AppError::Unavailable(_) | AppError::OutcomeUnknown(_) | AppError::Internal(_) => {
-                Self::Keep
-            }
+            AppError::Unavailable(_)
+            | AppError::OutcomeUnknown(_)
+            | AppError::BlobDamaged(_)
+            | AppError::Internal(_) => Self::Keep,
         }
     }
 }

@@ -7,6 +7,7 @@
 //! | scenario | module |
 //! |---|---|
 //! | `upload`: 25 MiB over HTTP vs. PutObject | [`upload`] |
+//! | `sealed_blobs`: put and get through the sealing decorator vs. without it | [`sealed`] |
 //! | `commands` and `projection_lag`: renames vs. INSERT+COMMIT | [`commands`] |
 //! | `postgres_es`: the same commands on cqrs-es + postgres-es (feature) | [`postgres_es`] |
 //! | `list`: filtered lists of a tenant with 1,000,000 files | [`list`] |
@@ -32,6 +33,7 @@ mod postgres_es;
 mod rebuild;
 mod report;
 mod rss;
+mod sealed;
 mod seed;
 mod stats;
 mod upload;
@@ -51,8 +53,8 @@ pub struct BenchArgs {
     /// JSON on stdout (one object per figure) instead of a table.
     #[arg(long)]
     pub json: bool,
-    /// Run only this scenario (repeatable): upload, commands, postgres_es,
-    /// list, console, rebuild, zip_bundle, upload_rss, amqp_intake.
+    /// Run only this scenario (repeatable): upload, sealed_blobs, commands,
+    /// postgres_es, list, console, rebuild, zip_bundle, upload_rss, amqp_intake.
     #[arg(long = "scenario", value_name = "NAME")]
     pub scenarios: Vec<String>,
 }
@@ -80,8 +82,9 @@ pub async fn main(settings: &Settings, args: BenchArgs) -> anyhow::Result<()> {
 
 /// Every scenario, in the order they run. `commands` also reports the
 /// `projection_lag` figures (measured under its load).
-pub const SCENARIOS: [&str; 9] = [
+pub const SCENARIOS: [&str; 10] = [
     "upload",
+    "sealed_blobs",
     "commands",
     "postgres_es",
     "list",
@@ -147,6 +150,7 @@ pub async fn run(options: Options) -> anyhow::Result<Outcome> {
         let scenario_started = Instant::now();
         let result = match name {
             "upload" => upload::run(&ctx).await,
+            "sealed_blobs" => sealed::run(&ctx).await,
             "commands" => commands::run(&ctx).await,
             "postgres_es" => postgres_es::run(&ctx).await,
             "list" => list::run(&ctx).await,

@@ -6,8 +6,9 @@ use std::process::Command;
 
 /// Every scenario name that figures carry (`commands` also reports
 /// `projection_lag`).
-const SCENARIOS: [&str; 10] = [
+const SCENARIOS: [&str; 11] = [
     "upload",
+    "sealed_blobs",
     "commands",
     "postgres_es",
     "projection_lag",

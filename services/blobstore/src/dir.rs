@@ -18,8 +18,8 @@ use tokio::io::AsyncWriteExt as _;
 use tokio_util::io::ReaderStream;
 
 use super::{
-    BlobError, BlobListStream, BlobListing, BlobObject, BlobStore, ByteStream, StoredBlob,
-    hashing_limited, shown_key,
+    BlobError, BlobListStream, BlobListing, BlobObject, BlobStore, ByteStream, HashingLimited,
+    StoredBlob, hashing_limited, limited, shown_key,
 };
 
 /// Folder under the root for uploads in progress; never part of a key.
@@ -182,13 +182,12 @@ fn is_absent(err: &io::Error) -> bool {
     )
 }
 
-#[async_trait]
-impl BlobStore for DirBlobStore {
-    async fn put(
+impl DirBlobStore {
+    /// Both puts: `body` (hashing or not) through a temporary file into place.
+    async fn write(
         &self,
         key: &BlobKey,
-        body: ByteStream,
-        max_bytes: u64,
+        mut body: HashingLimited,
     ) -> Result<StoredBlob, BlobError> {
         let path = self.path_of(key.as_str())?;
         let parent = path.parent().ok_or_else(|| {
@@ -197,8 +196,6 @@ impl BlobStore for DirBlobStore {
                 shown_key(key.as_str())
             ))
         })?;
-        let mut body = hashing_limited(body, max_bytes);
-
         // Recreated if someone cleaned the folder away while we ran.
         fs::create_dir_all(&self.tmp)
             .await
@@ -230,6 +227,27 @@ impl BlobStore for DirBlobStore {
         temp.keep = true;
         sync_dir(parent).await?;
         Ok(body.finish())
+    }
+}
+
+#[async_trait]
+impl BlobStore for DirBlobStore {
+    async fn put(
+        &self,
+        key: &BlobKey,
+        body: ByteStream,
+        max_bytes: u64,
+    ) -> Result<StoredBlob, BlobError> {
+        self.write(key, hashing_limited(body, max_bytes)).await
+    }
+
+    async fn put_unhashed(
+        &self,
+        key: &BlobKey,
+        body: ByteStream,
+        max_bytes: u64,
+    ) -> Result<u64, BlobError> {
+        Ok(self.write(key, limited(body, max_bytes)).await?.size)
     }
 
     async fn get(&self, key: &BlobKey) -> Result<BlobObject, BlobError> {

@@ -13,14 +13,18 @@
 //!
 //! [`open`] picks one from a [`BlobStoreSpec`]. The size limit and the hash
 //! are computed once, in [`HashingLimited`], shared by both adapters.
+//!
+//! [`sealed::SealedBlobStore`] wraps either one: every blob is stored sealed
+//! under a data key of its own, so the store holds only ciphertext.
 
 pub mod dir;
 pub mod s3;
+pub mod sealed;
 
 use std::fmt;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use async_trait::async_trait;
@@ -31,6 +35,7 @@ use sha2::{Digest as _, Sha256};
 
 pub use dir::DirBlobStore;
 pub use s3::{S3BlobStore, S3Options};
+pub use sealed::{SealedBlobStore, SealedInPlace};
 
 /// A stream of bytes in chunks: an upload's body, or a stored blob's content.
 pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, std::io::Error>> + Send>>;
@@ -112,6 +117,15 @@ pub enum BlobError {
     /// The message names the operation and carries the underlying cause.
     #[error("blob store: {0}")]
     Backend(String),
+    /// The blob's data key was destroyed (its file was deleted, its bundle
+    /// expired): whatever is still stored under the key is noise for good.
+    #[error("the blob's data key was destroyed")]
+    Shredded,
+    /// A sealed blob failed to open: a byte altered, a segment moved or cut
+    /// off, or a header naming another key. Its bytes are never served; the
+    /// message names the key (as [`shown_key`] shows it) and what failed.
+    #[error("the stored blob failed its integrity check: {0}")]
+    Damaged(String),
 }
 
 impl BlobError {
@@ -149,6 +163,22 @@ pub trait BlobStore: Send + Sync + 'static {
         body: ByteStream,
         max_bytes: u64,
     ) -> Result<StoredBlob, BlobError>;
+
+    /// [`Self::put`] for a caller that hashes what it stores itself (the
+    /// sealing decorator hashes the plain bytes; a hash of its ciphertext
+    /// would be a second pass over every byte for nothing): the same limit
+    /// and guarantees, answering only the number of bytes stored. Adapters
+    /// skip the hash; the default runs [`Self::put`].
+    async fn put_unhashed(
+        &self,
+        key: &BlobKey,
+        body: ByteStream,
+        max_bytes: u64,
+    ) -> Result<u64, BlobError> {
+        self.put(key, body, max_bytes)
+            .await
+            .map(|stored| stored.size)
+    }
 
     /// Opens the blob under `key` for streaming; [`BlobError::NotFound`] if absent.
     async fn get(&self, key: &BlobKey) -> Result<BlobObject, BlobError>;
@@ -211,7 +241,16 @@ pub fn hashing_limited(body: ByteStream, max_bytes: u64) -> HashingLimited {
         body,
         max_bytes,
         size: 0,
-        hasher: Sha256::new(),
+        hasher: Some(Sha256::new()),
+    }
+}
+
+/// [`hashing_limited`] without the hash, for [`BlobStore::put_unhashed`]:
+/// [`HashingLimited::finish`] then answers an empty `sha256`.
+pub fn limited(body: ByteStream, max_bytes: u64) -> HashingLimited {
+    HashingLimited {
+        hasher: None,
+        ..hashing_limited(body, max_bytes)
     }
 }
 
@@ -220,7 +259,7 @@ pub struct HashingLimited {
     body: ByteStream,
     max_bytes: u64,
     size: u64,
-    hasher: Sha256,
+    hasher: Option<Sha256>,
 }
 
 impl fmt::Debug for HashingLimited {
@@ -255,7 +294,9 @@ impl HashingLimited {
                     limit: self.max_bytes,
                 })?;
             self.size = size;
-            self.hasher.update(&chunk);
+            if let Some(hasher) = &mut self.hasher {
+                hasher.update(&chunk);
+            }
             return Ok(Some(chunk));
         }
     }
@@ -265,12 +306,77 @@ impl HashingLimited {
         self.size
     }
 
-    /// Size and hash of everything read; call after [`Self::next_chunk`]
-    /// answered `None`.
+    /// This reader as a stream of the chunks it accepts, for a store that
+    /// hands an upload on to another one (the sealing decorator): the limit
+    /// and the hash stay this reader's, and [`HashingTally::outcome`] tells
+    /// the inner store's answer apart from this reader's own refusal. The
+    /// client's error ends the stream as it came; an over-limit chunk ends it
+    /// with an error (the inner store then stores nothing).
+    pub fn into_stream(self) -> (ByteStream, HashingTally) {
+        let tally = HashingTally::default();
+        let state = (Some(self), tally.clone());
+        let stream = futures::stream::unfold(state, |(reader, tally)| async move {
+            let mut reader = reader?;
+            match reader.next_chunk().await {
+                Ok(Some(chunk)) => Some((Ok(chunk), (Some(reader), tally))),
+                Ok(None) => {
+                    tally.settle(Ok(reader.finish()));
+                    None
+                }
+                Err(BlobError::Body(error)) => Some((Err(error), (None, tally))),
+                Err(error) => {
+                    let message = error.to_string();
+                    tally.settle(Err(error));
+                    Some((Err(std::io::Error::other(message)), (None, tally)))
+                }
+            }
+        });
+        (Box::pin(stream), tally)
+    }
+
+    /// Size and hash of everything read (no hash from [`limited`]); call
+    /// after [`Self::next_chunk`] answered `None`.
     pub fn finish(self) -> StoredBlob {
         StoredBlob {
             size: self.size,
-            sha256: hex::encode(self.hasher.finalize()),
+            sha256: self
+                .hasher
+                .map(|hasher| hex::encode(hasher.finalize()))
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// What the stream of [`HashingLimited::into_stream`] read: known once the
+/// stream ended (or refused a chunk).
+#[derive(Debug, Clone, Default)]
+pub struct HashingTally(Arc<Mutex<Option<Result<StoredBlob, BlobError>>>>);
+
+impl HashingTally {
+    fn settle(&self, outcome: Result<StoredBlob, BlobError>) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(outcome);
+    }
+
+    /// The answer of a put that read the stream into another store, whose
+    /// answer is `stored`: this reader's refusal (over the limit) if there
+    /// was one, whatever the other store said; otherwise the other store's
+    /// error; otherwise the size and hash of the bytes this reader passed.
+    pub fn outcome<T>(&self, stored: Result<T, BlobError>) -> Result<StoredBlob, BlobError> {
+        let read = self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        match (read, stored) {
+            (Some(Err(refused)), _) => Err(refused),
+            (_, Err(error)) => Err(error),
+            (Some(Ok(read)), Ok(_)) => Ok(read),
+            (None, Ok(_)) => Err(BlobError::Backend(
+                "the store answered before the whole upload was read".into(),
+            )),
         }
     }
 }
@@ -318,6 +424,37 @@ mod tests {
         ))
         .await
         .unwrap_err();
+        assert!(matches!(err, BlobError::Body(_)), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn as_a_stream_it_passes_the_chunks_and_tallies_them_or_the_refusal() {
+        use futures::TryStreamExt as _;
+        let (stream, tally) = hashing_limited(body(vec![Ok(b"ab"), Ok(b"c")]), 3).into_stream();
+        let chunks: Vec<Bytes> = stream.try_collect().await.unwrap();
+        assert_eq!(chunks.concat(), b"abc");
+        let stored = tally.outcome(Ok(())).unwrap();
+        assert_eq!(stored.size, 3);
+
+        let (stream, tally) = hashing_limited(body(vec![Ok(b"ab"), Ok(b"cd")]), 3).into_stream();
+        let read: Result<Vec<Bytes>, _> = stream.try_collect().await;
+        assert!(read.is_err());
+        // Whatever the other store made of the failed stream, the refusal stands.
+        let err = tally
+            .outcome::<()>(Err(BlobError::Body(std::io::Error::other("x"))))
+            .unwrap_err();
+        assert!(matches!(err, BlobError::TooLarge { limit: 3 }), "{err:?}");
+
+        let (stream, tally) = hashing_limited(
+            body(vec![Ok(b"ab"), Err(std::io::Error::other("gone"))]),
+            10,
+        )
+        .into_stream();
+        let read: Result<Vec<Bytes>, _> = stream.try_collect().await;
+        assert_eq!(read.unwrap_err().to_string(), "gone");
+        let err = tally
+            .outcome::<()>(Err(BlobError::Body(std::io::Error::other("gone"))))
+            .unwrap_err();
         assert!(matches!(err, BlobError::Body(_)), "{err:?}");
     }
 

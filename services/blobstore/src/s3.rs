@@ -50,7 +50,7 @@ use futures::StreamExt as _;
 
 use super::{
     BlobError, BlobListStream, BlobListing, BlobObject, BlobStore, ByteStream, HashingLimited,
-    StoredBlob, hashing_limited, shown_key,
+    StoredBlob, hashing_limited, limited, shown_key,
 };
 
 /// Size of one multipart part, and so the memory one upload holds while it
@@ -698,32 +698,14 @@ where
     }
 }
 
-#[async_trait]
-impl BlobStore for S3BlobStore {
-    /// Streams the body into a `PutObject` (at most one part) or a multipart
-    /// upload (see the module docs for memory and pipelining).
-    ///
-    /// Bodies are sent with `UNSIGNED-PAYLOAD`: SigV4 still signs the
-    /// request, but not a SHA-256 of its body, which would be a second pass
-    /// over every byte here and a third on the server, on top of our own
-    /// SHA-256 of the upload. That is sound over TLS (the record layer
-    /// authenticates every byte, which is what AWS and every remote endpoint
-    /// use) and on a trusted network; an `http://` endpoint is meant to be a
-    /// local development or test server, because over plain HTTP the
-    /// documents themselves would travel readable, signed or not. No
-    /// CRC32/CRC64 checksum header is sent either: it would add nothing TLS
-    /// does not already give on the way, composite part checksums must be
-    /// declared on `CreateMultipartUpload` and repeated on completion (more
-    /// requests' worth of state, and support varies among S3-compatible
-    /// servers), and the content check that counts end to end is our own
-    /// SHA-256, recorded in the log and computed over every byte received.
-    async fn put(
+impl S3BlobStore {
+    /// Both puts: `body` (hashing or not) into a `PutObject` or a
+    /// multipart upload (see [`BlobStore::put`] of this adapter).
+    async fn write(
         &self,
         key: &BlobKey,
-        body: ByteStream,
-        max_bytes: u64,
+        mut body: HashingLimited,
     ) -> Result<StoredBlob, BlobError> {
-        let mut body = hashing_limited(body, max_bytes);
         let mut multipart: Option<MultipartUpload> = None;
         let read = self.send_parts(key, &mut body, &mut multipart).await;
 
@@ -754,6 +736,44 @@ impl BlobStore for S3BlobStore {
             }
         }
         Ok(body.finish())
+    }
+}
+
+#[async_trait]
+impl BlobStore for S3BlobStore {
+    /// Streams the body into a `PutObject` (at most one part) or a multipart
+    /// upload (see the module docs for memory and pipelining).
+    ///
+    /// Bodies are sent with `UNSIGNED-PAYLOAD`: SigV4 still signs the
+    /// request, but not a SHA-256 of its body, which would be a second pass
+    /// over every byte here and a third on the server, on top of our own
+    /// SHA-256 of the upload. That is sound over TLS (the record layer
+    /// authenticates every byte, which is what AWS and every remote endpoint
+    /// use) and on a trusted network; an `http://` endpoint is meant to be a
+    /// local development or test server, because over plain HTTP the
+    /// documents themselves would travel readable, signed or not. No
+    /// CRC32/CRC64 checksum header is sent either: it would add nothing TLS
+    /// does not already give on the way, composite part checksums must be
+    /// declared on `CreateMultipartUpload` and repeated on completion (more
+    /// requests' worth of state, and support varies among S3-compatible
+    /// servers), and the content check that counts end to end is our own
+    /// SHA-256, recorded in the log and computed over every byte received.
+    async fn put(
+        &self,
+        key: &BlobKey,
+        body: ByteStream,
+        max_bytes: u64,
+    ) -> Result<StoredBlob, BlobError> {
+        self.write(key, hashing_limited(body, max_bytes)).await
+    }
+
+    async fn put_unhashed(
+        &self,
+        key: &BlobKey,
+        body: ByteStream,
+        max_bytes: u64,
+    ) -> Result<u64, BlobError> {
+        Ok(self.write(key, limited(body, max_bytes)).await?.size)
     }
 
     async fn get(&self, key: &BlobKey) -> Result<BlobObject, BlobError> {

@@ -203,6 +203,27 @@ mod behaviours {
         );
     }
 
+    pub async fn an_unhashed_put_stores_the_same_bytes_under_the_same_limit(s: &Subject) {
+        let key = new_key();
+        let data = pseudo_random(2 * PART_SIZE + 10, 11);
+        let size = s
+            .store
+            .put_unhashed(&key, body(&data, 64 * 1024), data.len() as u64)
+            .await
+            .unwrap();
+        assert_eq!(size, data.len() as u64);
+        assert!(read_all(&*s.store, &key).await.unwrap().1 == data);
+        let over = new_key();
+        let err = s
+            .store
+            .put_unhashed(&over, body(&data, 64 * 1024), data.len() as u64 - 1)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, BlobError::TooLarge { .. }), "{err:?}");
+        assert!(!s.store.exists(&over).await.unwrap());
+        assert_no_leftovers(s);
+    }
+
     pub async fn body_of_exactly_the_limit_is_stored(s: &Subject) {
         let key = new_key();
         let data = pseudo_random(1_000, 2);
@@ -514,6 +535,7 @@ macro_rules! suite {
 
 suite!(
     round_trip_keeps_bytes_and_sha256,
+    an_unhashed_put_stores_the_same_bytes_under_the_same_limit,
     body_of_exactly_the_limit_is_stored,
     one_byte_over_the_limit_is_too_large_and_leaves_nothing,
     over_the_limit_after_several_parts_is_too_large_and_leaves_nothing,

@@ -2,6 +2,7 @@
 //! function that the tests use too.
 
 mod audit;
+mod keys;
 
 use std::time::Duration;
 
@@ -47,6 +48,11 @@ enum Command {
     /// Recompute a tenant's hash chain and compare it with its seals and its
     /// signed checkpoints; names the first event that does not match (exit 1).
     Verify(audit::VerifyArgs),
+    /// Master and data keys: generate a master key, rotate to it, status.
+    Keys {
+        #[command(subcommand)]
+        command: keys::KeysCommand,
+    },
     /// Read-model maintenance: rebuild from the log while the service runs.
     Projections {
         #[command(subcommand)]
@@ -84,6 +90,10 @@ enum BlobsCommand {
     /// Re-hash every live file's blob against its recorded SHA-256 and report
     /// mismatches and missing blobs (exit code 1 if any).
     Verify,
+    /// Seal, in place, every live file's blob stored before encryption (run
+    /// again, it finds nothing to do); exit code 1 if a blob is missing or
+    /// could not be sealed.
+    Encrypt,
 }
 
 #[tokio::main]
@@ -116,13 +126,24 @@ async fn main() -> anyhow::Result<()> {
             telemetry::init_tracing();
             let pool = db::connect(&settings.database_url, 4).await?;
             db::migrate(&pool).await?;
-            let blobs = dossier_api::startup::open_blob_store(&settings).await?;
-            let report = dossier_workers::verify_blobs(&pool, blobs.as_ref()).await?;
+            let keys = dossier_api::startup::open_key_store(&settings, &pool).await?;
+            let blobs = dossier_api::startup::open_sealed_blob_store(&settings, &keys).await?;
+            let report = dossier_workers::verify_blobs(&pool, &blobs).await?;
             println!("{}", serde_json::to_string_pretty(&report)?);
             if !report.is_clean() {
                 std::process::exit(1);
             }
             Ok(())
+        }
+        Command::Blobs {
+            command: BlobsCommand::Encrypt,
+        } => {
+            telemetry::init_tracing();
+            keys::encrypt_blobs(&settings).await
+        }
+        Command::Keys { command } => {
+            telemetry::init_tracing();
+            keys::keys(&settings, command).await
         }
         Command::Replay(args) => {
             telemetry::init_tracing();

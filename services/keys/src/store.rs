@@ -37,6 +37,7 @@ CREATE UNIQUE INDEX IF NOT EXISTS data_keys_live_owner
     ON data_keys (tenant, owner_kind, owner_id) WHERE destroyed_at IS NULL;
 CREATE INDEX IF NOT EXISTS data_keys_master ON data_keys (master_key_id)
     WHERE master_key_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS data_keys_owner ON data_keys (tenant, owner_kind, owner_id);
 ";
 
 /// Advisory lock key serialising concurrent schema set-ups ("dkeys").
@@ -227,6 +228,30 @@ impl KeyStore {
         row.map(|row| self.unwrap_row(row.get(0), row.get(1), row.get(2)))
             .transpose()
             .map(Option::flatten)
+    }
+
+    /// What the table says of `owner`'s key: its live key, [`KeyLookup::Destroyed`]
+    /// when every key it had was destroyed, [`KeyLookup::Unknown`] when it never
+    /// had one (a blob stored before encryption).
+    pub async fn of_owner(&self, tenant: &str, owner: Owner<'_>) -> Result<KeyLookup, KeyError> {
+        let row = self
+            .pool
+            .get()
+            .await?
+            .query_opt(
+                "SELECT id, master_key_id, wrapped FROM data_keys \
+                 WHERE tenant = $1 AND owner_kind = $2 AND owner_id = $3 \
+                 ORDER BY destroyed_at IS NULL DESC LIMIT 1",
+                &[&tenant, &owner.kind(), &owner.id()],
+            )
+            .await?;
+        let Some(row) = row else {
+            return Ok(KeyLookup::Unknown);
+        };
+        Ok(match self.unwrap_row(row.get(0), row.get(1), row.get(2))? {
+            Some(key) => KeyLookup::Live(key),
+            None => KeyLookup::Destroyed,
+        })
     }
 
     /// What the table says of each of `ids`, in one query.

@@ -143,3 +143,55 @@ async fn rotation_rewraps_every_key_under_the_new_master_key_and_all_still_open(
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn an_owners_key_is_live_destroyed_or_never_there() {
+    let store = store(MasterKeys::new(MasterKey::generate().0, None)).await;
+    let file = Uuid::new_v4();
+    assert!(matches!(
+        store.of_owner("acme", Owner::File(file)).await.unwrap(),
+        KeyLookup::Unknown
+    ));
+    let key = store.create("acme", Owner::File(file)).await.unwrap();
+    assert_eq!(
+        live(&store.of_owner("acme", Owner::File(file)).await.unwrap()).id(),
+        key.id()
+    );
+    // Another tenant's owner of the same id is another owner.
+    assert!(matches!(
+        store.of_owner("globex", Owner::File(file)).await.unwrap(),
+        KeyLookup::Unknown
+    ));
+    store
+        .destroy_now("acme", &[Owner::File(file)])
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.of_owner("acme", Owner::File(file)).await.unwrap(),
+        KeyLookup::Destroyed
+    ));
+    // An owner with a destroyed key and a newer live one (a customer after an
+    // erasure) is answered with the live one.
+    store
+        .live_or_create("acme", Owner::Customer("c-1"))
+        .await
+        .unwrap();
+    store
+        .destroy_now("acme", &[Owner::Customer("c-1")])
+        .await
+        .unwrap();
+    let fresh = store
+        .live_or_create("acme", Owner::Customer("c-1"))
+        .await
+        .unwrap();
+    assert_eq!(
+        live(
+            &store
+                .of_owner("acme", Owner::Customer("c-1"))
+                .await
+                .unwrap()
+        )
+        .id(),
+        fresh.id()
+    );
+}

@@ -228,6 +228,16 @@ fn write_entry(
                 "the content of {label} is missing from the blob store"
             )));
         }
+        Err(BlobError::Shredded) => {
+            return Err(ArchiveError::Content(format!(
+                "the content of {label} was deleted (its data key is destroyed)"
+            )));
+        }
+        Err(BlobError::Damaged(detail)) => {
+            return Err(ArchiveError::Content(format!(
+                "the content of {label} failed its integrity check: {detail}"
+            )));
+        }
         Err(error) => {
             return Err(ArchiveError::Store(format!("reading {label}: {error}")));
         }

@@ -221,7 +221,8 @@ pub async fn bundle_status(
             headers(("content-disposition" = String, description = "`attachment` with the bundle's file name"),
                 ("etag" = String, description = "the SHA-256 of the archive, quoted"))),
         (status = 404, description = "not_found: unknown, another tenant's, expired, or a file of it was deleted since", body = ErrorBody),
-        (status = 409, description = "bundle_not_ready: still pending, or failed (see its status)", body = ErrorBody)))]
+        (status = 409, description = "bundle_not_ready: still pending, or failed (see its status)", body = ErrorBody),
+        (status = 503, description = "unavailable: a backing service is down, or the stored content failed its integrity check (then it is never sent, nothing is recorded, and trying again does not help)", body = ErrorBody)))]
 pub async fn bundle_content(
     State(app): State<AppState>,
     method: Method,

@@ -260,7 +260,8 @@ pub async fn get_file(
             content(("*/*")),
             headers(("content-disposition" = String, description = "`attachment` with `filename` (ASCII) and `filename*` (UTF-8)"),
                 ("etag" = String, description = "the SHA-256 of the bytes, quoted"))),
-        (status = 404, description = "not_found: unknown, deleted, or another tenant's", body = ErrorBody)))]
+        (status = 404, description = "not_found: unknown, deleted, or another tenant's", body = ErrorBody),
+        (status = 503, description = "unavailable: a backing service is down, or the stored content failed its integrity check (then it is never sent, nothing is recorded, and trying again does not help)", body = ErrorBody)))]
 pub async fn file_content(
     State(app): State<AppState>,
     method: Method,
@@ -429,6 +430,7 @@ fn delete_status(outcome: &Result<dossier_application::Accepted, AppError>) -> &
             | AppError::Validation(_)
             | AppError::ConfirmationRequired
             | AppError::BundleNotReady
+            | AppError::BlobDamaged(_)
             | AppError::TooManyPendingBundles { .. }
             | AppError::IdempotencyKeyReused
             | AppError::IdempotencyKeyInFlight { .. },

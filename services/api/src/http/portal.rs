@@ -66,7 +66,8 @@ pub async fn list_portal_files(
             content(("*/*")),
             headers(("content-disposition" = String, description = "`attachment` with `filename` (ASCII) and `filename*` (UTF-8)"),
                 ("etag" = String, description = "the SHA-256 of the bytes, quoted"))),
-        (status = 404, description = "not_found: unknown, not published, another customer's or tenant's", body = ErrorBody)))]
+        (status = 404, description = "not_found: unknown, not published, another customer's or tenant's", body = ErrorBody),
+        (status = 503, description = "unavailable: a backing service is down, or the stored content failed its integrity check (then it is never sent, nothing is recorded, and trying again does not help)", body = ErrorBody)))]
 pub async fn portal_file_content(
     State(app): State<AppState>,
     method: Method,
