@@ -48,8 +48,10 @@ pub fn router(state: AppState) -> Router {
         .route("/openapi.json", get(openapi::document))
         .merge(crate::pages::routes())
         .fallback(|| async { ApiError(AppError::NotFound) });
-    // Inside the edge layers, so a repeated answer is observed like any.
-    let routes = routes.layer(middleware::from_fn_with_state(
+    // Inside the edge layers, so a repeated answer is observed like any; on
+    // the routes only, so that a method a path does not take is answered 405
+    // by the router before any key is claimed.
+    let routes = routes.route_layer(middleware::from_fn_with_state(
         state.clone(),
         idempotency::layer,
     ));
