@@ -65,22 +65,27 @@ impl DataKey {
         if field.key_id != self.id() {
             return Err(KeyError::Tampered("a field sealed under another key"));
         }
-        let bytes = STANDARD
+        // One buffer: decoded, opened in place, and kept as the text.
+        let mut bytes = STANDARD
             .decode(field.body)
             .map_err(|_| KeyError::Malformed("bad base64"))?;
         if bytes.len() < NONCE_LEN {
             return Err(KeyError::Malformed("too short"));
         }
-        let (nonce, sealed) = bytes.split_at(NONCE_LEN);
-        let nonce = Nonce::try_assume_unique_for_key(nonce)
+        let nonce = Nonce::try_assume_unique_for_key(&bytes[..NONCE_LEN])
             .map_err(|_| KeyError::Malformed("bad nonce"))?;
-        let mut sealed = sealed.to_vec();
-        let plain = self
+        let plain_len = self
             .aead()
-            .open_in_place(nonce, Aad::from(self.id().as_bytes()), &mut sealed)
-            .map_err(|_| KeyError::Tampered("a sealed field does not open"))?;
-        String::from_utf8(plain.to_vec())
-            .map_err(|_| KeyError::Tampered("a sealed field is not text"))
+            .open_within(
+                nonce,
+                Aad::from(self.id().as_bytes()),
+                &mut bytes,
+                NONCE_LEN..,
+            )
+            .map_err(|_| KeyError::Tampered("a sealed field does not open"))?
+            .len();
+        bytes.truncate(plain_len);
+        String::from_utf8(bytes).map_err(|_| KeyError::Tampered("a sealed field is not text"))
     }
 }
 
