@@ -179,12 +179,19 @@ impl Client {
 
     /// `GET path`, whatever it answers.
     pub async fn get(&self, path: &str) -> Response {
+        self.try_get(path)
+            .await
+            .unwrap_or_else(|error| panic!("GET {path} is answered: {error}"))
+    }
+
+    /// `GET path`, or the error of a connection that ended before the
+    /// answer's head arrived (for tests of answers the server cuts off).
+    pub async fn try_get(&self, path: &str) -> reqwest::Result<Response> {
         self.http
             .get(self.url(path))
             .bearer_auth(&self.token)
             .send()
             .await
-            .unwrap_or_else(|error| panic!("GET {path} is answered: {error}"))
     }
 
     /// `method path` with a JSON body, whatever it answers.

@@ -70,11 +70,15 @@ async fn put_raw(app: &TestApp, key: &BlobKey, bytes: Vec<u8>) {
         .expect("the blob is stored as it is");
 }
 
-/// `GET path`: the status, and the body as far as it came, with the error
-/// that cut it off, if one did.
-async fn get_cut(api: &Client, path: &str) -> (u16, Vec<u8>, Option<String>) {
-    let response = api.get(path).await;
-    let status = response.status().as_u16();
+/// `GET path`: the status (`None` when the connection ended before the answer's head: the
+/// server may cut an answer before it has flushed a byte of it), the bytes
+/// that arrived, and why the body ended early, if it did.
+async fn get_cut(api: &Client, path: &str) -> (Option<u16>, Vec<u8>, Option<String>) {
+    let response = match api.try_get(path).await {
+        Ok(response) => response,
+        Err(error) => return (None, Vec::new(), Some(error.to_string())),
+    };
+    let status = Some(response.status().as_u16());
     let mut body = response.bytes_stream();
     let mut received = Vec::new();
     while let Some(chunk) = body.next().await {
@@ -195,7 +199,14 @@ async fn in_a_directory_a_copy_taken_before_a_delete_opens_before_and_never_afte
 // ----------------------------------------------------------- damage is refused
 
 async fn damaged_blobs_are_refused(app: TestApp) {
-    let staff = app.api(&app.staff("acme"));
+    // A connection of its own per request: answers here are cut off on
+    // purpose, and a pooled connection the server has just closed would make
+    // the next request fail before it is sent (seen once in a full run).
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .expect("an HTTP client");
+    let staff = Client::new(http, &app.address, &app.staff("acme"));
     let plain = payslip(3 * SEGMENT + 100);
     let small = payslip(5_000);
 
@@ -259,7 +270,10 @@ async fn damaged_blobs_are_refused(app: TestApp) {
         put_raw(&app, &key, damage(stored)).await;
         let (status, received, cut) =
             get_cut(&staff, &format!("/v1/files/{}/content", file.id)).await;
-        assert_eq!(status, 200, "{what}: the first segment was sound");
+        // The first segment was sound, so the answer began (200), unless the
+        // connection was cut before its head was flushed; either way only
+        // true bytes arrived.
+        assert!(matches!(status, Some(200) | None), "{what}: {status:?}");
         assert!(cut.is_some(), "{what}: the body is cut off, not ended");
         assert!(
             received.len() < 3 * SEGMENT,
