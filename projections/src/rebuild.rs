@@ -38,7 +38,7 @@ use std::sync::Arc;
 use dossier_eventlog::db::Pool;
 use dossier_eventlog::follow::checkpoint;
 use dossier_eventlog::log::{LogFilter, LogReader, LoggedEvent};
-use dossier_eventlog::personal::{self, Erased, FieldCipher};
+use dossier_eventlog::personal::{self, Erased, FieldCipher, OpenTextsError};
 use futures::StreamExt as _;
 use tokio_postgres::Transaction;
 use tokio_postgres::binary_copy::BinaryCopyOutStream;
@@ -622,19 +622,14 @@ async fn fold_opened<B: BulkBuild>(
     if waiting.is_empty() {
         return Ok(());
     }
-    match cipher {
-        Some(cipher) => cipher.open_texts(payloads).await?,
-        None => {
-            if let Some(at) = payloads
-                .iter()
-                .position(|payload| personal::may_hold_sealed_fields(payload))
-            {
-                return Err(ProjectionError::SealedWithoutKeys {
-                    position: waiting[at].position,
-                });
-            }
-        }
-    }
+    personal::open_texts(cipher, payloads)
+        .await
+        .map_err(|error| match error {
+            OpenTextsError::Keys(error) => ProjectionError::Keys(error),
+            OpenTextsError::SealedWithoutKeys { index } => ProjectionError::SealedWithoutKeys {
+                position: waiting[index].position,
+            },
+        })?;
     for (event, payload) in waiting.drain(..).zip(payloads.drain(..)) {
         bulk.fold(&RawEvent {
             position: event.position,

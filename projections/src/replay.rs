@@ -22,7 +22,7 @@ use dossier_domain::FileEvent;
 use dossier_domain::codec::{self, DecodeError};
 use dossier_eventlog::db::Pool;
 use dossier_eventlog::log::{LogError, LogFilter, LogReader, LoggedEvent};
-use dossier_eventlog::personal::{self, Erased, FieldCipher};
+use dossier_eventlog::personal::{self, Erased, FieldCipher, OpenTextsError};
 use serde_json::Value;
 use tokio_postgres::types::Type;
 
@@ -367,55 +367,35 @@ async fn fold_histories(
     // The histories, their personal fields opened with one look-up of their
     // keys (a field whose key is gone reads as the placeholder; the delete
     // that destroyed it removes the file from the list).
-    let mut histories = Vec::with_capacity(rows.len());
+    let mut kept = Vec::with_capacity(rows.len());
+    let mut payloads = Vec::with_capacity(rows.len());
     for row in &rows {
         let recorded_at: DateTime<Utc> = row.try_get(6).map_err(LogError::from)?;
         // The same comparison as the first read's.
         if recorded_at > at {
             continue;
         }
-        let position: i64 = row.try_get(0).map_err(LogError::from)?;
-        let payload: &str = row.try_get(5).map_err(LogError::from)?;
-        histories.push(LoggedEvent {
-            id: uuid::Uuid::nil(),
-            position,
+        payloads.push(row.try_get::<_, String>(5).map_err(LogError::from)?);
+        kept.push(row);
+    }
+    personal::open_texts(cipher, &mut payloads)
+        .await
+        .map_err(|error| match error {
+            OpenTextsError::Keys(error) => ReplayError::Keys(error),
+            OpenTextsError::SealedWithoutKeys { index } => ReplayError::Malformed {
+                position: kept[index].try_get(0).unwrap_or_default(),
+                reason: "sealed personal fields and no keys to open them".to_owned(),
+            },
+        })?;
+    for (row, payload) in kept.into_iter().zip(&payloads) {
+        let event = RawEvent {
+            position: row.try_get(0).map_err(LogError::from)?,
             tenant: row.try_get(1).map_err(LogError::from)?,
-            aggregate_type: FILE_AGGREGATE_TYPE.to_owned(),
+            aggregate_type: FILE_AGGREGATE_TYPE,
             aggregate_id: row.try_get(2).map_err(LogError::from)?,
-            sequence: 0,
             event_type: row.try_get(3).map_err(LogError::from)?,
             event_version: row.try_get(4).map_err(LogError::from)?,
-            at: recorded_at,
-            actor: String::new(),
-            payload: serde_json::from_str(payload).map_err(|error| ReplayError::Malformed {
-                position,
-                reason: format!("the payload is not JSON: {error}"),
-            })?,
-            metadata: Value::Null,
-            erased: Vec::new(),
-        });
-    }
-    match cipher {
-        Some(cipher) => cipher.open(&mut histories, Erased::Placeholder).await?,
-        None => {
-            if let Some(event) = histories.iter().find(|e| personal::has_sealed_fields(e)) {
-                return Err(ReplayError::Malformed {
-                    position: event.position,
-                    reason: "sealed personal fields and no keys to open them".to_owned(),
-                });
-            }
-        }
-    }
-    for history in &histories {
-        let payload = history.payload.to_string();
-        let event = RawEvent {
-            position: history.position,
-            tenant: &history.tenant,
-            aggregate_type: FILE_AGGREGATE_TYPE,
-            aggregate_id: &history.aggregate_id,
-            event_type: &history.event_type,
-            event_version: &history.event_version,
-            payload: &payload,
+            payload,
         };
         let position = event.position;
         let (id, decoded) = decode_raw::<FileEvent>(FilesProjection::NAME, &event)

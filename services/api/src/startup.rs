@@ -103,6 +103,17 @@ pub async fn open_key_store(settings: &Settings, pool: &Pool) -> anyhow::Result<
         .context("opening the data key table")
 }
 
+/// What seals and opens personal event fields of the log in `pool` with
+/// `keys`: the one way every process and tool builds it, so that whether an
+/// append may destroy keys in its own transaction follows the settings.
+pub fn field_cipher(settings: &Settings, keys: &KeyStore, pool: &Pool) -> Arc<FieldCipher> {
+    FieldCipher::new(
+        keys.clone(),
+        pool.clone(),
+        settings.keys_database_url.is_none(),
+    )
+}
+
 /// Every read model of this process: one runner for all of them (projections
 /// role), or a follower of each one's checkpoint (other roles), and what
 /// read-your-writes waits on.
@@ -204,11 +215,7 @@ impl Application {
             .context("connecting to Postgres")?;
         db::migrate(&pool).await.context("applying migrations")?;
         let keys = open_key_store(&settings, &pool).await?;
-        let cipher = FieldCipher::new(
-            keys.clone(),
-            pool.clone(),
-            settings.keys_database_url.is_none(),
-        );
+        let cipher = field_cipher(&settings, &keys, &pool);
         let blobs = SealedBlobStore::shared(blobs, keys.clone());
         let metrics = telemetry::install_metrics();
         let (shutdown, _) = watch::channel(false);

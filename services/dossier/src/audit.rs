@@ -91,11 +91,7 @@ async fn connect(settings: &Settings) -> anyhow::Result<Pool> {
 /// What opens personal fields: the data keys under the configured master key.
 async fn cipher(settings: &Settings, pool: &Pool) -> anyhow::Result<Arc<FieldCipher>> {
     let keys = dossier_api::startup::open_key_store(settings, pool).await?;
-    Ok(FieldCipher::new(
-        keys,
-        pool.clone(),
-        settings.keys_database_url.is_none(),
-    ))
+    Ok(dossier_api::startup::field_cipher(settings, &keys, pool))
 }
 
 /// A progress bar on stderr, or a hidden one (see the module docs).

@@ -413,8 +413,8 @@ impl PgEventStore {
                 .collect();
             cipher.seal(&mut payloads).await.map_err(personal_error)?;
         }
-        // The keys these events destroy, as (kind, id) columns.
-        let (destroy_kinds, destroy_ids): (Vec<&'static str>, Vec<String>) = events
+        // The keys these events destroy, and the same as (kind, id) columns.
+        let destroyed: Vec<OwnerId> = events
             .iter()
             .zip(&prepared)
             .filter_map(|(event, new)| {
@@ -425,8 +425,9 @@ impl PgEventStore {
                     &new.payload,
                 )
             })
-            .map(|owner| owner.columns())
-            .unzip();
+            .collect();
+        let (destroy_kinds, destroy_ids): (Vec<&'static str>, Vec<String>) =
+            destroyed.iter().map(OwnerId::columns).unzip();
         let destroys_in_append =
             !destroy_ids.is_empty() && self.cipher.as_ref().is_some_and(|c| c.keys_beside_log());
         // One array per column, element i being event i.
@@ -504,10 +505,8 @@ impl PgEventStore {
             noted.note(*last);
         }
         if let Some(cipher) = &self.cipher {
-            for (kind, id) in destroy_kinds.iter().zip(&destroy_ids) {
-                if let Some(owner) = owner_id_from_columns(kind, id) {
-                    cipher.forget(&prepared[0].tenant, &owner);
-                }
+            for owner in &destroyed {
+                cipher.forget(&prepared[0].tenant, owner);
             }
         }
         if !destroy_ids.is_empty()
@@ -517,11 +516,7 @@ impl PgEventStore {
             // The key table is in a database of its own: destroy right after
             // the commit. Should this fail, the blob worker's purge of the
             // deleted file destroys the file's key again (ADR 0014).
-            let owners: Vec<Owner<'_>> = destroy_kinds
-                .iter()
-                .zip(&destroy_ids)
-                .filter_map(|(kind, id)| owner_from_columns(kind, id))
-                .collect();
+            let owners: Vec<Owner<'_>> = destroyed.iter().map(OwnerId::as_owner).collect();
             if let Err(err) = cipher
                 .keys()
                 .destroy_now(&prepared[0].tenant, &owners)
@@ -642,22 +637,6 @@ fn personal_error(error: PersonalError) -> PersistenceError {
             PersistenceError::ConnectionError(Box::new(error))
         }
         _ => PersistenceError::UnknownError(Box::new(error)),
-    }
-}
-
-fn owner_id_from_columns(kind: &str, id: &str) -> Option<OwnerId> {
-    match kind {
-        "file" => Uuid::try_parse(id).ok().map(OwnerId::File),
-        "customer" => Some(OwnerId::Customer(id.to_owned())),
-        _ => None,
-    }
-}
-
-fn owner_from_columns<'a>(kind: &str, id: &'a str) -> Option<Owner<'a>> {
-    match kind {
-        "file" => Uuid::try_parse(id).ok().map(Owner::File),
-        "customer" => Some(Owner::Customer(id)),
-        _ => None,
     }
 }
 

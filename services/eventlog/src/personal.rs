@@ -488,6 +488,36 @@ impl FieldCipher {
     }
 }
 
+/// Why [`open_texts`] could not open payload texts.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenTextsError {
+    /// The key table failed.
+    #[error(transparent)]
+    Keys(#[from] KeyError),
+    /// A text holds a sealed field and no keys were given to open it.
+    #[error("payload {index} has sealed personal fields and no keys were given to open them")]
+    SealedWithoutKeys {
+        /// Its index among the texts.
+        index: usize,
+    },
+}
+
+/// Opens the payload texts of a bulk read with `cipher`
+/// ([`FieldCipher::open_texts`]); without one, refuses the first text that
+/// holds a sealed field, so that no reader takes ciphertext for a name.
+pub async fn open_texts(
+    cipher: Option<&FieldCipher>,
+    texts: &mut [String],
+) -> Result<(), OpenTextsError> {
+    match cipher {
+        Some(cipher) => Ok(cipher.open_texts(texts).await?),
+        None => match texts.iter().position(|text| may_hold_sealed_fields(text)) {
+            Some(index) => Err(OpenTextsError::SealedWithoutKeys { index }),
+            None => Ok(()),
+        },
+    }
+}
+
 /// The byte ranges, quotes included, of the sealed strings in a JSON text.
 /// A sealed string holds no character JSON escapes (`enc:v1:`, a UUID,
 /// base64), so it ends at the next quote.
