@@ -534,10 +534,13 @@ impl Browser {
             .until(async || {
                 let names = download_names(&self.downloads);
                 // Chromium writes into `<name>.crdownload` (or `Unconfirmed
-                // <n>.crdownload`) and renames it to the final name when done.
+                // <n>.crdownload`) and renames it to the final name when done;
+                // it may create the final name empty before that, so a
+                // download is done only when no `.crdownload` is left.
+                let writing = names.iter().any(|name| name.ends_with(".crdownload"));
                 let done = names
                     .iter()
-                    .find(|name| !name.ends_with(".crdownload") && file_name.matches(name));
+                    .find(|name| !writing && file_name.matches(name));
                 done.cloned().ok_or(names)
             })
             .await;
