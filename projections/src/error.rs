@@ -66,6 +66,9 @@ pub enum ProjectionError {
         /// The event's log position.
         position: i64,
     },
+    /// A rebuild's helper task was cancelled: its runtime is shutting down.
+    #[error("the rebuild was interrupted: {0}")]
+    Interrupted(String),
 }
 
 impl ProjectionError {
@@ -80,6 +83,7 @@ impl ProjectionError {
             Self::Log(LogError::Pool(_)) => true,
             Self::Log(LogError::Query(error)) => transient_pg(error),
             Self::Keys(error) => matches!(error, dossier_keys::KeyError::Store(_)),
+            Self::Interrupted(_) => true,
             Self::Log(_)
             | Self::Undecodable { .. }
             | Self::Malformed { .. }
@@ -112,6 +116,7 @@ impl ProjectionError {
             Self::InvalidDefinition(_) => "invalid_definition",
             Self::Keys(_) => "keys",
             Self::SealedWithoutKeys { .. } => "sealed_without_keys",
+            Self::Interrupted(_) => "interrupted",
         }
     }
 }

@@ -492,7 +492,7 @@ async fn build_in_bulk<B: BulkBuild>(
     progress: &(dyn Fn(RebuildProgress) + Send + Sync),
 ) -> Result<u64, ProjectionError> {
     let chunk = options.bulk_chunk;
-    let cipher = options.cipher.as_deref();
+    let cipher = &options.cipher;
     const COLUMNS: [Type; 7] = [
         Type::INT8,
         Type::TEXT,
@@ -527,9 +527,12 @@ async fn build_in_bulk<B: BulkBuild>(
         let mut folded = 0u64;
         // Events with sealed fields wait here until a chunk of them can be
         // opened with one look-up of their keys; the events after the first
-        // of them wait too, so that the fold still sees log order.
-        let mut sealed: Vec<Waiting> = Vec::new();
-        let mut payloads: Vec<String> = Vec::new();
+        // of them wait too, so that the fold still sees log order. A full
+        // chunk is opened on a task of its own while the next one is read
+        // (the other core: opening is AES-GCM and base64 over every sealed
+        // field), and folded before anything after it.
+        let mut waiting = Chunk::default();
+        let mut opening: Option<Opening> = None;
         while let Some(row) = rows.next().await {
             let row = row?;
             let position: i64 = row.try_get(0)?;
@@ -544,19 +547,23 @@ async fn build_in_bulk<B: BulkBuild>(
                     event_version: row.try_get(5)?,
                     payload,
                 };
-                if sealed.is_empty() && !personal::may_hold_sealed_fields(payload) {
+                if waiting.is_empty()
+                    && opening.is_none()
+                    && !personal::may_hold_sealed_fields(payload)
+                {
                     bulk.fold(&raw)?;
                 } else {
-                    let (event, payload) = Waiting::of(&raw);
-                    sealed.push(event);
-                    payloads.push(payload);
-                    if sealed.len() >= OPEN_CHUNK {
-                        fold_opened(bulk, cipher, &mut sealed, &mut payloads).await?;
+                    waiting.push(&raw);
+                    if waiting.len() >= OPEN_CHUNK {
+                        if let Some(previous) = opening.take() {
+                            fold_chunk(bulk, previous.opened().await?)?;
+                        }
+                        opening = Some(Opening::start(cipher, std::mem::take(&mut waiting)));
                     }
                 }
                 folded += 1;
                 if folded.is_multiple_of(chunk.max(1)) {
-                    fold_opened(bulk, cipher, &mut sealed, &mut payloads).await?;
+                    fold_waiting(bulk, cipher, &mut opening, &mut waiting).await?;
                     bulk.flush(client, target).await?;
                 }
             }
@@ -568,7 +575,7 @@ async fn build_in_bulk<B: BulkBuild>(
                 });
             }
         }
-        fold_opened(bulk, cipher, &mut sealed, &mut payloads).await?;
+        fold_waiting(bulk, cipher, &mut opening, &mut waiting).await?;
         bulk.flush(client, target).await?;
         progress(RebuildProgress {
             events,
@@ -596,41 +603,77 @@ struct Waiting {
     event_version: String,
 }
 
-impl Waiting {
-    fn of(raw: &RawEvent<'_>) -> (Self, String) {
-        let waiting = Self {
+/// Events waiting for their keys, in log order, and their payloads (the JSON
+/// text [`FieldCipher::open_texts`] opens in place).
+#[derive(Default)]
+struct Chunk {
+    events: Vec<Waiting>,
+    payloads: Vec<String>,
+}
+
+impl Chunk {
+    fn push(&mut self, raw: &RawEvent<'_>) {
+        self.events.push(Waiting {
             position: raw.position,
             tenant: raw.tenant.to_owned(),
             aggregate_type: raw.aggregate_type.to_owned(),
             aggregate_id: raw.aggregate_id.to_owned(),
             event_type: raw.event_type.to_owned(),
             event_version: raw.event_version.to_owned(),
-        };
-        (waiting, raw.payload.to_owned())
+        });
+        self.payloads.push(raw.payload.to_owned());
+    }
+
+    fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+
+    /// Opens the payloads with one look-up of their keys. Without a cipher,
+    /// a sealed field is refused.
+    async fn open(mut self, cipher: Option<&FieldCipher>) -> Result<Self, ProjectionError> {
+        personal::open_texts(cipher, &mut self.payloads)
+            .await
+            .map_err(|error| match error {
+                OpenTextsError::Keys(error) => ProjectionError::Keys(error),
+                OpenTextsError::SealedWithoutKeys { index } => ProjectionError::SealedWithoutKeys {
+                    position: self.events[index].position,
+                },
+            })?;
+        Ok(self)
     }
 }
 
-/// Opens the waiting events' payloads with one look-up of their keys (on the
-/// JSON text, [`FieldCipher::open_texts`]) and folds them, in log order.
-/// Without a cipher, a sealed field is refused.
-async fn fold_opened<B: BulkBuild>(
-    bulk: &mut B,
-    cipher: Option<&FieldCipher>,
-    waiting: &mut Vec<Waiting>,
-    payloads: &mut Vec<String>,
-) -> Result<(), ProjectionError> {
-    if waiting.is_empty() {
-        return Ok(());
+/// A chunk being opened on a task of its own.
+struct Opening(tokio::task::JoinHandle<Result<Chunk, ProjectionError>>);
+
+impl Opening {
+    fn start(cipher: &Option<Arc<FieldCipher>>, chunk: Chunk) -> Self {
+        let cipher = cipher.clone();
+        Self(tokio::spawn(
+            async move { chunk.open(cipher.as_deref()).await },
+        ))
     }
-    personal::open_texts(cipher, payloads)
-        .await
-        .map_err(|error| match error {
-            OpenTextsError::Keys(error) => ProjectionError::Keys(error),
-            OpenTextsError::SealedWithoutKeys { index } => ProjectionError::SealedWithoutKeys {
-                position: waiting[index].position,
-            },
-        })?;
-    for (event, payload) in waiting.drain(..).zip(payloads.drain(..)) {
+
+    /// The chunk, opened. A panic of the task is this rebuild's, as if it had
+    /// opened the chunk itself.
+    async fn opened(self) -> Result<Chunk, ProjectionError> {
+        match self.0.await {
+            Ok(opened) => opened,
+            Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+            Err(error) => Err(ProjectionError::Interrupted(format!(
+                "opening sealed fields: {error}"
+            ))),
+        }
+    }
+}
+
+/// Folds `chunk`'s opened events, in log order.
+fn fold_chunk<B: BulkBuild>(bulk: &mut B, chunk: Chunk) -> Result<(), ProjectionError> {
+    for (event, payload) in chunk.events.iter().zip(&chunk.payloads) {
         bulk.fold(&RawEvent {
             position: event.position,
             tenant: &event.tenant,
@@ -638,8 +681,26 @@ async fn fold_opened<B: BulkBuild>(
             aggregate_id: &event.aggregate_id,
             event_type: &event.event_type,
             event_version: &event.event_version,
-            payload: &payload,
+            payload,
         })?;
+    }
+    Ok(())
+}
+
+/// Folds every event still waiting: the chunk being opened first, then the
+/// ones after it (opened here).
+async fn fold_waiting<B: BulkBuild>(
+    bulk: &mut B,
+    cipher: &Option<Arc<FieldCipher>>,
+    opening: &mut Option<Opening>,
+    waiting: &mut Chunk,
+) -> Result<(), ProjectionError> {
+    if let Some(previous) = opening.take() {
+        fold_chunk(bulk, previous.opened().await?)?;
+    }
+    if !waiting.is_empty() {
+        let chunk = std::mem::take(waiting).open(cipher.as_deref()).await?;
+        fold_chunk(bulk, chunk)?;
     }
     Ok(())
 }

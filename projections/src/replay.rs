@@ -20,6 +20,7 @@ use std::time::Duration;
 use chrono::{DateTime, NaiveDate, NaiveTime, Utc};
 use dossier_domain::FileEvent;
 use dossier_domain::codec::{self, DecodeError};
+use dossier_domain::personal::{ERASED_PLACEHOLDER, personal_fields};
 use dossier_eventlog::db::Pool;
 use dossier_eventlog::log::{LogError, LogFilter, LogReader, LoggedEvent};
 use dossier_eventlog::personal::{self, Erased, FieldCipher, OpenTextsError};
@@ -332,6 +333,34 @@ pub async fn files_as_of(
     }
     list.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.id.cmp(&a.id)));
     Ok(list)
+}
+
+/// A file of [`files_as_of`] as `dossier replay --as-of` prints it: the file
+/// resource, with each personal field whose key was destroyed since (a file
+/// deleted later) as `null` and named under `"erased"`, as replayed events
+/// show them (CONTRACT.md, "Data protection"). Such a field reads as
+/// [`ERASED_PLACEHOLDER`], which no real value of these fields is.
+pub fn as_of_line(file: &FileView) -> Value {
+    let mut line = serde_json::to_value(file).unwrap_or(Value::Null);
+    let Some(object) = line.as_object_mut() else {
+        return line;
+    };
+    let personal = personal_fields(FILE_AGGREGATE_TYPE, FileEvent::UPLOADED)
+        .map(|personal| personal.fields)
+        .unwrap_or_default();
+    let mut erased = Vec::new();
+    for &field in personal {
+        if let Some(value) = object.get_mut(field)
+            && value.as_str() == Some(ERASED_PLACEHOLDER)
+        {
+            *value = Value::Null;
+            erased.push(Value::from(field));
+        }
+    }
+    if !erased.is_empty() {
+        object.insert("erased".to_owned(), Value::Array(erased));
+    }
+    line
 }
 
 /// The files `ids` as the read model holds them after every event of theirs, of

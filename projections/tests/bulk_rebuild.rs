@@ -435,3 +435,89 @@ async fn a_file_id_that_is_not_a_uuid_stops_a_bulk_rebuild_as_malformed() {
         }
     }
 }
+
+/// Rebuilds with the personal fields opened by `cipher`, in bulk or one by one.
+async fn rebuild_opening(
+    pool: &Pool,
+    bulk: bool,
+    cipher: &std::sync::Arc<dossier_eventlog::personal::FieldCipher>,
+) -> RebuildReport {
+    rebuild_with_options(
+        pool,
+        &FilesProjection,
+        RebuildOptions {
+            bulk,
+            ..RebuildOptions::default()
+        }
+        .opening_with(cipher.clone()),
+        &|_| {},
+    )
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_sealed_log_of_several_open_chunks_rebuilds_in_bulk_as_applying_every_event() {
+    use dossier_keys::{KeyStore, MasterKey, MasterKeys, Owner};
+    let (pool, _) = fresh_database().await.unwrap();
+    let keys = KeyStore::open(
+        pool.clone(),
+        MasterKeys::new(MasterKey::development(), None),
+    )
+    .await
+    .unwrap();
+    // Uploads and renames, every personal field sealed under its file's key:
+    // 9,000 sealed events, more than two chunks the bulk build opens at once
+    // (one on a task of its own while the next is read), with clear events
+    // among them and each file's rename chunks after its upload.
+    const FILES: usize = 4_500;
+    let ids: Vec<Uuid> = (0..FILES).map(|_| Uuid::now_v7()).collect();
+    let owners: Vec<Owner<'_>> = ids.iter().map(|id| Owner::File(*id)).collect();
+    let data_keys = keys.create_many("acme", &owners).await.unwrap();
+    let sealed = |mut row: Row, key: &dossier_keys::DataKey, fields: &[&str]| {
+        for field in fields {
+            let plain = row.payload[*field].as_str().unwrap().to_owned();
+            row.payload[*field] = key.seal_field(&plain).into();
+        }
+        row
+    };
+    let mut rows = Vec::new();
+    for (i, (id, key)) in ids.iter().zip(&data_keys).enumerate() {
+        let event = upload("acme", "cust-1", *id, &format!("file {i}"), i as i64);
+        rows.push(sealed(
+            Row::file("acme", *id, &event),
+            key,
+            &["name", "file_name", "content_type", "sha256"],
+        ));
+        if i % 3 == 0 {
+            rows.push(Row::file("acme", *id, &viewed(i as i64 + 1)));
+        }
+    }
+    for (i, (id, key)) in ids.iter().zip(&data_keys).enumerate().rev() {
+        let event = renamed(&format!("renamed {i}"));
+        rows.push(sealed(
+            Row::file("acme", *id, &event),
+            key,
+            &["from", "name"],
+        ));
+    }
+    append(&pool, &rows).await;
+    let cipher = dossier_eventlog::personal::FieldCipher::new(keys, pool.clone(), true);
+
+    let reference_report = rebuild_opening(&pool, false, &cipher).await;
+    let reference = snapshot(&pool).await;
+    assert_eq!(reference.0.len(), FILES);
+    assert!(
+        reference.0.iter().all(|row| row["name"]
+            .as_str()
+            .is_some_and(|name| name.starts_with("renamed "))),
+        "every file ends renamed, in clear"
+    );
+    let report = rebuild_opening(&pool, true, &cipher).await;
+    assert_eq!(report, reference_report);
+    assert_eq!(
+        snapshot(&pool).await,
+        reference,
+        "the bulk build of a sealed log differs from applying every event"
+    );
+}

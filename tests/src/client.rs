@@ -101,6 +101,8 @@ pub struct Upload {
     pub bytes: Vec<u8>,
     /// More text fields (`visibility`, `origin`, `contract_id`, …).
     pub fields: Vec<(String, String)>,
+    /// A `size` field sent before the file part (the file's declared size).
+    pub size_first: Option<String>,
 }
 
 impl Upload {
@@ -112,7 +114,14 @@ impl Upload {
             content_type: "application/pdf".to_owned(),
             bytes,
             fields: Vec::new(),
+            size_first: None,
         }
+    }
+
+    /// Declares the file's size as `size` in a field before the file part.
+    pub fn declaring_size(mut self, size: impl ToString) -> Self {
+        self.size_first = Some(size.to_string());
+        self
     }
 
     /// Another file name and content type for the file part.
@@ -128,11 +137,16 @@ impl Upload {
         self
     }
 
-    /// The file part first, then the name, then the other fields (the order
+    /// The declared size if there is one, then the file part, then the name,
+    /// then the other fields (the order
     /// `TestApp::upload` always sent, so the server sees the file before it
     /// knows whether the fields are valid).
     fn form(&self) -> Form {
-        let mut form = Form::new().part(
+        let mut form = Form::new();
+        if let Some(size) = &self.size_first {
+            form = form.text("size", size.clone());
+        }
+        let mut form = form.part(
             "file",
             Part::bytes(self.bytes.clone())
                 .file_name(self.file_name.clone())

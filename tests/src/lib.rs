@@ -563,6 +563,7 @@ impl TestApp {
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
+            size_first: None,
         };
         self.api(token).post_upload(customer, &upload).await
     }

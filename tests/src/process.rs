@@ -17,8 +17,6 @@ use anyhow::Context as _;
 use dossier_api::startup::Application;
 use dossier_runtime::config::Settings;
 
-use crate::s3::DEV_REGION;
-
 /// Runs Dossier configured from the environment (`DOSSIER_*`, `DOSSIER_ROLES` to
 /// pick the roles, the standard AWS variables for S3 credentials) until Ctrl-C or
 /// SIGTERM, then stops gracefully.
@@ -99,12 +97,35 @@ impl ServeCommand {
         secret_key: &str,
         bucket: &str,
     ) -> Self {
-        self.env("DOSSIER_BLOB_STORE", format!("s3://{bucket}"))
-            .env("DOSSIER_S3_ENDPOINT", endpoint)
-            .env("DOSSIER_S3_REGION", DEV_REGION)
-            .env("AWS_ACCESS_KEY_ID", access_key)
-            .env("AWS_SECRET_ACCESS_KEY", secret_key)
-            .env("AWS_EC2_METADATA_DISABLED", "true")
+        self.s3_store(&crate::s3::bucket_options(
+            endpoint, access_key, secret_key, bucket,
+        ))
+    }
+
+    /// The S3 blob store `options` describe (bucket, prefix, endpoint, region
+    /// and credentials), passed the way production passes them.
+    pub fn s3_store(self, options: &dossier_blobstore::S3Options) -> Self {
+        let prefix = options
+            .prefix
+            .as_deref()
+            .map(|p| format!("/{p}/"))
+            .unwrap_or_default();
+        let mut command = self
+            .env(
+                "DOSSIER_BLOB_STORE",
+                format!("s3://{}{prefix}", options.bucket),
+            )
+            .env("DOSSIER_S3_REGION", &options.region)
+            .env("AWS_EC2_METADATA_DISABLED", "true");
+        if let Some(endpoint) = &options.endpoint {
+            command = command.env("DOSSIER_S3_ENDPOINT", endpoint);
+        }
+        if let (Some(access_key), Some(secret_key)) = (&options.access_key, &options.secret_key) {
+            command = command
+                .env("AWS_ACCESS_KEY_ID", access_key)
+                .env("AWS_SECRET_ACCESS_KEY", secret_key);
+        }
+        command
     }
 
     /// A directory as the blob store.

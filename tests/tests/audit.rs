@@ -576,6 +576,31 @@ async fn replay_prints_the_log_and_as_of_shows_the_list_before_and_after_a_renam
     assert_eq!(names_at(before_rename).await, ["", "Old name"]);
     assert_eq!(names_at(before_delete).await, ["", "New name"]);
     assert_eq!(names_at(after_delete).await, ["New name"]);
+    // As `dossier replay --as-of` prints them: the erased fields are null and
+    // named, the others as they stood; a file whose key lives is its resource.
+    let lines: Vec<Value> = replay::files_as_of(
+        &app.pool,
+        Some(&cipher),
+        "acme",
+        "cust-1",
+        before_delete,
+        &|_| {},
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(replay::as_of_line)
+    .collect();
+    assert_eq!(lines[0]["id"], b.as_str());
+    assert_eq!(lines[0]["name"], Value::Null);
+    assert_eq!(lines[0]["file_name"], Value::Null);
+    assert_eq!(lines[0]["size"], 6, "sizes stay clear: {}", lines[0]);
+    assert_eq!(
+        lines[0]["erased"],
+        json!(["name", "file_name", "content_type", "sha256"])
+    );
+    assert_eq!(lines[1]["name"], "New name");
+    assert!(lines[1].get("erased").is_none(), "{}", lines[1]);
 
     // And it is exactly what the read model shows now.
     let listed: Value = app

@@ -970,13 +970,13 @@ struct HeldReads {
 
 #[async_trait::async_trait]
 impl dossier_blobstore::BlobStore for HeldReads {
-    async fn put(
+    async fn put_sized(
         &self,
         key: &dossier_domain::BlobKey,
         body: dossier_blobstore::ByteStream,
-        max_bytes: u64,
+        length: dossier_blobstore::BodyLength,
     ) -> Result<dossier_blobstore::StoredBlob, dossier_blobstore::BlobError> {
-        self.inner.put(key, body, max_bytes).await
+        self.inner.put_sized(key, body, length).await
     }
 
     async fn get(

@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 
 use dossier_api::auth::jwt::Role;
-use dossier_test_support::client::Client;
+use dossier_test_support::client::{Client, Upload};
 use dossier_test_support::{AppServer, TestApp, error_code, settings};
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -134,6 +134,77 @@ async fn an_uploaded_file_downloads_as_the_exact_bytes_with_its_metadata() {
         "attachment; filename=\"Contract 2025.pdf\"; filename*=UTF-8''Contract%202025.pdf"
     );
     assert_eq!(content.bytes().await.unwrap().as_ref(), bytes.as_slice());
+}
+
+#[tokio::test]
+async fn a_file_whose_size_is_declared_first_is_stored_whole() {
+    let app = TestApp::spawn().await;
+    let api = app.api(&app.staff("acme"));
+    // Several S3 parts' worth, so the multipart path would have been taken.
+    let bytes = pattern(12 * 1024 * 1024 + 7);
+    let upload = Upload::new("Scanned archive", bytes.clone()).declaring_size(bytes.len());
+    let file = api.upload_file("cust-1", &upload).await;
+    assert_eq!(file.size, bytes.len() as u64);
+    let sha = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&bytes))
+    };
+    assert_eq!(file.sha256, sha);
+    assert!(api.download(&file.id).await.bytes == bytes);
+    assert_eq!(app.blob_keys().await.len(), 1);
+}
+
+#[tokio::test]
+async fn a_file_that_is_not_its_declared_size_is_refused_with_nothing_stored() {
+    let app = TestApp::spawn().await;
+    let api = app.api(&app.staff("acme"));
+    let bytes = pattern(6 * 1024 * 1024);
+    let events_before = event_count(&app).await;
+    for declared in [bytes.len() - 1, bytes.len() + 1] {
+        let upload = Upload::new("Wrong size", bytes.clone()).declaring_size(declared);
+        let response = api.post_upload("cust-1", &upload).await;
+        assert_eq!(response.status(), 422, "declared {declared}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "validation_failed", "{body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("size"),
+            "the message names the field: {body}"
+        );
+    }
+    // A size after the file part is a check of what arrived.
+    let late = Upload::new("Late size", bytes.clone()).field("size", "5");
+    let response = api.post_upload("cust-1", &late).await;
+    assert_eq!(response.status(), 422);
+    let body: Value = response.json().await.unwrap();
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("size"),
+        "the message names the field: {body}"
+    );
+    // Not a number of bytes.
+    let bad = Upload::new("Bad size", bytes.clone()).declaring_size("-1");
+    assert_eq!(api.post_upload("cust-1", &bad).await.status(), 422);
+
+    assert_eq!(
+        event_count(&app).await,
+        events_before,
+        "nothing was recorded"
+    );
+    assert!(app.blob_keys().await.is_empty(), "nothing was stored");
+    assert!(api.list_all("cust-1", "").await.is_empty());
+}
+
+#[tokio::test]
+async fn a_declared_size_past_the_limit_is_refused_before_the_file_is_read() {
+    let app = TestApp::spawn().await;
+    let api = app.api(&app.staff("acme"));
+    let upload = Upload::new("Too big", pattern(1000)).declaring_size(LIMIT + 1);
+    let response = api.post_upload("cust-1", &upload).await;
+    assert_eq!(response.status(), 413);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "file_too_large");
+    assert!(app.blob_keys().await.is_empty(), "nothing was stored");
 }
 
 #[tokio::test]

@@ -316,15 +316,15 @@ struct FailingStore {
 
 #[async_trait::async_trait]
 impl BlobStore for FailingStore {
-    async fn put(
+    async fn put_sized(
         &self,
         key: &BlobKey,
         mut body: ByteStream,
-        max_bytes: u64,
+        length: dossier_blobstore::BodyLength,
     ) -> Result<dossier_blobstore::StoredBlob, dossier_blobstore::BlobError> {
         use futures::StreamExt as _;
         let Some(chunks) = self.fail_puts_after else {
-            return self.inner.put(key, body, max_bytes).await;
+            return self.inner.put_sized(key, body, length).await;
         };
         for _ in 0..chunks {
             if body.next().await.is_none() {

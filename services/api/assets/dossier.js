@@ -100,7 +100,12 @@
       if (!el.name || el.disabled) continue;
       if (el.type === 'file') {
         const file = dropped || el.files[0];
-        if (file) data.append(el.name, file, file.name);
+        if (file) {
+          // Its size first: a file of a size known up front streams into
+          // the store as it arrives (CONTRACT.md, "Uploads").
+          data.append('size', String(file.size));
+          data.append(el.name, file, file.name);
+        }
       } else if (el.type === 'checkbox' || el.type === 'radio') {
         if (el.checked) data.append(el.name, el.value);
       } else {

@@ -243,6 +243,7 @@ impl Intake {
         // The body moves into one chunk without a copy; the S3 store slices
         // its parts out of it.
         let chunk = std::mem::take(&mut message.body);
+        let length = chunk.len() as u64;
         let body: ByteStream = Box::pin(futures::stream::once(async move { Ok(chunk) }));
         let stored = match self
             .uploads
@@ -252,6 +253,7 @@ impl Intake {
                 form.content_type,
                 body,
                 self.max_file_bytes,
+                Some(length),
             )
             .await
         {

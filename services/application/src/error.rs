@@ -233,6 +233,10 @@ impl From<BlobError> for AppError {
             BlobError::Body(io) => {
                 Self::validation("file", format!("the upload was interrupted: {io}"))
             }
+            BlobError::LengthMismatch { declared } => Self::validation(
+                "size",
+                format!("the file sent is not the {declared} bytes declared"),
+            ),
             // Its file was deleted or its bundle expired: gone, like the file (rule 6).
             BlobError::Shredded => Self::NotFound,
             BlobError::Damaged(detail) => Self::BlobDamaged(detail),

@@ -24,7 +24,7 @@
 use std::sync::Arc;
 
 use chrono::SubsecRound as _;
-use dossier_blobstore::{BlobStore, ByteStream};
+use dossier_blobstore::{BlobStore, BodyLength, ByteStream};
 use dossier_domain::{
     BlobKey, ContentType, ContractId, CustomerId, DisplayName, FileCommand, FileId, FileName,
     Origin, Sha256Hex, TenantId, UploadFile, Visibility,
@@ -169,7 +169,10 @@ impl Uploads {
     }
 
     /// Streams `body` to the blob store under `key`, hashed on the way and
-    /// stopped past `max_bytes` (then nothing is stored).
+    /// stopped past `max_bytes` (then nothing is stored). A body whose
+    /// length its sender `declared` must be that long, and streams into the
+    /// store as one request; a declared length past `max_bytes` is refused
+    /// before a byte is read.
     pub async fn store(
         &self,
         key: BlobKey,
@@ -177,8 +180,16 @@ impl Uploads {
         content_type: ContentType,
         body: ByteStream,
         max_bytes: u64,
+        declared: Option<u64>,
     ) -> Result<StoredUpload, AppError> {
-        let stored = self.blobs.put(&key, body, max_bytes).await?;
+        let length = match declared {
+            Some(size) if size > max_bytes => {
+                return Err(AppError::FileTooLarge { limit: max_bytes });
+            }
+            Some(size) => BodyLength::Exactly(size),
+            None => BodyLength::AtMost(max_bytes),
+        };
+        let stored = self.blobs.put_sized(&key, body, length).await?;
         let sha256 = match Sha256Hex::parse(&stored.sha256) {
             Ok(sha256) => sha256,
             Err(_) => {

@@ -21,9 +21,8 @@ use dossier_test_support::wait::Wait;
 use serde_json::{Value, json};
 
 use super::Ctx;
-use dossier_test_support::s3::S3Dev;
 
-use super::env::{self, App, BenchDb, Stage};
+use super::env::{self, App, BenchDb, S3Server, Stage};
 use super::report::{Figure, Goal};
 use super::stats::{self, mb_per_s};
 
@@ -226,7 +225,7 @@ async fn bundle(app: &App, token: &str, ids: &[String]) -> anyhow::Result<Option
 }
 
 /// GET of every blob of the tenant, then a PUT of `archive_size` bytes.
-async fn get_and_put(s3: &S3Dev, db: &BenchDb, archive_size: u64) -> anyhow::Result<Duration> {
+async fn get_and_put(s3: &S3Server, db: &BenchDb, archive_size: u64) -> anyhow::Result<Duration> {
     let keys: Vec<String> = db
         .pool
         .get()
@@ -243,8 +242,8 @@ async fn get_and_put(s3: &S3Dev, db: &BenchDb, archive_size: u64) -> anyhow::Res
         let object = direct
             .client()
             .get_object()
-            .bucket(BUCKET)
-            .key(key)
+            .bucket(direct.bucket())
+            .key(direct.object_key(key))
             .send()
             .await
             .with_context(|| format!("GetObject {key}"))?;
@@ -253,8 +252,8 @@ async fn get_and_put(s3: &S3Dev, db: &BenchDb, archive_size: u64) -> anyhow::Res
     direct
         .client()
         .put_object()
-        .bucket(BUCKET)
-        .key("baseline/archive.zip")
+        .bucket(direct.bucket())
+        .key(direct.object_key("baseline/archive.zip"))
         .body(ByteStream::from(archive))
         .send()
         .await

@@ -1,5 +1,5 @@
-//! What a scenario stands on: a database of its own, an S3 server on a
-//! temporary directory, a RabbitMQ vhost (`TestVhost`) and the real
+//! What a scenario stands on: a database of its own, an S3 server (on a
+//! temporary directory, or the external one of `--s3-endpoint`), a RabbitMQ vhost (`TestVhost`) and the real
 //! application, in process, on a free port. Everything here is removed again
 //! by the scenario that made it. The pieces are the test harness'
 //! (dossier-test-support), so the benchmark runs on what the tests run on; what
@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use dossier_api::auth::jwt::Role;
-use dossier_blobstore::BlobStore;
+use dossier_blobstore::{BlobStore, BlobStoreSpec, S3BlobStore, S3Options};
 use dossier_test_support::rabbit::TestVhost;
 use dossier_test_support::s3::S3Dev;
 use dossier_test_support::{AppServer, db::Database};
@@ -41,27 +41,143 @@ pub async fn remove_database(db: BenchDb) {
     }
 }
 
-/// The S3 server (s3s-fs, as `dossier-s3-dev`) on a temporary directory, in
-/// this process; [`stop_s3`] removes it again.
-pub async fn s3() -> anyhow::Result<S3Dev> {
-    dossier_test_support::s3::spawn_temporary("bench-s3")
-        .await
-        .context("starting the S3 server")
+/// An S3 server the benchmark does not run: `--s3-endpoint` and friends
+/// (Garage, MinIO, AWS). Every scenario writes under a prefix of its own in
+/// `bucket` and deletes it again.
+#[derive(Clone)]
+pub struct ExternalS3 {
+    pub endpoint: String,
+    pub region: String,
+    pub bucket: String,
+    pub access_key: String,
+    pub secret_key: String,
 }
 
-/// Stops the S3 server and removes its directory.
-pub async fn stop_s3(s3: S3Dev) {
-    let root = s3.root.clone();
-    if let Err(error) = s3.remove().await {
-        eprintln!("bench: could not remove {}: {error}", root.display());
+impl std::fmt::Debug for ExternalS3 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExternalS3")
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("bucket", &self.bucket)
+            .finish_non_exhaustive()
     }
+}
+
+/// The S3 server a scenario stores on: the in-process s3s-fs on a temporary
+/// directory (the default), or an external one. Scenarios name their buckets
+/// as if they had the server to themselves; on an external server each such
+/// name is a prefix `dossier-bench-<uuid>/<name>/` in the one bucket given.
+#[derive(Debug)]
+pub enum S3Server {
+    InProcess(S3Dev),
+    External { s3: ExternalS3, run: String },
+}
+
+impl S3Server {
+    /// Starts s3s-fs, or takes the external server of `ctx`.
+    pub async fn start(ctx: &Ctx) -> anyhow::Result<Self> {
+        match &ctx.s3 {
+            None => Ok(Self::InProcess(
+                dossier_test_support::s3::spawn_temporary("bench-s3")
+                    .await
+                    .context("starting the S3 server")?,
+            )),
+            Some(s3) => Ok(Self::External {
+                s3: s3.clone(),
+                run: format!("dossier-bench-{}", Uuid::new_v4().simple()),
+            }),
+        }
+    }
+
+    /// The blob store options for the scenario's bucket `bucket`.
+    pub fn options(&self, bucket: &str) -> S3Options {
+        match self {
+            Self::InProcess(dev) => dev.options(bucket),
+            Self::External { s3, run } => S3Options {
+                bucket: s3.bucket.clone(),
+                prefix: Some(format!("{run}/{bucket}")),
+                endpoint: Some(s3.endpoint.clone()),
+                region: s3.region.clone(),
+                access_key: Some(s3.access_key.clone()),
+                secret_key: Some(s3.secret_key.clone()),
+                create_bucket_if_missing: false,
+            },
+        }
+    }
+
+    /// The blob store on the scenario's bucket `bucket`.
+    pub async fn store(&self, bucket: &str) -> anyhow::Result<Arc<dyn BlobStore>> {
+        Ok(dossier_blobstore::open(&BlobStoreSpec::S3(self.options(bucket))).await?)
+    }
+
+    /// The S3 adapter itself on `bucket`, for its raw `aws-sdk-s3` client
+    /// ([`S3BlobStore::object_key`] gives the full key of a blob key).
+    pub async fn direct(&self, bucket: &str) -> anyhow::Result<S3BlobStore> {
+        Ok(S3BlobStore::open(self.options(bucket)).await?)
+    }
+
+    /// Stops s3s-fs and removes its directory, or deletes every object the
+    /// run wrote on the external server.
+    pub async fn remove(self) {
+        match self {
+            Self::InProcess(dev) => {
+                let root = dev.root.clone();
+                if let Err(error) = dev.remove().await {
+                    eprintln!("bench: could not remove {}: {error}", root.display());
+                }
+            }
+            Self::External { s3, run } => {
+                if let Err(error) = delete_prefix(&s3, &run).await {
+                    eprintln!(
+                        "bench: could not delete s3://{}/{run}/: {error:#}",
+                        s3.bucket
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Deletes every object under `run/` of the external bucket.
+async fn delete_prefix(s3: &ExternalS3, run: &str) -> anyhow::Result<()> {
+    let store = S3BlobStore::open(S3Options {
+        bucket: s3.bucket.clone(),
+        prefix: None,
+        endpoint: Some(s3.endpoint.clone()),
+        region: s3.region.clone(),
+        access_key: Some(s3.access_key.clone()),
+        secret_key: Some(s3.secret_key.clone()),
+        create_bucket_if_missing: false,
+    })
+    .await?;
+    let mut pages = store
+        .client()
+        .list_objects_v2()
+        .bucket(&s3.bucket)
+        .prefix(format!("{run}/"))
+        .into_paginator()
+        .send();
+    while let Some(page) = pages.next().await {
+        for object in page?.contents() {
+            if let Some(key) = object.key() {
+                store
+                    .client()
+                    .delete_object()
+                    .bucket(&s3.bucket)
+                    .key(key)
+                    .send()
+                    .await?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Everything a scenario that runs the whole service stands on: a database of
 /// its own, an S3 server, a RabbitMQ vhost and a scratch directory.
 /// [`Stage::remove`] takes all of it down again.
 pub struct Stage {
-    pub s3: S3Dev,
+    pub s3: S3Server,
     pub db: BenchDb,
     pub vhost: TestVhost,
     pub dir: PathBuf,
@@ -71,7 +187,7 @@ impl Stage {
     /// Sets the stage up; what was made before a failing step is removed.
     pub async fn new(ctx: &Ctx, pool_size: usize, what: &str) -> anyhow::Result<Self> {
         let dir = temp_dir(what)?;
-        let s3 = match s3().await {
+        let s3 = match S3Server::start(ctx).await {
             Ok(s3) => s3,
             Err(error) => {
                 let _ = std::fs::remove_dir_all(&dir);
@@ -81,7 +197,7 @@ impl Stage {
         let db = match database(ctx, pool_size).await {
             Ok(db) => db,
             Err(error) => {
-                stop_s3(s3).await;
+                s3.remove().await;
                 let _ = std::fs::remove_dir_all(&dir);
                 return Err(error);
             }
@@ -90,7 +206,7 @@ impl Stage {
             Ok(vhost) => Ok(Self { s3, db, vhost, dir }),
             Err(error) => {
                 remove_database(db).await;
-                stop_s3(s3).await;
+                s3.remove().await;
                 let _ = std::fs::remove_dir_all(&dir);
                 Err(anyhow::Error::new(error).context("creating a RabbitMQ vhost"))
             }
@@ -120,7 +236,7 @@ impl Stage {
         if let Err(error) = self.vhost.cleanup().await {
             eprintln!("bench: could not remove a RabbitMQ vhost: {error}");
         }
-        stop_s3(self.s3).await;
+        self.s3.remove().await;
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -160,6 +276,39 @@ impl App {
             eprintln!("bench: the server ended with an error: {error:#}");
         }
     }
+}
+
+/// One upload of `body` to `url` (a customer's files) as the pages send it:
+/// the name, the size if `declare`, then the file; fails unless it is 201.
+pub async fn post_upload(
+    client: &reqwest::Client,
+    url: &str,
+    token: &str,
+    body: bytes::Bytes,
+    i: usize,
+    declare: bool,
+) -> anyhow::Result<()> {
+    let length = body.len() as u64;
+    let part = reqwest::multipart::Part::stream_with_length(reqwest::Body::from(body), length)
+        .file_name(format!("upload-{i}.bin"))
+        .mime_str("application/octet-stream")?;
+    let mut form = reqwest::multipart::Form::new().text("name", format!("Bench upload {i}"));
+    if declare {
+        form = form.text("size", length.to_string());
+    }
+    let response = client
+        .post(url)
+        .bearer_auth(token)
+        .multipart(form.part("file", part))
+        .send()
+        .await?;
+    let status = response.status();
+    anyhow::ensure!(
+        status == reqwest::StatusCode::CREATED,
+        "upload answered {status}: {}",
+        response.text().await.unwrap_or_default()
+    );
+    Ok(())
 }
 
 /// One HTTP client for a scenario (connections are reused).

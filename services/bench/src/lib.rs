@@ -57,15 +57,57 @@ pub struct BenchArgs {
     /// postgres_es, list, console, rebuild, zip_bundle, upload_rss, amqp_intake.
     #[arg(long = "scenario", value_name = "NAME")]
     pub scenarios: Vec<String>,
+    /// Store on this S3 server instead of the in-process s3s-fs (e.g. Garage
+    /// at http://127.0.0.1:3900); every scenario that stores blobs uses it,
+    /// under a prefix of its own in `--s3-bucket`, deleted afterwards.
+    #[arg(long, env = "DOSSIER_BENCH_S3_ENDPOINT", value_name = "URL")]
+    pub s3_endpoint: Option<String>,
+    /// The bucket on `--s3-endpoint` (it must exist).
+    #[arg(long, env = "DOSSIER_BENCH_S3_BUCKET", default_value = "dossier")]
+    pub s3_bucket: String,
+    /// The region `--s3-endpoint` wants requests signed for.
+    #[arg(long, env = "DOSSIER_BENCH_S3_REGION", default_value = "us-east-1")]
+    pub s3_region: String,
+    /// The access key for `--s3-endpoint` (from the environment only).
+    #[arg(skip = std::env::var("DOSSIER_BENCH_S3_ACCESS_KEY").ok())]
+    pub s3_access_key: Option<String>,
+    /// The secret key for `--s3-endpoint` (from the environment only).
+    #[arg(skip = std::env::var("DOSSIER_BENCH_S3_SECRET_KEY").ok())]
+    pub s3_secret_key: Option<String>,
+}
+
+impl BenchArgs {
+    /// The external S3 server asked for, if any.
+    fn external_s3(&self) -> anyhow::Result<Option<env::ExternalS3>> {
+        let Some(endpoint) = &self.s3_endpoint else {
+            return Ok(None);
+        };
+        let (Some(access_key), Some(secret_key)) = (&self.s3_access_key, &self.s3_secret_key)
+        else {
+            anyhow::bail!(
+                "--s3-endpoint needs DOSSIER_BENCH_S3_ACCESS_KEY and DOSSIER_BENCH_S3_SECRET_KEY"
+            );
+        };
+        Ok(Some(env::ExternalS3 {
+            endpoint: endpoint.clone(),
+            region: self.s3_region.clone(),
+            bucket: self.s3_bucket.clone(),
+            access_key: access_key.clone(),
+            secret_key: secret_key.clone(),
+        }))
+    }
 }
 
 /// The `dossier bench` command: runs on the Postgres server of
 /// `DOSSIER_DATABASE_URL` (a database of its own per scenario), the RabbitMQ on
 /// 127.0.0.1:5672 with its management API on 15672 (a vhost of its own;
 /// `DOSSIER_TEST_AMQP_ADDR` and `DOSSIER_TEST_RABBITMQ_MANAGEMENT` move them,
-/// as for the tests), and S3 servers of its own. Fails if a scenario failed.
+/// as for the tests), and S3 servers of its own unless `--s3-endpoint` names
+/// one. Fails if a scenario failed.
 pub async fn main(settings: &Settings, args: BenchArgs) -> anyhow::Result<()> {
+    let s3 = args.external_s3()?;
     let outcome = run(Options {
+        s3,
         quick: args.quick,
         json: args.json,
         only: args.scenarios,
@@ -107,6 +149,8 @@ pub struct Options {
     /// A Postgres URL of the server to use; the database name is replaced by a
     /// fresh `dossier_bench_<uuid>` per scenario.
     pub database_url: String,
+    /// The S3 server to store on instead of the in-process s3s-fs.
+    pub s3: Option<env::ExternalS3>,
 }
 
 /// What every scenario gets: the size to run at and where the services are.
@@ -114,6 +158,8 @@ pub struct Options {
 pub struct Ctx {
     pub quick: bool,
     pub database_url: String,
+    /// `None`: each scenario runs s3s-fs in process.
+    pub s3: Option<env::ExternalS3>,
 }
 
 impl Ctx {
@@ -137,6 +183,7 @@ pub async fn run(options: Options) -> anyhow::Result<Outcome> {
     let ctx = Ctx {
         quick: options.quick,
         database_url: options.database_url.clone(),
+        s3: options.s3.clone(),
     };
     let started = Instant::now();
     let load_at_start = report::load_average();
@@ -176,7 +223,17 @@ pub async fn run(options: Options) -> anyhow::Result<Outcome> {
             }
         }
     }
-    let report = report::Report::new(options.quick, figures, started.elapsed(), load_at_start);
+    let s3_server = match &options.s3 {
+        None => "s3s-fs in process".to_owned(),
+        Some(s3) => format!("{} (bucket {})", s3.endpoint, s3.bucket),
+    };
+    let report = report::Report::new(
+        options.quick,
+        s3_server,
+        figures,
+        started.elapsed(),
+        load_at_start,
+    );
     if options.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

@@ -105,6 +105,8 @@ impl Figure {
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub quick: bool,
+    /// The S3 server the blobs went to.
+    pub s3_server: String,
     pub cores: usize,
     pub seconds: f64,
     /// The 1-minute load average at the start and the end of the run: other
@@ -126,6 +128,7 @@ pub fn load_average() -> Option<f64> {
 impl Report {
     pub fn new(
         quick: bool,
+        s3_server: String,
         mut figures: Vec<Figure>,
         took: Duration,
         load_at_start: Option<f64>,
@@ -142,6 +145,7 @@ impl Report {
         }
         Self {
             quick,
+            s3_server,
             cores: std::thread::available_parallelism().map_or(1, usize::from),
             seconds: took.as_secs_f64(),
             load_average: [load_at_start, load_average()],
@@ -236,10 +240,11 @@ impl Report {
         let load = |value: Option<f64>| value.map_or_else(|| "?".to_owned(), |v| format!("{v:.1}"));
         let _ = writeln!(
             out,
-            "\n{} run on {} cores in {:.0} s; load average {} at the start, {} at the end",
+            "\n{} run on {} cores in {:.0} s, S3 on {}; load average {} at the start, {} at the end",
             if self.quick { "quick" } else { "full" },
             self.cores,
             self.seconds,
+            self.s3_server,
             load(self.load_average[0]),
             load(self.load_average[1]),
         );
@@ -286,6 +291,7 @@ mod tests {
     fn the_table_is_aligned() {
         let report = Report::new(
             true,
+            "s3s-fs in process".to_owned(),
             vec![
                 Figure::new("upload", "MB/s, 1 at once", "MB/s")
                     .ours(123.4)

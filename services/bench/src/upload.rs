@@ -3,8 +3,10 @@
 //! aws-sdk-s3 to the same server.
 //!
 //! Ours includes everything a client waits for: multipart parsing, hashing,
-//! the S3 multipart upload (parts of [`PART_SIZE`]), the command, and the
-//! read-your-writes wait. Client, server and S3 server share this process and
+//! sealing, the S3 upload, the command, and the read-your-writes wait. The
+//! goal figure is a form that declares the file's size before the file, as
+//! the pages send it (one streamed PutObject); the same form without it goes
+//! as a multipart upload (parts of [`PART_SIZE`]) and is reported beside it. Client, server and S3 server share this process and
 //! its two cores.
 //!
 //! The baseline sends its body the way our S3 adapter does, with
@@ -24,9 +26,7 @@ use dossier_blobstore::S3BlobStore;
 use dossier_blobstore::s3::PART_SIZE;
 
 use super::Ctx;
-use dossier_test_support::s3::S3Dev;
-
-use super::env::{self, App, Stage};
+use super::env::{self, App, S3Server, Stage};
 use super::report::{Figure, Goal};
 use super::stats::{self, mb_per_s};
 
@@ -59,7 +59,7 @@ async fn measure(ctx: &Ctx, stage: &Stage) -> anyhow::Result<Vec<Figure>> {
 }
 
 async fn measure_levels(
-    s3: &S3Dev,
+    s3: &S3Server,
     app: &Arc<App>,
     size: usize,
     levels: &[(usize, usize)],
@@ -68,13 +68,20 @@ async fn measure_levels(
     let direct = Arc::new(s3.direct("bench-upload-direct").await?);
     let token = Arc::new(env::token(TENANT, Role::Staff, None));
 
-    let upload = {
+    // As the pages send a file: its size declared before it (one streamed
+    // PutObject), and as a client that does not declare it (multipart).
+    let upload_with = |declare: bool| {
         let (app, token, body) = (app.clone(), token.clone(), body.clone());
         move |i: usize| {
             let (app, token, body) = (app.clone(), token.clone(), body.clone());
-            async move { upload_over_http(&app, &token, body, i).await }
+            async move {
+                let url = app.url(&format!("/v1/customers/cust-{}/files", i % 10));
+                env::post_upload(&app.client, &url, &token, body, i, declare).await
+            }
         }
     };
+    let upload = upload_with(true);
+    let upload_undeclared = upload_with(false);
     let put = {
         let (direct, body) = (direct.clone(), body.clone());
         move |i: usize| {
@@ -103,6 +110,7 @@ async fn measure_levels(
 
     // Warm up every path (connections, buckets, first allocations).
     stats::batch(2, 2, upload.clone()).await?;
+    stats::batch(2, 2, upload_undeclared.clone()).await?;
     stats::batch(2, 2, put.clone()).await?;
     stats::batch(2, 2, put_signed.clone()).await?;
     stats::batch(2, 2, multipart.clone()).await?;
@@ -124,6 +132,24 @@ async fn measure_levels(
                 "PutObject of the same bytes with aws-sdk-s3, UNSIGNED-PAYLOAD like ours, same S3 server",
             )
             .goal(Goal::RatioAtLeast(0.8)),
+        );
+        let undeclared = stats::batch(count, parallel, upload_undeclared.clone()).await?;
+        figures.push(
+            Figure::new(
+                SCENARIO,
+                format!(
+                    "{} MiB files, {parallel} at once, size not declared",
+                    size / (1024 * 1024)
+                ),
+                "MB/s",
+            )
+            .ours(mb_per_s(bytes, undeclared))
+            .baseline(
+                mb_per_s(bytes, baseline),
+                "PutObject of the same bytes with aws-sdk-s3, UNSIGNED-PAYLOAD like ours, same S3 server",
+            )
+            .note("a client that sends no `size` field: the body goes as a multipart upload of 5 MiB parts")
+            .goal(Goal::Report),
         );
         let signed = stats::batch(count, parallel, put_signed.clone()).await?;
         figures.push(
@@ -147,12 +173,12 @@ async fn measure_levels(
             Figure::new(
                 SCENARIO,
                 format!(
-                    "{} MiB files, {parallel} at once, vs multipart",
+                    "{} MiB files, {parallel} at once, size not declared, vs multipart",
                     size / (1024 * 1024)
                 ),
                 "MB/s",
             )
-            .ours(mb_per_s(bytes, ours))
+            .ours(mb_per_s(bytes, undeclared))
             .baseline(
                 mb_per_s(bytes, split),
                 "the same bytes as sequential UploadParts of our part size, UNSIGNED-PAYLOAD",
@@ -174,7 +200,7 @@ async fn put_object(
         .client()
         .put_object()
         .bucket(direct.bucket())
-        .key(format!("direct/{i}-{}", uuid::Uuid::new_v4()))
+        .key(direct.object_key(&format!("direct/{i}-{}", uuid::Uuid::new_v4())))
         .content_length(body.len() as i64)
         .body(ByteStream::from(body))
         .customize();
@@ -192,7 +218,7 @@ async fn put_object(
 async fn put_multipart(direct: &S3BlobStore, body: Bytes, i: usize) -> anyhow::Result<()> {
     const PART: usize = PART_SIZE;
     let client = direct.client();
-    let key = format!("multipart/{i}-{}", uuid::Uuid::new_v4());
+    let key = direct.object_key(&format!("multipart/{i}-{}", uuid::Uuid::new_v4()));
     let created = client
         .create_multipart_upload()
         .bucket(direct.bucket())
@@ -238,29 +264,5 @@ async fn put_multipart(direct: &S3BlobStore, body: Bytes, i: usize) -> anyhow::R
         .send()
         .await
         .context("CompleteMultipartUpload")?;
-    Ok(())
-}
-
-async fn upload_over_http(app: &App, token: &str, body: Bytes, i: usize) -> anyhow::Result<()> {
-    let length = body.len() as u64;
-    let part = reqwest::multipart::Part::stream_with_length(reqwest::Body::from(body), length)
-        .file_name(format!("upload-{i}.bin"))
-        .mime_str("application/octet-stream")?;
-    let form = reqwest::multipart::Form::new()
-        .text("name", format!("Bench upload {i}"))
-        .part("file", part);
-    let response = app
-        .client
-        .post(app.url(&format!("/v1/customers/cust-{}/files", i % 10)))
-        .bearer_auth(token)
-        .multipart(form)
-        .send()
-        .await?;
-    let status = response.status();
-    anyhow::ensure!(
-        status == reqwest::StatusCode::CREATED,
-        "upload answered {status}: {}",
-        response.text().await.unwrap_or_default()
-    );
     Ok(())
 }

@@ -18,8 +18,8 @@ use tokio::io::AsyncWriteExt as _;
 use tokio_util::io::ReaderStream;
 
 use super::{
-    BlobError, BlobListStream, BlobListing, BlobObject, BlobStore, ByteStream, HashingLimited,
-    StoredBlob, hashing_limited, limited, shown_key,
+    BlobError, BlobListStream, BlobListing, BlobObject, BlobStore, BodyLength, ByteStream,
+    HashingLimited, StoredBlob, hashing_limited, limited, shown_key,
 };
 
 /// Folder under the root for uploads in progress; never part of a key.
@@ -232,22 +232,22 @@ impl DirBlobStore {
 
 #[async_trait]
 impl BlobStore for DirBlobStore {
-    async fn put(
+    async fn put_sized(
         &self,
         key: &BlobKey,
         body: ByteStream,
-        max_bytes: u64,
+        length: BodyLength,
     ) -> Result<StoredBlob, BlobError> {
-        self.write(key, hashing_limited(body, max_bytes)).await
+        self.write(key, hashing_limited(body, length)).await
     }
 
     async fn put_unhashed(
         &self,
         key: &BlobKey,
         body: ByteStream,
-        max_bytes: u64,
+        length: BodyLength,
     ) -> Result<u64, BlobError> {
-        Ok(self.write(key, limited(body, max_bytes)).await?.size)
+        Ok(self.write(key, limited(body, length)).await?.size)
     }
 
     async fn get(&self, key: &BlobKey) -> Result<BlobObject, BlobError> {

@@ -106,6 +106,13 @@ pub enum BlobError {
         /// The limit that was exceeded, in bytes.
         limit: u64,
     },
+    /// The upload was declared to be exactly `declared` bytes long
+    /// ([`BodyLength::Exactly`]) and was not; nothing was stored.
+    #[error("the upload is not the {declared} bytes its sender declared")]
+    LengthMismatch {
+        /// The length the sender declared, in bytes.
+        declared: u64,
+    },
     /// No blob under the key.
     #[error("no blob under this key")]
     NotFound,
@@ -162,20 +169,35 @@ pub trait BlobStore: Send + Sync + 'static {
         key: &BlobKey,
         body: ByteStream,
         max_bytes: u64,
+    ) -> Result<StoredBlob, BlobError> {
+        self.put_sized(key, body, BodyLength::AtMost(max_bytes))
+            .await
+    }
+
+    /// [`Self::put`] for a body whose `length` may be known before its first
+    /// byte: [`BodyLength::Exactly`] (a client that declared its file's size)
+    /// lets an adapter send it as one streamed request instead of buffering
+    /// parts, and a body of another length fails with
+    /// [`BlobError::LengthMismatch`], storing nothing.
+    async fn put_sized(
+        &self,
+        key: &BlobKey,
+        body: ByteStream,
+        length: BodyLength,
     ) -> Result<StoredBlob, BlobError>;
 
-    /// [`Self::put`] for a caller that hashes what it stores itself (the
-    /// sealing decorator hashes the plain bytes; a hash of its ciphertext
-    /// would be a second pass over every byte for nothing): the same limit
-    /// and guarantees, answering only the number of bytes stored. Adapters
-    /// skip the hash; the default runs [`Self::put`].
+    /// [`Self::put_sized`] for a caller that hashes what it stores itself
+    /// (the sealing decorator hashes the plain bytes; a hash of its
+    /// ciphertext would be a second pass over every byte for nothing): the
+    /// same limits and guarantees, answering only the number of bytes
+    /// stored. Adapters skip the hash; the default runs [`Self::put_sized`].
     async fn put_unhashed(
         &self,
         key: &BlobKey,
         body: ByteStream,
-        max_bytes: u64,
+        length: BodyLength,
     ) -> Result<u64, BlobError> {
-        self.put(key, body, max_bytes)
+        self.put_sized(key, body, length)
             .await
             .map(|stored| stored.size)
     }
@@ -233,39 +255,85 @@ pub async fn open(spec: &BlobStoreSpec) -> Result<Arc<dyn BlobStore>, BlobError>
     Ok(store)
 }
 
+/// How long an upload body may or must be, as known before its first byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyLength {
+    /// At most this many bytes (the size limit); the length shows at the end.
+    AtMost(u64),
+    /// Exactly this many bytes, as the sender declared up front.
+    Exactly(u64),
+}
+
+impl BodyLength {
+    /// The most bytes the body may have.
+    pub fn limit(self) -> u64 {
+        match self {
+            Self::AtMost(limit) | Self::Exactly(limit) => limit,
+        }
+    }
+
+    /// The length, if it is known before the body is read.
+    pub fn exact(self) -> Option<u64> {
+        match self {
+            Self::AtMost(_) => None,
+            Self::Exactly(length) => Some(length),
+        }
+    }
+}
+
 /// Wraps an upload body: counts and hashes each chunk, and refuses the chunk
-/// that takes the total over `max_bytes`. Both adapters read uploads through
-/// this, so the limit and the hash are defined in one place.
-pub fn hashing_limited(body: ByteStream, max_bytes: u64) -> HashingLimited {
+/// that takes the total over the limit of `length`. Every adapter reads uploads
+/// through this, so the limit, the declared length and the hash are defined
+/// in one place.
+///
+/// For a body of [`BodyLength::Exactly`] `n` bytes, the chunk holding byte
+/// `n` is handed out only once the body is known to end there: a store that
+/// streams exactly `n` bytes into one request has then sent its last byte
+/// only for a body that really was `n` bytes long, so a longer one never
+/// becomes an object. A shorter one fails at its end, before that.
+pub fn hashing_limited(body: ByteStream, length: impl Into<BodyLength>) -> HashingLimited {
     HashingLimited {
         body,
-        max_bytes,
+        length: length.into(),
         size: 0,
+        held: None,
+        ended: false,
         hasher: Some(Sha256::new()),
+    }
+}
+
+impl From<u64> for BodyLength {
+    /// A bare number is a size limit.
+    fn from(max_bytes: u64) -> Self {
+        Self::AtMost(max_bytes)
     }
 }
 
 /// [`hashing_limited`] without the hash, for [`BlobStore::put_unhashed`]:
 /// [`HashingLimited::finish`] then answers an empty `sha256`.
-pub fn limited(body: ByteStream, max_bytes: u64) -> HashingLimited {
+pub fn limited(body: ByteStream, length: impl Into<BodyLength>) -> HashingLimited {
     HashingLimited {
         hasher: None,
-        ..hashing_limited(body, max_bytes)
+        ..hashing_limited(body, length)
     }
 }
 
 /// An upload body being read under a size limit; see [`hashing_limited`].
 pub struct HashingLimited {
     body: ByteStream,
-    max_bytes: u64,
+    length: BodyLength,
     size: u64,
+    /// A chunk read (and counted) but not yet handed out.
+    held: Option<Bytes>,
+    /// The end of the body was seen (after its last chunk was read ahead).
+    ended: bool,
     hasher: Option<Sha256>,
 }
 
 impl fmt::Debug for HashingLimited {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HashingLimited")
-            .field("max_bytes", &self.max_bytes)
+            .field("length", &self.length)
             .field("size", &self.size)
             .finish_non_exhaustive()
     }
@@ -274,10 +342,54 @@ impl fmt::Debug for HashingLimited {
 impl HashingLimited {
     /// The next non-empty chunk, already counted and hashed; `None` at the
     /// end of the body. [`BlobError::TooLarge`] as soon as the total would
-    /// exceed the limit (the offending chunk is not handed out), and
-    /// [`BlobError::Body`] when the client's stream fails. After an error the
-    /// caller must discard what it wrote.
+    /// exceed the limit (the offending chunk is not handed out),
+    /// [`BlobError::LengthMismatch`] for a body that is not the length it
+    /// was declared to be (see [`hashing_limited`]), and [`BlobError::Body`]
+    /// when the client's stream fails. After an error the caller must
+    /// discard what it wrote.
     pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, BlobError> {
+        if self.ended {
+            return Ok(None);
+        }
+        // Kept in `held` across the read-ahead below, so that a caller that
+        // drops this future (in a `select!`) loses no chunk.
+        if self.held.is_none() {
+            let Some(chunk) = self.read().await? else {
+                self.ended = true;
+                return match self.length {
+                    BodyLength::Exactly(declared) if self.size != declared => {
+                        Err(BlobError::LengthMismatch { declared })
+                    }
+                    _ => Ok(None),
+                };
+            };
+            self.held = Some(chunk);
+        }
+        if let BodyLength::Exactly(declared) = self.length
+            && self.size == declared
+        {
+            // The last byte declared: make sure the body ends here (a
+            // further chunk fails in `read`, over the length) before it goes.
+            if self.read().await?.is_some() {
+                return Err(BlobError::LengthMismatch { declared });
+            }
+            self.ended = true;
+        }
+        let chunk = self.held.take().unwrap_or_default();
+        if let Some(hasher) = &mut self.hasher {
+            hasher.update(&chunk);
+        }
+        Ok(Some(chunk))
+    }
+
+    /// The length this body may or must have.
+    pub fn length(&self) -> BodyLength {
+        self.length
+    }
+
+    /// The next non-empty chunk of the client's body, counted against the
+    /// limit.
+    async fn read(&mut self) -> Result<Option<Bytes>, BlobError> {
         loop {
             let Some(item) = self.body.next().await else {
                 return Ok(None);
@@ -286,17 +398,15 @@ impl HashingLimited {
             if chunk.is_empty() {
                 continue;
             }
-            let size = u64::try_from(chunk.len())
+            let limit = self.length.limit();
+            self.size = u64::try_from(chunk.len())
                 .ok()
                 .and_then(|len| self.size.checked_add(len))
-                .filter(|&size| size <= self.max_bytes)
-                .ok_or(BlobError::TooLarge {
-                    limit: self.max_bytes,
+                .filter(|&size| size <= limit)
+                .ok_or(match self.length {
+                    BodyLength::AtMost(limit) => BlobError::TooLarge { limit },
+                    BodyLength::Exactly(declared) => BlobError::LengthMismatch { declared },
                 })?;
-            self.size = size;
-            if let Some(hasher) = &mut self.hasher {
-                hasher.update(&chunk);
-            }
             return Ok(Some(chunk));
         }
     }
@@ -318,12 +428,27 @@ impl HashingLimited {
         let stream = futures::stream::unfold(state, |(reader, tally)| async move {
             let mut reader = reader?;
             match reader.next_chunk().await {
+                // The body of a declared length is known to end with this
+                // chunk: settled now, since a consumer that stops at the
+                // declared length never asks for the end.
+                Ok(Some(chunk)) if reader.ended => {
+                    tally.settle(Ok(reader.finish()));
+                    Some((Ok(chunk), (None, tally)))
+                }
                 Ok(Some(chunk)) => Some((Ok(chunk), (Some(reader), tally))),
                 Ok(None) => {
                     tally.settle(Ok(reader.finish()));
                     None
                 }
-                Err(BlobError::Body(error)) => Some((Err(error), (None, tally))),
+                Err(BlobError::Body(error)) => {
+                    // Settled too: a store that hands the stream to a client
+                    // library sees only that library's error, not this one.
+                    tally.settle(Err(BlobError::Body(std::io::Error::new(
+                        error.kind(),
+                        error.to_string(),
+                    ))));
+                    Some((Err(error), (None, tally)))
+                }
                 Err(error) => {
                     let message = error.to_string();
                     tally.settle(Err(error));
@@ -425,6 +550,47 @@ mod tests {
         .await
         .unwrap_err();
         assert!(matches!(err, BlobError::Body(_)), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn a_body_of_its_declared_length_passes_whole() {
+        let stored = drain(hashing_limited(
+            body(vec![Ok(b"ab"), Ok(b""), Ok(b"c")]),
+            BodyLength::Exactly(3),
+        ))
+        .await
+        .unwrap();
+        assert_eq!(stored.size, 3);
+    }
+
+    #[tokio::test]
+    async fn a_body_shorter_or_longer_than_declared_is_refused() {
+        for chunks in [vec![Ok(&b"ab"[..])], vec![Ok(&b"ab"[..]), Ok(b"cd")]] {
+            let err = drain(hashing_limited(body(chunks), BodyLength::Exactly(3)))
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(err, BlobError::LengthMismatch { declared: 3 }),
+                "{err:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn the_chunk_with_the_last_declared_byte_waits_for_the_end_of_the_body() {
+        // "abc" are the three bytes declared; "d" follows. The chunk that
+        // completes the declared length must not be handed out, or a store
+        // streaming exactly three bytes would complete an object.
+        let mut reader = hashing_limited(
+            body(vec![Ok(b"ab"), Ok(b"c"), Ok(b"d")]),
+            BodyLength::Exactly(3),
+        );
+        assert_eq!(reader.next_chunk().await.unwrap().unwrap(), &b"ab"[..]);
+        let err = reader.next_chunk().await.unwrap_err();
+        assert!(
+            matches!(err, BlobError::LengthMismatch { declared: 3 }),
+            "{err:?}"
+        );
     }
 
     #[tokio::test]

@@ -5,12 +5,23 @@
 //! payload checksums where the API requires them (newer SDK defaults add
 //! CRC32 trailers many of those servers reject).
 //!
-//! Uploads are atomic: a body that fits in one part ([`PART_SIZE`]), or that
-//! arrives whole in one chunk, is a single `PutObject`; a longer one is a multipart upload that is completed
-//! only after the whole body arrived within the limit, and aborted otherwise.
+//! Uploads are atomic, in three shapes:
+//!
+//! - a body whose length is known before its first byte
+//!   ([`BodyLength::Exactly`]: a client that declared its file's size, the
+//!   AMQP intake) streams into one `PutObject` as it arrives, with no part
+//!   buffer; its last declared byte is sent only once the body is known to
+//!   end there (ADR 0019), so a body that breaks off or runs long leaves the
+//!   request short and the server stores nothing;
+//! - any other body that fits in one part ([`PART_SIZE`]), or that arrives
+//!   whole in one chunk, is a single `PutObject` from memory;
+//! - a longer one is a multipart upload that is completed only after the whole
+//!   body arrived within the limit, and aborted otherwise.
+//!
 //! Either way nothing appears under the key unless the upload succeeded.
 //!
-//! Memory and speed: an upload holds one part buffer while it reads its body.
+//! Memory and speed of a multipart upload: it holds one part buffer while it
+//! reads its body.
 //! A full part is sent while the next one is read (one part in flight at
 //! most), but that second buffer comes from a budget shared by every upload
 //! of the store ([`SPARE_PART_BUFFERS`]); without a spare buffer the upload
@@ -49,8 +60,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use futures::StreamExt as _;
 
 use super::{
-    BlobError, BlobListStream, BlobListing, BlobObject, BlobStore, ByteStream, HashingLimited,
-    StoredBlob, hashing_limited, limited, shown_key,
+    BlobError, BlobListStream, BlobListing, BlobObject, BlobStore, BodyLength, ByteStream,
+    HashingLimited, StoredBlob, hashing_limited, limited, shown_key,
 };
 
 /// Size of one multipart part, and so the memory one upload holds while it
@@ -66,6 +77,10 @@ pub const PART_SIZE: usize = 5 * 1024 * 1024;
 /// concurrent uploads pipelined (on a small machine more would only compete
 /// for the same cores) and bound the extra memory to 20 MiB per process.
 pub const SPARE_PART_BUFFERS: usize = 4;
+
+/// The largest object one `PutObject` may carry (5 GiB); a longer body of a
+/// known length goes as a multipart upload.
+const MAX_PUT_OBJECT: u64 = 5 * 1024 * 1024 * 1024;
 
 /// The region AWS uses when a bucket is created without a location constraint.
 const DEFAULT_AWS_REGION: &str = "us-east-1";
@@ -227,7 +242,8 @@ impl S3BlobStore {
         })
     }
 
-    fn object_key(&self, key: &str) -> String {
+    /// The object key of blob key `key`: the store's prefix, then the key.
+    pub fn object_key(&self, key: &str) -> String {
         format!("{}{key}", self.key_prefix)
     }
 
@@ -289,6 +305,40 @@ impl S3BlobStore {
             .await
             .map_err(|err| sdk_error(format!("uploading {}", self.location(key.as_str())), &err))?;
         Ok(())
+    }
+
+    /// One `PutObject` of a body of exactly `length` bytes, streamed as it
+    /// arrives: no part buffers, and the object starts to be written with
+    /// the body's first chunk. Atomic as the multipart upload is: `body`
+    /// hands out its last declared byte only once it knows the body ends
+    /// there ([`HashingLimited`]), so a body that is cut off, fails, or runs
+    /// long ends the request before its `Content-Length` is reached, and
+    /// the server stores nothing.
+    async fn put_streamed(
+        &self,
+        key: &BlobKey,
+        body: HashingLimited,
+        length: u64,
+    ) -> Result<StoredBlob, BlobError> {
+        let (stream, tally) = body.into_stream();
+        let declared = i64::try_from(length)
+            .map_err(|_| BlobError::Backend(format!("{length} bytes is not an object size")))?;
+        let sent = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(self.object_key(key.as_str()))
+            .content_length(declared)
+            .body(SdkByteStream::from_body_1_x(KnownLength {
+                stream: std::sync::Mutex::new(stream),
+                remaining: length,
+            }))
+            .customize()
+            .disable_payload_signing()
+            .send()
+            .await
+            .map_err(|err| sdk_error(format!("uploading {}", self.location(key.as_str())), &err));
+        tally.outcome(sent)
     }
 
     async fn start_multipart(&self, key: &BlobKey) -> Result<MultipartUpload, BlobError> {
@@ -537,6 +587,43 @@ fn content_length(bytes: &Bytes) -> i64 {
 /// (and bills) the parts of an upload that is neither completed nor aborted,
 /// indefinitely unless the bucket has a lifecycle rule for it. Dropping an
 /// unfinished upload (a cancelled request) also aborts it, in the background.
+/// A request body of a length known up front, for a streamed `PutObject`:
+/// its exact size hint lets the request carry `Content-Length` and go
+/// unchunked. (The stream sits in a mutex only because the SDK wants a
+/// `Sync` body; polling takes it by `&mut`, never locking.)
+struct KnownLength {
+    stream: std::sync::Mutex<ByteStream>,
+    remaining: u64,
+}
+
+impl http_body::Body for KnownLength {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, io::Error>>> {
+        let this = self.get_mut();
+        let stream = this
+            .stream
+            .get_mut()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        stream.poll_next_unpin(cx).map(|next| {
+            next.map(|chunk| {
+                chunk.map(|chunk| {
+                    this.remaining = this.remaining.saturating_sub(chunk.len() as u64);
+                    http_body::Frame::data(chunk)
+                })
+            })
+        })
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.remaining)
+    }
+}
+
 struct MultipartUpload {
     client: Client,
     bucket: String,
@@ -700,12 +787,17 @@ where
 
 impl S3BlobStore {
     /// Both puts: `body` (hashing or not) into a `PutObject` or a
-    /// multipart upload (see [`BlobStore::put`] of this adapter).
+    /// multipart upload (see [`BlobStore::put`] of this adapter). A body
+    /// whose length is known up front streams into one `PutObject` as it
+    /// arrives.
     async fn write(
         &self,
         key: &BlobKey,
         mut body: HashingLimited,
     ) -> Result<StoredBlob, BlobError> {
+        if let Some(length) = body.length().exact().filter(|&n| n <= MAX_PUT_OBJECT) {
+            return self.put_streamed(key, body, length).await;
+        }
         let mut multipart: Option<MultipartUpload> = None;
         let read = self.send_parts(key, &mut body, &mut multipart).await;
 
@@ -758,22 +850,22 @@ impl BlobStore for S3BlobStore {
     /// requests' worth of state, and support varies among S3-compatible
     /// servers), and the content check that counts end to end is our own
     /// SHA-256, recorded in the log and computed over every byte received.
-    async fn put(
+    async fn put_sized(
         &self,
         key: &BlobKey,
         body: ByteStream,
-        max_bytes: u64,
+        length: BodyLength,
     ) -> Result<StoredBlob, BlobError> {
-        self.write(key, hashing_limited(body, max_bytes)).await
+        self.write(key, hashing_limited(body, length)).await
     }
 
     async fn put_unhashed(
         &self,
         key: &BlobKey,
         body: ByteStream,
-        max_bytes: u64,
+        length: BodyLength,
     ) -> Result<u64, BlobError> {
-        Ok(self.write(key, limited(body, max_bytes)).await?.size)
+        Ok(self.write(key, limited(body, length)).await?.size)
     }
 
     async fn get(&self, key: &BlobKey) -> Result<BlobObject, BlobError> {

@@ -45,8 +45,8 @@ use futures::StreamExt as _;
 use uuid::Uuid;
 
 use crate::{
-    BlobError, BlobListStream, BlobObject, BlobStore, ByteStream, StoredBlob, hashing_limited,
-    shown_key,
+    BlobError, BlobListStream, BlobObject, BlobStore, BodyLength, ByteStream, StoredBlob,
+    hashing_limited, shown_key,
 };
 
 /// What [`SealedBlobStore::seal_in_place`] did with a blob.
@@ -124,7 +124,8 @@ impl SealedBlobStore {
             }
         }
         // `put` takes the live key just made (or left by an interrupted run).
-        self.put(key, body, object.size).await?;
+        self.put_sized(key, body, BodyLength::Exactly(object.size))
+            .await?;
         Ok(SealedInPlace::Sealed)
     }
 
@@ -205,22 +206,28 @@ impl SealedBlobStore {
 
 #[async_trait]
 impl BlobStore for SealedBlobStore {
-    async fn put(
+    async fn put_sized(
         &self,
         key: &BlobKey,
         body: ByteStream,
-        max_bytes: u64,
+        length: BodyLength,
     ) -> Result<StoredBlob, BlobError> {
         let (tenant, owner) = owner_of(key)?;
         let (data_key, created) = self.key_for_put(tenant, owner).await?;
-        let (plain, tally) = hashing_limited(body, max_bytes).into_stream();
+        let (plain, tally) = hashing_limited(body, length).into_stream();
         let sealed: ByteStream = Box::pin(segments::seal(data_key, plain));
+        // A plain length known up front is a sealed length known up front.
+        let sealed_length = match length {
+            BodyLength::AtMost(limit) => BodyLength::AtMost(sealed_limit(limit)),
+            BodyLength::Exactly(plain) if sealed_limit(plain) < u64::MAX => {
+                BodyLength::Exactly(sealed_len(plain))
+            }
+            // No body is that long; the plain reader refuses it first.
+            BodyLength::Exactly(_) => BodyLength::AtMost(u64::MAX),
+        };
         // The plain bytes are hashed above; the inner store need not hash
         // the ciphertext.
-        let stored = self
-            .inner
-            .put_unhashed(key, sealed, sealed_limit(max_bytes))
-            .await;
+        let stored = self.inner.put_unhashed(key, sealed, sealed_length).await;
         let outcome = tally.outcome(stored);
         if outcome.is_err() && created {
             // Nothing was stored under the key this put made: it goes too.

@@ -13,7 +13,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use dossier_blobstore::s3::PART_SIZE;
-use dossier_blobstore::{self as blob, BlobError, BlobStore, BlobStoreSpec, ByteStream, S3Options};
+use dossier_blobstore::{
+    self as blob, BlobError, BlobStore, BlobStoreSpec, BodyLength, ByteStream, S3Options,
+};
 use dossier_domain::{BlobKey, CustomerId, FileId, TenantId};
 use dossier_test_support::wait::eventually;
 use futures::StreamExt as _;
@@ -48,6 +50,10 @@ struct Subject {
     leftovers: Box<dyn Fn() -> Vec<String> + Send + Sync>,
     /// A leftover name containing this shows data of an upload was written.
     written_marker: &'static str,
+    /// A leftover of a single streamed `PutObject` whose body broke off, if
+    /// the server keeps one: s3s-fs leaves its temporary file (never an
+    /// object; a real server discards it). Nothing else may be left.
+    broken_put_leftover: Option<&'static str>,
     // Dropped after the store: the server first, then its files.
     _server: Option<dossier_test_support::s3::S3Dev>,
     _dir: TempDir,
@@ -75,6 +81,7 @@ async fn dir_subject() -> Subject {
         store,
         leftovers: Box::new(move || files_in(&tmp, |_| true)),
         written_marker: ".part",
+        broken_put_leftover: None,
         _server: None,
         _dir: dir,
     }
@@ -108,6 +115,7 @@ async fn s3_subject() -> Subject {
             })
         }),
         written_marker: ".part-",
+        broken_put_leftover: Some(".internal.part"),
         _server: Some(server),
         _dir: dir,
     }
@@ -169,6 +177,24 @@ async fn read_all(store: &dyn BlobStore, key: &BlobKey) -> Result<(u64, Vec<u8>)
     Ok((object.size, out))
 }
 
+/// [`assert_no_leftovers`] after puts of a declared length, which go as one
+/// streamed `PutObject` to S3: only the server's own temporary file of a
+/// broken-off request may stay.
+fn assert_nothing_left_but_broken_puts(subject: &Subject) {
+    let left: Vec<String> = (subject.leftovers)()
+        .into_iter()
+        .filter(|name| {
+            !subject
+                .broken_put_leftover
+                .is_some_and(|marker| name.ends_with(marker))
+        })
+        .collect();
+    assert!(
+        left.is_empty(),
+        "a failed upload left files behind: {left:?}"
+    );
+}
+
 fn assert_no_leftovers(subject: &Subject) {
     let left = (subject.leftovers)();
     assert!(
@@ -208,7 +234,11 @@ mod behaviours {
         let data = pseudo_random(2 * PART_SIZE + 10, 11);
         let size = s
             .store
-            .put_unhashed(&key, body(&data, 64 * 1024), data.len() as u64)
+            .put_unhashed(
+                &key,
+                body(&data, 64 * 1024),
+                BodyLength::AtMost(data.len() as u64),
+            )
             .await
             .unwrap();
         assert_eq!(size, data.len() as u64);
@@ -216,7 +246,11 @@ mod behaviours {
         let over = new_key();
         let err = s
             .store
-            .put_unhashed(&over, body(&data, 64 * 1024), data.len() as u64 - 1)
+            .put_unhashed(
+                &over,
+                body(&data, 64 * 1024),
+                BodyLength::AtMost(data.len() as u64 - 1),
+            )
             .await
             .unwrap_err();
         assert!(matches!(err, BlobError::TooLarge { .. }), "{err:?}");
@@ -303,6 +337,60 @@ mod behaviours {
         assert!(matches!(err, BlobError::Body(_)), "{err:?}");
         assert!(!s.store.exists(&key).await.unwrap());
         assert_no_leftovers(s);
+    }
+
+    pub async fn a_body_of_its_declared_length_is_stored_whole(s: &Subject) {
+        let key = new_key();
+        let data = pseudo_random(2 * PART_SIZE + 10, 12);
+        let stored = s
+            .store
+            .put_sized(
+                &key,
+                body(&data, 64 * 1024),
+                BodyLength::Exactly(data.len() as u64),
+            )
+            .await
+            .unwrap();
+        assert_eq!(stored.size, data.len() as u64);
+        assert_eq!(stored.sha256, sha256_hex(&data));
+        assert!(read_all(&*s.store, &key).await.unwrap().1 == data);
+    }
+
+    pub async fn a_body_shorter_or_longer_than_declared_leaves_nothing(s: &Subject) {
+        let data = pseudo_random(PART_SIZE + 10, 13);
+        for declared in [data.len() as u64 - 1, data.len() as u64 + 1] {
+            let key = new_key();
+            let err = s
+                .store
+                .put_sized(&key, body(&data, 64 * 1024), BodyLength::Exactly(declared))
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(err, BlobError::LengthMismatch { declared: d } if d == declared),
+                "{err:?}"
+            );
+            assert!(!s.store.exists(&key).await.unwrap(), "declared {declared}");
+        }
+        assert_nothing_left_but_broken_puts(s);
+    }
+
+    pub async fn a_body_that_fails_after_its_last_declared_byte_leaves_nothing(s: &Subject) {
+        // Every declared byte arrives, then the client's stream fails: a
+        // store streaming exactly that many bytes must not complete the object.
+        let key = new_key();
+        let data = pseudo_random(PART_SIZE + 10, 14);
+        let err = s
+            .store
+            .put_sized(
+                &key,
+                failing_body(&data, 64 * 1024),
+                BodyLength::Exactly(data.len() as u64),
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(err, BlobError::Body(_)), "{err:?}");
+        assert!(!s.store.exists(&key).await.unwrap());
+        assert_nothing_left_but_broken_puts(s);
     }
 
     pub async fn failed_upload_keeps_the_previous_blob(s: &Subject) {
@@ -542,6 +630,9 @@ suite!(
     empty_body_is_stored,
     failing_body_leaves_nothing,
     failing_body_after_several_parts_leaves_nothing,
+    a_body_of_its_declared_length_is_stored_whole,
+    a_body_shorter_or_longer_than_declared_leaves_nothing,
+    a_body_that_fails_after_its_last_declared_byte_leaves_nothing,
     failed_upload_keeps_the_previous_blob,
     cancelled_upload_leaves_nothing,
     put_replaces_an_existing_blob,

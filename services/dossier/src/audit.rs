@@ -141,8 +141,8 @@ pub async fn replay(settings: &Settings, args: ReplayArgs) -> anyhow::Result<()>
         let files =
             replay::files_as_of(&pool, Some(&cipher), tenant, customer, at, &track(&bar)).await?;
         bar.finish_and_clear();
-        for file in files {
-            serde_json::to_writer(&mut out, &file)?;
+        for file in &files {
+            serde_json::to_writer(&mut out, &replay::as_of_line(file))?;
             out.write_all(b"\n")?;
         }
         out.flush()?;

@@ -109,6 +109,12 @@ pub async fn upload_file(
 #[serde(deny_unknown_fields)]
 #[allow(dead_code)]
 pub struct UploadForm {
+    /// The file's size in bytes. Sent as a part before `file`, it lets the
+    /// file stream into storage as it arrives; a file of another size is
+    /// refused (`validation_failed`, naming `size`) and nothing is stored.
+    /// Sent after `file`, it is only checked.
+    #[schema(value_type = u64, required = false)]
+    size: String,
     /// The content, with its file name (1 to 255 characters, no control
     /// characters) and content type (`application/octet-stream` if none).
     #[schema(value_type = String, format = Binary)]

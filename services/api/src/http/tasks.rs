@@ -79,6 +79,12 @@ pub struct NewTask {
 pub struct MessageForm {
     #[schema(value_type = MessageTextText)]
     text: String,
+    /// The file's size in bytes. Sent as a part before `file`, it lets the
+    /// file stream into storage as it arrives; a file of another size is
+    /// refused (`validation_failed`, naming `size`) and nothing is stored.
+    /// Sent after `file`, it is only checked.
+    #[schema(value_type = u64, required = false)]
+    size: String,
     /// The content, with its file name (1 to 255 characters, no control
     /// characters) and content type (`application/octet-stream` if none).
     #[schema(value_type = String, format = Binary, required = false)]
@@ -92,6 +98,12 @@ pub struct MessageForm {
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AttachmentForm {
+    /// The file's size in bytes. Sent as a part before `file`, it lets the
+    /// file stream into storage as it arrives; a file of another size is
+    /// refused (`validation_failed`, naming `size`) and nothing is stored.
+    /// Sent after `file`, it is only checked.
+    #[schema(value_type = u64, required = false)]
+    size: String,
     /// The content, with its file name (1 to 255 characters, no control
     /// characters) and content type (`application/octet-stream` if none).
     #[schema(value_type = String, format = Binary)]

@@ -41,6 +41,13 @@ use crate::http::idempotency::IdempotencyHandle;
 /// The name of the part that carries a file's bytes.
 pub const FILE_FIELD: &str = "file";
 
+/// The optional field of every form that takes a file: the file's size in
+/// bytes, declared before the file part (CONTRACT.md, "Uploads"). A file of
+/// a size known up front streams into the store as one request, with no
+/// part buffers; one of another size is refused and nothing of it stays.
+/// Sent after the file part, it is only checked.
+pub const SIZE_FIELD: &str = "size";
+
 /// The most parts a form may have: every endpoint names fewer fields.
 pub const MAX_PARTS: usize = 8;
 
@@ -65,9 +72,10 @@ pub struct FormSpec {
 impl FormSpec {
     /// The field names the endpoint takes, for messages.
     fn names(&self) -> String {
-        let mut names: Vec<&str> = Vec::with_capacity(self.text_fields.len() + 1);
+        let mut names: Vec<&str> = Vec::with_capacity(self.text_fields.len() + 2);
         if self.takes_file {
             names.push(FILE_FIELD);
+            names.push(SIZE_FIELD);
         }
         names.extend_from_slice(self.text_fields);
         names
@@ -79,6 +87,9 @@ impl FormSpec {
 
     /// The spec's own (static) name of a text field the form sent.
     fn text_field(&self, name: &str) -> Option<&'static str> {
+        if self.takes_file && name == SIZE_FIELD {
+            return Some(SIZE_FIELD);
+        }
         self.text_fields
             .iter()
             .copied()
@@ -92,6 +103,7 @@ impl FormSpec {
             .per_field(MAX_TEXT_FIELD_BYTES);
         if self.takes_file {
             allowed.push(FILE_FIELD);
+            allowed.push(SIZE_FIELD);
             // The blob store enforces the file limit itself and answers
             // `file_too_large`; the whole-stream limit bounds the rest.
             limits = limits.for_field(FILE_FIELD, u64::MAX);
@@ -239,12 +251,28 @@ async fn read_parts(
             if form.file.is_some() {
                 return Err(ApiError::validation("file", "send exactly one file part"));
             }
-            form.file = Some(store_file(field, spec, uploads, key, max_bytes).await?);
+            let declared = match form.field(SIZE_FIELD) {
+                Some(size) => Some(declared_size(size)?),
+                None => None,
+            };
+            form.file = Some(store_file(field, spec, uploads, key, max_bytes, declared).await?);
         } else if let Some(name) = spec.text_field(&name) {
             if form.fields.contains_key(name) {
                 return Err(ApiError::validation(name, "is sent more than once"));
             }
             let text = read_text(field, spec, name, max_bytes).await?;
+            if name == SIZE_FIELD {
+                let declared = declared_size(&text)?;
+                // After the file part it is only a check of what arrived.
+                if let Some(file) = &form.file
+                    && file.size != declared
+                {
+                    return Err(ApiError::validation(
+                        SIZE_FIELD,
+                        format!("the file sent has {} bytes, not {declared}", file.size),
+                    ));
+                }
+            }
             form.fields.insert(name, text);
         } else {
             return Err(unknown_field(Some(&name), spec));
@@ -335,12 +363,27 @@ pub fn boundary(headers: &axum::http::HeaderMap) -> Option<String> {
         .and_then(|content_type| multer::parse_boundary(content_type).ok())
 }
 
+/// The value of a [`SIZE_FIELD`]: a byte count in decimal digits.
+fn declared_size(text: &str) -> Result<u64, ApiError> {
+    let digits = text.trim();
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(ApiError::validation(
+            SIZE_FIELD,
+            "is the file's size in bytes, as decimal digits",
+        ));
+    }
+    digits
+        .parse()
+        .map_err(|_| ApiError::validation(SIZE_FIELD, "is not a size any file has"))
+}
+
 async fn store_file(
     field: multer::Field<'static>,
     spec: &FormSpec,
     uploads: &Uploads,
     key: &BlobKey,
     max_bytes: u64,
+    declared: Option<u64>,
 ) -> Result<StoredUpload, ApiError> {
     let file_name = FileName::parse(field.file_name().unwrap_or_default())
         .map_err(|_| ApiError::validation("file", "the file part needs a file name"))?;
@@ -362,7 +405,14 @@ async fn store_file(
         })
     }));
     let stored = uploads
-        .store(key.clone(), file_name, content_type, body, max_bytes)
+        .store(
+            key.clone(),
+            file_name,
+            content_type,
+            body,
+            max_bytes,
+            declared,
+        )
         .await;
     match stored {
         Ok(stored) => Ok(stored),
