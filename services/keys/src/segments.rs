@@ -75,16 +75,20 @@ struct Sealer<S> {
     body: S,
     header: [u8; HEADER],
     prefix: [u8; PREFIX_LEN],
-    buffer: BytesMut,
+    /// The segment being filled, with room for its tag: the plain bytes are
+    /// copied once, into it, and sealed in place.
+    segment: Vec<u8>,
+    /// What is left of the body's last chunk.
+    rest: Bytes,
     index: u32,
     started: bool,
     done: bool,
 }
 
 impl<S> Sealer<S> {
-    fn seal(&mut self, plain: &[u8], last: bool) -> io::Result<Bytes> {
-        let mut out = Vec::with_capacity(plain.len() + TAG);
-        out.extend_from_slice(plain);
+    /// Seals the filled segment and starts the next one.
+    fn seal(&mut self, last: bool) -> io::Result<Bytes> {
+        let mut out = std::mem::replace(&mut self.segment, Vec::with_capacity(SEGMENT + TAG));
         self.key
             .aead()
             .seal_in_place_append_tag(
@@ -117,7 +121,8 @@ where
         body,
         header,
         prefix,
-        buffer: BytesMut::new(),
+        segment: Vec::with_capacity(SEGMENT + TAG),
+        rest: Bytes::new(),
         index: 0,
         started: false,
         done: false,
@@ -132,25 +137,31 @@ where
             return Some((Ok(header), state));
         }
         loop {
-            if state.buffer.len() > SEGMENT {
-                let plain = state.buffer.split_to(SEGMENT);
-                let sealed = state.seal(&plain, false);
+            // A full segment is sealed once it is known whether more bytes
+            // follow it (the last one is marked so).
+            if state.segment.len() == SEGMENT && !state.rest.is_empty() {
+                let sealed = state.seal(false);
                 state.done = sealed.is_err();
                 return Some((sealed, state));
             }
-            match state.body.next().await {
-                Some(Ok(chunk)) => state.buffer.extend_from_slice(&chunk),
-                Some(Err(err)) => {
-                    state.done = true;
-                    return Some((Err(err), state));
+            if state.rest.is_empty() {
+                match state.body.next().await {
+                    Some(Ok(chunk)) => state.rest = chunk,
+                    Some(Err(err)) => {
+                        state.done = true;
+                        return Some((Err(err), state));
+                    }
+                    None => {
+                        let sealed = state.seal(true);
+                        state.done = true;
+                        return Some((sealed, state));
+                    }
                 }
-                None => {
-                    let plain = std::mem::take(&mut state.buffer);
-                    let sealed = state.seal(&plain, true);
-                    state.done = true;
-                    return Some((sealed, state));
-                }
+                continue;
             }
+            let take = (SEGMENT - state.segment.len()).min(state.rest.len());
+            let taken = state.rest.split_to(take);
+            state.segment.extend_from_slice(&taken);
         }
     })
 }
