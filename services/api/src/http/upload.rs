@@ -514,7 +514,7 @@ mod tests {
             message(&error)
         );
         assert!(
-            message(&error).contains("`file`, `name`, `visibility`"),
+            message(&error).contains("`file`, `size`, `name`, `visibility`"),
             "{}",
             message(&error)
         );
