@@ -423,6 +423,24 @@ async fn rename_visibility_and_signature_go_through_the_edit_window_and_markup_s
     assert_eq!(now.name, "Lease 2026");
     assert_eq!(now.visibility, "portal_and_moving");
     assert!(now.signed_at.is_some());
+    // The edit and the signature went with Idempotency-Keys of their own
+    // (ADR 0017), each answered: a retry after a network error repeats them.
+    let answered: i64 = app
+        .pool
+        .get()
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT count(*) FROM http_idempotency WHERE state = 'done' AND status = 200",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        answered >= 2,
+        "the page's edit and signature carried keys ({answered} answered)"
+    );
 
     // The single download is the exact bytes under the display name.
     browser

@@ -17,10 +17,11 @@
 // not). Errors are said in words with their cause: too big (with the limit),
 // network, server.
 //
-// Every upload carries an Idempotency-Key (ADR 0017): a fresh one per chosen
-// file (and form content), kept while the answer leaves the outcome open (no
-// answer, a 5xx, a 409) so that sending the same file again after a network
-// error repeats the first upload's answer instead of storing a second copy.
+// Every command carries an Idempotency-Key (ADR 0017): a fresh one per chosen
+// file and content, kept while the answer leaves the outcome open (no answer,
+// a 5xx, a 409), so that sending the same file, edit, bundle or deletion
+// again after a network error repeats the first answer instead of doing it
+// twice.
 'use strict';
 
 (function () {
@@ -121,18 +122,45 @@
     return Array.from(bytes, function (b) { return b.toString(16).padStart(2, '0'); }).join('');
   }
 
-  // What the key of an upload stands for: the file (the very object the
-  // user chose or dropped) and the form's other fields.
-  const uploadKeys = new WeakMap();
-  function uploadKey(form, file, body) {
-    const fields = [];
-    body.forEach(function (value, name) { if (!(value instanceof Blob)) fields.push([name, value]); });
-    const content = JSON.stringify(fields);
-    const known = uploadKeys.get(form);
+  // What the key of a command stands for: where it was sent from (a form, or
+  // a page action such as 'bundle'), the file chosen (the very object the user
+  // chose or dropped) and the rest of what it sends. The same send again
+  // reuses the key while the outcome is open.
+  const commandKeys = new Map();
+  function commandKey(scope, file, content) {
+    const known = commandKeys.get(scope);
     if (known && known.file === file && known.content === content) return known.key;
     const key = newKey();
-    uploadKeys.set(form, { file: file, content: content, key: key });
+    commandKeys.set(scope, { file: file, content: content, key: key });
     return key;
+  }
+
+  // An answer that settles a command ends its key: the next send is a new
+  // command. No answer, a 5xx or a 409 leave the outcome open, and a retry
+  // must reuse the key.
+  function settle(scope, answer) {
+    if (answer.status !== 0 && answer.status < 500 && answer.status !== 409) {
+      commandKeys.delete(scope);
+    }
+  }
+
+  // A command's content, for its key: the endpoint and the body (a form's
+  // text fields; its file is compared as the object chosen).
+  function contentOf(method, url, body) {
+    if (body instanceof FormData) {
+      const fields = [];
+      body.forEach(function (value, name) { if (!(value instanceof Blob)) fields.push([name, value]); });
+      return method + ' ' + url + ' ' + JSON.stringify(fields);
+    }
+    return method + ' ' + url + ' ' + (body || '');
+  }
+
+  // One command to the API with its Idempotency-Key (ADR 0017).
+  async function command(scope, method, url, body, contentType, file, onProgress) {
+    const key = commandKey(scope, file, contentOf(method, url, body));
+    const answer = await call(method, url, body, contentType, onProgress, key);
+    settle(scope, answer);
+    return answer;
   }
 
   function chosenFile(form, dropped) {
@@ -196,18 +224,11 @@
     buttons.forEach(function (b) { b.disabled = true; });
     say(status, file ? 'Uploading ' + file.name + '…' : 'Working…', 'busy');
     if (progress && file) { progress.hidden = false; progress.value = 0; progress.max = 100; }
-    const key = file && body instanceof FormData ? uploadKey(form, file, body) : null;
-    const answer = await call(method, url, body, type, progress && file ? function (loaded, total) {
+    const answer = await command(form, method, url, body, type, file, progress && file ? function (loaded, total) {
       progress.value = Math.round((loaded / total) * 100);
       say(status, 'Uploading ' + file.name + '… ' + progress.value + ' %', 'busy');
-    } : null, key);
+    } : null);
     buttons.forEach(function (b) { b.disabled = false; });
-    // An answer that settles the upload ends its key: the next send of the
-    // file is a new upload. No answer, a 5xx or a 409 leave the outcome
-    // open, and a retry must reuse the key.
-    if (key && answer.status !== 0 && answer.status < 500 && answer.status !== 409) {
-      uploadKeys.delete(form);
-    }
     if (answer.status >= 200 && answer.status < 300) {
       if (progress) progress.value = progress.max;
       say(status, form.dataset.flash || 'Done.', 'ok');
@@ -370,7 +391,7 @@
       }
       download.disabled = true;
       say(status, 'Preparing a ZIP of ' + ids.length + ' files…', 'busy');
-      const started = await call('POST', '/v1/bundles', JSON.stringify({ file_ids: ids }), 'application/json');
+      const started = await command('bundle', 'POST', '/v1/bundles', JSON.stringify({ file_ids: ids }), 'application/json');
       if (started.status !== 202) {
         download.disabled = false;
         say(status, explain(started), 'error');
@@ -407,7 +428,7 @@
       if (kept) text += ' ' + plural(kept, 'protected file stays', 'protected files stay') + ': system and product files cannot be deleted.';
       if (!(await ask(text, '[data-confirm-delete]', 'confirm-delete'))) return;
       say(status, 'Deleting…', 'busy');
-      const answer = await call('POST', '/v1/files/delete', JSON.stringify({ file_ids: ids, confirm: true }), 'application/json');
+      const answer = await command('bulk-delete', 'POST', '/v1/files/delete', JSON.stringify({ file_ids: ids, confirm: true }), 'application/json');
       if (answer.status !== 200) { say(status, explain(answer), 'error'); return; }
       const done = answer.body.results.filter(function (r) { return r.status === 'deleted'; }).length;
       const refused = answer.body.results.length - done;
