@@ -53,6 +53,21 @@ pub struct ExternalS3 {
     pub secret_key: String,
 }
 
+impl ExternalS3 {
+    /// The blob store options for its bucket, under `prefix`.
+    fn options(&self, prefix: Option<String>) -> S3Options {
+        S3Options {
+            bucket: self.bucket.clone(),
+            prefix,
+            endpoint: Some(self.endpoint.clone()),
+            region: self.region.clone(),
+            access_key: Some(self.access_key.clone()),
+            secret_key: Some(self.secret_key.clone()),
+            create_bucket_if_missing: false,
+        }
+    }
+}
+
 impl std::fmt::Debug for ExternalS3 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ExternalS3")
@@ -93,15 +108,7 @@ impl S3Server {
     pub fn options(&self, bucket: &str) -> S3Options {
         match self {
             Self::InProcess(dev) => dev.options(bucket),
-            Self::External { s3, run } => S3Options {
-                bucket: s3.bucket.clone(),
-                prefix: Some(format!("{run}/{bucket}")),
-                endpoint: Some(s3.endpoint.clone()),
-                region: s3.region.clone(),
-                access_key: Some(s3.access_key.clone()),
-                secret_key: Some(s3.secret_key.clone()),
-                create_bucket_if_missing: false,
-            },
+            Self::External { s3, run } => s3.options(Some(format!("{run}/{bucket}"))),
         }
     }
 
@@ -140,16 +147,7 @@ impl S3Server {
 
 /// Deletes every object under `run/` of the external bucket.
 async fn delete_prefix(s3: &ExternalS3, run: &str) -> anyhow::Result<()> {
-    let store = S3BlobStore::open(S3Options {
-        bucket: s3.bucket.clone(),
-        prefix: None,
-        endpoint: Some(s3.endpoint.clone()),
-        region: s3.region.clone(),
-        access_key: Some(s3.access_key.clone()),
-        secret_key: Some(s3.secret_key.clone()),
-        create_bucket_if_missing: false,
-    })
-    .await?;
+    let store = S3BlobStore::open(s3.options(None)).await?;
     let mut pages = store
         .client()
         .list_objects_v2()

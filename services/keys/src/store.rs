@@ -213,21 +213,13 @@ impl KeyStore {
         }
     }
 
-    /// The live key of `owner`, if it has one.
+    /// The live key of `owner`, if it has one ([`Self::of_owner`], without
+    /// telling a destroyed key from none).
     pub async fn live(&self, tenant: &str, owner: Owner<'_>) -> Result<Option<DataKey>, KeyError> {
-        let row = self
-            .pool
-            .get()
-            .await?
-            .query_opt(
-                "SELECT id, master_key_id, wrapped FROM data_keys \
-                 WHERE tenant = $1 AND owner_kind = $2 AND owner_id = $3 AND destroyed_at IS NULL",
-                &[&tenant, &owner.kind(), &owner.id()],
-            )
-            .await?;
-        row.map(|row| self.unwrap_row(row.get(0), row.get(1), row.get(2)))
-            .transpose()
-            .map(Option::flatten)
+        Ok(match self.of_owner(tenant, owner).await? {
+            KeyLookup::Live(key) => Some(key),
+            KeyLookup::Destroyed | KeyLookup::Unknown => None,
+        })
     }
 
     /// What the table says of `owner`'s key: its live key, [`KeyLookup::Destroyed`]

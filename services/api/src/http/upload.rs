@@ -235,13 +235,7 @@ async fn read_parts(
         .await
         .map_err(|error| refusal(error, spec, max_bytes))?
     {
-        parts += 1;
-        if parts > MAX_PARTS {
-            return Err(ApiError::validation(
-                "body",
-                format!("a form has at most {MAX_PARTS} parts"),
-            ));
-        }
+        count_part(&mut parts)?;
         // The constraints let only named fields through.
         let name = field.name().unwrap_or_default().to_owned();
         if name == FILE_FIELD {
@@ -310,13 +304,7 @@ pub async fn form_fingerprint(
     let mut file: Option<(String, String, String)> = None;
     let mut parts = 0;
     while let Some(mut field) = multipart.next_field().await.map_err(refused)? {
-        parts += 1;
-        if parts > MAX_PARTS {
-            return Err(ApiError::validation(
-                "body",
-                format!("a form has at most {MAX_PARTS} parts"),
-            ));
-        }
+        count_part(&mut parts)?;
         let name = field.name().unwrap_or_default().to_owned();
         if name == FILE_FIELD {
             let file_name = FileName::parse(field.file_name().unwrap_or_default())
@@ -361,6 +349,18 @@ pub fn boundary(headers: &axum::http::HeaderMap) -> Option<String> {
         .get(CONTENT_TYPE)
         .and_then(|value| value.to_str().ok())
         .and_then(|content_type| multer::parse_boundary(content_type).ok())
+}
+
+/// Counts one more part of a form, refusing the one past [`MAX_PARTS`].
+fn count_part(parts: &mut usize) -> Result<(), ApiError> {
+    *parts += 1;
+    if *parts > MAX_PARTS {
+        return Err(ApiError::validation(
+            "body",
+            format!("a form has at most {MAX_PARTS} parts"),
+        ));
+    }
+    Ok(())
 }
 
 /// The value of a [`SIZE_FIELD`]: a byte count in decimal digits.
