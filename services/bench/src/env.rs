@@ -342,6 +342,77 @@ pub fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
     out
 }
 
+/// Bodies for measured uploads: `base` again and again, each copy made unlike
+/// every other (of this run and of earlier ones) by a stamp of its own every
+/// 64 KiB.
+///
+/// A content-addressed S3 server keeps one copy of each block it has seen:
+/// Garage hashes a body sent a second time but writes none of it (nor
+/// compresses it), which no real upload gets, and none of ours (each sealed
+/// blob is new ciphertext). Measured on Garage 2.5.0 with one 25 MiB body sent
+/// again and again, its PutObjects took 119 ms of Garage's CPU each, the same
+/// size arriving through Dossier 181-198 ms, nearly all of the difference in
+/// writing the blocks: a baseline of repeated bytes measured the dedup, not
+/// the store.
+pub struct Distinct {
+    base: bytes::Bytes,
+    run: u64,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl Distinct {
+    /// Stride of the stamps: smaller than any block size an S3 server
+    /// deduplicates by.
+    const STRIDE: usize = 64 * 1024;
+
+    pub fn new(base: Vec<u8>) -> Self {
+        Self {
+            base: base.into(),
+            run: rand::random(),
+            next: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.base.len()
+    }
+
+    /// One body no other has matched.
+    pub fn one(&self) -> bytes::Bytes {
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut stamp = [0u8; 16];
+        stamp[..8].copy_from_slice(&self.run.to_le_bytes());
+        stamp[8..].copy_from_slice(&n.to_le_bytes());
+        let mut body = self.base.to_vec();
+        for at in (0..body.len()).step_by(Self::STRIDE) {
+            let end = (at + stamp.len()).min(body.len());
+            body[at..end].copy_from_slice(&stamp[..end - at]);
+        }
+        body.into()
+    }
+
+    /// `count` bodies for one batch, made before it is timed.
+    pub fn take(&self, count: usize) -> Arc<[bytes::Bytes]> {
+        (0..count).map(|_| self.one()).collect()
+    }
+
+    /// [`super::stats::batch`] of `op` on `count` new bodies, `parallel` at once:
+    /// operation `i` gets body `i`.
+    pub async fn batch<F, Fut>(
+        &self,
+        count: usize,
+        parallel: usize,
+        op: F,
+    ) -> anyhow::Result<Duration>
+    where
+        F: Fn(usize, bytes::Bytes) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let bodies = self.take(count);
+        super::stats::batch(count, parallel, move |i| op(i, bodies[i].clone())).await
+    }
+}
+
 /// `n` bytes of text that compresses like a document does (about 3:1).
 pub fn text_bytes(n: usize, seed: u64) -> Vec<u8> {
     const WORDS: [&str; 16] = [

@@ -24,7 +24,7 @@ use futures::StreamExt as _;
 use uuid::Uuid;
 
 use super::Ctx;
-use super::env::{self, Stage};
+use super::env::{self, Distinct, Stage};
 use super::report::{Figure, Goal};
 use super::stats::{self, mb_per_s};
 
@@ -56,28 +56,29 @@ impl Subject {
         &self,
         keys: &Arc<Vec<BlobKey>>,
         parallel: usize,
-        body: &Bytes,
+        bodies: &Distinct,
     ) -> anyhow::Result<Duration> {
-        let (store, keys, body) = (self.store.clone(), keys.clone(), body.clone());
-        stats::batch(keys.len(), parallel, move |i| {
-            let (store, keys, body) = (store.clone(), keys.clone(), body.clone());
-            async move {
-                let size = body.len() as u64;
-                let chunks: Vec<std::io::Result<Bytes>> = (0..body.len())
-                    .step_by(CHUNK)
-                    .map(|at| Ok(body.slice(at..(at + CHUNK).min(body.len()))))
-                    .collect();
-                let stream: ByteStream = Box::pin(futures::stream::iter(chunks));
-                let stored = store.put(&keys[i], stream, size).await.context("put")?;
-                anyhow::ensure!(
-                    stored.size == size,
-                    "stored {} of {size} bytes",
-                    stored.size
-                );
-                Ok(())
-            }
-        })
-        .await
+        let (store, keys) = (self.store.clone(), keys.clone());
+        bodies
+            .batch(keys.len(), parallel, move |i, body| {
+                let (store, keys) = (store.clone(), keys.clone());
+                async move {
+                    let size = body.len() as u64;
+                    let chunks: Vec<std::io::Result<Bytes>> = (0..body.len())
+                        .step_by(CHUNK)
+                        .map(|at| Ok(body.slice(at..(at + CHUNK).min(body.len()))))
+                        .collect();
+                    let stream: ByteStream = Box::pin(futures::stream::iter(chunks));
+                    let stored = store.put(&keys[i], stream, size).await.context("put")?;
+                    anyhow::ensure!(
+                        stored.size == size,
+                        "stored {} of {size} bytes",
+                        stored.size
+                    );
+                    Ok(())
+                }
+            })
+            .await
     }
 
     async fn gets(
@@ -109,11 +110,11 @@ impl Subject {
         &self,
         count: usize,
         parallel: usize,
-        body: &Bytes,
+        bodies: &Distinct,
     ) -> anyhow::Result<(Duration, Duration)> {
         let keys = fresh_keys(count);
-        let put = self.puts(&keys, parallel, body).await?;
-        let get = self.gets(&keys, parallel, body.len() as u64).await?;
+        let put = self.puts(&keys, parallel, bodies).await?;
+        let get = self.gets(&keys, parallel, bodies.len() as u64).await?;
         for key in keys.iter() {
             self.store.delete(key).await.context("removing a blob")?;
         }
@@ -136,11 +137,12 @@ async fn measure(ctx: &Ctx, stage: &Stage) -> anyhow::Result<Vec<Figure>> {
     let sealed = Subject {
         store: SealedBlobStore::shared(bare_store, keys),
     };
-    let body = Bytes::from(env::random_bytes(size, 14));
+    // New bytes for every put, as every upload is (see [`Distinct`]).
+    let bodies = Distinct::new(env::random_bytes(size, 14));
 
     // Warm up both paths (connections, the key table, first allocations).
-    bare.round(2, 2, &body).await?;
-    sealed.round(2, 2, &body).await?;
+    bare.round(2, 2, &bodies).await?;
+    sealed.round(2, 2, &bodies).await?;
 
     let mut figures = Vec::new();
     for &(parallel, count) in &levels {
@@ -155,7 +157,7 @@ async fn measure(ctx: &Ctx, stage: &Stage) -> anyhow::Result<Vec<Figure>> {
                 [&sealed, &bare]
             };
             for subject in order {
-                let (put, get) = subject.round(count, parallel, &body).await?;
+                let (put, get) = subject.round(count, parallel, &bodies).await?;
                 if std::ptr::eq(subject, &bare) {
                     bare_put += put;
                     bare_get += get;
