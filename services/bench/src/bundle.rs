@@ -4,7 +4,9 @@
 //!
 //! - S3: `GetObject` of every blob, read to the end, then one `PutObject` of
 //!   an archive of the same size (the least a worker that builds the archive
-//!   in S3 must move), with aws-sdk-s3 on the same server;
+//!   in S3 must move), with aws-sdk-s3 on the same server, `UNSIGNED-PAYLOAD`
+//!   as our adapter sends it, of bytes that neither compress nor repeat
+//!   stored ones (a sealed archive does neither);
 //! - the `zip` tool (deflate, default level) on the same files on local disk.
 //!
 //! Until the bundles feature is in the build, `POST /v1/bundles` answers 404
@@ -236,7 +238,10 @@ async fn get_and_put(s3: &S3Server, db: &BenchDb, archive_size: u64) -> anyhow::
         .map(|row| row.get(0))
         .collect();
     let direct = s3.direct(BUCKET).await?;
-    let archive = Bytes::from(vec![0u8; archive_size as usize]);
+    // Bytes that neither compress nor repeat anything stored before, as a
+    // sealed archive is (zeros compressed to nothing on Garage, and its
+    // blocks were all one block).
+    let archive = env::Distinct::new(env::random_bytes(archive_size as usize, 7)).one();
     let started = Instant::now();
     for key in &keys {
         let object = direct
@@ -255,6 +260,9 @@ async fn get_and_put(s3: &S3Server, db: &BenchDb, archive_size: u64) -> anyhow::
         .bucket(direct.bucket())
         .key(direct.object_key("baseline/archive.zip"))
         .body(ByteStream::from(archive))
+        .customize()
+        // As our S3 adapter sends it.
+        .disable_payload_signing()
         .send()
         .await
         .context("PutObject of the archive")?;
