@@ -501,6 +501,182 @@ async fn a_server_killed_between_recording_and_answering_answers_the_recorded_fi
     second.stop().await.unwrap();
 }
 
+/// `POST /v1/portal/tasks/{task_id}/messages` with the text "January" and a
+/// file of `bytes`, under the key `crash-m`.
+async fn message_with_file(
+    client: &reqwest::Client,
+    address: &str,
+    customer: &str,
+    task_id: &str,
+    bytes: &'static [u8],
+) -> reqwest::Result<reqwest::Response> {
+    let form = Form::new().text("text", "January").part(
+        "file",
+        Part::bytes(bytes)
+            .file_name("statement.pdf")
+            .mime_str("application/pdf")
+            .unwrap(),
+    );
+    client
+        .post(format!("{address}/v1/portal/tasks/{task_id}/messages"))
+        .bearer_auth(customer)
+        .header("Idempotency-Key", "crash-m")
+        .multipart(form)
+        .send()
+        .await
+}
+
+/// A Dossier killed between the two commands of a message with a file (the
+/// file recorded, the message not): the retry with the key gives the
+/// recorded file to the message instead of recording the bytes again, and
+/// other bytes under the key are another request. The first server runs the
+/// API without projections, so it waits long after recording the file.
+#[tokio::test]
+async fn a_message_killed_between_its_file_and_its_text_keeps_one_file_on_retry() {
+    dossier_runtime::telemetry::init_test_tracing();
+    let (pool, database_url) = dossier_test_support::db::fresh_database()
+        .await
+        .expect("a fresh test database");
+    let bucket = format!("t-{}", Uuid::new_v4().simple());
+    let s3 = dossier_test_support::s3_server();
+    let staff = dossier_test_support::token(
+        "acme",
+        dossier_api::auth::jwt::Role::Staff,
+        "staff-1",
+        None,
+        Duration::from_secs(3600),
+    );
+    let customer = dossier_test_support::token(
+        "acme",
+        dossier_api::auth::jwt::Role::Customer,
+        "customer-1",
+        Some("cust-1"),
+        Duration::from_secs(3600),
+    );
+    let client = reqwest::Client::new();
+    let serving = async |roles: &str| {
+        AppServer::start(
+            settings(&database_url, &[("DOSSIER_ROLES", roles)]),
+            s3_store(&bucket).await,
+        )
+        .await
+        .expect("a server starts")
+    };
+    // The task, on a whole server.
+    let mut setup = serving("api,projections").await;
+    let task: Value = client
+        .post(format!("{}/v1/customers/cust-1/tasks", setup.address))
+        .bearer_auth(&staff)
+        .json(&json!({"title": "Send your statements"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    setup.stop().await.unwrap();
+    let task_id = task["id"].as_str().expect("a task id").to_owned();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let address = format!("http://127.0.0.1:{port}");
+    let log = std::env::temp_dir().join(format!("idempotency-kill-{port}.log"));
+    let mut first = dossier_test_support::process::ServeCommand::new(
+        env!("CARGO_BIN_EXE_dossier-serve"),
+        [] as [&str; 0],
+    )
+    .database(&database_url)
+    .s3_bucket(&s3.endpoint, &s3.access_key, &s3.secret_key, &bucket)
+    .roles("api")
+    .http_addr(&format!("127.0.0.1:{port}"))
+    .env("DOSSIER_FRESHNESS_TIMEOUT_MS", "600000")
+    .log_to(&log)
+    .unwrap()
+    .spawn()
+    .expect("dossier-serve starts");
+    dossier_test_support::wait_until_ready(&client, &address, Duration::from_secs(60))
+        .await
+        .expect("the first server is ready");
+    let pending = tokio::spawn({
+        let (client, address, customer, task_id) = (
+            client.clone(),
+            address.clone(),
+            customer.clone(),
+            task_id.clone(),
+        );
+        async move { message_with_file(&client, &address, &customer, &task_id, b"statement").await }
+    });
+    eventually(
+        "the message's file is recorded",
+        async || match uploaded_events(&pool).await {
+            1 => Ok(()),
+            n => Err(format!("{n} uploads")),
+        },
+    )
+    .await;
+    first.kill().await;
+    assert!(
+        pending.await.unwrap().is_err(),
+        "the first request got no answer"
+    );
+    let messages = "SELECT count(*) FROM events WHERE event_type = 'TaskMessagePosted'";
+    assert_eq!(count(&pool, messages).await, 0, "killed before the message");
+    let file_id: String = pool
+        .get()
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT aggregate_id FROM events WHERE event_type = 'FileUploaded'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+
+    // The dead process's lease runs out (as 30 s later).
+    let mut second = serving("api,projections").await;
+    execute(&pool, "UPDATE http_idempotency SET lease_until = now()").await;
+    let retry = message_with_file(&client, &second.address, &customer, &task_id, b"statement")
+        .await
+        .unwrap();
+    assert_eq!(retry.status(), 201);
+    let body: Value = retry.json().await.unwrap();
+    assert_eq!(body["file_id"], file_id.as_str(), "the recorded file");
+    assert_eq!(body["text"], "January");
+    assert_eq!(uploaded_events(&pool).await, 1, "no second copy");
+    assert_eq!(count(&pool, messages).await, 1);
+
+    // The same state again (the message's receipt gone, its claim open and
+    // abandoned), retried with other bytes: another request.
+    execute(
+        &pool,
+        "UPDATE http_idempotency SET state = 'in_flight', status = NULL, body = NULL, \
+             headers = NULL, lease_until = now()",
+    )
+    .await;
+    execute(
+        &pool,
+        "DELETE FROM command_receipts WHERE idempotency_key NOT LIKE '%#file'",
+    )
+    .await;
+    let other = message_with_file(
+        &client,
+        &second.address,
+        &customer,
+        &task_id,
+        b"another statement",
+    )
+    .await
+    .unwrap();
+    assert_eq!(other.status(), 422);
+    assert_eq!(error_code(other).await, "idempotency_key_reused");
+    assert_eq!(uploaded_events(&pool).await, 1);
+    assert_eq!(count(&pool, messages).await, 1);
+    second.stop().await.unwrap();
+}
+
 async fn execute(pool: &dossier_eventlog::db::Pool, sql: &str) {
     pool.get().await.unwrap().execute(sql, &[]).await.unwrap();
 }

@@ -34,7 +34,8 @@ pub struct Caller {
     /// The token's `exp` (seconds since the Unix epoch): a session lasts until then.
     pub expires_at: i64,
     /// The receipt key of the request's `Idempotency-Key` while the request
-    /// holds it (`crate::http::idempotency`): its command's events carry it.
+    /// holds it (`crate::http::idempotency`): its command's events carry it
+    /// (and those of its earlier commands a key derived from it).
     pub idempotency_key: Option<String>,
 }
 
@@ -59,6 +60,24 @@ impl Caller {
     /// The context of a command that does not carry the request's key.
     pub fn context_without_key(&self) -> CommandContext {
         CommandContext::new(self.tenant.clone(), self.actor())
+    }
+
+    /// The receipt key of one earlier command of a request that runs
+    /// several (a message's file, `part` "file"): the request's key with
+    /// `#part`, so that a retry after a crash between the commands finds
+    /// what the earlier one recorded. `None` without an idempotency key.
+    pub fn part_key(&self, part: &str) -> Option<String> {
+        let key = self.idempotency_key.as_ref()?;
+        Some(format!("{key}#{part}"))
+    }
+
+    /// The context of the command of `part` (see [`Self::part_key`]).
+    pub fn part_context(&self, part: &str) -> CommandContext {
+        let ctx = self.context_without_key();
+        match self.part_key(part) {
+            Some(key) => ctx.with_idempotency_key(key),
+            None => ctx,
+        }
     }
 
     pub fn require(self, allowed: &[Role]) -> Result<Self, ApiError> {

@@ -8,11 +8,12 @@ use axum::response::Response;
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use chrono::{SubsecRound as _, Utc};
-use dossier_application::{Recording, UploadedFile};
+use dossier_application::{Recording, StoredUpload, UploadedFile};
 use dossier_domain::{
     BlobKey, CustomerId, DisplayName, FileId, MessageText, Origin, Settings, SettingsCommand, Task,
     TaskCommand, TaskTitle, Visibility,
 };
+use dossier_eventlog::receipts::{self, Receipt};
 use dossier_projections::files::{Audience, FileView};
 use dossier_projections::portal::{self, MessageView, TaskPage, TaskView};
 use serde::{Deserialize, Serialize};
@@ -20,7 +21,7 @@ use uuid::Uuid;
 
 use crate::auth::{Caller, PortalCustomer, Staff};
 use crate::error::{ApiError, AppError, ErrorBody};
-use crate::http::files::created_file;
+use crate::http::files::{self, created_file};
 use crate::http::openapi::schemas::{CursorText, CustomerIdText, MessageTextText, TaskTitleText};
 use crate::http::params::{JsonBody, PathText, QueryPairs, path_uuid};
 use crate::http::upload::{self, FormBody, FormSpec, ReceivedForm};
@@ -293,15 +294,52 @@ async fn record_task_upload(
         contract_id: None,
         task_id: Some(task_id),
     };
-    // A message's file is one of two commands: the key goes with the last,
-    // the message (ADR 0017).
+    // A message's file is the first of two commands: the request's key goes
+    // with the last, the message, and a key derived from it with the file
+    // (ADR 0017).
     let ctx = if with_key {
         author.caller.context()
     } else {
-        author.caller.context_without_key()
+        author.caller.part_context(MESSAGE_FILE)
     };
     let recorded = app.uploads().record(&ctx, file, recording).await?;
     Ok(app.uploads().resource(&recorded).await)
+}
+
+/// The part of a message request that records its file (see
+/// [`Caller::part_key`]).
+const MESSAGE_FILE: &str = "file";
+
+/// The file an earlier run of this message request recorded, if one did and
+/// then ended before the message (a crash between the two commands): the
+/// retry gives that file to the message instead of recording the bytes a
+/// second time. Other bytes under the same key are another request.
+async fn file_recorded_before(
+    app: &AppState,
+    author: &TaskAuthor<'_>,
+    file: &StoredUpload,
+) -> Result<Option<FileId>, ApiError> {
+    let Some(key) = author.caller.part_key(MESSAGE_FILE) else {
+        return Ok(None);
+    };
+    let tenant = &author.caller.tenant;
+    let Some(Receipt::Accepted {
+        aggregate_id,
+        position,
+        ..
+    }) = receipts::find(app.pool(), tenant.as_str(), &key)
+        .await
+        .map_err(read_model_error)?
+    else {
+        return Ok(None);
+    };
+    app.commands().await_read_models(position).await;
+    let id = FileId::parse(&aggregate_id).map_err(read_model_error)?;
+    let recorded = files::visible_file(app, tenant, id).await?;
+    if recorded.sha256 != file.sha256 {
+        return Err(ApiError(AppError::IdempotencyKeyReused));
+    }
+    Ok(Some(id))
 }
 
 /// `POST /v1/portal/tasks/{task_id}/attachments`
@@ -435,12 +473,22 @@ async fn post_in_thread(
     }
     let file_id = match &form.file {
         None => None,
-        Some(_) => Some(
-            record_task_upload(app, author, task_id, file_id, &form, false)
-                .await?
-                .file
-                .id,
-        ),
+        Some(file) => Some(match file_recorded_before(app, author, file).await {
+            Ok(Some(recorded)) => {
+                form.discard(app.uploads()).await;
+                recorded
+            }
+            Ok(None) => {
+                record_task_upload(app, author, task_id, file_id, &form, false)
+                    .await?
+                    .file
+                    .id
+            }
+            Err(error) => {
+                form.discard(app.uploads()).await;
+                return Err(error);
+            }
+        }),
     };
     let message_id = Uuid::now_v7();
     // The log keeps microseconds: the answer says what a later read says
