@@ -219,8 +219,15 @@ where
             };
             Box::pin(async move {
                 let mut in_flight = JoinSet::new();
-                let ended =
-                    run_session(consumer, &handler, &panics, &mut in_flight, stopping).await;
+                let ended = run_session(
+                    &channel,
+                    consumer,
+                    &handler,
+                    &panics,
+                    &mut in_flight,
+                    stopping,
+                )
+                .await;
                 if let SessionEnd::Shutdown { consumer_tag } = &ended {
                     // No new deliveries from here on; prefetched ones that no
                     // handler took go back to the queue when the channel closes.
@@ -381,6 +388,7 @@ struct PanicPolicy {
 
 /// Takes deliveries and spawns their handlers until shutdown or the consumer ends.
 async fn run_session<H, Fut>(
+    channel: &Channel,
     mut consumer: lapin::Consumer,
     handler: &Arc<H>,
     panics: &PanicPolicy,
@@ -407,6 +415,31 @@ where
                 Some(Err(error)) => return SessionEnd::Lost(error.to_string()),
                 None => return SessionEnd::Lost("the broker cancelled the consumer".to_owned()),
             },
+            () = disconnected(channel) => return SessionEnd::Lost(CHANNEL_GONE.to_owned()),
+        }
+    }
+}
+
+/// How often a session that waits for deliveries checks that its channel is
+/// still connected (see [`disconnected`]).
+const CHANNEL_CHECK: Duration = Duration::from_millis(500);
+
+/// Why a session ended when [`disconnected`] found its channel gone.
+const CHANNEL_GONE: &str = "the channel is no longer connected, and the consumer did not end";
+
+/// Resolves once `channel` is no longer connected. A consumer's stream ends
+/// when its connection fails; this is for when it does not (lapin has had
+/// such bugs, and one fault test here once saw the audit trail stop after a
+/// cut connection with nothing logged): a session waits on a dead channel
+/// for [`CHANNEL_CHECK`] at most, then reconnects. Checked only while a
+/// session waits for deliveries, never while a handler runs.
+async fn disconnected(channel: &Channel) {
+    let mut check = tokio::time::interval(CHANNEL_CHECK);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        check.tick().await;
+        if !channel.status().connected() {
+            return;
         }
     }
 }
@@ -683,7 +716,7 @@ impl BatchSession {
         Fut: Future<Output = Vec<BatchOutcome>> + Send + 'static,
     {
         let ended = loop {
-            let deliveries = match self.gather(&mut consumer, &mut shutdown).await {
+            let deliveries = match self.gather(&channel, &mut consumer, &mut shutdown).await {
                 Ok(deliveries) => deliveries,
                 Err(ended) => break ended,
             };
@@ -703,6 +736,7 @@ impl BatchSession {
     /// ends are not handed over; they go back to the queue with the channel.
     async fn gather(
         &self,
+        channel: &Channel,
         consumer: &mut lapin::Consumer,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<Vec<lapin::message::Delivery>, SessionEnd> {
@@ -719,6 +753,7 @@ impl BatchSession {
                 return Err(SessionEnd::Shutdown { consumer_tag: consumer.tag() });
             }
             next = consumer.next() => lost(next)?,
+            () = disconnected(channel) => return Err(SessionEnd::Lost(CHANNEL_GONE.to_owned())),
         };
         let size = usize::from(self.options.prefetch.max(1));
         let mut deliveries = Vec::with_capacity(size);
@@ -732,6 +767,7 @@ impl BatchSession {
                 }
                 next = consumer.next() => deliveries.push(lost(next)?),
                 () = tokio::time::sleep_until(window_ends) => break,
+                () = disconnected(channel) => return Err(SessionEnd::Lost(CHANNEL_GONE.to_owned())),
             }
         }
         Ok(deliveries)
