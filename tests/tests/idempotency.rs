@@ -366,6 +366,70 @@ async fn json_commands_repeat_their_first_answer_and_refuse_another_body() {
     assert_eq!(delete().await.status(), 422);
 }
 
+/// A `dossier-serve` of the API alone (no projections) on `database_url`
+/// and `bucket`, ready, and its address: it records a command and then waits
+/// ten minutes for read models that never catch up, so a kill while it waits
+/// is certainly between recording and answering.
+async fn server_stuck_after_recording(
+    client: &reqwest::Client,
+    database_url: &str,
+    bucket: &str,
+) -> (dossier_test_support::process::ServeProcess, String) {
+    let s3 = dossier_test_support::s3_server();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let address = format!("http://127.0.0.1:{port}");
+    let log = std::env::temp_dir().join(format!("idempotency-kill-{port}.log"));
+    let server = dossier_test_support::process::ServeCommand::new(
+        env!("CARGO_BIN_EXE_dossier-serve"),
+        [] as [&str; 0],
+    )
+    .database(database_url)
+    .s3_bucket(&s3.endpoint, &s3.access_key, &s3.secret_key, bucket)
+    .roles("api")
+    .http_addr(&format!("127.0.0.1:{port}"))
+    .env("DOSSIER_FRESHNESS_TIMEOUT_MS", "600000")
+    .log_to(&log)
+    .unwrap()
+    .spawn()
+    .expect("dossier-serve starts");
+    dossier_test_support::wait_until_ready(client, &address, Duration::from_secs(60))
+        .await
+        .expect("the server is ready");
+    (server, address)
+}
+
+/// Waits until `server` recorded one file, kills it (`kill -9`), checks that
+/// the request it was serving got no answer, and gives the file's id.
+async fn kill_once_a_file_is_recorded(
+    pool: &dossier_eventlog::db::Pool,
+    server: &mut dossier_test_support::process::ServeProcess,
+    pending: tokio::task::JoinHandle<reqwest::Result<reqwest::Response>>,
+) -> String {
+    eventually("a file is recorded", async || {
+        match uploaded_events(pool).await {
+            1 => Ok(()),
+            n => Err(format!("{n} uploads")),
+        }
+    })
+    .await;
+    server.kill().await;
+    assert!(pending.await.unwrap().is_err(), "the request got no answer");
+    pool.get()
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT aggregate_id FROM events WHERE event_type = 'FileUploaded'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
 /// A Dossier killed (`kill -9`) after it recorded an upload and before it
 /// answered: the retry with the key answers the recorded file, and there is
 /// still one file. The first server runs the API without projections and
@@ -379,31 +443,8 @@ async fn a_server_killed_between_recording_and_answering_answers_the_recorded_fi
         .expect("a fresh test database");
     let bucket = format!("t-{}", Uuid::new_v4().simple());
     let blobs = s3_store(&bucket).await;
-    let s3 = dossier_test_support::s3_server();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let address = format!("http://127.0.0.1:{port}");
-    let log = std::env::temp_dir().join(format!("idempotency-kill-{port}.log"));
-    let mut first = dossier_test_support::process::ServeCommand::new(
-        env!("CARGO_BIN_EXE_dossier-serve"),
-        [] as [&str; 0],
-    )
-    .database(&database_url)
-    .s3_bucket(&s3.endpoint, &s3.access_key, &s3.secret_key, &bucket)
-    .roles("api")
-    .http_addr(&format!("127.0.0.1:{port}"))
-    .env("DOSSIER_FRESHNESS_TIMEOUT_MS", "600000")
-    .log_to(&log)
-    .unwrap()
-    .spawn()
-    .expect("dossier-serve starts");
     let client = reqwest::Client::new();
-    dossier_test_support::wait_until_ready(&client, &address, Duration::from_secs(60))
-        .await
-        .expect("the first server is ready");
+    let (mut first, address) = server_stuck_after_recording(&client, &database_url, &bucket).await;
 
     let staff = dossier_test_support::token(
         "acme",
@@ -430,29 +471,7 @@ async fn a_server_killed_between_recording_and_answering_answers_the_recorded_fi
                 .await
         }
     });
-    eventually("the upload is recorded", async || {
-        match uploaded_events(&pool).await {
-            1 => Ok(()),
-            n => Err(format!("{n} uploads")),
-        }
-    })
-    .await;
-    first.kill().await;
-    assert!(
-        pending.await.unwrap().is_err(),
-        "the first request got no answer"
-    );
-    let file_id: String = pool
-        .get()
-        .await
-        .unwrap()
-        .query_one(
-            "SELECT aggregate_id FROM events WHERE event_type = 'FileUploaded'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let file_id = kill_once_a_file_is_recorded(&pool, &mut first, pending).await;
 
     let mut second = AppServer::start(
         settings(&database_url, &[("DOSSIER_ROLES", "api,projections")]),
@@ -538,7 +557,6 @@ async fn a_message_killed_between_its_file_and_its_text_keeps_one_file_on_retry(
         .await
         .expect("a fresh test database");
     let bucket = format!("t-{}", Uuid::new_v4().simple());
-    let s3 = dossier_test_support::s3_server();
     let staff = dossier_test_support::token(
         "acme",
         dossier_api::auth::jwt::Role::Staff,
@@ -576,29 +594,7 @@ async fn a_message_killed_between_its_file_and_its_text_keeps_one_file_on_retry(
         .unwrap();
     setup.stop().await.unwrap();
     let task_id = task["id"].as_str().expect("a task id").to_owned();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let address = format!("http://127.0.0.1:{port}");
-    let log = std::env::temp_dir().join(format!("idempotency-kill-{port}.log"));
-    let mut first = dossier_test_support::process::ServeCommand::new(
-        env!("CARGO_BIN_EXE_dossier-serve"),
-        [] as [&str; 0],
-    )
-    .database(&database_url)
-    .s3_bucket(&s3.endpoint, &s3.access_key, &s3.secret_key, &bucket)
-    .roles("api")
-    .http_addr(&format!("127.0.0.1:{port}"))
-    .env("DOSSIER_FRESHNESS_TIMEOUT_MS", "600000")
-    .log_to(&log)
-    .unwrap()
-    .spawn()
-    .expect("dossier-serve starts");
-    dossier_test_support::wait_until_ready(&client, &address, Duration::from_secs(60))
-        .await
-        .expect("the first server is ready");
+    let (mut first, address) = server_stuck_after_recording(&client, &database_url, &bucket).await;
     let pending = tokio::spawn({
         let (client, address, customer, task_id) = (
             client.clone(),
@@ -608,32 +604,9 @@ async fn a_message_killed_between_its_file_and_its_text_keeps_one_file_on_retry(
         );
         async move { message_with_file(&client, &address, &customer, &task_id, b"statement").await }
     });
-    eventually(
-        "the message's file is recorded",
-        async || match uploaded_events(&pool).await {
-            1 => Ok(()),
-            n => Err(format!("{n} uploads")),
-        },
-    )
-    .await;
-    first.kill().await;
-    assert!(
-        pending.await.unwrap().is_err(),
-        "the first request got no answer"
-    );
+    let file_id = kill_once_a_file_is_recorded(&pool, &mut first, pending).await;
     let messages = "SELECT count(*) FROM events WHERE event_type = 'TaskMessagePosted'";
     assert_eq!(count(&pool, messages).await, 0, "killed before the message");
-    let file_id: String = pool
-        .get()
-        .await
-        .unwrap()
-        .query_one(
-            "SELECT aggregate_id FROM events WHERE event_type = 'FileUploaded'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
 
     // The dead process's lease runs out (as 30 s later).
     let mut second = serving("api,projections").await;
