@@ -391,13 +391,8 @@ impl Distinct {
         body.into()
     }
 
-    /// `count` bodies for one batch, made before it is timed.
-    pub fn take(&self, count: usize) -> Arc<[bytes::Bytes]> {
-        (0..count).map(|_| self.one()).collect()
-    }
-
     /// [`super::stats::batch`] of `op` on `count` new bodies, `parallel` at once:
-    /// operation `i` gets body `i`.
+    /// operation `i` gets body `i`. The bodies are made before it is timed.
     pub async fn batch<F, Fut>(
         &self,
         count: usize,
@@ -408,7 +403,7 @@ impl Distinct {
         F: Fn(usize, bytes::Bytes) -> Fut + Send + Sync + 'static,
         Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
     {
-        let bodies = self.take(count);
+        let bodies: Arc<[bytes::Bytes]> = (0..count).map(|_| self.one()).collect();
         super::stats::batch(count, parallel, move |i| op(i, bodies[i].clone())).await
     }
 }

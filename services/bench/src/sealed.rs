@@ -146,27 +146,19 @@ async fn measure(ctx: &Ctx, stage: &Stage) -> anyhow::Result<Vec<Figure>> {
 
     let mut figures = Vec::new();
     for &(parallel, count) in &levels {
-        // Rounds alternate which side goes first, and the times are summed:
-        // the load of a shared machine drifts, and this spreads it evenly.
-        let (mut bare_put, mut bare_get) = (Duration::ZERO, Duration::ZERO);
-        let (mut sealed_put, mut sealed_get) = (Duration::ZERO, Duration::ZERO);
-        for round in 0..rounds {
-            let order = if round % 2 == 0 {
-                [&bare, &sealed]
-            } else {
-                [&sealed, &bare]
-            };
-            for subject in order {
-                let (put, get) = subject.round(count, parallel, &bodies).await?;
-                if std::ptr::eq(subject, &bare) {
-                    bare_put += put;
-                    bare_get += get;
-                } else {
-                    sealed_put += put;
-                    sealed_get += get;
-                }
-            }
-        }
+        let (bare_runs, sealed_runs) = stats::interleaved(
+            rounds,
+            async || bare.round(count, parallel, &bodies).await,
+            async || sealed.round(count, parallel, &bodies).await,
+        )
+        .await?;
+        let sum = |runs: &[(Duration, Duration)]| {
+            runs.iter()
+                .fold((Duration::ZERO, Duration::ZERO), |(put, get), (p, g)| {
+                    (put + *p, get + *g)
+                })
+        };
+        let ((bare_put, bare_get), (sealed_put, sealed_get)) = (sum(&bare_runs), sum(&sealed_runs));
         let bytes = (rounds * count * size) as u64;
         let mib = size / (1024 * 1024);
         figures.push(

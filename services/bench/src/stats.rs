@@ -119,6 +119,27 @@ where
     })
 }
 
+/// Runs `a` and `b` `rounds` times each, alternating which goes first, and
+/// gives what each run of either measured: a shared machine's load drifts,
+/// and alternating spreads it evenly over both sides.
+pub async fn interleaved<T>(
+    rounds: usize,
+    mut a: impl AsyncFnMut() -> anyhow::Result<T>,
+    mut b: impl AsyncFnMut() -> anyhow::Result<T>,
+) -> anyhow::Result<(Vec<T>, Vec<T>)> {
+    let (mut of_a, mut of_b) = (Vec::with_capacity(rounds), Vec::with_capacity(rounds));
+    for round in 0..rounds {
+        if round % 2 == 0 {
+            of_a.push(a().await?);
+            of_b.push(b().await?);
+        } else {
+            of_b.push(b().await?);
+            of_a.push(a().await?);
+        }
+    }
+    Ok((of_a, of_b))
+}
+
 /// Runs `count` operations with at most `parallel` in flight; answers the
 /// wall time of the whole batch.
 pub async fn batch<F, Fut>(count: usize, parallel: usize, op: F) -> anyhow::Result<Duration>

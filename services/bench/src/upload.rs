@@ -33,7 +33,7 @@ use dossier_blobstore::s3::PART_SIZE;
 use super::Ctx;
 use super::env::{self, App, Distinct, S3Server, Stage};
 use super::report::{Figure, Goal};
-use super::stats::mb_per_s;
+use super::stats::{self, mb_per_s};
 
 const SCENARIO: &str = "upload";
 const TENANT: &str = "bench-upload";
@@ -67,7 +67,7 @@ async fn measure_levels(
     s3: &S3Server,
     app: &Arc<App>,
     levels: &[(usize, usize)],
-    rounds: u32,
+    rounds: usize,
     bodies: Distinct,
 ) -> anyhow::Result<Vec<Figure>> {
     let size = bodies.len();
@@ -119,20 +119,16 @@ async fn measure_levels(
     let mut figures = Vec::new();
     for &(parallel, count) in levels {
         let bytes = (count * size) as u64;
-        // The goal's pair in rounds that alternate which side goes first,
-        // averaged: a shared machine's load drifts, and at one upload at a
-        // time a single batch is only a second or two long.
-        let (mut baseline, mut ours) = (Duration::ZERO, Duration::ZERO);
-        for round in 0..rounds {
-            if round % 2 == 0 {
-                baseline += bodies.batch(count, parallel, put.clone()).await?;
-                ours += bodies.batch(count, parallel, upload.clone()).await?;
-            } else {
-                ours += bodies.batch(count, parallel, upload.clone()).await?;
-                baseline += bodies.batch(count, parallel, put.clone()).await?;
-            }
-        }
-        let (baseline, ours) = (baseline / rounds, ours / rounds);
+        // The goal's pair in interleaved rounds, averaged: at one upload at
+        // a time a single batch is only a second or two long.
+        let (baseline, ours) = stats::interleaved(
+            rounds,
+            async || bodies.batch(count, parallel, put.clone()).await,
+            async || bodies.batch(count, parallel, upload.clone()).await,
+        )
+        .await?;
+        let average = |runs: Vec<Duration>| runs.iter().sum::<Duration>() / runs.len() as u32;
+        let (baseline, ours) = (average(baseline), average(ours));
         figures.push(
             Figure::new(
                 SCENARIO,
