@@ -36,17 +36,17 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse as _, Response};
 use dossier_application::StoredUpload;
-use dossier_domain::FileId;
 use dossier_eventlog::db::Pool;
 use dossier_eventlog::idempotency::{self, Claimed, KeyClaim, StoredAnswer};
 use dossier_eventlog::receipts::Receipt;
-use dossier_projections::files::{self as files_model, Audience};
+use dossier_projections::files::Audience;
 use dossier_projections::portal;
 use sha2::{Digest as _, Sha256};
 use uuid::Uuid;
 
 use crate::auth::Caller;
 use crate::error::{ApiError, AppError};
+use crate::http::files;
 use crate::state::AppState;
 
 /// The header (case-insensitive, as every header).
@@ -426,13 +426,7 @@ async fn rebuild(
     app.commands().await_read_models(*position).await;
     let unavailable = |e: &dyn std::fmt::Display| ApiError(AppError::Unavailable(e.to_string()));
     let tenant = &caller.tenant;
-    let file = || async {
-        let id = FileId::parse(aggregate_id).map_err(|_| ApiError(AppError::NotFound))?;
-        files_model::get(app.pool(), tenant, id)
-            .await
-            .map_err(|e| unavailable(&e))?
-            .ok_or(ApiError(AppError::NotFound))
-    };
+    let file = async || files::visible_file(app, tenant, files::file_id(aggregate_id)?).await;
     let task_id = || Uuid::parse_str(aggregate_id).map_err(|_| ApiError(AppError::NotFound));
     let response = match route.unwrap_or_default() {
         "/v1/customers/{customer_id}/files" | "/v1/portal/tasks/{task_id}/attachments" => {

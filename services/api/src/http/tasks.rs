@@ -334,7 +334,7 @@ async fn file_recorded_before(
         return Ok(None);
     };
     app.commands().await_read_models(position).await;
-    let id = FileId::parse(&aggregate_id).map_err(read_model_error)?;
+    let id = files::file_id(&aggregate_id)?;
     let recorded = files::visible_file(app, tenant, id).await?;
     if recorded.sha256 != file.sha256 {
         return Err(ApiError(AppError::IdempotencyKeyReused));
@@ -473,22 +473,23 @@ async fn post_in_thread(
     }
     let file_id = match &form.file {
         None => None,
-        Some(file) => Some(match file_recorded_before(app, author, file).await {
-            Ok(Some(recorded)) => {
+        Some(file) => {
+            let before = file_recorded_before(app, author, file).await;
+            // Bytes received again for a file already recorded, or refused:
+            // nothing keeps them.
+            if !matches!(before, Ok(None)) {
                 form.discard(app.uploads()).await;
-                recorded
             }
-            Ok(None) => {
-                record_task_upload(app, author, task_id, file_id, &form, false)
-                    .await?
-                    .file
-                    .id
-            }
-            Err(error) => {
-                form.discard(app.uploads()).await;
-                return Err(error);
-            }
-        }),
+            Some(match before? {
+                Some(recorded) => recorded,
+                None => {
+                    record_task_upload(app, author, task_id, file_id, &form, false)
+                        .await?
+                        .file
+                        .id
+                }
+            })
+        }
     };
     let message_id = Uuid::now_v7();
     // The log keeps microseconds: the answer says what a later read says
