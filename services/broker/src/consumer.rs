@@ -399,6 +399,7 @@ where
     H: Fn(Incoming) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Outcome> + Send + 'static,
 {
+    let mut alive = ChannelWatch::new(channel);
     loop {
         tokio::select! {
             biased;
@@ -415,31 +416,46 @@ where
                 Some(Err(error)) => return SessionEnd::Lost(error.to_string()),
                 None => return SessionEnd::Lost("the broker cancelled the consumer".to_owned()),
             },
-            () = disconnected(channel) => return SessionEnd::Lost(CHANNEL_GONE.to_owned()),
+            ended = alive.gone() => return ended,
         }
     }
 }
 
 /// How often a session that waits for deliveries checks that its channel is
-/// still connected (see [`disconnected`]).
+/// still connected (see [`ChannelWatch`]).
 const CHANNEL_CHECK: Duration = Duration::from_millis(500);
 
-/// Why a session ended when [`disconnected`] found its channel gone.
+/// Why a session ended when [`ChannelWatch`] found its channel gone.
 const CHANNEL_GONE: &str = "the channel is no longer connected, and the consumer did not end";
 
-/// Resolves once `channel` is no longer connected. A consumer's stream ends
-/// when its connection fails; this is for when it does not (lapin has had
-/// such bugs, and one fault test here once saw the audit trail stop after a
-/// cut connection with nothing logged): a session waits on a dead channel
-/// for [`CHANNEL_CHECK`] at most, then reconnects. Checked only while a
-/// session waits for deliveries, never while a handler runs.
-async fn disconnected(channel: &Channel) {
-    let mut check = tokio::time::interval(CHANNEL_CHECK);
-    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        check.tick().await;
-        if !channel.status().connected() {
-            return;
+/// Notices a session's channel is gone. A consumer's stream ends when its
+/// connection fails; this is for when it does not (lapin has had such bugs,
+/// and one fault test here once saw the audit trail stop after a cut
+/// connection with nothing logged): a session waits on a dead channel for
+/// [`CHANNEL_CHECK`] at most, then reconnects. One timer per session, polled
+/// only while the session waits for deliveries, never while a handler runs.
+struct ChannelWatch {
+    channel: Channel,
+    check: tokio::time::Interval,
+}
+
+impl ChannelWatch {
+    fn new(channel: &Channel) -> Self {
+        let mut check = tokio::time::interval(CHANNEL_CHECK);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Self {
+            channel: channel.clone(),
+            check,
+        }
+    }
+
+    /// Resolves once the channel is no longer connected (cancel-safe).
+    async fn gone(&mut self) -> SessionEnd {
+        loop {
+            self.check.tick().await;
+            if !self.channel.status().connected() {
+                return SessionEnd::Lost(CHANNEL_GONE.to_owned());
+            }
         }
     }
 }
@@ -715,8 +731,9 @@ impl BatchSession {
         H: Fn(Batch) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Vec<BatchOutcome>> + Send + 'static,
     {
+        let mut alive = ChannelWatch::new(&channel);
         let ended = loop {
-            let deliveries = match self.gather(&channel, &mut consumer, &mut shutdown).await {
+            let deliveries = match self.gather(&mut alive, &mut consumer, &mut shutdown).await {
                 Ok(deliveries) => deliveries,
                 Err(ended) => break ended,
             };
@@ -736,7 +753,7 @@ impl BatchSession {
     /// ends are not handed over; they go back to the queue with the channel.
     async fn gather(
         &self,
-        channel: &Channel,
+        alive: &mut ChannelWatch,
         consumer: &mut lapin::Consumer,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<Vec<lapin::message::Delivery>, SessionEnd> {
@@ -753,7 +770,7 @@ impl BatchSession {
                 return Err(SessionEnd::Shutdown { consumer_tag: consumer.tag() });
             }
             next = consumer.next() => lost(next)?,
-            () = disconnected(channel) => return Err(SessionEnd::Lost(CHANNEL_GONE.to_owned())),
+            ended = alive.gone() => return Err(ended),
         };
         let size = usize::from(self.options.prefetch.max(1));
         let mut deliveries = Vec::with_capacity(size);
@@ -767,7 +784,7 @@ impl BatchSession {
                 }
                 next = consumer.next() => deliveries.push(lost(next)?),
                 () = tokio::time::sleep_until(window_ends) => break,
-                () = disconnected(channel) => return Err(SessionEnd::Lost(CHANNEL_GONE.to_owned())),
+                ended = alive.gone() => return Err(ended),
             }
         }
         Ok(deliveries)
