@@ -366,6 +366,22 @@ async fn json_commands_repeat_their_first_answer_and_refuse_another_body() {
     assert_eq!(delete().await.status(), 422);
 }
 
+/// A token of tenant `acme` for an hour, for the tests that start servers of
+/// their own.
+fn acme_token(role: dossier_api::auth::jwt::Role, sub: &str, customer: Option<&str>) -> String {
+    dossier_test_support::token("acme", role, sub, customer, Duration::from_secs(3600))
+}
+
+/// For the tests that start servers of their own: tracing, a fresh database
+/// (its pool and URL) and the name of a bucket of their own.
+async fn fresh_stage() -> (dossier_eventlog::db::Pool, String, String) {
+    dossier_runtime::telemetry::init_test_tracing();
+    let (pool, database_url) = dossier_test_support::db::fresh_database()
+        .await
+        .expect("a fresh test database");
+    (pool, database_url, format!("t-{}", Uuid::new_v4().simple()))
+}
+
 /// A `dossier-serve` of the API alone (no projections) on `database_url`
 /// and `bucket`, ready, and its address: it records a command and then waits
 /// ten minutes for read models that never catch up, so a kill while it waits
@@ -437,22 +453,12 @@ async fn kill_once_a_file_is_recorded(
 /// between the two when it is killed.
 #[tokio::test]
 async fn a_server_killed_between_recording_and_answering_answers_the_recorded_file_on_retry() {
-    dossier_runtime::telemetry::init_test_tracing();
-    let (pool, database_url) = dossier_test_support::db::fresh_database()
-        .await
-        .expect("a fresh test database");
-    let bucket = format!("t-{}", Uuid::new_v4().simple());
+    let (pool, database_url, bucket) = fresh_stage().await;
     let blobs = s3_store(&bucket).await;
     let client = reqwest::Client::new();
     let (mut first, address) = server_stuck_after_recording(&client, &database_url, &bucket).await;
 
-    let staff = dossier_test_support::token(
-        "acme",
-        dossier_api::auth::jwt::Role::Staff,
-        "staff-1",
-        None,
-        Duration::from_secs(3600),
-    );
+    let staff = acme_token(dossier_api::auth::jwt::Role::Staff, "staff-1", None);
     let bytes = b"%PDF-1.7 the only copy".to_vec();
     let pending = tokio::spawn({
         let (client, address, staff, bytes) = (
@@ -552,24 +558,12 @@ async fn message_with_file(
 /// API without projections, so it waits long after recording the file.
 #[tokio::test]
 async fn a_message_killed_between_its_file_and_its_text_keeps_one_file_on_retry() {
-    dossier_runtime::telemetry::init_test_tracing();
-    let (pool, database_url) = dossier_test_support::db::fresh_database()
-        .await
-        .expect("a fresh test database");
-    let bucket = format!("t-{}", Uuid::new_v4().simple());
-    let staff = dossier_test_support::token(
-        "acme",
-        dossier_api::auth::jwt::Role::Staff,
-        "staff-1",
-        None,
-        Duration::from_secs(3600),
-    );
-    let customer = dossier_test_support::token(
-        "acme",
+    let (pool, database_url, bucket) = fresh_stage().await;
+    let staff = acme_token(dossier_api::auth::jwt::Role::Staff, "staff-1", None);
+    let customer = acme_token(
         dossier_api::auth::jwt::Role::Customer,
         "customer-1",
         Some("cust-1"),
-        Duration::from_secs(3600),
     );
     let client = reqwest::Client::new();
     let serving = async |roles: &str| {
