@@ -333,8 +333,7 @@ fn outcome_of(event_id: Uuid, recorded: Option<Recorded>) -> BatchOutcome {
 }
 
 fn failure(reason: &'static str) {
-    metrics::counter!("dossier_worker_failures_total", "worker" => "audit", "reason" => reason)
-        .increment(1);
+    crate::count_failure("audit", reason);
 }
 
 /// What [`record_window`] did with one event.
@@ -497,8 +496,7 @@ async fn sign_periodically(pool: Pool, config: AuditConfig, mut shutdown: watch:
                 }
             }
             Err(error) => {
-                metrics::counter!("dossier_worker_failures_total", "worker" => "audit", "reason" => "checkpoint")
-                    .increment(1);
+                failure("checkpoint");
                 tracing::warn!(error = %error, "signing the chain heads failed; the next round tries again");
             }
         }

@@ -70,7 +70,6 @@ use dossier_broker::{self, AmqpError, BLOB_QUEUE, Broker, ConsumerOptions, Incom
 use dossier_domain::{Actor, BlobKey, File, FileCommand, FileEvent, FilePolicy, TenantId};
 use dossier_eventlog::db::Pool;
 use dossier_eventlog::eventstore::PgEventStore;
-use dossier_eventlog::log::LoggedEvent;
 use dossier_runtime::retry::Backoff;
 use dossier_runtime::shutdown::{sleep_or_stop, stopped};
 use futures::StreamExt as _;
@@ -81,6 +80,9 @@ use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::PgError;
+
+/// The worker's label in logs and in `dossier_worker_failures_total`.
+const WORKER: &str = "blob";
 
 /// The actor recorded on `BlobPurged` events.
 pub const ACTOR: &str = "blob-worker";
@@ -234,23 +236,15 @@ impl Purger {
 
     /// One delivery: see the module docs.
     async fn handle(&self, incoming: Incoming) -> Outcome {
-        let event: LoggedEvent = match serde_json::from_slice(&incoming.body) {
+        let event = match crate::delivered_event(
+            WORKER,
+            &incoming.body,
+            FILE_AGGREGATE,
+            FileEvent::DELETED,
+        ) {
             Ok(event) => event,
-            Err(error) => {
-                metrics::counter!("dossier_worker_failures_total", "worker" => "blob", "reason" => "unparseable")
-                    .increment(1);
-                tracing::warn!(
-                    error = %error,
-                    "a message on the blob queue is not an Event; dead-lettering it"
-                );
-                return Outcome::Reject;
-            }
+            Err(outcome) => return outcome,
         };
-        if event.aggregate_type != FILE_AGGREGATE || event.event_type != FileEvent::DELETED {
-            // Not ours (someone bound more keys to the queue): nothing to do.
-            tracing::debug!(event_type = %event.event_type, "ignoring an event that is not a FileDeleted");
-            return Outcome::Ack;
-        }
         let span = tracing::info_span!(
             "purge",
             event_id = %event.id,
@@ -302,17 +296,9 @@ impl PurgePath<'_> {
         else {
             return Outcome::Retry;
         };
-        let deleted = match found {
+        let deleted = match crate::backed_or_reject(WORKER, found) {
             Ok(deleted) => deleted,
-            Err(reason) => {
-                metrics::counter!("dossier_worker_failures_total", "worker" => "blob", "reason" => "not_in_log")
-                    .increment(1);
-                tracing::warn!(
-                    reason,
-                    "the message does not match the log; dead-lettering it"
-                );
-                return Outcome::Reject;
-            }
+            Err(outcome) => return outcome,
         };
 
         let removed = self
@@ -370,8 +356,7 @@ impl PurgePath<'_> {
                 Outcome::Ack
             }
             Some(Err(AppError::Internal(detail))) => {
-                metrics::counter!("dossier_worker_failures_total", "worker" => "blob", "reason" => "undecodable")
-                    .increment(1);
+                crate::count_failure(WORKER, "undecodable");
                 tracing::error!(
                     detail,
                     "the file's stored events cannot be read; dead-lettering the message for an operator"
@@ -379,8 +364,7 @@ impl PurgePath<'_> {
                 Outcome::Reject
             }
             Some(Err(error)) => {
-                metrics::counter!("dossier_worker_failures_total", "worker" => "blob", "reason" => "refused")
-                    .increment(1);
+                crate::count_failure(WORKER, "refused");
                 tracing::error!(
                     error = %error,
                     "the file refuses the purge record although the log says it was deleted; \
@@ -404,7 +388,7 @@ impl PurgePath<'_> {
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        crate::retry_until_done("blob", reason, doing, self.retry, self.shutdown, attempt).await
+        crate::retry_until_done(WORKER, reason, doing, self.retry, self.shutdown, attempt).await
     }
 }
 
@@ -469,8 +453,7 @@ async fn sweep_periodically(
                 "orphan sweep found nothing to remove"
             ),
             Err(error) => {
-                metrics::counter!("dossier_worker_failures_total", "worker" => "blob", "reason" => "sweep")
-                    .increment(1);
+                crate::count_failure(WORKER, "sweep");
                 tracing::warn!(error = %error, "orphan sweep failed; the next one tries again");
             }
         }
@@ -490,8 +473,7 @@ async fn sweep_idempotency_keys(pool: &Pool) {
         ),
         Ok(_) => {}
         Err(error) => {
-            metrics::counter!("dossier_worker_failures_total", "worker" => "blob", "reason" => "retention")
-                .increment(1);
+            crate::count_failure(WORKER, "retention");
             tracing::warn!(%error, "retention sweep of idempotency keys failed; the next one tries again");
         }
     }

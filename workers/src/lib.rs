@@ -30,8 +30,9 @@ pub mod zip;
 use std::sync::Arc;
 
 use dossier_blobstore::BlobStore;
-use dossier_broker::Broker;
+use dossier_broker::{Broker, Outcome};
 use dossier_eventlog::db::Pool;
+use dossier_eventlog::log::LoggedEvent;
 use tokio::sync::watch;
 
 pub use blob::{
@@ -129,6 +130,63 @@ pub(crate) async fn backed_event<E: serde::de::DeserializeOwned>(
     }))
 }
 
+/// The event a delivery on `dossier.events` carries, when it is a `event_type`
+/// of `aggregate_type`, the one `worker` acts on. Otherwise what to do with the
+/// delivery: dead-letter a body that is not an Event, ack an event of another
+/// kind (someone bound more keys to the worker's queue).
+pub(crate) fn delivered_event(
+    worker: &'static str,
+    body: &[u8],
+    aggregate_type: &str,
+    event_type: &str,
+) -> Result<LoggedEvent, Outcome> {
+    let event: LoggedEvent = match serde_json::from_slice(body) {
+        Ok(event) => event,
+        Err(error) => {
+            count_failure(worker, "unparseable");
+            tracing::warn!(
+                worker,
+                error = %error,
+                "a message on the worker's queue is not an Event; dead-lettering it"
+            );
+            return Err(Outcome::Reject);
+        }
+    };
+    if event.aggregate_type != aggregate_type || event.event_type != event_type {
+        tracing::debug!(
+            worker,
+            event_type = %event.event_type,
+            "ignoring an event that is not a {aggregate_type} {event_type}"
+        );
+        return Err(Outcome::Ack);
+    }
+    Ok(event)
+}
+
+/// What the log said of the event a message names ([`backed_event`]): what the
+/// worker acts on, or, when the log does not back the message, the delivery
+/// dead-lettered (counted and logged).
+pub(crate) fn backed_or_reject<T>(
+    worker: &'static str,
+    found: Result<T, String>,
+) -> Result<T, Outcome> {
+    found.map_err(|reason| {
+        count_failure(worker, "not_in_log");
+        tracing::warn!(
+            worker,
+            reason,
+            "the message does not match the log; dead-lettering it"
+        );
+        Outcome::Reject
+    })
+}
+
+/// Counts a failure of `worker` in `dossier_worker_failures_total{worker, reason}`.
+pub(crate) fn count_failure(worker: &'static str, reason: &'static str) {
+    metrics::counter!("dossier_worker_failures_total", "worker" => worker, "reason" => reason)
+        .increment(1);
+}
+
 /// One helper for every crate: see [`dossier_eventlog::db::pg_detail`].
 pub(crate) use dossier_eventlog::db::pg_detail;
 
@@ -173,8 +231,7 @@ where
             Ok(value) => return Some(value),
             Err(error) => error,
         };
-        metrics::counter!("dossier_worker_failures_total", "worker" => worker, "reason" => reason)
-            .increment(1);
+        count_failure(worker, reason);
         if failures + 1 == attempts {
             tracing::warn!(
                 worker,

@@ -65,7 +65,6 @@ use dossier_domain::{
 };
 use dossier_eventlog::db::Pool;
 use dossier_eventlog::eventstore::PgEventStore;
-use dossier_eventlog::log::LoggedEvent;
 use dossier_projections::bundles;
 use dossier_projections::files::{self, FileView};
 use dossier_runtime::retry::Backoff;
@@ -76,6 +75,9 @@ use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::PgError;
+
+/// The worker's label in logs and in `dossier_worker_failures_total`.
+const WORKER: &str = "zip";
 pub use archive::{ArchiveEntry, ArchiveError, BuiltArchive, build_archive};
 
 /// The actor recorded on the events the zip worker writes.
@@ -299,21 +301,15 @@ impl Zipper {
 
     /// One delivery: see the module docs.
     async fn handle(&self, incoming: Incoming) -> Outcome {
-        let event: LoggedEvent = match serde_json::from_slice(&incoming.body) {
+        let event = match crate::delivered_event(
+            WORKER,
+            &incoming.body,
+            BUNDLE_AGGREGATE,
+            BundleEvent::REQUESTED,
+        ) {
             Ok(event) => event,
-            Err(error) => {
-                failure("unparseable");
-                tracing::warn!(
-                    error = %error,
-                    "a message on the zip queue is not an Event; dead-lettering it"
-                );
-                return Outcome::Reject;
-            }
+            Err(outcome) => return outcome,
         };
-        if event.aggregate_type != BUNDLE_AGGREGATE || event.event_type != BundleEvent::REQUESTED {
-            tracing::debug!(event_type = %event.event_type, "ignoring an event that is not a BundleRequested");
-            return Outcome::Ack;
-        }
         let span = tracing::info_span!(
             "bundle",
             event_id = %event.id,
@@ -336,16 +332,9 @@ impl Zipper {
         else {
             return Outcome::Retry;
         };
-        let request = match found {
+        let request = match crate::backed_or_reject(WORKER, found) {
             Ok(request) => request,
-            Err(reason) => {
-                failure("not_in_log");
-                tracing::warn!(
-                    reason,
-                    "the message does not match the log; dead-lettering it"
-                );
-                return Outcome::Reject;
-            }
+            Err(outcome) => return outcome,
         };
         let bundle_id = request.bundle_id.to_string();
         let Some(context) = self
@@ -614,7 +603,7 @@ impl Zipper {
         Fut: Future<Output = Result<T, E>>,
     {
         crate::retry_until_done(
-            "zip",
+            WORKER,
             reason,
             doing,
             crate::Retry {
@@ -629,8 +618,7 @@ impl Zipper {
 }
 
 fn failure(reason: &'static str) {
-    metrics::counter!("dossier_worker_failures_total", "worker" => "zip", "reason" => reason)
-        .increment(1);
+    crate::count_failure(WORKER, reason);
 }
 
 /// Who the worker's commands come from; `request` (the BundleRequested event's
