@@ -458,14 +458,9 @@ async fn rebuild_opening(
 
 #[tokio::test]
 async fn a_sealed_log_of_several_open_chunks_rebuilds_in_bulk_as_applying_every_event() {
-    use dossier_keys::{KeyStore, MasterKey, MasterKeys, Owner};
+    use dossier_keys::Owner;
     let (pool, _) = fresh_database().await.unwrap();
-    let keys = KeyStore::open(
-        pool.clone(),
-        MasterKeys::new(MasterKey::development(), None),
-    )
-    .await
-    .unwrap();
+    let keys = dossier_test_support::development_keys(&pool).await.unwrap();
     // Uploads and renames, every personal field sealed under its file's key:
     // 9,000 sealed events, more than two chunks the bulk build opens at once
     // (one on a task of its own while the next is read), with clear events

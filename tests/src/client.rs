@@ -224,6 +224,15 @@ impl Client {
         expect_json(self.get(path).await, StatusCode::OK, &format!("GET {path}")).await
     }
 
+    /// `POST /v1/customers/{customer}/tasks` (staff), asserting 201; the Task.
+    pub async fn create_task(&self, customer: &str, title: &str) -> Value {
+        let path = format!("/v1/customers/{customer}/tasks");
+        let response = self
+            .send_json(Method::POST, &path, json!({ "title": title }))
+            .await;
+        expect_json(response, StatusCode::CREATED, &format!("POST {path}")).await
+    }
+
     /// `POST /v1/customers/{customer}/files`, whatever it answers.
     pub async fn post_upload(&self, customer: &str, upload: &Upload) -> Response {
         self.http

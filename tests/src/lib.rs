@@ -41,6 +41,19 @@ use uuid::Uuid;
 /// The JWT secret of every Dossier the harness starts (tests and benchmark).
 pub const SECRET: &str = "test-secret-for-dossier-end-to-end-tests";
 
+/// The key table of the database of `pool` under the development master key,
+/// which the harness' settings leave in place: what the application running
+/// on that database seals and opens personal fields with.
+pub async fn development_keys(
+    pool: &dossier_eventlog::db::Pool,
+) -> Result<dossier_keys::KeyStore, dossier_keys::KeyError> {
+    dossier_keys::KeyStore::open(
+        pool.clone(),
+        dossier_keys::MasterKeys::new(dossier_keys::MasterKey::development(), None),
+    )
+    .await
+}
+
 /// A bearer token signed with [`SECRET`], valid for `ttl` from now.
 pub fn token(tenant: &str, role: Role, sub: &str, customer: Option<&str>, ttl: Duration) -> String {
     let now = chrono::Utc::now().timestamp();
@@ -414,12 +427,9 @@ impl TestApp {
     /// What opens the personal fields of this app's log: its key table under
     /// the development master key the tests run with.
     pub async fn cipher(&self) -> Arc<dossier_eventlog::personal::FieldCipher> {
-        let keys = dossier_keys::KeyStore::open(
-            self.pool.clone(),
-            dossier_keys::MasterKeys::new(dossier_keys::MasterKey::development(), None),
-        )
-        .await
-        .expect("the test's key table");
+        let keys = development_keys(&self.pool)
+            .await
+            .expect("the test's key table");
         dossier_eventlog::personal::FieldCipher::new(keys, self.pool.clone(), true)
     }
 
@@ -521,16 +531,7 @@ impl TestApp {
     /// `POST /v1/customers/{customer}/tasks` as `staff`; answers the Task,
     /// asserting 201.
     pub async fn create_task(&self, staff: &str, customer: &str, title: &str) -> Value {
-        let response = self
-            .send_json(
-                reqwest::Method::POST,
-                staff,
-                &format!("/v1/customers/{customer}/tasks"),
-                serde_json::json!({ "title": title }),
-            )
-            .await;
-        assert_eq!(response.status(), 201, "creating a task");
-        response.json().await.expect("a Task body")
+        self.api(staff).create_task(customer, title).await
     }
 
     /// Signs `browser` in to this Dossier's pages with `token`, as a person

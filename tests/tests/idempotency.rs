@@ -576,16 +576,9 @@ async fn a_message_killed_between_its_file_and_its_text_keeps_one_file_on_retry(
     };
     // The task, on a whole server.
     let mut setup = serving("api,projections").await;
-    let task: Value = client
-        .post(format!("{}/v1/customers/cust-1/tasks", setup.address))
-        .bearer_auth(&staff)
-        .json(&json!({"title": "Send your statements"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let task = dossier_test_support::client::Client::new(client.clone(), &setup.address, &staff)
+        .create_task("cust-1", "Send your statements")
+        .await;
     setup.stop().await.unwrap();
     let task_id = task["id"].as_str().expect("a task id").to_owned();
     let (mut first, address) = server_stuck_after_recording(&client, &database_url, &bucket).await;

@@ -21,7 +21,6 @@ use dossier_blobstore::{self as blob, BlobStoreSpec};
 use dossier_eventlog::db::Pool;
 use dossier_eventlog::eventstore::PgEventStore;
 use dossier_eventlog::personal::FieldCipher;
-use dossier_keys::{KeyStore, MasterKey, MasterKeys};
 use dossier_test_support::rabbit::TestVhost;
 use serde_json::json;
 use tokio::time::Instant;
@@ -64,12 +63,9 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Figure>> {
 /// does (the development master key, which the harness' settings leave in
 /// place), with a key cache of its own: the application finds each key once.
 async fn sealing_store(db: &BenchDb) -> anyhow::Result<PgEventStore> {
-    let keys = KeyStore::open(
-        db.pool.clone(),
-        MasterKeys::new(MasterKey::development(), None),
-    )
-    .await
-    .context("the key table")?;
+    let keys = dossier_test_support::development_keys(&db.pool)
+        .await
+        .context("the key table")?;
     let cipher = FieldCipher::new(keys, db.pool.clone(), true);
     Ok(PgEventStore::new(db.pool.clone()).with_cipher(cipher))
 }

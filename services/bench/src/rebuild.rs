@@ -17,7 +17,7 @@ use std::time::Instant;
 use anyhow::Context as _;
 use chrono::Utc;
 use dossier_eventlog::personal::FieldCipher;
-use dossier_keys::{DataKey, KeyStore, MasterKey, MasterKeys, Owner};
+use dossier_keys::{DataKey, KeyStore, Owner};
 use dossier_projections::{FilesProjection, RebuildOptions};
 use futures::StreamExt as _;
 use serde_json::json;
@@ -49,11 +49,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Figure>> {
 async fn measure(ctx: &Ctx, db: &BenchDb, sealed: bool) -> anyhow::Result<Vec<Figure>> {
     let events: u64 = ctx.size(1_000_000, 20_000);
     let seeding = Instant::now();
-    let keys = KeyStore::open(
-        db.pool.clone(),
-        MasterKeys::new(MasterKey::development(), None),
-    )
-    .await?;
+    let keys = dossier_test_support::development_keys(&db.pool).await?;
     seed_log(db, events / 4, sealed.then_some(&keys)).await?;
     db.pool
         .get()
